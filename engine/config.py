@@ -1,0 +1,106 @@
+"""Engine configuration: every knob of one engine instance, validated once at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.model_config import ModelConfig, dtype_name, parse_dtype
+
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+
+
+@dataclass
+class EngineConfig:
+    """What `LLM(...)` and the workers accept. Unknown values raise ValueError naming the field."""
+
+    model: str
+    dtype: str = "auto"
+    load_format: str = "auto"
+    device: str = "auto"
+    block_size: int = 16
+    tensor_parallel_size: int = 1
+    enable_prefix_caching: bool = True
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+    num_kv_blocks: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.85
+    attention_backend: str = "auto"
+    cache_salt: str = ""
+    seed: int = 0
+    model_config: ModelConfig = field(init=False, repr=False)
+    torch_dtype: torch.dtype = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not Path(self.model).is_dir():
+            raise ValueError(f"model: {self.model!r} is not a directory with a config.json")
+        self.model_config = ModelConfig.from_dir(self.model)
+        mc = self.model_config
+        self.torch_dtype = parse_dtype(mc.checkpoint_dtype if self.dtype == "auto" else self.dtype)
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format: {self.load_format!r} is not one of {LOAD_FORMATS}")
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device: {self.device!r} is not one of 'cpu', 'cuda', 'auto'")
+        bs = self.block_size
+        if bs <= 0 or bs & (bs - 1):
+            raise ValueError(f"block_size: {bs} is not a positive power of two")
+        tp = self.tensor_parallel_size
+        if tp not in (1, 2, 4, 8):
+            raise ValueError(f"tensor_parallel_size: {tp} is not one of 1, 2, 4, 8")
+        for name, count in (("num_attention_heads", mc.num_attention_heads),
+                            ("num_key_value_heads", mc.num_key_value_heads),
+                            ("intermediate_size", mc.intermediate_size)):
+            if count % tp:
+                raise ValueError(
+                    f"tensor_parallel_size: {tp} does not divide the model's {name} ({count})"
+                )
+        limit = mc.max_position_embeddings
+        window = mc.extra.get("sliding_window")
+        if window is not None:
+            limit = min(limit, int(window))
+        if self.max_model_len is None:
+            self.max_model_len = limit
+        elif self.max_model_len > limit:
+            raise ValueError(
+                f"max_model_len: {self.max_model_len} exceeds the model's limit {limit} "
+                "(max_position_embeddings, or sliding_window, which is not implemented beyond full attention)"
+            )
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len: {self.max_model_len} must be at least 2")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs: {self.max_num_seqs} must be >= 1")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens: {self.max_num_batched_tokens} must be >= 1")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens: {self.max_num_batched_tokens} is below max_model_len "
+                f"({self.max_model_len}); without chunked prefill a whole prompt must fit in one step"
+            )
+        if self.num_kv_blocks is not None and self.num_kv_blocks * bs < self.max_model_len:
+            raise ValueError(
+                f"num_kv_blocks: {self.num_kv_blocks} blocks of {bs} tokens cannot hold one sequence of "
+                f"max_model_len={self.max_model_len}; raise num_kv_blocks or lower max_model_len"
+            )
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization: {self.gpu_memory_utilization} must be in (0, 1]")
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        assert self.max_model_len is not None
+        return -(-self.max_model_len // self.block_size)
+
+    @property
+    def dtype_name(self) -> str:
+        return dtype_name(self.torch_dtype)
+
+    @property
+    def hash_salt(self) -> str:
+        """Salt of the prefix-cache block hashes: equal only for engines whose KV for equal tokens is equal."""
+        return f"{self.model_config.fingerprint()}:{self.dtype_name}:{self.cache_salt}"

@@ -1,0 +1,142 @@
+"""Turns a scheduled batch into one model forward: flattened tokens, positions, slot mapping, block tables."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.attention import AttentionMetadata, get_backend
+from engine.config import EngineConfig
+from engine.kv_cache import KVCache, KVLayout
+from engine.models.llama import StepContext
+from engine.models.loader import load_model
+from engine.models.rotary import RotaryEmbedding
+from engine.parallel import tp
+from engine.scheduler import SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_BYTES = 256 << 20
+
+
+@dataclass
+class StepInput:
+    """One step's model inputs as numpy arrays, so the driver can hand them to the other TP ranks cheaply."""
+
+    input_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    slot_mapping: np.ndarray  # [T] int64
+    query_start_loc: np.ndarray  # [B + 1] int32
+    seq_lens: np.ndarray  # [B] int32
+    block_tables: np.ndarray  # [B, max_blocks] int32
+    logits_indices: np.ndarray  # [N] int64: rows whose next-token logits are needed (requests at their end)
+    max_query_len: int
+    max_seq_len: int
+
+
+def build_step_input(out: SchedulerOutput, block_size: int) -> StepInput:
+    reqs = out.requests
+    n = np.asarray(out.num_scheduled_tokens, dtype=np.int64)  # [B]
+    starts = np.fromiter((r.num_computed_tokens for r in reqs), dtype=np.int64, count=len(reqs))  # [B]
+    qsl = np.zeros(len(reqs) + 1, dtype=np.int64)  # [B+1]
+    np.cumsum(n, out=qsl[1:])
+    total = int(qsl[-1])
+    req_of_token = np.repeat(np.arange(len(reqs)), n)  # [T]
+    positions = np.arange(total, dtype=np.int64) - qsl[:-1][req_of_token] + starts[req_of_token]  # [T]
+    input_ids = np.fromiter(
+        (t for r, s, k in zip(reqs, starts.tolist(), n.tolist(), strict=True) for t in r.all_token_ids[s : s + k]),
+        dtype=np.int64, count=total,
+    )  # [T]
+    seq_lens = starts + n  # [B]
+    max_blocks = int(-(-seq_lens.max() // block_size)) if len(reqs) else 1
+    tables = np.zeros((len(reqs), max_blocks), dtype=np.int32)  # [B, max_blocks]
+    for i, r in enumerate(reqs):
+        ids = r.block_ids[:max_blocks]
+        tables[i, : len(ids)] = ids
+    slots = tables[req_of_token, positions // block_size].astype(np.int64) * block_size + positions % block_size
+    at_end = np.fromiter((r.num_tokens for r in reqs), dtype=np.int64, count=len(reqs)) == seq_lens  # [B]
+    return StepInput(
+        input_ids=input_ids,
+        positions=positions,
+        slot_mapping=slots,
+        query_start_loc=qsl.astype(np.int32),
+        seq_lens=seq_lens.astype(np.int32),
+        block_tables=tables,
+        logits_indices=(qsl[1:] - 1)[at_end],
+        max_query_len=int(n.max()) if len(reqs) else 0,
+        max_seq_len=int(seq_lens.max()) if len(reqs) else 0,
+    )
+
+
+class ModelRunner:
+    """Owns this rank's model, KV cache and attention backend. `execute` is called on every TP rank with the
+    same StepInput; only the driver's logits are used."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        mc = config.model_config
+        self.device = torch.device(config.device, torch.cuda.current_device()) if config.device == "cuda" \
+            else torch.device("cpu")
+        self.model = load_model(config.model, mc, config.torch_dtype, str(self.device), config.load_format)
+        size = tp().size
+        self.num_kv_heads = mc.num_key_value_heads // size
+        self.layout = KVLayout(
+            num_blocks=self._plan_num_blocks(),
+            num_kv_heads=self.num_kv_heads,
+            num_layers=mc.num_hidden_layers,
+            block_size=config.block_size,
+            head_dim=mc.head_dim,
+            element_size=torch.empty((), dtype=config.torch_dtype).element_size(),
+        )
+        self.kv_cache = KVCache(self.layout, config.torch_dtype, self.device)
+        backend_cls = get_backend(config.attention_backend, config.device)
+        self.attn = backend_cls(mc.num_attention_heads // size, self.num_kv_heads, mc.head_dim,
+                                mc.head_dim**-0.5, config.block_size)
+        assert config.max_model_len is not None
+        self.rope = RotaryEmbedding(mc.head_dim, config.max_model_len, mc.rope, config.torch_dtype, self.device)
+        log.info("rank %d: %d KV blocks of %d tokens (%.1f MiB), attention backend %s", tp().rank,
+                 self.layout.num_blocks, config.block_size, self.layout.total_bytes / 2**20, self.attn.name)
+
+    def _plan_num_blocks(self) -> int:
+        cfg, mc = self.config, self.config.model_config
+        per_block = KVCache.bytes_per_block(self.num_kv_heads, mc.num_hidden_layers, cfg.block_size,
+                                            mc.head_dim, cfg.torch_dtype)
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        if cfg.kv_cache_memory_bytes is not None:
+            budget = cfg.kv_cache_memory_bytes
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = int(free - (1 - cfg.gpu_memory_utilization) * total)
+        else:
+            budget = DEFAULT_CPU_KV_BYTES
+        blocks = budget // per_block
+        if blocks * cfg.block_size < (cfg.max_model_len or 0):
+            raise ValueError(
+                f"KV cache budget of {budget / 2**20:.0f} MiB holds {blocks} blocks, fewer than one sequence of "
+                f"max_model_len={cfg.max_model_len} needs; raise kv_cache_memory_bytes or lower max_model_len"
+            )
+        return int(blocks)
+
+    @torch.inference_mode()
+    def execute(self, inp: StepInput) -> torch.Tensor:
+        """Run one forward over the batch; returns logits [N, vocab] float32 for inp.logits_indices."""
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(inp.slot_mapping).to(dev, non_blocking=True),
+            query_start_loc=torch.from_numpy(inp.query_start_loc).to(dev, non_blocking=True),
+            seq_lens=torch.from_numpy(inp.seq_lens).to(dev, non_blocking=True),
+            block_tables=torch.from_numpy(inp.block_tables).to(dev, non_blocking=True),
+            max_query_len=inp.max_query_len,
+            max_seq_len=inp.max_seq_len,
+            num_decode_only=inp.max_query_len == 1,
+        )
+        self.attn.prepare(meta)
+        positions = torch.from_numpy(inp.positions).to(dev, non_blocking=True)  # [T]
+        ctx = StepContext(positions, meta, self.kv_cache, self.attn, self.rope)
+        hidden = self.model(torch.from_numpy(inp.input_ids).to(dev, non_blocking=True), ctx)  # [T, hidden]
+        idx = torch.from_numpy(inp.logits_indices).to(dev, non_blocking=True)  # [N]
+        return self.model.compute_logits(hidden[idx])  # [N, vocab]

@@ -1,0 +1,125 @@
+"""Llama-family decoder (Llama, Qwen2 with q/k/v bias, Mistral): one forward over a flattened batch."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from engine.attention import AttentionBackend, AttentionMetadata
+from engine.kv_cache import KVCache
+from engine.model_config import ModelConfig
+from engine.models.layers import (
+    MergedColumnParallelLinear,
+    RMSNorm,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    silu_and_mul,
+)
+from engine.models.rotary import RotaryEmbedding
+from engine.parallel import tp
+
+
+class StepContext:
+    """What every layer needs for one step besides the hidden states (built once per step)."""
+
+    def __init__(self, positions: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache,
+                 attn: AttentionBackend, rope: RotaryEmbedding) -> None:
+        self.positions = positions  # [T] int64
+        self.meta = meta
+        self.kv_cache = kv_cache
+        self.attn = attn
+        self.rope = rope
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        size = tp().size
+        self.layer = layer
+        self.head_dim = cfg.head_dim
+        self.num_heads = cfg.num_attention_heads // size
+        self.num_kv_heads = cfg.num_key_value_heads // size
+        q_out, kv_out = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        self.qkv_proj = MergedColumnParallelLinear(cfg.hidden_size, [q_out, kv_out, kv_out], cfg.qkv_bias, dtype)
+        self.o_proj = RowParallelLinear(q_out, cfg.hidden_size, dtype)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)  # [T, Hq, D]
+        k = k.view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = v.view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        q, k = ctx.rope.apply(ctx.positions, q, k)
+        out = ctx.attn.forward(self.layer, q, k, v, ctx.kv_cache, ctx.meta)  # [T, Hq, D]
+        return self.o_proj(out.reshape(T, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        inter = cfg.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [inter, inter], False, dtype)
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg, layer, dtype)
+        self.mlp = LlamaMLP(cfg, dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    # checkpoint name fragment -> (our parameter name fragment, shard id within a merged weight)
+    STACKED: ClassVar[dict[str, tuple[str, int]]] = {
+        ".q_proj.": (".qkv_proj.", 0),
+        ".k_proj.": (".qkv_proj.", 1),
+        ".v_proj.": (".qkv_proj.", 2),
+        ".gate_proj.": (".gate_up_proj.", 0),
+        ".up_proj.": (".gate_up_proj.", 1),
+    }
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, dtype) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head = (
+            self.embed_tokens if cfg.tie_word_embeddings
+            else VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype)
+        )
+
+    def forward(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:  # [T] -> [T, hidden]
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, ctx)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] float32
+        return self.lm_head.logits(hidden).float()
+
+    def map_checkpoint_name(self, name: str) -> tuple[str, int] | None:
+        """HF checkpoint tensor name -> (our parameter name, shard id); None for tensors we do not use."""
+        if "rotary_emb" in name:
+            return None
+        name = name.removeprefix("model.")
+        if name.startswith("lm_head.") and self.cfg.tie_word_embeddings:
+            return None
+        for frag, (ours, shard) in self.STACKED.items():
+            if frag in name:
+                return name.replace(frag, ours), shard
+        return name, 0

@@ -1,0 +1,68 @@
+"""Tensor-parallel group state: one process per rank, torch.distributed (gloo on CPU, NCCL on GPU)."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class TPGroup:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_driver(self) -> bool:
+        return self.rank == 0
+
+
+_group = TPGroup()
+
+
+def tp() -> TPGroup:
+    return _group
+
+
+def init_tp(rank: int, size: int, init_method: str, device: str) -> TPGroup:
+    """Join the TP process group. Every rank must call this with the same `init_method` and `size`."""
+    global _group
+    if size > 1:
+        backend = "nccl" if device == "cuda" else "gloo"
+        if device == "cuda":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
+                                timeout=timedelta(seconds=300))
+    _group = TPGroup(rank, size)
+    return _group
+
+
+def destroy_tp() -> None:
+    global _group
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _group = TPGroup()
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    if _group.size > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    """[..., n] on each rank -> [..., size * n], rank-major."""
+    if _group.size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(_group.size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=-1)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,1 @@
+"""pdserve's command line and serving configuration."""
