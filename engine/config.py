@@ -32,7 +32,6 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.85
     attention_backend: str = "auto"
     cache_salt: str = ""
-    seed: int = 0
     model_config: ModelConfig = field(init=False, repr=False)
     torch_dtype: torch.dtype = field(init=False, repr=False)
 

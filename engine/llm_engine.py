@@ -136,6 +136,8 @@ class LLMEngine:
             if matched is not None:
                 status, request.stop_reason = RequestStatus.FINISHED_STOPPED, matched
             if status is not None:
+                if matched is None:
+                    detok.flush()
                 self.scheduler.finish(request, status)
                 results.append(self._finish_output(request, [token]))
             else:

@@ -52,3 +52,12 @@ class IncrementalDetokenizer:
         index, matched = min(hits)
         self.text = self.text[:index]
         return matched
+
+    def flush(self) -> None:
+        """At the end of a request, emit text held back for an incomplete character (rendered as U+FFFD)."""
+        if self.tokenizer is None or self.read_offset == len(self.ids):
+            return
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+        window = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        self.text += window[len(prefix) :]
+        self.read_offset = len(self.ids)
