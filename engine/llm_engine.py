@@ -57,6 +57,10 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.detok: dict[str, IncrementalDetokenizer] = {}
         self._aborted: list[Request] = []
+        self._pending: list[RequestOutput] = []  # produced outside step(), returned by the next step()
+        self.held: dict[str, Request] = {}  # finished prefill-role requests whose blocks await a reader
+        self.quarantined: dict[str, list[int]] = {}  # blocks a failed read may still write into
+        self.num_local_fallbacks = 0
         self._arrival = itertools.count()
         self.eos_token_ids = config.model_config.eos_token_ids
 
@@ -86,8 +90,16 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer.json in the model directory")
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
-        if request_id in self.requests:
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    hold_kv: bool = False) -> None:
+        """Queue a request. With `hold_kv` (the prefill role), its blocks outlive it: the finished output
+        carries `kv_block_ids`, and the blocks stay allocated until `release_held(request_id)`."""
+        self._create(request_id, prompt, params, hold_kv)
+        self.scheduler.add(self.requests[request_id])
+
+    def _create(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                hold_kv: bool = False) -> Request:
+        if request_id in self.requests or request_id in self.held:
             raise ValueError(f"request id {request_id!r} is already in flight")
         prompt_ids = self.encode(prompt)
         self.validate(prompt_ids, params)
@@ -98,52 +110,129 @@ class LLMEngine:
             arrival=next(self._arrival),
             eos_token_ids=self.eos_token_ids,
             max_model_len=self.config.max_model_len or 0,
+            hold_kv=hold_kv,
         )
         self.requests[request_id] = request
         self.detok[request_id] = IncrementalDetokenizer(self.tokenizer, params.stop)
-        self.scheduler.add(request)
+        return request
 
     def abort_request(self, request_id: str) -> None:
+        if self.release_held(request_id):
+            return
         request = self.requests.get(request_id)
         if request is None or request.finished:
             return
         self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
         self._aborted.append(request)
 
+    def release_held(self, request_id: str) -> bool:
+        """Free the blocks of a finished hold_kv request. False if it holds none (unknown or released)."""
+        request = self.held.pop(request_id, None)
+        if request is None:
+            return False
+        self.kv.free(request)
+        return True
+
+    # ---- requests whose KV is computed elsewhere (the decode role) -----------------------------------------
+    def reserve_remote(self, request_id: str, prompt: list[int], params: SamplingParams) -> tuple[list[int], int]:
+        """Create a request whose prompt KV will be pulled from a prefill worker: look up the local prefix
+        cache and allocate blocks for the rest. Returns (block ids covering the prompt, number of leading
+        blocks already cached here). The request waits, outside the scheduler, for `commit_remote` or
+        `fallback_local`. Raises ValueError for bad input, RuntimeError when the cache has no room now."""
+        request = self._create(request_id, prompt, params)
+        hits = self.kv.get_computed_blocks(request)
+        if not self.kv.allocate_slots(request, request.num_prompt_tokens - len(hits) * self.config.block_size,
+                                      hits):
+            del self.requests[request_id], self.detok[request_id]
+            raise RuntimeError("no KV blocks free for the prompt right now")
+        request.status = RequestStatus.WAITING_FOR_KV
+        request.num_cached_tokens = len(hits) * self.config.block_size
+        request.num_cached_blocks = len(hits)
+        return list(request.block_ids), len(hits)
+
+    def commit_remote(self, request_id: str, first_token: int) -> None:
+        """The pulled KV is in place: the prompt counts as computed, `first_token` (sampled by the prefill
+        worker) is the first output, and the request joins the scheduler to decode."""
+        request = self.requests[request_id]
+        assert request.status is RequestStatus.WAITING_FOR_KV
+        request.num_computed_tokens = request.num_prompt_tokens
+        self.kv.cache_full_blocks(request)  # the pulled blocks are now valid prefix-cache entries
+        request.status = RequestStatus.WAITING
+        self._emit(request, first_token)
+        if not request.finished:
+            self.scheduler.add(request)
+
+    def fallback_local(self, request_id: str, quarantine: bool = False) -> None:
+        """Compute the prompt here instead (the pull failed). With `quarantine`, the request's blocks are set
+        aside (a failed read may still write into them) until `release_quarantine`; it gets fresh ones."""
+        request = self.requests[request_id]
+        assert request.status is RequestStatus.WAITING_FOR_KV
+        if quarantine:
+            self.quarantine_blocks(request_id)
+        else:
+            self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        self.num_local_fallbacks += 1
+        self.scheduler.add(request)
+
+    def quarantine_blocks(self, request_id: str) -> None:
+        """Set a waiting-for-KV request's blocks aside: still allocated, owned by nobody, until
+        `release_quarantine` (a read that failed or timed out may still be writing into them)."""
+        request = self.requests[request_id]
+        self.quarantined[request_id] = request.block_ids
+        request.block_ids, request.num_cached_blocks = [], 0
+
+    def release_quarantine(self, request_id: str) -> None:
+        blocks = self.quarantined.pop(request_id, None)
+        if blocks:
+            self.kv.pool.free(reversed(blocks))
+
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        """True while any request is queued, running or waiting for KV (held blocks do not count)."""
+        return bool(self.requests) or bool(self._pending)
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One iteration: schedule, run one batched forward, postprocess. Returns this step's outputs."""
         out = self.scheduler.schedule()
         logits = self.executor.execute(build_step_input(out, self.config.block_size)) if len(out) else None
         return self._postprocess(out, logits)
 
     def _postprocess(self, out, logits) -> list[RequestOutput]:  # type: ignore[no-untyped-def]
         self.scheduler.update_after_step(out)
-        results = [self._finish_output(r) for r in self._aborted]
-        self._aborted = []
+        results = self._pending + [self._finish_output(r) for r in self._aborted]
+        self._pending, self._aborted = [], []
         sampling = [r for r in out.requests if r.num_computed_tokens == r.num_tokens]
         if not sampling:
             return results
         tokens = self.sampler(logits, sampling)
-        now = time.monotonic()
+        self._pending = results
         for request, token in zip(sampling, tokens, strict=True):
-            request.append_token(token)
-            status = request.check_stop()
-            detok = self.detok[request.request_id]
-            matched = detok.add(token) if not (status and request.stop_reason == token) else None
-            if matched is not None:
-                status, request.stop_reason = RequestStatus.FINISHED_STOPPED, matched
-            if status is not None:
-                if matched is None:
-                    detok.flush()
-                self.scheduler.finish(request, status)
-                results.append(self._finish_output(request, [token]))
-            else:
-                results.append(self._output(request, [token]))
-            results[-1].metrics["time"] = now
+            self._emit(request, token)
+        results, self._pending = self._pending, []
         return results
+
+    def _emit(self, request: Request, token: int) -> None:
+        """Append a sampled token, apply the stop rules, and queue the request's output for this step."""
+        request.append_token(token)
+        status = request.check_stop()
+        detok = self.detok[request.request_id]
+        matched = detok.add(token) if not (status and request.stop_reason == token) else None
+        if matched is not None:
+            status, request.stop_reason = RequestStatus.FINISHED_STOPPED, matched
+        if status is not None:
+            if matched is None:
+                detok.flush()
+            self.scheduler.finish(request, status, free_blocks=not request.hold_kv)
+            output = self._finish_output(request, [token])
+            if request.hold_kv:
+                self.held[request.request_id] = request
+                output.kv_block_ids = list(request.block_ids)
+        else:
+            output = self._output(request, [token])
+        output.metrics["time"] = time.monotonic()
+        self._pending.append(output)
 
     def _output(self, request: Request, new: list[int]) -> RequestOutput:
         return RequestOutput(

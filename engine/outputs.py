@@ -16,4 +16,5 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    kv_block_ids: list[int] | None = None  # prefill role (hold_kv): the blocks holding the prompt's KV
     metrics: dict[str, float] = field(default_factory=dict)

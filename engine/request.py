@@ -18,6 +18,7 @@ from engine.sampling_params import SamplingParams
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
+    WAITING_FOR_KV = "waiting_for_kv"  # blocks reserved, KV being pulled from a prefill worker
     RUNNING = "running"
     PREEMPTED = "preempted"
     FINISHED_STOPPED = "stop"
@@ -47,6 +48,7 @@ class Request:
     num_cached_blocks: int = 0  # leading blocks already published to the prefix cache
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first schedule
     num_preemptions: int = 0
+    hold_kv: bool = False  # prefill role: keep the blocks after finishing, for a reader to pull
     generator: torch.Generator | None = None
     stop_reason: int | str | None = None
 

@@ -111,8 +111,9 @@ class Scheduler:
             request.num_computed_tokens += n
             self.kv.cache_full_blocks(request)
 
-    def finish(self, request: Request, status: RequestStatus) -> None:
-        """Retire a request (done, or aborted at any point): free its blocks and drop it from the queues."""
+    def finish(self, request: Request, status: RequestStatus, free_blocks: bool = True) -> None:
+        """Retire a request (done, or aborted at any point): drop it from the queues and free its blocks
+        (unless `free_blocks` is False: the caller then owns them and must `kv.free` the request later)."""
         if request.finished:
             return
         request.status = status
@@ -123,7 +124,8 @@ class Scheduler:
                 self.waiting.remove(request)
             except ValueError:
                 pass
-        self.kv.free(request)
+        if free_blocks:
+            self.kv.free(request)
 
     def _pick_victim(self, request: Request, scheduled: set[int]) -> Request:
         for candidate in reversed(self.running):

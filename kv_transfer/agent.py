@@ -1,0 +1,215 @@
+"""One NIXL agent per worker rank: registers the rank's KV allocation once and moves blocks by READ.
+
+Lives inside the rank's process (attached to engine.executor.Worker as extension "kv"), so every method takes
+and returns plain data: the driver reaches the other ranks through `Executor.collective_rpc`.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from kv_transfer.config import TransferConfig
+from kv_transfer.descriptor import PROTOCOL_VERSION, AgentDescriptor, check_compatible
+from kv_transfer.plan import plan_reads
+from kv_transfer.transports import log_selected_transports
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Read:
+    handles: list[Any]
+    deadline: float
+    started: float
+    num_bytes: int
+    num_descs: int
+    state: str = "PROC"  # PROC | DONE | ERR:<kind>:<message>
+    finished: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class TransferAgent:
+    def __init__(self, worker: Any, engine_id: str, cfg: TransferConfig) -> None:
+        from nixl._api import nixl_agent, nixl_agent_config
+
+        cfg.apply_env()
+        runner = worker.runner
+        self.cfg = cfg
+        self.rank = worker.rank
+        kv = runner.kv_cache
+        lo = runner.layout
+        mc = worker.config.model_config
+        self.name = f"{engine_id}-tp{self.rank}-{os.getpid()}"
+        self.agent = nixl_agent(self.name, nixl_agent_config(
+            enable_prog_thread=cfg.progress_thread, backends=["UCX"], num_threads=cfg.num_threads))
+        self.mem_type = "VRAM" if kv.tensor.is_cuda else "DRAM"
+        self.reg = self.agent.register_memory(kv.tensor)
+        self.descriptor = AgentDescriptor(
+            version=PROTOCOL_VERSION,
+            engine_id=engine_id,
+            agent_name=self.name,
+            agent_metadata=self.agent.get_agent_metadata(),
+            mem_type=self.mem_type,
+            device_id=kv.tensor.device.index or 0,
+            base_addr=kv.data_ptr(),
+            num_blocks=lo.num_blocks,
+            block_size=lo.block_size,
+            block_bytes=lo.block_bytes,
+            head_bytes=lo.head_bytes,
+            num_kv_heads=lo.num_kv_heads,
+            total_kv_heads=mc.num_key_value_heads,
+            num_layers=lo.num_layers,
+            head_dim=lo.head_dim,
+            tp_rank=self.rank,
+            tp_size=worker.config.tensor_parallel_size,
+            dtype=worker.config.dtype_name,
+            model_fingerprint=mc.fingerprint(),
+        )
+        self.peers: dict[str, str] = {}  # agent_name -> NIXL remote name
+        self.reads: dict[str, _Read] = {}
+        self._logged_transports = False
+
+    # ---- identity ------------------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        return self.descriptor.to_dict()
+
+    def _peer(self, desc: AgentDescriptor) -> str:
+        name = self.peers.get(desc.agent_name)
+        if name is None:
+            raw = self.agent.add_remote_agent(desc.agent_metadata)
+            name = raw.decode() if isinstance(raw, bytes) else str(raw)
+            self.peers[desc.agent_name] = name
+        return name
+
+    def add_peer_metadata(self, agent_name: str, metadata_b64: str) -> None:
+        """Learn a peer from its metadata alone (to send it notifications)."""
+        if agent_name not in self.peers:
+            raw = self.agent.add_remote_agent(base64.b64decode(metadata_b64))
+            self.peers[agent_name] = raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    # ---- reads (decode side) -------------------------------------------------------------------------------
+    def start_read(self, xfer_id: str, remotes: list[dict[str, Any]], local_blocks: list[int],
+                   remote_blocks: list[int]) -> str | None:
+        """Post READs of remote_blocks into local_blocks for this rank's heads. Returns None, or an error
+        string "ERR:<kind>:<message>" (kinds: incompatible, peer, internal)."""
+        try:
+            descs = [AgentDescriptor.from_dict(r) for r in remotes]
+            for d in descs:
+                check_compatible(self.descriptor, d)
+        except Exception as e:
+            return f"ERR:incompatible:{e}"
+        now = time.monotonic()
+        read = _Read([], now + self.cfg.transfer_timeout_s, now, 0, 0)
+        self.reads[xfer_id] = read
+        try:
+            for plan in plan_reads(self.descriptor, descs, local_blocks, remote_blocks):
+                peer = self._peer(plan.remote)
+                local = self.agent.get_xfer_descs(plan.local_rows, self.mem_type)
+                remote = self.agent.get_xfer_descs(plan.remote_rows, plan.remote.mem_type)
+                handle = self.agent.initialize_xfer("READ", local, remote, peer, b"")
+                read.handles.append(handle)
+                read.num_bytes += plan.num_bytes
+                read.num_descs += len(plan.local_rows)
+                state = self.agent.transfer(handle)
+                if state == "ERR":
+                    raise RuntimeError("transfer() returned ERR")
+        except Exception as e:
+            read.state = f"ERR:{_kind(e)}:{type(e).__name__}: {e}"
+            return read.state
+        if not self._logged_transports:
+            self._logged_transports = True
+            log_selected_transports(self.mem_type, [d.mem_type for d in descs], same_host=True)
+        return None
+
+    def poll(self, xfer_ids: list[str]) -> dict[str, str]:
+        """State of each read: "PROC", "DONE" or "ERR:<kind>:<message>" (kinds: peer, timeout, internal)."""
+        out: dict[str, str] = {}
+        now = time.monotonic()
+        for xid in xfer_ids:
+            read = self.reads.get(xid)
+            if read is None:
+                out[xid] = "ERR:internal:unknown transfer"
+                continue
+            if read.state == "PROC":
+                try:
+                    states = [self.agent.check_xfer_state(h) for h in read.handles]
+                    if all(s == "DONE" for s in states):
+                        read.state, read.finished = "DONE", now
+                    elif any(s == "ERR" for s in states):
+                        read.state = "ERR:peer:transfer failed"
+                    elif now > read.deadline:
+                        read.state = f"ERR:timeout:no completion within {self.cfg.transfer_timeout_s:g} s"
+                except Exception as e:
+                    read.state = f"ERR:{_kind(e)}:{type(e).__name__}: {e}"
+            out[xid] = read.state
+        return out
+
+    def settled(self, xfer_id: str) -> bool:
+        """True once no handle of the read can still write into local memory (done, failed, or released)."""
+        read = self.reads.get(xfer_id)
+        if read is None:
+            return True
+        pending = []
+        for h in read.handles:
+            try:
+                if self.agent.check_xfer_state(h) == "PROC":
+                    pending.append(h)
+            except Exception:
+                pass  # an errored handle writes nothing more
+        return not pending
+
+    def finish(self, xfer_id: str) -> dict[str, float]:
+        """Release the read's handles; returns its stats (bytes, descriptors, seconds)."""
+        read = self.reads.pop(xfer_id, None)
+        if read is None:
+            return {}
+        for h in read.handles:
+            try:
+                self.agent.release_xfer_handle(h)
+            except Exception as e:  # a handle still in flight cannot be released; NIXL frees it with the agent
+                log.warning("could not release transfer handle of %s: %s", xfer_id, e)
+        secs = (read.finished or time.monotonic()) - read.started
+        return {"bytes": float(read.num_bytes), "descs": float(read.num_descs), "seconds": secs}
+
+    # ---- notifications (control messages between rank-0 agents) --------------------------------------------
+    def partial_metadata_b64(self) -> str:
+        import nixl._bindings as nb
+
+        empty = nb.nixlRegDList(nb.DRAM_SEG)
+        return base64.b64encode(self.agent.get_partial_agent_metadata(empty, inc_conn_info=True)).decode()
+
+    def send(self, agent_name: str, message: bytes) -> str | None:
+        try:
+            self.agent.send_notif(self.peers[agent_name], message)
+            return None
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
+
+    def receive(self) -> list[tuple[str, bytes]]:
+        return [(sender, m) for sender, msgs in self.agent.get_new_notifs().items() for m in msgs]
+
+    def forget_peer(self, agent_name: str) -> None:
+        name = self.peers.pop(agent_name, None)
+        if name is not None:
+            try:
+                self.agent.remove_remote_agent(name)
+            except Exception as e:
+                log.debug("remove_remote_agent(%s): %s", name, e)
+
+    def close(self) -> None:
+        for xid in list(self.reads):
+            self.finish(xid)
+        try:
+            self.agent.deregister_memory(self.reg)
+        except Exception as e:
+            log.warning("deregister_memory failed: %s", e)
+
+
+def _kind(e: BaseException) -> str:
+    text = f"{type(e).__name__} {e}".lower()
+    return "peer" if "disconnect" in text or "remote" in text or "unreach" in text else "internal"

@@ -1,0 +1,39 @@
+"""KV-transfer settings: timeouts, the prefill-side lease, and the UCX/NIXL knobs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TransferConfig:
+    transfer_timeout_s: float = 10.0  # a read not done by then fails with TransferTimeoutError
+    lease_s: float = 30.0  # prefill side frees held blocks if no reader releases them by then
+    ack_timeout_s: float = 5.0  # reader waits this long for the holder to confirm it still held the blocks
+    ucx_tls: str | None = None  # UCX_TLS, e.g. "rc,cuda_ipc,cuda_copy" or "shm,self"; None = UCX decides
+    ucx_net_devices: str | None = None  # UCX_NET_DEVICES, e.g. "mlx5_0:1"
+    progress_thread: bool = True  # NIXL's progress thread (completes transfers while Python is busy)
+    num_threads: int = 0  # UCX backend worker threads (0 = NIXL default)
+    ucx_env: dict[str, str] = field(default_factory=dict)  # any other UCX_* variable
+
+    def __post_init__(self) -> None:
+        if self.transfer_timeout_s <= 0:
+            raise ValueError(f"transfer_timeout_s: {self.transfer_timeout_s} must be > 0")
+        if self.lease_s <= 0:
+            raise ValueError(f"lease_s: {self.lease_s} must be > 0")
+        for key in self.ucx_env:
+            if not key.startswith("UCX_"):
+                raise ValueError(f"ucx_env: {key!r} is not a UCX_* variable")
+
+    def env(self) -> dict[str, str]:
+        env = dict(self.ucx_env)
+        if self.ucx_tls:
+            env["UCX_TLS"] = self.ucx_tls
+        if self.ucx_net_devices:
+            env["UCX_NET_DEVICES"] = self.ucx_net_devices
+        return env
+
+    def apply_env(self) -> None:
+        """UCX reads its settings from the environment when the agent is created (in each rank's process)."""
+        os.environ.update(self.env())

@@ -1,0 +1,86 @@
+"""A prefill worker in its own process (real NIXL between processes), driven by the test over a pipe."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _serve(conn: Connection, model: str, engine_kwargs: dict[str, Any], cfg_kwargs: dict[str, Any]) -> None:
+    import torch
+
+    from engine import EngineConfig, LLMEngine, SamplingParams
+    from kv_transfer import KVProducer, TransferConfig
+
+    torch.set_num_threads(1)
+    producer = KVProducer(LLMEngine(EngineConfig(model=model, **engine_kwargs)), "prefill",
+                          TransferConfig(**cfg_kwargs))
+    conn.send("ready")
+    while True:
+        if not conn.poll(0.002):
+            producer.step()
+            continue
+        cmd, *args = conn.recv()
+        if cmd == "exit":
+            producer.engine.shutdown()
+            conn.send("bye")
+            return
+        if cmd == "prefill":
+            rid, prompt, max_tokens = args
+            producer.add_request(rid, prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                                              ignore_eos=True))
+            handle = None
+            while handle is None:
+                for out, h in producer.step():
+                    if out.request_id == rid:
+                        handle = h
+            conn.send(handle.to_json())
+        elif cmd == "abort":
+            producer.abort(args[0])
+            conn.send("ok")
+        elif cmd == "stats":
+            stats = producer.engine.kv.stats()
+            conn.send({"used": stats.num_used, "held": len(producer.engine.held),
+                       "leases": len(producer.leases), "counters": dict(producer.counters)})
+        elif cmd == "wait_released":
+            deadline = time.monotonic() + args[0]
+            while producer.engine.held and time.monotonic() < deadline:
+                producer.step()
+                time.sleep(0.002)
+            conn.send(len(producer.engine.held))
+
+
+class PrefillProcess:
+    def __init__(self, model: str, engine_kwargs: dict[str, Any] | None = None,
+                 cfg_kwargs: dict[str, Any] | None = None) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        # NOTE: not a daemon: a TP>1 prefill engine spawns its own rank processes.
+        self.proc = ctx.Process(target=_serve, args=(child, model, engine_kwargs or {"dtype": "float32"},
+                                                     cfg_kwargs or {}))
+        self.proc.start()
+        if not self.conn.poll(120):
+            raise TimeoutError("prefill process did not start")
+        assert self.conn.recv() == "ready"
+
+    def call(self, *cmd: Any, timeout: float = 60) -> Any:
+        self.conn.send(cmd)
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f"prefill process did not answer {cmd[0]}")
+        return self.conn.recv()
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self.call("exit", timeout=30)
+            except (TimeoutError, BrokenPipeError, EOFError):
+                pass
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)

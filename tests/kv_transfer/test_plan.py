@@ -1,0 +1,88 @@
+"""Descriptor rows for every TP pairing, exact addresses; the agent descriptor's wire format."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from kv_transfer.descriptor import PROTOCOL_VERSION, AgentDescriptor, check_compatible
+from kv_transfer.errors import IncompatibleKVError
+from kv_transfer.plan import plan_reads
+
+HEAD = 1000  # head_bytes: one KV head of one block
+
+
+def desc(rank: int, size: int, base: int, heads: int = 4, name: str = "x") -> AgentDescriptor:
+    local = heads // size
+    return AgentDescriptor(
+        version=PROTOCOL_VERSION, engine_id=name, agent_name=f"{name}{rank}", agent_metadata=b"md",
+        mem_type="DRAM", device_id=0, base_addr=base, num_blocks=64, block_size=16, block_bytes=local * HEAD,
+        head_bytes=HEAD, num_kv_heads=local, total_kv_heads=heads, num_layers=2, head_dim=8, tp_rank=rank,
+        tp_size=size, dtype="float32", model_fingerprint="f")
+
+
+def rows(a: np.ndarray) -> list[tuple[int, int]]:
+    return [(int(x), int(n)) for x, n, _ in a]
+
+
+def test_equal_tp_coalesces_runs_of_adjacent_blocks() -> None:
+    local, remote = desc(0, 1, 10**6), desc(0, 1, 5 * 10**6, name="p")
+    (plan,) = plan_reads(local, [remote], [7, 8, 9, 20], [3, 4, 5, 6])
+    block = 4 * HEAD
+    assert rows(plan.local_rows) == [(10**6 + 7 * block, 3 * block), (10**6 + 20 * block, block)]
+    assert rows(plan.remote_rows) == [(5 * 10**6 + 3 * block, 3 * block), (5 * 10**6 + 6 * block, block)]
+    assert plan.num_bytes == 4 * block
+
+
+def test_tp1_to_tp2_reads_each_ranks_head_half_one_piece_per_block() -> None:
+    remote = desc(0, 1, 0, name="p")
+    r1 = desc(1, 2, 10**6)
+    (plan,) = plan_reads(r1, [remote], [0, 1], [5, 6])
+    # Decode rank 1 holds heads 2, 3: at head offset 2 of each 4-head prefill block, 2 heads long.
+    assert rows(plan.remote_rows) == [(5 * 4 * HEAD + 2 * HEAD, 2 * HEAD), (6 * 4 * HEAD + 2 * HEAD, 2 * HEAD)]
+    assert rows(plan.local_rows) == [(10**6, 2 * HEAD), (10**6 + 2 * HEAD, 2 * HEAD)]
+
+
+def test_tp2_to_tp1_reads_every_prefill_rank_into_its_head_offset() -> None:
+    remotes = [desc(0, 2, 0, name="p"), desc(1, 2, 10**7, name="p")]
+    local = desc(0, 1, 10**6)
+    plans = plan_reads(local, remotes, [3], [9])
+    assert [p.remote.tp_rank for p in plans] == [0, 1]
+    assert rows(plans[0].remote_rows) == [(9 * 2 * HEAD, 2 * HEAD)]
+    assert rows(plans[0].local_rows) == [(10**6 + 3 * 4 * HEAD, 2 * HEAD)]
+    assert rows(plans[1].remote_rows) == [(10**7 + 9 * 2 * HEAD, 2 * HEAD)]
+    assert rows(plans[1].local_rows) == [(10**6 + 3 * 4 * HEAD + 2 * HEAD, 2 * HEAD)]
+
+
+def test_tp2_to_tp4_picks_the_single_overlapping_rank() -> None:
+    remotes = [desc(0, 2, 0, heads=8, name="p"), desc(1, 2, 10**7, heads=8, name="p")]
+    local = desc(2, 4, 10**6, heads=8)  # heads 4, 5 live on prefill rank 1, at its head offset 0
+    (plan,) = plan_reads(local, remotes, [1], [2])
+    assert plan.remote.tp_rank == 1
+    assert rows(plan.remote_rows) == [(10**7 + 2 * 4 * HEAD, 2 * HEAD)]
+
+
+def test_descriptor_json_round_trip_and_validation() -> None:
+    d = desc(0, 1, 123)
+    assert AgentDescriptor.from_json(d.to_json()) == d
+    assert "agent_metadata" in json.loads(d.to_json())
+    bad = json.loads(d.to_json())
+    bad["base_addr"] = "123"
+    with pytest.raises(ValueError, match="base_addr"):
+        AgentDescriptor.from_dict(bad)
+    bad = json.loads(d.to_json())
+    bad["version"] = 99
+    with pytest.raises(IncompatibleKVError, match="version"):
+        AgentDescriptor.from_dict(bad)
+
+
+@pytest.mark.parametrize(("field", "value"), [("model_fingerprint", "other"), ("dtype", "bfloat16"),
+                                              ("block_size", 32), ("layout", "layer,block")])
+def test_incompatible_pairs_are_refused_naming_the_field(field: str, value: object) -> None:
+    a = desc(0, 1, 0)
+    b = dataclasses.replace(desc(0, 1, 0, name="p"), **{field: value})
+    with pytest.raises(IncompatibleKVError, match=field):
+        check_compatible(a, b)
