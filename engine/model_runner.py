@@ -111,6 +111,11 @@ class ModelRunner:
         elif self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             budget = int(free - (1 - cfg.gpu_memory_utilization) * total)
+            if budget <= 0:
+                raise ValueError(
+                    f"gpu_memory_utilization: {cfg.gpu_memory_utilization} leaves no room for a KV cache "
+                    f"({free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB after the weights; another process "
+                    "may share this GPU). Raise it, or set kv_cache_memory_bytes / num_kv_blocks")
         else:
             budget = DEFAULT_CPU_KV_BYTES
         blocks = budget // per_block

@@ -1,5 +1,6 @@
 """KV-cache transfer from prefill to decode workers over NIXL (UCX): agents, pull protocol, TP re-slicing."""
 
+from kv_transfer import transports
 from kv_transfer.config import TransferConfig
 from kv_transfer.connector import KVConsumer, KVProducer
 from kv_transfer.descriptor import AgentDescriptor, check_compatible
@@ -14,5 +15,5 @@ from kv_transfer.handle import KVHandle
 
 __all__ = [
     "AgentDescriptor", "IncompatibleKVError", "KVConsumer", "KVHandle", "KVProducer", "KVReleasedError",
-    "KVTransferError", "PeerGoneError", "TransferConfig", "TransferTimeoutError", "check_compatible",
+    "KVTransferError", "PeerGoneError", "TransferConfig", "TransferTimeoutError", "check_compatible", "transports",
 ]

@@ -7,16 +7,27 @@ and returns plain data: the driver reaches the other ranks through `Executor.col
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
+import shutil
+import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.kv_cache import KVCache
 from kv_transfer.config import TransferConfig
 from kv_transfer.descriptor import PROTOCOL_VERSION, AgentDescriptor, check_compatible
 from kv_transfer.plan import plan_reads
-from kv_transfer.transports import log_selected_transports
+from kv_transfer.transports import (
+    disable_proto_report,
+    enable_proto_report,
+    quiet_stdout,
+    report_path,
+    selected_read_transports,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +45,27 @@ class _Read:
 
 
 class TransferAgent:
-    def __init__(self, worker: Any, engine_id: str, cfg: TransferConfig) -> None:
+    def __init__(self, kv: KVCache, engine_id: str, tp_rank: int, tp_size: int, total_kv_heads: int,
+                 dtype: str, model_fingerprint: str, cfg: TransferConfig) -> None:
+        """Register `kv` (one rank's whole KV allocation) with a new NIXL agent named after the engine."""
         from nixl._api import nixl_agent, nixl_agent_config
 
         cfg.apply_env()
-        runner = worker.runner
         self.cfg = cfg
-        self.rank = worker.rank
-        kv = runner.kv_cache
-        lo = runner.layout
-        mc = worker.config.model_config
-        self.name = f"{engine_id}-tp{self.rank}-{os.getpid()}"
-        self.agent = nixl_agent(self.name, nixl_agent_config(
-            enable_prog_thread=cfg.progress_thread, backends=["UCX"], num_threads=cfg.num_threads))
+        self.rank = tp_rank
+        lo = kv.layout
+        self.name = f"{engine_id}-tp{tp_rank}-{os.getpid()}"
         self.mem_type = "VRAM" if kv.tensor.is_cuda else "DRAM"
+        # NOTE: NIXL's progress thread spins a core even when idle. The driver rank polls the agent from its
+        # step loop, so on CPU it goes without; the other TP ranks (blocked in collectives) and GPU workers
+        # (cores to spare, latency matters) keep it.
+        progress = cfg.progress_thread if cfg.progress_thread is not None else (
+            self.mem_type == "VRAM" or tp_rank > 0)
+        self.proto_dir = enable_proto_report() if cfg.log_transports else None
+        with quiet_stdout():
+            self.agent = nixl_agent(self.name, nixl_agent_config(
+                enable_prog_thread=progress, backends=["UCX"], num_threads=cfg.num_threads))
+        disable_proto_report(self.proto_dir)
         self.reg = self.agent.register_memory(kv.tensor)
         self.descriptor = AgentDescriptor(
             version=PROTOCOL_VERSION,
@@ -62,17 +80,26 @@ class TransferAgent:
             block_bytes=lo.block_bytes,
             head_bytes=lo.head_bytes,
             num_kv_heads=lo.num_kv_heads,
-            total_kv_heads=mc.num_key_value_heads,
+            total_kv_heads=total_kv_heads,
             num_layers=lo.num_layers,
             head_dim=lo.head_dim,
-            tp_rank=self.rank,
-            tp_size=worker.config.tensor_parallel_size,
-            dtype=worker.config.dtype_name,
-            model_fingerprint=mc.fingerprint(),
+            tp_rank=tp_rank,
+            tp_size=tp_size,
+            dtype=dtype,
+            model_fingerprint=model_fingerprint,
+            host=socket.gethostname(),
         )
         self.peers: dict[str, str] = {}  # agent_name -> NIXL remote name
         self.reads: dict[str, _Read] = {}
-        self._logged_transports = False
+        self.reported: set[str] = set()  # peers whose read transports were logged
+
+    @classmethod
+    def for_worker(cls, worker: Any, engine_id: str, cfg: TransferConfig) -> TransferAgent:
+        """The agent of one engine rank (an `engine.executor.Worker` extension factory)."""
+        config = worker.config
+        return cls(worker.runner.kv_cache, engine_id, worker.rank, config.tensor_parallel_size,
+                   config.model_config.num_key_value_heads, config.dtype_name, config.model_config.fingerprint(),
+                   cfg)
 
     # ---- identity ------------------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -105,26 +132,35 @@ class TransferAgent:
             return f"ERR:incompatible:{e}"
         now = time.monotonic()
         read = _Read([], now + self.cfg.transfer_timeout_s, now, 0, 0)
+        read.extra["peers"] = [d for d in descs if d.agent_name not in self.reported]
         self.reads[xfer_id] = read
         try:
-            for plan in plan_reads(self.descriptor, descs, local_blocks, remote_blocks):
-                peer = self._peer(plan.remote)
-                local = self.agent.get_xfer_descs(plan.local_rows, self.mem_type)
-                remote = self.agent.get_xfer_descs(plan.remote_rows, plan.remote.mem_type)
-                handle = self.agent.initialize_xfer("READ", local, remote, peer, b"")
-                read.handles.append(handle)
-                read.num_bytes += plan.num_bytes
-                read.num_descs += len(plan.local_rows)
-                state = self.agent.transfer(handle)
-                if state == "ERR":
-                    raise RuntimeError("transfer() returned ERR")
+            with quiet_stdout() if read.extra["peers"] else _nothing():
+                self._post(read, descs, local_blocks, remote_blocks)
         except Exception as e:
             read.state = f"ERR:{_kind(e)}:{type(e).__name__}: {e}"
             return read.state
-        if not self._logged_transports:
-            self._logged_transports = True
-            log_selected_transports(self.mem_type, [d.mem_type for d in descs], same_host=True)
         return None
+
+    def _post(self, read: _Read, descs: list[AgentDescriptor], local_blocks: list[int],
+              remote_blocks: list[int]) -> None:
+        cfg = self.cfg
+        for plan in plan_reads(self.descriptor, descs, local_blocks, remote_blocks, cfg.max_descriptor_bytes):
+            peer = self._peer(plan.remote)
+            read.num_bytes += plan.num_bytes
+            read.num_descs += len(plan.local_rows)
+            # Several handles posted back to back keep more copies in flight than one long list (measured on
+            # H200s: 266 vs 221 GB/s for 512 MB with 4 handles; docs/performance.md).
+            n = len(plan.local_rows)
+            k = cfg.parallel_handles or (4 if self.mem_type == "VRAM" else 1)
+            step = -(-n // max(1, min(k, n)))
+            for i in range(0, n, step):
+                local = self.agent.get_xfer_descs(plan.local_rows[i : i + step], self.mem_type)
+                remote = self.agent.get_xfer_descs(plan.remote_rows[i : i + step], plan.remote.mem_type)
+                handle = self.agent.initialize_xfer("READ", local, remote, peer, b"")
+                read.handles.append(handle)
+                if self.agent.transfer(handle) == "ERR":
+                    raise RuntimeError("transfer() returned ERR")
 
     def poll(self, xfer_ids: list[str]) -> dict[str, str]:
         """State of each read: "PROC", "DONE" or "ERR:<kind>:<message>" (kinds: peer, timeout, internal)."""
@@ -140,6 +176,7 @@ class TransferAgent:
                     states = [self.agent.check_xfer_state(h) for h in read.handles]
                     if all(s == "DONE" for s in states):
                         read.state, read.finished = "DONE", now
+                        self._report(read)
                     elif any(s == "ERR" for s in states):
                         read.state = "ERR:peer:transfer failed"
                     elif now > read.deadline:
@@ -148,6 +185,14 @@ class TransferAgent:
                     read.state = f"ERR:{_kind(e)}:{type(e).__name__}: {e}"
             out[xid] = read.state
         return out
+
+    def _report(self, read: _Read) -> None:
+        for desc in read.extra.get("peers", []):
+            if desc.agent_name in self.reported:
+                continue
+            self.reported.add(desc.agent_name)
+            report_path(self.name, self.mem_type, desc.mem_type, desc.host == self.descriptor.host,
+                        selected_read_transports(self.proto_dir, self.name))
 
     def settled(self, xfer_id: str) -> bool:
         """True once no handle of the read can still write into local memory (done, failed, or released)."""
@@ -208,6 +253,13 @@ class TransferAgent:
             self.agent.deregister_memory(self.reg)
         except Exception as e:
             log.warning("deregister_memory failed: %s", e)
+        if self.proto_dir is not None:
+            shutil.rmtree(self.proto_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _nothing() -> Iterator[None]:
+    yield
 
 
 def _kind(e: BaseException) -> str:

@@ -13,8 +13,11 @@ class TransferConfig:
     ack_timeout_s: float = 5.0  # reader waits this long for the holder to confirm it still held the blocks
     ucx_tls: str | None = None  # UCX_TLS, e.g. "rc,cuda_ipc,cuda_copy" or "shm,self"; None = UCX decides
     ucx_net_devices: str | None = None  # UCX_NET_DEVICES, e.g. "mlx5_0:1"
-    progress_thread: bool = True  # NIXL's progress thread (completes transfers while Python is busy)
+    progress_thread: bool | None = None  # NIXL's progress thread; None: on for GPU and non-driver ranks
+    parallel_handles: int | None = None  # split a read over this many NIXL transfers; None: 4 on GPU, else 1
+    log_transports: bool = True  # log the UCX transport of each read path (warn on a TCP fallback)
     num_threads: int = 0  # UCX backend worker threads (0 = NIXL default)
+    max_descriptor_bytes: int = 16 << 20  # cap of a coalesced run (huge single descriptors were slower)
     ucx_env: dict[str, str] = field(default_factory=dict)  # any other UCX_* variable
 
     def __post_init__(self) -> None:
@@ -22,6 +25,10 @@ class TransferConfig:
             raise ValueError(f"transfer_timeout_s: {self.transfer_timeout_s} must be > 0")
         if self.lease_s <= 0:
             raise ValueError(f"lease_s: {self.lease_s} must be > 0")
+        if self.parallel_handles is not None and self.parallel_handles < 1:
+            raise ValueError(f"parallel_handles: {self.parallel_handles} must be >= 1")
+        if self.max_descriptor_bytes <= 0:
+            raise ValueError(f"max_descriptor_bytes: {self.max_descriptor_bytes} must be > 0")
         for key in self.ucx_env:
             if not key.startswith("UCX_"):
                 raise ValueError(f"ucx_env: {key!r} is not a UCX_* variable")

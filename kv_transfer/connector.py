@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 def _attach(engine: LLMEngine, engine_id: str, cfg: TransferConfig) -> tuple[list[dict[str, Any]], TransferAgent]:
-    descs = engine.executor.collective_rpc("attach", "kv", TransferAgent, engine_id, cfg)
+    descs = engine.executor.collective_rpc("attach", "kv", TransferAgent.for_worker, engine_id, cfg)
     return descs, engine.executor.worker.extensions["kv"]
 
 

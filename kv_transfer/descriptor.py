@@ -38,6 +38,7 @@ class AgentDescriptor:
     tp_size: int
     dtype: str
     model_fingerprint: str
+    host: str = ""  # hostname: tells a same-host path (shm, cuda_ipc) from a cross-node one (RDMA)
     layout: str = LAYOUT
 
     def to_dict(self) -> dict[str, Any]:

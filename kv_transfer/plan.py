@@ -31,8 +31,9 @@ def head_range(desc: AgentDescriptor) -> tuple[int, int]:
 
 
 def plan_reads(local: AgentDescriptor, remotes: list[AgentDescriptor], local_blocks: list[int],
-               remote_blocks: list[int]) -> list[RankRead]:
-    """Descriptor rows that copy remote_blocks[i] into local_blocks[i] for this rank's heads."""
+               remote_blocks: list[int], max_descriptor_bytes: int = 1 << 62) -> list[RankRead]:
+    """Descriptor rows that copy remote_blocks[i] into local_blocks[i] for this rank's heads. Coalesced runs
+    are cut at `max_descriptor_bytes` (whole blocks; a single block is never split)."""
     assert len(local_blocks) == len(remote_blocks)
     lo, hi = head_range(local)
     plans: list[RankRead] = []
@@ -45,8 +46,8 @@ def plan_reads(local: AgentDescriptor, remotes: list[AgentDescriptor], local_blo
         l_off = (g0 - lo) * local.head_bytes
         r_off = (g0 - r_lo) * remote.head_bytes
         whole = piece == local.block_bytes == remote.block_bytes
-        runs = _runs(local_blocks, remote_blocks) if whole else [(lb, rb, 1) for lb, rb in
-                                                               zip(local_blocks, remote_blocks, strict=True)]
+        max_run = max(1, max_descriptor_bytes // local.block_bytes) if whole else 1
+        runs = _runs(local_blocks, remote_blocks, max_run)
         n = len(runs)
         arr = np.asarray(runs, dtype=np.uint64).reshape(n, 3)
         local_rows = np.empty((n, 3), dtype=np.uint64)
@@ -60,11 +61,11 @@ def plan_reads(local: AgentDescriptor, remotes: list[AgentDescriptor], local_blo
     return plans
 
 
-def _runs(local_blocks: list[int], remote_blocks: list[int]) -> list[tuple[int, int, int]]:
-    """Maximal runs where both the local and the remote block ids are consecutive: (local, remote, length)."""
+def _runs(local_blocks: list[int], remote_blocks: list[int], max_run: int) -> list[tuple[int, int, int]]:
+    """Runs (local, remote, length) of at most `max_run` blocks where both sides' ids are consecutive."""
     runs: list[list[int]] = []
     for lb, rb in zip(local_blocks, remote_blocks, strict=True):
-        if runs and runs[-1][0] + runs[-1][2] == lb and runs[-1][1] + runs[-1][2] == rb:
+        if runs and runs[-1][2] < max_run and runs[-1][0] + runs[-1][2] == lb and runs[-1][1] + runs[-1][2] == rb:
             runs[-1][2] += 1
         else:
             runs.append([lb, rb, 1])

@@ -1,45 +1,89 @@
-"""Which UCX transports a transfer path uses, and a loud warning when a fast path fell back to TCP.
+"""Which UCX transport a KV read path really uses, and a loud warning when a fast path fell back to TCP.
 
-UCX chooses among shm (cma, posix, sysv), tcp, rdma (rc, ud, dc) and cuda_ipc per endpoint. The silent fallback
-of GPU↔GPU or cross-node traffic to TCP is the most reported performance problem of disaggregated serving, so
-every agent logs what it will use at its first transfer, and `tcp_fallback_warnings` counts the warnings.
+UCX picks among shm (cma, posix, sysv), tcp, rdma (rc, ud, dc) and cuda_ipc per endpoint, silently. A GPU↔GPU
+or cross-node path that ends up on TCP is the most reported performance problem of disaggregated serving, so
+each agent asks UCX to describe its READ ("get") protocols (UCX_PROTO_INFO restricted to *get*, written as
+files to UCX_PROTO_INFO_DIR), reads back what was selected after its first read from each peer, logs it, and
+warns (counting `tcp_fallback_warnings`) when it is TCP.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 tcp_fallback_warnings = 0
-
-_FAST_GPU = ("cuda_ipc", "rc", "dc", "ud", "ib", "gdr_copy", "all")
-_FAST_HOST = ("sm", "shm", "cma", "posix", "sysv", "xpmem", "knem", "rc", "dc", "ud", "ib", "self", "all")
+_LABEL = re.compile(r'label="[^"\\]*\\n([^"]+)"')
 
 
-def allowed_transports() -> list[str]:
-    """The transports UCX may pick (UCX_TLS); ['all'] when unset."""
-    tls = os.environ.get("UCX_TLS", "").strip()
-    return [t.strip().lstrip("^") for t in tls.split(",") if t.strip()] or ["all"]
+def enable_proto_report() -> Path | None:
+    """Ask UCX (before the agent is created) to write its READ protocol choices to a private directory.
+    Leaves an operator's own UCX_PROTO_INFO settings alone (returns None then)."""
+    if "UCX_PROTO_INFO" in os.environ or "UCX_PROTO_INFO_DIR" in os.environ:
+        return None
+    directory = Path(tempfile.mkdtemp(prefix="pdserve-ucx-"))
+    os.environ["UCX_PROTO_INFO"] = "*get*"
+    os.environ["UCX_PROTO_INFO_DIR"] = str(directory)
+    return directory
 
 
-def log_selected_transports(local_mem: str, remote_mems: list[str], same_host: bool) -> list[str]:
-    """Log the transports allowed for this path; warn (and count) when only TCP can serve a path that has a
-    faster transport: VRAM↔VRAM (cuda_ipc/RDMA), host memory on one host (shared memory), or across hosts
-    (RDMA). Returns the allowed list."""
+def disable_proto_report(directory: Path | None) -> None:
+    """Stop further reports in this process (the variables are read when a UCX context is created)."""
+    if directory is not None and os.environ.get("UCX_PROTO_INFO_DIR") == str(directory):
+        del os.environ["UCX_PROTO_INFO"], os.environ["UCX_PROTO_INFO_DIR"]
+
+
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """UCX also prints the protocol tables to stdout when it selects them; keep them out of ours."""
+    try:
+        saved = os.dup(1)
+    except OSError:
+        yield
+        return
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 1)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def selected_read_transports(directory: Path | None, agent_name: str) -> set[str]:
+    """Transports UCX selected so far for this agent's READs into local memory, e.g. {'cuda_ipc/cuda'}."""
+    if directory is None or not directory.is_dir():
+        return set()
+    prefix = re.sub(r"[^A-Za-z0-9]", "_", agent_name)  # UCX writes the name that way
+    # The open-ended size range ("..._<n>_inf.dot") is the protocol of bulk reads, i.e. of KV blocks.
+    paths = list(directory.glob(f"{prefix}_*get*_inf.dot")) or list(directory.glob(f"{prefix}_*get*.dot"))
+    found: set[str] = set()
+    for path in paths:
+        found.update(m.group(1) for m in _LABEL.finditer(path.read_text(errors="replace")))
+    return found
+
+
+def report_path(agent_name: str, local_mem: str, remote_mem: str, same_host: bool,
+                transports: set[str]) -> None:
+    """Log the transports of one read path; warn and count when a path that has a faster transport uses TCP."""
     global tcp_fallback_warnings
-    tls = allowed_transports()
-    excluded = os.environ.get("UCX_TLS", "").startswith("^")
-    gpu = local_mem == "VRAM" or any(m == "VRAM" for m in remote_mems)
-    fast = _FAST_GPU if gpu else (_FAST_HOST if same_host else _FAST_GPU)
-    has_fast = excluded or any(t in fast for t in tls)
-    path = f"{local_mem}<-{','.join(sorted(set(remote_mems)))} ({'same host' if same_host else 'cross-node'})"
-    if has_fast:
-        log.info("KV transfer path %s: UCX transports %s", path, ",".join(tls))
-    else:
+    path = f"{remote_mem}->{local_mem} ({'same host' if same_host else 'cross-node'})"
+    if not transports:
+        log.info("KV read path %s of %s: UCX did not report its transports", path, agent_name)
+        return
+    names = ", ".join(sorted(transports))
+    if all(t.startswith("tcp") for t in transports):
         tcp_fallback_warnings += 1
-        log.warning("KV transfer path %s can only use %s: this is the TCP fallback, expect a small fraction of "
-                    "the link's bandwidth. Allow a fast transport in UCX_TLS (kv_transfer.ucx_tls), e.g. %s",
-                    path, ",".join(tls), "cuda_ipc,rc" if gpu else "shm,self")
-    return tls
+        want = "cuda_ipc or RDMA (rc)" if "VRAM" in (local_mem, remote_mem) or not same_host else "shared memory"
+        log.warning("KV read path %s of %s runs over TCP (%s): expect a small fraction of the link's bandwidth; "
+                    "this path should use %s. Check UCX_TLS / kv_transfer.ucx_tls and the NICs/GPUs UCX sees.",
+                    path, agent_name, names, want)
+    else:
+        log.info("KV read path %s of %s: UCX selected %s", path, agent_name, names)

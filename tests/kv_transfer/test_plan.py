@@ -37,6 +37,12 @@ def test_equal_tp_coalesces_runs_of_adjacent_blocks() -> None:
     assert plan.num_bytes == 4 * block
 
 
+def test_coalesced_runs_are_cut_at_the_descriptor_cap() -> None:
+    local, remote = desc(0, 1, 0), desc(0, 1, 10**6, name="p")
+    (plan,) = plan_reads(local, [remote], list(range(5)), list(range(10, 15)), max_descriptor_bytes=2 * 4 * HEAD)
+    assert [n for _, n in rows(plan.local_rows)] == [8 * HEAD, 8 * HEAD, 4 * HEAD]
+
+
 def test_tp1_to_tp2_reads_each_ranks_head_half_one_piece_per_block() -> None:
     remote = desc(0, 1, 0, name="p")
     r1 = desc(1, 2, 10**6)

@@ -29,7 +29,9 @@ def consumer_factory() -> Iterator:
 
     def make(model: pathlib.Path, cfg: TransferConfig | None = None, **kwargs: object) -> KVConsumer:
         kwargs.setdefault("dtype", "float32")
-        consumer = KVConsumer(LLMEngine(EngineConfig(model=str(model), **kwargs)), "decode", cfg)  # type: ignore[arg-type]
+        kwargs.setdefault("kv_cache_memory_bytes", 64 << 20)
+        engine = LLMEngine(EngineConfig(model=str(model), **kwargs))  # type: ignore[arg-type]
+        consumer = KVConsumer(engine, "decode", cfg)
         made.append(consumer)
         return consumer
 
@@ -48,6 +50,7 @@ def prefill_factory() -> Iterator:
 
     def make(model: pathlib.Path, cfg_kwargs: dict[str, object] | None = None, **kwargs: object) -> PrefillProcess:
         kwargs.setdefault("dtype", "float32")
+        kwargs.setdefault("kv_cache_memory_bytes", 64 << 20)
         p = PrefillProcess(str(model), kwargs, cfg_kwargs)
         made.append(p)
         return p
