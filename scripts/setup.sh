@@ -7,6 +7,16 @@ if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv
 fi
 pip() { .venv/bin/python -m pip "$@"; }
+# The metadata store runs on a real redis-server (started privately by the launcher and the tests).
+if ! command -v redis-server >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing redis-server (apt)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  else
+    echo "setup: redis-server is missing: install it (e.g. sudo apt-get install redis-server)" >&2
+    exit 1
+  fi
+fi
 pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then

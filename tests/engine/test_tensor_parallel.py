@@ -17,6 +17,7 @@ def test_tp2_equals_tp1(models: dict[str, pathlib.Path]) -> None:
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
     with LLM(model=str(model), dtype="float32", tensor_parallel_size=1) as llm:
         tp1 = [o.token_ids for o in llm.generate(prompts, params)]
+        assert_all_free(llm.engine)
     with LLM(model=str(model), dtype="float32", tensor_parallel_size=2, max_num_batched_tokens=96) as llm:
         tp2 = [o.token_ids for o in llm.generate(prompts, params)]
         assert_all_free(llm.engine)
@@ -31,6 +32,7 @@ def test_tp2_tied_embeddings(models: dict[str, pathlib.Path]) -> None:
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     with LLM(model=str(model), dtype="float32", tensor_parallel_size=2) as llm:
         outs = [o.token_ids for o in llm.generate(prompts, params)]
+        assert_all_free(llm.engine)
     assert outs == [hf_greedy(model, p, 16) for p in prompts]
 
 

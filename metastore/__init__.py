@@ -1,0 +1,7 @@
+"""The Mooncake-style metadata store on Redis: registry with leases, prefix-block index, loads, policy."""
+
+from metastore.policy import PlacementPolicy
+from metastore.redis_server import RedisServer
+from metastore.store import InstanceInfo, Load, MetadataStore
+
+__all__ = ["InstanceInfo", "Load", "MetadataStore", "PlacementPolicy", "RedisServer"]

@@ -1,0 +1,80 @@
+"""A private redis-server on a free loopback port, for a launcher given no Redis URL (and for tests)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import tempfile
+import time
+
+from engine.parallel import free_port
+
+log = logging.getLogger(__name__)
+
+
+class RedisServer:
+    """Start with `start()` (or a `with` block); `url` is then redis://127.0.0.1:PORT/0. `stop()` ends it."""
+
+    def __init__(self, executable: str = "redis-server") -> None:
+        path = shutil.which(executable)
+        if path is None:
+            raise RuntimeError(f"{executable} not found on PATH: install redis-server (apt-get install "
+                               "redis-server) or give a Redis URL in the configuration")
+        self.executable = path
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.dir: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        import redis
+
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="pdserve-redis-")
+        # No persistence: the store is rebuilt from the live instances' heartbeats and KV events.
+        self.proc = subprocess.Popen(
+            [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", self.dir, "--protected-mode", "yes", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                    self.stop()
+                    raise RuntimeError(f"redis-server did not start on port {self.port}: {err.strip()}") from None
+                time.sleep(0.02)
+        client.close()
+        log.info("started private redis-server at %s (pid %d)", self.url, self.proc.pid)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __del__(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()

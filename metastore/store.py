@@ -1,0 +1,191 @@
+"""Mooncake-style metadata store on Redis: instance registry with leases, prefix-block index, loads, policy.
+
+Key layout (docs/metastore.md), all under the namespace prefix `{ns}:`:
+
+    {ns}:live               ZSET  instance id -> lease expiry (Redis server time, seconds)
+    {ns}:inst:{id}          STR   InstanceInfo JSON                                   (TTL = lease)
+    {ns}:load:{id}          STR   Load JSON                                           (TTL = lease)
+    {ns}:blk:{hash}         SET   instance ids holding the full block with this 128-bit hash (32 hex digits)
+    {ns}:iblk:{id}          SET   block hashes an instance holds (to drop them when it leaves)
+    {ns}:policy             HASH  PlacementPolicy field -> JSON value
+
+Leases use the Redis server's clock (TIME), so instances on hosts with skewed clocks agree on expiry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import redis
+
+from engine.block_pool import KVEvent
+from metastore.policy import PlacementPolicy
+
+log = logging.getLogger(__name__)
+
+ROLES = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    instance_id: str
+    role: str  # "prefill" | "decode"
+    address: str  # how the router reaches it (a Ray actor name, or host:port)
+    tp_size: int
+    block_size: int
+    num_blocks: int  # KV capacity per rank
+    max_num_seqs: int
+    kv_agents: list[dict[str, Any]] = field(default_factory=list)  # AgentDescriptor.to_dict() per TP rank
+    model: str = ""
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"instance role {self.role!r} is not one of {ROLES}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @staticmethod
+    def from_json(text: str | bytes) -> InstanceInfo:
+        return InstanceInfo(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class Load:
+    waiting: int = 0
+    running: int = 0
+    kv_usage: float = 0.0  # fraction of KV blocks in use
+    queued_prefill_tokens: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+class MetadataStore:
+    def __init__(self, url: str, namespace: str = "pdserve", lease_s: float = 10.0) -> None:
+        if lease_s <= 0:
+            raise ValueError(f"lease_s: {lease_s} must be > 0")
+        self.r = redis.Redis.from_url(url)
+        self.ns = namespace
+        self.lease_s = lease_s
+
+    # ---- keys ----------------------------------------------------------------------------------------------
+    def _k(self, *parts: str) -> str:
+        return ":".join((self.ns, *parts))
+
+    @staticmethod
+    def _h(block_hash: int) -> str:
+        return f"{block_hash:032x}"
+
+    def now(self) -> float:
+        sec, usec = self.r.time()
+        return sec + usec / 1e6
+
+    # ---- registry ------------------------------------------------------------------------------------------
+    def register(self, info: InstanceInfo) -> None:
+        """Add (or replace) an instance; it stays live while heartbeats renew its lease."""
+        ttl = max(1, int(self.lease_s + 0.999))
+        pipe = self.r.pipeline()
+        pipe.set(self._k("inst", info.instance_id), info.to_json(), ex=ttl)
+        pipe.zadd(self._k("live"), {info.instance_id: self.now() + self.lease_s})
+        pipe.execute()
+
+    def heartbeat(self, instance_id: str, load: Load | None = None) -> bool:
+        """Renew the lease (and publish the load). False if the record is gone: the caller must re-register
+        (and republish its blocks), e.g. after the lease lapsed or Redis restarted."""
+        ttl = max(1, int(self.lease_s + 0.999))
+        if not self.r.expire(self._k("inst", instance_id), ttl):
+            return False
+        pipe = self.r.pipeline()
+        pipe.zadd(self._k("live"), {instance_id: self.now() + self.lease_s})
+        if load is not None:
+            pipe.set(self._k("load", instance_id), load.to_json(), ex=ttl)
+        pipe.execute()
+        return True
+
+    def deregister(self, instance_id: str) -> None:
+        self._drop(instance_id)
+
+    def live_instances(self, role: str | None = None) -> list[InstanceInfo]:
+        """Instances whose lease has not expired, in id order; expired ones are pruned on the way."""
+        now = self.now()
+        for dead in self.r.zrangebyscore(self._k("live"), "-inf", now):
+            log.warning("instance %s missed its heartbeats: removed from the registry", dead.decode())
+            self._drop(dead.decode())
+        ids = [i.decode() for i in self.r.zrangebyscore(self._k("live"), now, "+inf")]
+        if not ids:
+            return []
+        raw = self.r.mget([self._k("inst", i) for i in ids])
+        out = [InstanceInfo.from_json(r) for r in raw if r is not None]
+        return sorted((i for i in out if role is None or i.role == role), key=lambda i: i.instance_id)
+
+    def _drop(self, instance_id: str) -> None:
+        hashes = [h.decode() for h in self.r.smembers(self._k("iblk", instance_id))]
+        pipe = self.r.pipeline()
+        for h in hashes:
+            pipe.srem(self._k("blk", h), instance_id)
+        pipe.delete(self._k("iblk", instance_id), self._k("inst", instance_id), self._k("load", instance_id))
+        pipe.zrem(self._k("live"), instance_id)
+        pipe.execute()
+
+    # ---- prefix-block index --------------------------------------------------------------------------------
+    def apply_kv_events(self, instance_id: str, events: Iterable[KVEvent]) -> None:
+        """Keep the index current from an engine's KV events (stored / removed, by block hash)."""
+        pipe = self.r.pipeline(transaction=False)
+        iblk = self._k("iblk", instance_id)
+        n = 0
+        for event in events:
+            for block_hash in event.block_hashes:
+                h = self._h(block_hash)
+                if event.kind == "stored":
+                    pipe.sadd(self._k("blk", h), instance_id)
+                    pipe.sadd(iblk, h)
+                else:
+                    pipe.srem(self._k("blk", h), instance_id)
+                    pipe.srem(iblk, h)
+                n += 1
+        if n:
+            pipe.execute()
+
+    def prefix_overlap(self, block_hashes: list[int]) -> dict[str, int]:
+        """For every instance holding the first block: how many leading blocks of `block_hashes` it holds."""
+        if not block_hashes:
+            return {}
+        pipe = self.r.pipeline(transaction=False)
+        for block_hash in block_hashes:
+            pipe.smembers(self._k("blk", self._h(block_hash)))
+        holders = pipe.execute()
+        alive = {i.decode() for i in holders[0]}
+        out: dict[str, int] = {}
+        for depth, members in enumerate(holders):
+            alive &= {m.decode() for m in members}
+            if not alive:
+                break
+            for instance_id in alive:
+                out[instance_id] = depth + 1
+        return out
+
+    # ---- loads ---------------------------------------------------------------------------------------------
+    def loads(self, instance_ids: list[str]) -> dict[str, Load]:
+        if not instance_ids:
+            return {}
+        raw = self.r.mget([self._k("load", i) for i in instance_ids])
+        return {i: Load(**json.loads(r)) if r is not None else Load() for i, r in zip(instance_ids, raw, strict=True)}
+
+    # ---- policy --------------------------------------------------------------------------------------------
+    def policy(self, base: PlacementPolicy | None = None) -> PlacementPolicy:
+        """The current placement policy: `base` (the configured one) overridden by what is stored."""
+        return PlacementPolicy.from_redis(self.r.hgetall(self._k("policy")), base)
+
+    def set_policy(self, **changes: Any) -> PlacementPolicy:
+        """Change placement parameters at runtime (validated; the router's next decision uses them)."""
+        merged = PlacementPolicy.from_redis({k: json.dumps(v) for k, v in changes.items()}, self.policy())
+        self.r.hset(self._k("policy"), mapping={k: v for k, v in merged.to_redis().items() if k in changes})
+        return merged
+
+    def close(self) -> None:
+        self.r.close()

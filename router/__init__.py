@@ -1,0 +1,1 @@
+"""The gRPC router: tokenizes, places (cache affinity, load, conditional disaggregation) and streams."""

@@ -1,0 +1,62 @@
+"""Placement decisions on exact inputs: affinity, load, conditional disaggregation, saturation."""
+
+from __future__ import annotations
+
+import pytest
+
+from metastore import InstanceInfo, Load, PlacementPolicy
+from router.placement import NoInstanceError, place
+
+
+def inst(i: str, role: str) -> InstanceInfo:
+    return InstanceInfo(instance_id=i, role=role, address=i, tp_size=1, block_size=16, num_blocks=100,
+                        max_num_seqs=8)
+
+
+D = [inst("d0", "decode"), inst("d1", "decode")]
+P = [inst("p0", "prefill"), inst("p1", "prefill")]
+POLICY = PlacementPolicy(max_local_prefill_tokens=64, prefill_queue_threshold=4)
+
+
+def test_short_prompt_is_prefilled_locally() -> None:
+    p = place(40, D, P, {}, {}, POLICY)
+    assert (p.decode_instance, p.prefill_instance, p.cached_tokens) == ("d0", None, 0)
+    assert not p.disaggregated and "local" in p.reason
+
+
+def test_long_prompt_goes_to_the_least_loaded_prefill() -> None:
+    loads = {"p0": Load(waiting=2), "p1": Load(waiting=0)}
+    p = place(500, D, P, {}, loads, POLICY)
+    assert (p.decode_instance, p.prefill_instance, p.effective_prefill_tokens) == ("d0", "p1", 500)
+
+
+def test_cache_affinity_picks_the_instance_holding_the_prefix() -> None:
+    p = place(500, D, P, {"d1": 20, "p1": 10}, {}, POLICY)
+    assert p.decode_instance == "d1" and p.cached_tokens == 320 and p.prefill_instance == "p1"
+
+
+def test_mostly_cached_long_prompt_is_prefilled_locally() -> None:
+    p = place(500, D, P, {"d1": 29}, {}, POLICY)  # 464 cached, 36 to compute
+    assert (p.decode_instance, p.prefill_instance, p.effective_prefill_tokens) == ("d1", None, 36)
+
+
+def test_load_outweighs_a_small_overlap() -> None:
+    loads = {"d1": Load(running=8, kv_usage=0.9)}
+    p = place(500, D, P, {"d1": 2}, loads, POLICY)
+    assert p.decode_instance == "d0"
+
+
+def test_saturated_prefill_pool_falls_back_to_local() -> None:
+    loads = {"p0": Load(waiting=4), "p1": Load(waiting=9)}
+    p = place(500, D, P, {}, loads, POLICY)
+    assert p.prefill_instance is None and "saturated" in p.reason
+
+
+def test_whole_prompt_cached_still_computes_one_token() -> None:
+    p = place(32, D, P, {"d0": 2}, {}, POLICY)
+    assert p.cached_tokens == 31 and p.effective_prefill_tokens == 1
+
+
+def test_no_decode_instance_is_unavailable() -> None:
+    with pytest.raises(NoInstanceError):
+        place(10, [], P, {}, {}, POLICY)
