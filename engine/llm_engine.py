@@ -17,6 +17,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+import torch
+
 from engine.block_pool import BlockPoolStats, KVEvent
 from engine.config import EngineConfig
 from engine.executor import Executor
@@ -26,7 +28,7 @@ from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, SchedulerOutput
 from engine.tokenizer import IncrementalDetokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -199,7 +201,7 @@ class LLMEngine:
         logits = self.executor.execute(build_step_input(out, self.config.block_size)) if len(out) else None
         return self._postprocess(out, logits)
 
-    def _postprocess(self, out, logits) -> list[RequestOutput]:  # type: ignore[no-untyped-def]
+    def _postprocess(self, out: SchedulerOutput, logits: torch.Tensor | None) -> list[RequestOutput]:
         self.scheduler.update_after_step(out)
         results = self._pending + [self._finish_output(r) for r in self._aborted]
         self._pending, self._aborted = [], []

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +91,7 @@ class ModelConfig:
                 gen = json.load(f)
             eos = _as_id_tuple(gen.get("eos_token_id"))
             if eos:
-                cfg = _replace(cfg, eos_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + eos)))
+                cfg = replace(cfg, eos_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + eos)))
         return cfg
 
     @staticmethod
@@ -119,11 +119,9 @@ class ModelConfig:
         if arch == "Qwen2ForCausalLM" and raw.get("use_sliding_window"):
             raise ValueError("unsupported config field use_sliding_window=true; sliding-window attention is "
                              "not implemented")
+        # NOTE: full attention equals sliding-window attention while every sequence is shorter than the window,
+        # so a Mistral window is accepted and EngineConfig caps max_model_len at it.
         window = raw.get("sliding_window")
-        if arch == "MistralForCausalLM" and window is not None and int(window) < max_pos:
-            # NOTE: full attention equals sliding-window attention while every sequence is shorter than the
-            # window, so we accept the checkpoint but cap max_model_len at the window (see EngineConfig).
-            pass
         n_heads = int(raw["num_attention_heads"])
         hidden = int(raw["hidden_size"])
         head_dim = int(raw.get("head_dim") or hidden // n_heads)
@@ -185,9 +183,3 @@ def _as_id_tuple(value: Any) -> tuple[int, ...]:
     if isinstance(value, int):
         return (value,)
     return tuple(int(v) for v in value)
-
-
-def _replace(cfg: ModelConfig, **changes: Any) -> ModelConfig:
-    from dataclasses import replace
-
-    return replace(cfg, **changes)

@@ -11,6 +11,9 @@ from typing import Any
 
 import yaml
 
+from kv_transfer.config import TransferConfig
+from metastore.policy import PlacementPolicy
+
 
 class ConfigError(ValueError):
     """A bad serving configuration; the message starts with the dotted key path."""
@@ -44,23 +47,6 @@ class SchedulerConfig:
 
 
 @dataclass
-class PlacementConfig:
-    max_local_prefill_tokens: int = 256
-    prefill_queue_threshold: int = 8
-    overlap_weight: float = 1.0
-    load_weight: float = 1.0
-    kv_weight: float = 0.5
-
-
-@dataclass
-class KVTransferSection:
-    transfer_timeout_s: float = 10.0
-    lease_s: float = 30.0
-    ucx_tls: str | None = None
-    ucx_net_devices: str | None = None
-
-
-@dataclass
 class MetastoreConfig:
     redis_url: str | None = None  # None: start a private redis-server on a free loopback port
     namespace: str = "pdserve"
@@ -87,8 +73,8 @@ class ServingConfig:
     device: str = "auto"
     pools: PoolsConfig = field(default_factory=PoolsConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    placement: PlacementConfig = field(default_factory=PlacementConfig)
-    kv_transfer: KVTransferSection = field(default_factory=KVTransferSection)
+    placement: PlacementPolicy = field(default_factory=PlacementPolicy)
+    kv_transfer: TransferConfig = field(default_factory=TransferConfig)
     metastore: MetastoreConfig = field(default_factory=MetastoreConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -109,17 +95,8 @@ class ServingConfig:
                 raise ConfigError(f"{key}: {value} must be >= 1")
         if not 0 <= self.server.port <= 65535:
             raise ConfigError(f"server.port: {self.server.port} is not a TCP port (0 picks a free one)")
-        for key in ("transfer_timeout_s", "lease_s"):
-            if getattr(self.kv_transfer, key) <= 0:
-                raise ConfigError(f"kv_transfer.{key}: must be > 0")
         if self.metastore.lease_s <= 0:
             raise ConfigError("metastore.lease_s: must be > 0")
-        from metastore.policy import PlacementPolicy
-
-        try:
-            PlacementPolicy(**dataclasses.asdict(self.placement))
-        except ValueError as e:
-            raise ConfigError(f"placement: {e}") from None
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ServingConfig:
@@ -161,7 +138,10 @@ def _build(cls: type, data: Any, path: str) -> Any:
                 raise ConfigError(f"{key}: required key is missing")
             continue
         values[name] = _convert(hints[name], data[name], key)
-    return cls(**values)
+    try:
+        return cls(**values)  # sections with their own validation (PlacementPolicy, TransferConfig) run it here
+    except ValueError as e:
+        raise ConfigError(f"{path or 'configuration'}: {e}") from None
 
 
 def _convert(tp: Any, value: Any, key: str) -> Any:
