@@ -1,0 +1,1 @@
+"""The decode role: a thin wrapper of the engine (and, in the cluster, its Ray actor)."""

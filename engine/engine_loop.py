@@ -1,0 +1,127 @@
+"""Drives an engine on a background thread, so a server (a Ray actor, the router) can talk to it concurrently.
+
+The engine is not thread-safe: every command runs on the loop thread, between steps (`call` returns a
+Future). Outputs go to per-request sinks registered with `add`, called on the loop thread; a sink must not
+block (hand the output to an asyncio loop or a queue).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+
+class Output(Protocol):
+    """What a step yields per request (a RequestOutput, or a role's richer result)."""
+
+    @property
+    def request_id(self) -> str: ...
+
+    @property
+    def finished(self) -> bool: ...
+
+
+Sink = Callable[[Any], None]
+
+
+class EngineLoop:
+    def __init__(self, step: Callable[[], Sequence[Output]], has_work: Callable[[], bool],
+                 on_idle: Callable[[], None] | None = None, periodic: Callable[[], None] | None = None,
+                 period_s: float = 0.5, idle_wait_s: float = 0.001, name: str = "engine-loop") -> None:
+        """`step` advances the engine one iteration; `on_idle` runs when there is no work (e.g. serving KV
+        release messages); `periodic` runs every `period_s` (e.g. heartbeats with load and KV events)."""
+        self._step, self._has_work, self._on_idle, self._periodic = step, has_work, on_idle, periodic
+        self.period_s, self.idle_wait_s = period_s, idle_wait_s
+        self._commands: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], Future[Any]]] = \
+            queue.SimpleQueue()
+        self._sinks: dict[str, Sink] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.error: BaseException | None = None
+
+    def start(self) -> EngineLoop:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Run fn(*args) on the loop thread; the Future carries its result or exception."""
+        fut: Future[Any] = Future()
+        if self.error is not None:
+            fut.set_exception(RuntimeError(f"engine loop stopped: {self.error!r}"))
+        else:
+            self._commands.put((fn, args, fut))
+        return fut
+
+    def add(self, request_id: str, submit: Callable[[], Any], sink: Sink) -> Future[Any]:
+        """Register `sink` for `request_id` and run `submit()` (which adds the request to the engine) on the
+        loop thread. If submit raises (bad input), the sink is dropped and the Future carries the error."""
+        def run() -> Any:
+            self._sinks[request_id] = sink
+            try:
+                return submit()
+            except BaseException:
+                self._sinks.pop(request_id, None)
+                raise
+
+        return self.call(run)
+
+    def _run(self) -> None:
+        import time
+
+        next_periodic = 0.0
+        try:
+            while not self._stop.is_set():
+                self._drain()
+                if self._has_work():
+                    for out in self._step():
+                        sink = self._sinks.get(out.request_id)
+                        if out.finished:
+                            self._sinks.pop(out.request_id, None)
+                        if sink is not None:
+                            sink(out)
+                elif self._on_idle is not None:
+                    self._on_idle()
+                now = time.monotonic()
+                if self._periodic is not None and now >= next_periodic:
+                    next_periodic = now + self.period_s
+                    self._periodic()
+                if not self._has_work():
+                    try:  # sleep until a command arrives (or the idle period passes)
+                        fn, args, fut = self._commands.get(timeout=self.idle_wait_s)
+                        self._run_one(fn, args, fut)
+                    except queue.Empty:
+                        pass
+        except BaseException as e:  # an engine failure: fail every pending command, keep the error visible
+            log.exception("engine loop failed")
+            self.error = e
+            self._drain(RuntimeError(f"engine loop stopped: {e!r}"))
+
+    def _drain(self, error: BaseException | None = None) -> None:
+        while True:
+            try:
+                fn, args, fut = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                self._run_one(fn, args, fut)
+
+    @staticmethod
+    def _run_one(fn: Callable[..., Any], args: tuple[Any, ...], fut: Future[Any]) -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as e:
+            fut.set_exception(e)

@@ -1,0 +1,1 @@
+"""The prefill role: a thin wrapper of the engine (and, in the cluster, its Ray actor)."""
