@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 
+import redis
+
 from engine.block_pool import KVEvent
 from engine.llm_engine import LLMEngine
 from metastore.store import InstanceInfo, Load, MetadataStore
@@ -18,6 +20,7 @@ class InstancePublisher:
     def __init__(self, store: MetadataStore, info: InstanceInfo, engine: LLMEngine) -> None:
         self.store, self.info, self.engine = store, info, engine
         self.reregistrations = 0
+        self.failures = 0  # heartbeats that could not reach Redis (the lease then lapses: visible to the router)
 
     def register(self) -> None:
         self.store.register(self.info)
@@ -32,6 +35,16 @@ class InstancePublisher:
         return Load(waiting=s.num_waiting, running=s.num_running, kv_usage=s.kv_usage, queued_prefill_tokens=queued)
 
     def tick(self) -> None:
+        """Heartbeat with the load, then publish KV events. A Redis outage is logged and counted, never raised:
+        the engine keeps serving what it has, and the registry drops it if the outage outlasts the lease."""
+        try:
+            self._tick()
+        except redis.RedisError as e:
+            self.failures += 1
+            log.warning("instance %s: metadata store unreachable (%s); heartbeat %d failed", self.info.instance_id,
+                        e, self.failures)
+
+    def _tick(self) -> None:
         if not self.store.heartbeat(self.info.instance_id, self.load()):
             # The lease lapsed (a long stall) or Redis restarted: come back with everything we hold.
             self.reregistrations += 1
@@ -43,4 +56,7 @@ class InstancePublisher:
             self.store.apply_kv_events(self.info.instance_id, events)
 
     def close(self) -> None:
-        self.store.deregister(self.info.instance_id)
+        try:
+            self.store.deregister(self.info.instance_id)
+        except redis.RedisError as e:
+            log.warning("instance %s: could not deregister (%s); its lease will lapse", self.info.instance_id, e)

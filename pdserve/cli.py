@@ -1,4 +1,4 @@
-"""`pdserve` command line. Until the cluster lands, `demo` runs an offline generation on a dummy model."""
+"""`pdserve` command line: serve, generate, demo."""
 
 from __future__ import annotations
 
@@ -38,6 +38,58 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from pdserve.config import ConfigError, load_config
+    from pdserve.serve import main as serve_main
+
+    overrides: dict[str, object] = {}
+    if args.model is not None:
+        overrides["model"] = args.model
+    if args.port is not None:
+        overrides["server.port"] = args.port
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"pdserve: {e}", file=sys.stderr)
+        return 2
+    return serve_main(cfg)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from pdserve.v1 import pdserve_pb2 as pb
+    from pdserve.v1 import pdserve_pb2_grpc as pb_grpc
+
+    request = pb.GenerateRequest(sampling=pb.SamplingParams(max_tokens=args.max_tokens))
+    if args.prompt is not None:
+        request.text = args.prompt
+    else:
+        try:
+            request.token_ids.ids.extend(int(t) for t in args.token_ids.split(","))
+        except ValueError:
+            print("pdserve: --token-ids must be comma-separated integers, e.g. 1,2,3", file=sys.stderr)
+            return 2
+    if args.temperature is not None:
+        request.sampling.temperature = args.temperature
+    with grpc.insecure_channel(args.target) as channel:
+        try:
+            for response in pb_grpc.PDServeStub(channel).Generate(request, timeout=args.timeout):
+                sys.stdout.write(response.text if args.prompt is not None else
+                                 "".join(f"{t} " for t in response.token_ids))
+                sys.stdout.flush()
+                if response.finished:
+                    r = response.routing
+                    where = f"prefill {r.prefill_instance} -> decode {r.decode_instance}" if r.disaggregated \
+                        else f"local on {r.decode_instance}"
+                    print(f"\n[{response.finish_reason}; {response.usage.completion_tokens} tokens; {where}; "
+                          f"cached {r.cached_tokens}; transferred {r.transferred_blocks} blocks]")
+        except grpc.RpcError as e:
+            print(f"\npdserve: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,6 +98,20 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--requests", type=int, default=8)
     demo.add_argument("--max-tokens", type=int, default=32)
     demo.set_defaults(func=_demo)
+    serve = sub.add_parser("serve", help="start Redis (if needed), Ray, the pools and the gRPC router")
+    serve.add_argument("--config", required=True, help="serving YAML (see deploy/ray/)")
+    serve.add_argument("--model", help="model directory (overrides the configuration)")
+    serve.add_argument("--port", type=int, help="listen port (0 picks a free one)")
+    serve.set_defaults(func=_serve)
+    gen = sub.add_parser("generate", help="send one request to a router and stream the output")
+    gen.add_argument("--target", required=True, help="HOST:PORT of a pdserve router")
+    what = gen.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="prompt text (the router tokenizes it)")
+    what.add_argument("--token-ids", help="prompt token ids, comma-separated")
+    gen.add_argument("--max-tokens", type=int, default=16)
+    gen.add_argument("--temperature", type=float)
+    gen.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
+    gen.set_defaults(func=_generate)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return int(args.func(args))

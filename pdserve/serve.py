@@ -1,0 +1,161 @@
+"""`pdserve serve`: Redis (private unless configured), Ray (configured, RAY_ADDRESS, or local), the prefill and
+decode pools as Ray actors, and the gRPC router. Prints exactly one line to stdout once healthy and shuts down
+everything it started on SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine.config import EngineConfig
+from metastore import MetadataStore, RedisServer
+from pdserve.config import ServingConfig
+from pdserve.v1 import pdserve_pb2, pdserve_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE = pdserve_pb2.DESCRIPTOR.services_by_name["PDServe"].full_name
+
+
+def engine_kwargs(cfg: ServingConfig, tp: int) -> dict[str, Any]:
+    s = cfg.scheduler
+    return {"model": cfg.model, "dtype": cfg.dtype, "load_format": cfg.load_format, "device": cfg.device,
+            "block_size": cfg.block_size, "tensor_parallel_size": tp, "max_num_seqs": s.max_num_seqs,
+            "max_num_batched_tokens": s.max_num_batched_tokens, "max_model_len": s.max_model_len,
+            "kv_cache_memory_bytes": s.kv_cache_memory_bytes, "gpu_memory_utilization": s.gpu_memory_utilization}
+
+
+class Cluster:
+    """Everything `pdserve serve` starts, in start order; `stop()` undoes it in reverse."""
+
+    def __init__(self, cfg: ServingConfig) -> None:
+        self.cfg = cfg
+        self.redis: RedisServer | None = None
+        self.ray_started = False
+        self.actors: list[Any] = []
+        self.ray_namespace = f"pdserve-{cfg.metastore.namespace}"
+
+    def start(self) -> MetadataStore:
+        import ray
+
+        from decode_worker.actor import DecodeActor
+        from prefill_worker.actor import PrefillActor
+
+        cfg = self.cfg
+        url = cfg.metastore.redis_url
+        if url is None:
+            self.redis = RedisServer().start()
+            url = self.redis.url
+        self.redis_url = url
+        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        if not ray.is_initialized():
+            ray.init(address=address, namespace=self.ray_namespace, include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
+            self.ray_started = True
+        transfer = {k: v for k, v in dataclasses.asdict(cfg.kv_transfer).items()}
+        gpu = cfg.device == "cuda" or (cfg.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+        for role, pool, cls in (("prefill", cfg.pools.prefill, PrefillActor), ("decode", cfg.pools.decode,
+                                                                                  DecodeActor)):
+            tp = pool.tensor_parallel_size
+            for i in range(pool.replicas):
+                iid = f"{role}-{i}"
+                # NOTE: one actor per instance; its engine spawns the other TP ranks next to it, so the actor
+                # reserves every rank's GPU (num_gpus=tp) and they land on one node.
+                actor_cls = ray.remote(cls).options(name=iid, namespace=self.ray_namespace, num_cpus=0,
+                                                    num_gpus=tp if gpu else 0, max_concurrency=1000)
+                self.actors.append(actor_cls.remote(iid, engine_kwargs(cfg, tp), transfer, url,
+                                                    cfg.metastore.namespace, cfg.metastore.lease_s))
+        ray.get([a.ready.remote() for a in self.actors])
+        return MetadataStore(url, cfg.metastore.namespace, cfg.metastore.lease_s)
+
+    def stop(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            try:
+                ray.get(actor.shutdown.remote(), timeout=30)
+            except Exception as e:
+                log.warning("actor shutdown failed: %s", e)
+            ray.kill(actor)
+        self.actors = []
+        if self.ray_started:
+            ray.shutdown()
+            self.ray_started = False
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+
+class StartingRouter(pdserve_pb2_grpc.PDServeServicer):
+    """Registered before the server starts (handlers cannot be added later); answers UNAVAILABLE until the pools
+    are up and the real router is attached."""
+
+    def __init__(self) -> None:
+        self.target: Any = None
+
+    async def _ready(self, context: grpc.aio.ServicerContext) -> Any:
+        if self.target is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "pdserve is starting: the pools are not ready yet")
+        return self.target
+
+    async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async for response in (await self._ready(context)).Generate(request, context):
+            yield response
+
+    async def Abort(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await (await self._ready(context)).Abort(request, context)
+
+    async def GetModelInfo(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await (await self._ready(context)).GetModelInfo(request, context)
+
+    async def GetLoads(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await (await self._ready(context)).GetLoads(request, context)
+
+
+async def serve(cfg: ServingConfig) -> int:
+    from router.service import RouterService
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    server = grpc.aio.server()
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    router = StartingRouter()
+    pdserve_pb2_grpc.add_PDServeServicer_to_server(router, server)
+    reflection.enable_server_reflection((SERVICE, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{cfg.server.host}:{cfg.server.port}")
+    await server.start()  # health answers NOT_SERVING while the pools start
+    cluster = Cluster(cfg)
+    try:
+        store = await asyncio.to_thread(cluster.start)
+        engine_config = EngineConfig(**engine_kwargs(cfg, 1) | {"device": "cpu", "load_format": "dummy"})
+        router.target = RouterService(engine_config, store, cfg.placement, cluster.ray_namespace)
+        for name in ("", SERVICE):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        print(f"pdserve: serving on {cfg.server.host}:{port}", flush=True)
+        await stop.wait()
+        log.info("draining: health NOT_SERVING, finishing in-flight requests")
+        for name in ("", SERVICE):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.stop(grace=10)
+    finally:
+        await asyncio.to_thread(cluster.stop)
+    return 0
+
+
+def main(cfg: ServingConfig) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    return asyncio.run(serve(cfg))

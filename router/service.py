@@ -1,0 +1,200 @@
+"""The router's gRPC service: tokenize, place, run (prefill remotely or locally), stream.
+
+Error mapping: INVALID_ARGUMENT for bad parameters or a prompt too long; RESOURCE_EXHAUSTED when a decode
+instance has no room; UNAVAILABLE when no healthy instance is registered or an instance died; DEADLINE_EXCEEDED
+when the client's deadline passes (the request is aborted on the workers); a cancelled call aborts the request
+on the workers too, so its blocks are freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from typing import Any
+
+import grpc
+import ray
+
+from engine.block_hash import hash_blocks
+from engine.config import EngineConfig
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import load_tokenizer
+from metastore import MetadataStore, PlacementPolicy
+from pdserve.v1 import pdserve_pb2 as pb
+from pdserve.v1 import pdserve_pb2_grpc as pb_grpc
+from router.placement import NoInstanceError, Placement, place
+
+log = logging.getLogger(__name__)
+
+
+class RouterService(pb_grpc.PDServeServicer):
+    def __init__(self, engine_config: EngineConfig, store: MetadataStore, policy: PlacementPolicy,
+                 ray_namespace: str) -> None:
+        self.cfg = engine_config
+        self.mc = engine_config.model_config
+        self.tokenizer = load_tokenizer(engine_config.model)
+        self.store = store
+        self.base_policy = policy
+        self.ray_namespace = ray_namespace
+        self.inflight: dict[str, Placement] = {}
+        self._actors: dict[str, Any] = {}
+        self.decisions: list[Placement] = []  # most recent first, for operators and tests
+
+    # ---- helpers -------------------------------------------------------------------------------------------
+    def _actor(self, instance_id: str) -> Any:
+        if instance_id not in self._actors:
+            self._actors[instance_id] = ray.get_actor(instance_id, namespace=self.ray_namespace)
+        return self._actors[instance_id]
+
+    def _tokens(self, request: pb.GenerateRequest) -> list[int]:
+        kind = request.WhichOneof("prompt")
+        if kind == "text":
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: send token_ids instead of text")
+            return self.tokenizer.encode(request.text, add_special_tokens=True).ids
+        if kind == "token_ids":
+            return list(request.token_ids.ids)
+        raise ValueError("the request has neither text nor token_ids")
+
+    @staticmethod
+    def _params(sp: pb.SamplingParams) -> SamplingParams:
+        kwargs: dict[str, Any] = {}
+        for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos"):
+            if sp.HasField(name):
+                kwargs[name] = getattr(sp, name)
+        kwargs["stop"] = list(sp.stop)
+        kwargs["stop_token_ids"] = list(sp.stop_token_ids)
+        return SamplingParams(**kwargs)
+
+    def _validate(self, tokens: list[int]) -> None:
+        if not tokens:
+            raise ValueError("prompt is empty: at least one token is required")
+        bad = next((t for t in tokens if t >= self.mc.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {self.mc.vocab_size})")
+        limit = self.cfg.max_model_len or 0
+        if len(tokens) >= limit:
+            raise ValueError(f"prompt has {len(tokens)} tokens but max_model_len is {limit}")
+
+    def _place(self, tokens: list[int]) -> Placement:
+        decodes = self.store.live_instances("decode")
+        prefills = self.store.live_instances("prefill")
+        overlaps = self.store.prefix_overlap(hash_blocks(tokens, self.cfg.block_size, self.cfg.hash_salt))
+        loads = self.store.loads([i.instance_id for i in decodes + prefills])
+        return place(len(tokens), decodes, prefills, overlaps, loads, self.store.policy(self.base_policy))
+
+    async def _abort_everywhere(self, request_id: str, placement: Placement) -> None:
+        targets = [placement.decode_instance] + ([placement.prefill_instance] if placement.prefill_instance else [])
+        for iid in targets:
+            try:
+                await self._actor(iid).abort.remote(request_id)
+            except Exception as e:  # the instance may be gone; its blocks went with it
+                log.warning("abort of %s on %s failed: %s", request_id, iid, e)
+
+    # ---- RPCs ----------------------------------------------------------------------------------------------
+    async def Generate(self, request: pb.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        rid = request.request_id or uuid.uuid4().hex
+        if rid in self.inflight:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request id {rid!r} is already in flight")
+        try:
+            tokens = self._tokens(request)
+            self._validate(tokens)
+            params = self._params(request.sampling)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        try:
+            placement = await asyncio.to_thread(self._place, tokens)
+        except NoInstanceError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        self.inflight[rid] = placement
+        self.decisions.insert(0, placement)
+        del self.decisions[64:]
+        remaining = context.time_remaining()
+        finished = False
+        try:
+            async with asyncio.timeout(remaining):
+                async for response in self._run(rid, tokens, params, placement):
+                    finished = response.finished
+                    yield response
+        except TimeoutError:
+            await self._abort_everywhere(rid, placement)
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded; the request was aborted")
+        except ray.exceptions.RayTaskError as e:
+            cause = e.cause if hasattr(e, "cause") else None
+            if isinstance(cause, ValueError):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(cause))
+            if isinstance(cause, RuntimeError) and "no KV blocks" in str(cause):
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(cause))
+            log.exception("request %s failed", rid)
+            await context.abort(grpc.StatusCode.INTERNAL, f"worker error: {cause or e}")
+        except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"instance unavailable: {e}")
+        finally:
+            self.inflight.pop(rid, None)
+            if not finished:  # cancelled by the client, deadline, or error: free the blocks on the workers
+                await asyncio.shield(self._abort_everywhere(rid, placement))
+
+    async def _run(self, rid: str, tokens: list[int], params: SamplingParams,
+                   placement: Placement) -> AsyncIterator[pb.GenerateResponse]:
+        wire = asdict(params)
+        kv_handle = None
+        cached = placement.cached_tokens
+        if placement.prefill_instance is not None:
+            pre = await self._actor(placement.prefill_instance).prefill.remote(rid, tokens, wire)
+            kv_handle = pre["kv_handle"]
+            if kv_handle is None:  # aborted on the prefill instance
+                yield self._final(rid, [], "", "abort", len(tokens), 0, placement, 0, 0)
+                return
+        stream = self._actor(placement.decode_instance).generate.options(num_returns="streaming").remote(
+            rid, tokens, wire, kv_handle)
+        transferred = (await (await stream.__anext__()))["transferred_blocks"]
+        completion = 0
+        async for ref in stream:
+            item = await ref
+            completion += len(item["token_ids"])
+            if placement.prefill_instance is None:
+                cached = item["cached_tokens"]
+            if item["finished"]:
+                yield self._final(rid, item["token_ids"], item["text"], item["finish_reason"], len(tokens),
+                                  completion, placement, cached, transferred)
+                return
+            yield pb.GenerateResponse(request_id=rid, token_ids=item["token_ids"], text=item["text"])
+
+    @staticmethod
+    def _final(rid: str, token_ids: list[int], text: str, reason: str, prompt_tokens: int, completion: int,
+               placement: Placement, cached: int, transferred: int) -> pb.GenerateResponse:
+        return pb.GenerateResponse(
+            request_id=rid, token_ids=token_ids, text=text, finished=True, finish_reason=reason,
+            usage=pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion),
+            routing=pb.Routing(prefill_instance=placement.prefill_instance or "",
+                               decode_instance=placement.decode_instance,
+                               disaggregated=placement.disaggregated, cached_tokens=cached,
+                               transferred_blocks=transferred))
+
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        placement = self.inflight.get(request.request_id)
+        if placement is not None:
+            await self._abort_everywhere(request.request_id, placement)
+        return pb.AbortResponse(found=placement is not None)
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest,
+                           context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        return pb.ModelInfo(model=self.cfg.model, vocab_size=self.mc.vocab_size,
+                            max_model_len=self.cfg.max_model_len or 0, block_size=self.cfg.block_size,
+                            dtype=self.cfg.dtype_name, eos_token_ids=list(self.mc.eos_token_ids))
+
+    async def GetLoads(self, request: pb.GetLoadsRequest,
+                       context: grpc.aio.ServicerContext) -> pb.GetLoadsResponse:
+        def read() -> pb.GetLoadsResponse:
+            instances = self.store.live_instances()
+            loads = self.store.loads([i.instance_id for i in instances])
+            return pb.GetLoadsResponse(instances=[
+                pb.InstanceLoad(instance_id=i.instance_id, role=i.role, waiting=loads[i.instance_id].waiting,
+                                running=loads[i.instance_id].running, kv_usage=loads[i.instance_id].kv_usage,
+                                tensor_parallel_size=i.tp_size) for i in instances])
+
+        return await asyncio.to_thread(read)
