@@ -35,6 +35,7 @@ class DecodeWorker:
             self.publisher.register()
         self.loop = EngineLoop(self.consumer.step, self.consumer.has_work,
                                periodic=self.publisher.tick if self.publisher else None,
+                               after_step=self.publisher.publish_events if self.publisher else None,
                                name=f"decode-{instance_id}").start()
 
     def generate(self, request_id: str, prompt: list[int], params: SamplingParams,

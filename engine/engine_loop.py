@@ -33,10 +33,13 @@ Sink = Callable[[Any], None]
 class EngineLoop:
     def __init__(self, step: Callable[[], Sequence[Output]], has_work: Callable[[], bool],
                  on_idle: Callable[[], None] | None = None, periodic: Callable[[], None] | None = None,
+                 after_step: Callable[[], None] | None = None,
                  period_s: float = 0.5, idle_wait_s: float = 0.001, name: str = "engine-loop") -> None:
         """`step` advances the engine one iteration; `on_idle` runs when there is no work (e.g. serving KV
-        release messages); `periodic` runs every `period_s` (e.g. heartbeats with load and KV events)."""
+        release messages); `periodic` runs every `period_s` (e.g. heartbeats with the load); `after_step` runs
+        after every step (e.g. publishing KV events while they are fresh)."""
         self._step, self._has_work, self._on_idle, self._periodic = step, has_work, on_idle, periodic
+        self._after_step = after_step
         self.period_s, self.idle_wait_s = period_s, idle_wait_s
         self._commands: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], Future[Any]]] = \
             queue.SimpleQueue()
@@ -89,6 +92,8 @@ class EngineLoop:
                             self._sinks.pop(out.request_id, None)
                         if sink is not None:
                             sink(out)
+                    if self._after_step is not None:
+                        self._after_step()
                 elif self._on_idle is not None:
                     self._on_idle()
                 now = time.monotonic()

@@ -93,7 +93,8 @@ class Scheduler:
             if not self.kv.allocate_slots(request, n, hits):
                 break
             self.waiting.popleft()
-            if request.status is RequestStatus.WAITING:
+            if request.status is RequestStatus.WAITING and request.num_computed_tokens == 0:
+                # First admission of a fresh request (not a resumed or remotely prefilled one): record its hits.
                 request.num_cached_tokens = len(hits) * self.kv.block_size
             request.num_computed_tokens = num_computed
             request.num_cached_blocks = len(hits)

@@ -51,6 +51,17 @@ class InstancePublisher:
             log.warning("instance %s was dropped from the registry; registering again", self.info.instance_id)
             self.register()
             return
+        self._publish_events()
+
+    def publish_events(self) -> None:
+        """Push pending KV events now (after each engine step), so placement sees new blocks at once."""
+        try:
+            self._publish_events()
+        except redis.RedisError as e:
+            self.failures += 1
+            log.warning("instance %s: could not publish KV events (%s)", self.info.instance_id, e)
+
+    def _publish_events(self) -> None:
         events = self.engine.take_kv_events()
         if events:
             self.store.apply_kv_events(self.info.instance_id, events)

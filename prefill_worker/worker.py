@@ -46,6 +46,7 @@ class PrefillWorker:
             self.publisher.register()
         self.loop = EngineLoop(self._step, self.engine.has_unfinished_requests, on_idle=self.producer.poll,
                                periodic=self.publisher.tick if self.publisher else None,
+                               after_step=self.publisher.publish_events if self.publisher else None,
                                name=f"prefill-{instance_id}").start()
 
     def _step(self) -> list[PrefillResult]:

@@ -142,7 +142,6 @@ class RouterService(pb_grpc.PDServeServicer):
                    placement: Placement) -> AsyncIterator[pb.GenerateResponse]:
         wire = asdict(params)
         kv_handle = None
-        cached = placement.cached_tokens
         if placement.prefill_instance is not None:
             pre = await self._actor(placement.prefill_instance).prefill.remote(rid, tokens, wire)
             kv_handle = pre["kv_handle"]
@@ -156,11 +155,10 @@ class RouterService(pb_grpc.PDServeServicer):
         async for ref in stream:
             item = await ref
             completion += len(item["token_ids"])
-            if placement.prefill_instance is None:
-                cached = item["cached_tokens"]
             if item["finished"]:
+                # cached_tokens: what the decode instance really reused (the index the placement read may lag)
                 yield self._final(rid, item["token_ids"], item["text"], item["finish_reason"], len(tokens),
-                                  completion, placement, cached, transferred)
+                                  completion, placement, item["cached_tokens"], transferred)
                 return
             yield pb.GenerateResponse(request_id=rid, token_ids=item["token_ids"], text=item["text"])
 

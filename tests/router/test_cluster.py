@@ -1,0 +1,156 @@
+"""End to end over gRPC against `pdserve serve`: a real local Ray cluster, a real redis-server, real NIXL."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from metastore import MetadataStore, RedisServer
+from pdserve.v1 import pdserve_pb2 as pb
+from pdserve.v1 import pdserve_pb2_grpc as pb_grpc
+from tests.model_factory import hf_greedy, random_prompts
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen[str], target: str, store: MetadataStore) -> None:
+        self.proc, self.target, self.store = proc, target, store
+        self.channel = grpc.insecure_channel(target)
+        self.stub = pb_grpc.PDServeStub(self.channel)
+
+    def generate(self, tokens: list[int], max_tokens: int = 12, timeout: float = 60,
+                 **sampling: object) -> list[pb.GenerateResponse]:
+        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=tokens),
+                                 sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                                                            **sampling))
+        return list(self.stub.Generate(req, timeout=timeout))
+
+    def wait_idle(self, timeout: float = 15) -> None:
+        """Every instance reports no running request and no KV block in use (from its heartbeats)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            loads = self.stub.GetLoads(pb.GetLoadsRequest()).instances
+            if loads and all(i.running == 0 and i.waiting == 0 and i.kv_usage == 0 for i in loads):
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"instances not idle: {self.stub.GetLoads(pb.GetLoadsRequest())}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, models: dict[str, pathlib.Path]) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("serve")
+    with RedisServer() as redis:
+        cfg = yaml.safe_load((ROOT / "deploy/ray/serving-tiny-cpu.yaml").read_text())
+        cfg["metastore"]["redis_url"] = redis.url  # the test reads and tunes the store directly
+        cfg["metastore"]["lease_s"] = 2
+        (tmp / "serving.yaml").write_text(yaml.safe_dump(cfg))
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "RAY_AUTH_MODE": "disabled"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pdserve.cli", "serve", "--config", str(tmp / "serving.yaml"),
+             "--model", str(models["llama"]), "--port", "0"],
+            stdout=subprocess.PIPE, stderr=open(tmp / "serve.log", "w"), text=True, env=env, cwd=ROOT)
+        line = proc.stdout.readline() if proc.stdout else ""
+        assert line.startswith("pdserve: serving on "), f"no ready line; log: {(tmp / 'serve.log').read_text()[-3000:]}"
+        srv = Server(proc, line.strip().rsplit(" ", 1)[1], MetadataStore(redis.url, lease_s=2))
+        yield srv
+        srv.channel.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, (tmp / "serve.log").read_text()[-3000:]
+        assert proc.stdout is not None and proc.stdout.read() == ""  # exactly one line on stdout
+
+
+def routing(responses: list[pb.GenerateResponse]) -> pb.Routing:
+    assert responses[-1].finished and all(not r.finished for r in responses[:-1])
+    return responses[-1].routing
+
+
+def tokens_of(responses: list[pb.GenerateResponse]) -> list[int]:
+    return [t for r in responses for t in r.token_ids]
+
+
+def test_health_and_reflection(server: Server) -> None:
+    health = health_pb2_grpc.HealthStub(server.channel)
+    assert health.Check(health_pb2.HealthCheckRequest(service="pdserve.v1.PDServe")).status == \
+        health_pb2.HealthCheckResponse.SERVING
+    refl = reflection_pb2_grpc.ServerReflectionStub(server.channel)
+    reply = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    assert "pdserve.v1.PDServe" in {s.name for s in reply.list_services_response.service}
+
+
+def test_long_prompt_is_disaggregated_and_exact(server: Server, models: dict[str, pathlib.Path]) -> None:
+    prompt = random_prompts(1, [100], 512, seed=300)[0]
+    out = server.generate(prompt)
+    r = routing(out)
+    assert r.disaggregated and r.prefill_instance == "prefill-0" and r.decode_instance == "decode-0"
+    assert r.transferred_blocks == 7  # ceil(100 / 16)
+    assert tokens_of(out) == hf_greedy(models["llama"], prompt, 12)
+    assert out[-1].usage.prompt_tokens == 100 and out[-1].usage.completion_tokens == 12
+    # Streaming: one message per generated token (the first from the prefill-computed token).
+    assert len(out) == 12 and all(len(m.token_ids) == 1 for m in out)
+
+
+def test_short_prompt_is_prefilled_locally(server: Server, models: dict[str, pathlib.Path]) -> None:
+    prompt = random_prompts(1, [20], 512, seed=301)[0]
+    out = server.generate(prompt)
+    r = routing(out)
+    assert not r.disaggregated and r.prefill_instance == "" and r.transferred_blocks == 0
+    assert tokens_of(out) == hf_greedy(models["llama"], prompt, 12)
+
+
+def test_shared_prefix_reuses_the_decode_cache(server: Server, models: dict[str, pathlib.Path]) -> None:
+    shared = random_prompts(1, [96], 512, seed=302)[0]
+    first = server.generate(shared + random_prompts(1, [20], 512, seed=303)[0])
+    assert routing(first).transferred_blocks == 8  # 116 tokens
+    second_prompt = shared + random_prompts(1, [60], 512, seed=304)[0]  # 156 tokens: 60 uncached > 32
+    second = server.generate(second_prompt)
+    r = routing(second)
+    assert r.decode_instance == routing(first).decode_instance and r.disaggregated
+    assert r.cached_tokens == 96 and r.transferred_blocks == 10 - 6
+    assert tokens_of(second) == hf_greedy(models["llama"], second_prompt, 12)
+
+
+def test_cancel_and_deadline_abort_on_the_workers(server: Server) -> None:
+    prompt = random_prompts(1, [60], 512, seed=305)[0]
+    req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt),
+                             sampling=pb.SamplingParams(max_tokens=900, temperature=0.0, ignore_eos=True))
+    call = server.stub.Generate(req, timeout=60)
+    assert len(next(call).token_ids) == 1
+    next(call)
+    call.cancel()
+    server.wait_idle()
+    with pytest.raises(grpc.RpcError) as err:
+        list(server.stub.Generate(req, timeout=1.0))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    server.wait_idle()
+
+
+def test_bad_requests_get_invalid_argument(server: Server) -> None:
+    for tokens, params in (([], {}), ([5] * 1100, {}), ([5, 9999], {}), ([5, 6], {"temperature": -1.0})):
+        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=tokens), sampling=pb.SamplingParams(**params))
+        with pytest.raises(grpc.RpcError) as err:
+            list(server.stub.Generate(req, timeout=30))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+
+
+def test_runtime_tuning_changes_the_next_decision(server: Server) -> None:
+    prompt = random_prompts(1, [80], 512, seed=306)[0]
+    assert routing(server.generate(prompt, max_tokens=2)).disaggregated
+    server.store.set_policy(max_local_prefill_tokens=1000)
+    try:
+        other = random_prompts(1, [80], 512, seed=307)[0]
+        assert not routing(server.generate(other, max_tokens=2)).disaggregated
+    finally:
+        server.store.set_policy(max_local_prefill_tokens=32)
