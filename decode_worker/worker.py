@@ -6,6 +6,8 @@ public method may be called from any thread (it returns a Future).
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable
 from concurrent.futures import Future
 
@@ -30,7 +32,8 @@ class DecodeWorker:
             info = InstanceInfo(instance_id=instance_id, role="decode", address=address or instance_id,
                                 tp_size=config.tensor_parallel_size, block_size=config.block_size,
                                 num_blocks=layout.num_blocks, max_num_seqs=config.max_num_seqs,
-                                kv_agents=self.consumer.agents, model=config.hash_salt)
+                                kv_agents=self.consumer.agents, model=config.hash_salt,
+                                host=socket.gethostname(), pid=os.getpid())
             self.publisher = InstancePublisher(store, info, self.engine)
             self.publisher.register()
         self.loop = EngineLoop(self.consumer.step, self.consumer.has_work,

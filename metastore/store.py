@@ -41,6 +41,8 @@ class InstanceInfo:
     max_num_seqs: int
     kv_agents: list[dict[str, Any]] = field(default_factory=list)  # AgentDescriptor.to_dict() per TP rank
     model: str = ""
+    host: str = ""  # where the instance's driver process runs, for operators
+    pid: int = 0
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

@@ -5,6 +5,10 @@ Cost of a candidate instance, lower is better:
     cost = load_weight · load − overlap_weight · (cached prompt tokens there / prompt tokens)
     load = (waiting + running) / max_num_seqs + kv_weight · KV usage
 
+Ties (idle instances, nothing cached) are broken by rendezvous hashing of the prompt's first block with the
+instance id: a new prefix gets a stable "home" instance, different prefixes spread over the pool, and the
+follow-ups of a prefix go where its blocks will be even before the block index shows them.
+
 Conditional disaggregation: the effective prefill length is the prompt minus the tokens already cached on the
 chosen decode instance. It is prefilled locally (on the decode instance) when that is at most
 `max_local_prefill_tokens`, or when the prefill pool is saturated (every prefill instance has at least
@@ -14,6 +18,7 @@ instance computes it and the decode instance pulls the KV.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from metastore.policy import PlacementPolicy
@@ -42,30 +47,41 @@ def cached_tokens(blocks: int, block_size: int, prompt_len: int) -> int:
     return min(blocks * block_size, prompt_len - 1)
 
 
-def load_of(info: InstanceInfo, load: Load, policy: PlacementPolicy) -> float:
-    return (load.waiting + load.running) / max(1, info.max_num_seqs) + policy.kv_weight * load.kv_usage
+def load_of(info: InstanceInfo, load: Load, policy: PlacementPolicy, inflight: int = 0) -> float:
+    """`inflight`: requests this router sent there and not yet finished; it counts when it exceeds the reported
+    load (a burst arrives faster than heartbeats report it)."""
+    requests = max(load.waiting + load.running, inflight)
+    return requests / max(1, info.max_num_seqs) + policy.kv_weight * load.kv_usage
+
+
+def rendezvous(affinity_key: int, instance_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{affinity_key:x}:{instance_id}".encode(), digest_size=8).digest(), "big")
 
 
 def _cheapest(instances: list[InstanceInfo], overlaps: dict[str, int], loads: dict[str, Load], prompt_len: int,
-              policy: PlacementPolicy) -> tuple[InstanceInfo, int]:
-    def cost(info: InstanceInfo) -> tuple[float, str]:
-        cached = cached_tokens(overlaps.get(info.instance_id, 0), info.block_size, prompt_len)
-        score = (policy.load_weight * load_of(info, loads.get(info.instance_id, Load()), policy)
+              policy: PlacementPolicy, inflight: dict[str, int], affinity_key: int) -> tuple[InstanceInfo, int]:
+    def cost(info: InstanceInfo) -> tuple[float, int]:
+        iid = info.instance_id
+        cached = cached_tokens(overlaps.get(iid, 0), info.block_size, prompt_len)
+        score = (policy.load_weight * load_of(info, loads.get(iid, Load()), policy, inflight.get(iid, 0))
                  - policy.overlap_weight * cached / prompt_len)
-        return score, info.instance_id  # the id breaks ties deterministically
+        return round(score, 9), rendezvous(affinity_key, iid)
 
     best = min(instances, key=cost)
     return best, cached_tokens(overlaps.get(best.instance_id, 0), best.block_size, prompt_len)
 
 
 def place(prompt_len: int, decodes: list[InstanceInfo], prefills: list[InstanceInfo], overlaps: dict[str, int],
-          loads: dict[str, Load], policy: PlacementPolicy) -> Placement:
-    """Choose for a prompt of `prompt_len` tokens; `overlaps` is MetadataStore.prefix_overlap of its blocks."""
+          loads: dict[str, Load], policy: PlacementPolicy, inflight: dict[str, int] | None = None,
+          affinity_key: int = 0) -> Placement:
+    """Choose for a prompt of `prompt_len` tokens; `overlaps` is MetadataStore.prefix_overlap of its blocks,
+    `inflight` the router's unfinished requests per instance, `affinity_key` the prompt's first block hash."""
+    inflight = inflight or {}
     if prompt_len < 1:
         raise ValueError("prompt is empty")
     if not decodes:
         raise NoInstanceError("no healthy decode instance")
-    decode, cached = _cheapest(decodes, overlaps, loads, prompt_len, policy)
+    decode, cached = _cheapest(decodes, overlaps, loads, prompt_len, policy, inflight, affinity_key)
     effective = prompt_len - cached
     if effective <= policy.max_local_prefill_tokens:
         reason = f"local: {effective} uncached tokens <= max_local_prefill_tokens {policy.max_local_prefill_tokens}"
@@ -75,6 +91,6 @@ def place(prompt_len: int, decodes: list[InstanceInfo], prefills: list[InstanceI
     if all(loads.get(p.instance_id, Load()).waiting >= policy.prefill_queue_threshold for p in prefills):
         reason = f"local: prefill pool saturated (every queue >= {policy.prefill_queue_threshold})"
         return Placement(decode.instance_id, None, cached, effective, reason)
-    prefill, _ = _cheapest(prefills, overlaps, loads, prompt_len, policy)
+    prefill, _ = _cheapest(prefills, overlaps, loads, prompt_len, policy, inflight, affinity_key)
     return Placement(decode.instance_id, prefill.instance_id, cached, effective,
                      f"remote: {effective} uncached tokens on {decode.instance_id}")

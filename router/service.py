@@ -82,9 +82,19 @@ class RouterService(pb_grpc.PDServeServicer):
     def _place(self, tokens: list[int]) -> Placement:
         decodes = self.store.live_instances("decode")
         prefills = self.store.live_instances("prefill")
-        overlaps = self.store.prefix_overlap(hash_blocks(tokens, self.cfg.block_size, self.cfg.hash_salt))
+        hashes = hash_blocks(tokens, self.cfg.block_size, self.cfg.hash_salt)
+        overlaps = self.store.prefix_overlap(hashes)
         loads = self.store.loads([i.instance_id for i in decodes + prefills])
-        return place(len(tokens), decodes, prefills, overlaps, loads, self.store.policy(self.base_policy))
+        inflight: dict[str, int] = {}
+        for p in self.inflight.values():
+            for iid in (p.decode_instance, p.prefill_instance):
+                if iid:
+                    inflight[iid] = inflight.get(iid, 0) + 1
+        # A prompt shorter than a block has no block hash: its tokens' hash serves as the affinity key.
+        key = hashes[0] if hashes else hash_blocks(tokens + [0] * self.cfg.block_size, self.cfg.block_size,
+                                                   self.cfg.hash_salt)[0]
+        return place(len(tokens), decodes, prefills, overlaps, loads, self.store.policy(self.base_policy),
+                     inflight, key)
 
     async def _abort_everywhere(self, request_id: str, placement: Placement) -> None:
         targets = [placement.decode_instance] + ([placement.prefill_instance] if placement.prefill_instance else [])

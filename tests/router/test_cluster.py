@@ -2,74 +2,25 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
 import grpc
 import pytest
-import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from metastore import MetadataStore, RedisServer
 from pdserve.v1 import pdserve_pb2 as pb
-from pdserve.v1 import pdserve_pb2_grpc as pb_grpc
 from tests.model_factory import hf_greedy, random_prompts
+from tests.router.serve_process import Server, serve
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-class Server:
-    def __init__(self, proc: subprocess.Popen[str], target: str, store: MetadataStore) -> None:
-        self.proc, self.target, self.store = proc, target, store
-        self.channel = grpc.insecure_channel(target)
-        self.stub = pb_grpc.PDServeStub(self.channel)
-
-    def generate(self, tokens: list[int], max_tokens: int = 12, timeout: float = 60,
-                 **sampling: object) -> list[pb.GenerateResponse]:
-        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=tokens),
-                                 sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
-                                                            **sampling))
-        return list(self.stub.Generate(req, timeout=timeout))
-
-    def wait_idle(self, timeout: float = 15) -> None:
-        """Every instance reports no running request and no KV block in use (from its heartbeats)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            loads = self.stub.GetLoads(pb.GetLoadsRequest()).instances
-            if loads and all(i.running == 0 and i.waiting == 0 and i.kv_usage == 0 for i in loads):
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"instances not idle: {self.stub.GetLoads(pb.GetLoadsRequest())}")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, models: dict[str, pathlib.Path]) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("serve")
-    with RedisServer() as redis:
-        cfg = yaml.safe_load((ROOT / "deploy/ray/serving-tiny-cpu.yaml").read_text())
-        cfg["metastore"]["redis_url"] = redis.url  # the test reads and tunes the store directly
-        cfg["metastore"]["lease_s"] = 2
-        (tmp / "serving.yaml").write_text(yaml.safe_dump(cfg))
-        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "RAY_AUTH_MODE": "disabled"}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pdserve.cli", "serve", "--config", str(tmp / "serving.yaml"),
-             "--model", str(models["llama"]), "--port", "0"],
-            stdout=subprocess.PIPE, stderr=open(tmp / "serve.log", "w"), text=True, env=env, cwd=ROOT)
-        line = proc.stdout.readline() if proc.stdout else ""
-        assert line.startswith("pdserve: serving on "), f"no ready line; log: {(tmp / 'serve.log').read_text()[-3000:]}"
-        srv = Server(proc, line.strip().rsplit(" ", 1)[1], MetadataStore(redis.url, lease_s=2))
+    with serve(tmp_path_factory.mktemp("serve"), models["llama"]) as srv:
         yield srv
-        srv.channel.close()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0, (tmp / "serve.log").read_text()[-3000:]
-        assert proc.stdout is not None and proc.stdout.read() == ""  # exactly one line on stdout
 
 
 def routing(responses: list[pb.GenerateResponse]) -> pb.Routing:

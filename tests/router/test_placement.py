@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from metastore import InstanceInfo, Load, PlacementPolicy
-from router.placement import NoInstanceError, place
+from router.placement import NoInstanceError, place, rendezvous
 
 
 def inst(i: str, role: str) -> InstanceInfo:
@@ -18,16 +18,32 @@ P = [inst("p0", "prefill"), inst("p1", "prefill")]
 POLICY = PlacementPolicy(max_local_prefill_tokens=64, prefill_queue_threshold=4)
 
 
+def home(key: int, pool: list[InstanceInfo]) -> str:
+    return min(pool, key=lambda i: rendezvous(key, i.instance_id)).instance_id
+
+
 def test_short_prompt_is_prefilled_locally() -> None:
-    p = place(40, D, P, {}, {}, POLICY)
-    assert (p.decode_instance, p.prefill_instance, p.cached_tokens) == ("d0", None, 0)
+    p = place(40, D, P, {}, {}, POLICY, affinity_key=7)
+    assert (p.decode_instance, p.prefill_instance, p.cached_tokens) == (home(7, D), None, 0)
     assert not p.disaggregated and "local" in p.reason
+
+
+def test_ties_go_to_a_stable_home_per_prefix_and_spread_over_prefixes() -> None:
+    homes = [place(500, D, P, {}, {}, POLICY, affinity_key=k).decode_instance for k in range(64)]
+    assert homes == [place(500, D, P, {}, {}, POLICY, affinity_key=k).decode_instance for k in range(64)]
+    assert 20 <= homes.count("d0") <= 44  # both instances take a fair share of new prefixes
+
+
+def test_router_inflight_counts_when_ahead_of_reported_load() -> None:
+    key = next(k for k in range(100) if home(k, D) == "d0")
+    assert place(500, D, P, {}, {}, POLICY, affinity_key=key).decode_instance == "d0"
+    assert place(500, D, P, {}, {}, POLICY, inflight={"d0": 3}, affinity_key=key).decode_instance == "d1"
 
 
 def test_long_prompt_goes_to_the_least_loaded_prefill() -> None:
     loads = {"p0": Load(waiting=2), "p1": Load(waiting=0)}
-    p = place(500, D, P, {}, loads, POLICY)
-    assert (p.decode_instance, p.prefill_instance, p.effective_prefill_tokens) == ("d0", "p1", 500)
+    p = place(500, D, P, {}, loads, POLICY, affinity_key=7)
+    assert (p.decode_instance, p.prefill_instance, p.effective_prefill_tokens) == (home(7, D), "p1", 500)
 
 
 def test_cache_affinity_picks_the_instance_holding_the_prefix() -> None:

@@ -1,0 +1,83 @@
+"""`pdserve serve` in a subprocess for end-to-end tests, with a test-owned redis-server so tests can read and
+tune the metadata store."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import yaml
+
+from metastore import MetadataStore, RedisServer
+from pdserve.v1 import pdserve_pb2 as pb
+from pdserve.v1 import pdserve_pb2_grpc as pb_grpc
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen[str], target: str, store: MetadataStore) -> None:
+        self.proc, self.target, self.store = proc, target, store
+        self.channel = grpc.insecure_channel(target)
+        self.stub = pb_grpc.PDServeStub(self.channel)
+
+    def generate(self, tokens: list[int], max_tokens: int = 12, timeout: float = 60,
+                 **sampling: object) -> list[pb.GenerateResponse]:
+        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=tokens),
+                                 sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                                                            **sampling))
+        return list(self.stub.Generate(req, timeout=timeout))
+
+    def wait_idle(self, timeout: float = 15) -> None:
+        """Every instance reports no running request and no KV block in use (from its heartbeats)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            loads = self.stub.GetLoads(pb.GetLoadsRequest()).instances
+            if loads and all(i.running == 0 and i.waiting == 0 and i.kv_usage == 0 for i in loads):
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"instances not idle: {self.stub.GetLoads(pb.GetLoadsRequest())}")
+
+
+def _merge(base: dict[str, Any], edit: dict[str, Any]) -> None:
+    for key, value in edit.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+@contextlib.contextmanager
+def serve(tmp: pathlib.Path, model: pathlib.Path, edits: dict[str, Any] | None = None) -> Iterator[Server]:
+    """Start `pdserve serve` on deploy/ray/serving-tiny-cpu.yaml (plus `edits`); stop it with SIGTERM after,
+    checking it exits 0 having printed exactly one line."""
+    with RedisServer() as redis:
+        cfg = yaml.safe_load((ROOT / "deploy/ray/serving-tiny-cpu.yaml").read_text())
+        _merge(cfg, {"metastore": {"redis_url": redis.url, "lease_s": 2}, **(edits or {})})
+        (tmp / "serving.yaml").write_text(yaml.safe_dump(cfg))
+        log = tmp / "serve.log"
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "RAY_AUTH_MODE": "disabled"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pdserve.cli", "serve", "--config", str(tmp / "serving.yaml"), "--model",
+             str(model), "--port", "0"], stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, env=env, cwd=ROOT)
+        try:
+            line = proc.stdout.readline() if proc.stdout else ""
+            assert line.startswith("pdserve: serving on "), f"no ready line; log:\n{log.read_text()[-3000:]}"
+            server = Server(proc, line.strip().rsplit(" ", 1)[1], MetadataStore(redis.url, lease_s=2))
+            yield server
+            server.channel.close()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0, log.read_text()[-3000:]
+            assert proc.stdout is not None and proc.stdout.read() == ""  # exactly one line on stdout
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
