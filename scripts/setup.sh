@@ -7,13 +7,18 @@ if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv
 fi
 pip() { .venv/bin/python -m pip "$@"; }
-# The metadata store runs on a real redis-server (started privately by the launcher and the tests).
-if ! command -v redis-server >/dev/null 2>&1; then
+# System packages: redis-server (the metadata store is a real Redis), and openssh-server + rsync, which the
+# `ray up` test needs (Ray's local provider reaches the head node, here 127.0.0.1, over SSH).
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+command -v rsync >/dev/null 2>&1 || missing+=(rsync)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "setup: installing redis-server (apt)"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    echo "setup: installing ${missing[*]} (apt)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    echo "setup: redis-server is missing: install it (e.g. sudo apt-get install redis-server)" >&2
+    echo "setup: missing system packages: ${missing[*]} (e.g. sudo apt-get install ${missing[*]})" >&2
     exit 1
   fi
 fi
