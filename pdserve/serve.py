@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -44,11 +45,10 @@ class Cluster:
         self.actors: list[Any] = []
         self.ray_namespace = f"pdserve-{cfg.metastore.namespace}"
 
-    def start(self) -> MetadataStore:
+    def start_infra(self) -> MetadataStore:
+        """Redis and Ray. NOTE: call before any gRPC thread exists: both fork processes, and a child forked
+        while gRPC's threads run can hang before exec (seen here: Ray's GCS never wrote its port file)."""
         import ray
-
-        from decode_worker.actor import DecodeActor
-        from prefill_worker.actor import PrefillActor
 
         cfg = self.cfg
         url = cfg.metastore.redis_url
@@ -61,6 +61,16 @@ class Cluster:
             ray.init(address=address, namespace=self.ray_namespace, include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
             self.ray_started = True
+        return MetadataStore(url, cfg.metastore.namespace, cfg.metastore.lease_s)
+
+    def start_pools(self) -> None:
+        """The prefill and decode actors; returns once every instance is ready (registered in the store)."""
+        import ray
+
+        from decode_worker.actor import DecodeActor
+        from prefill_worker.actor import PrefillActor
+
+        cfg, url = self.cfg, self.redis_url
         transfer = {k: v for k, v in dataclasses.asdict(cfg.kv_transfer).items()}
         gpu = cfg.device == "cuda" or (cfg.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
         for role, pool, cls in (("prefill", cfg.pools.prefill, PrefillActor), ("decode", cfg.pools.decode,
@@ -75,7 +85,6 @@ class Cluster:
                 self.actors.append(actor_cls.remote(iid, engine_kwargs(cfg, tp), transfer, url,
                                                     cfg.metastore.namespace, cfg.metastore.lease_s))
         ray.get([a.ready.remote() for a in self.actors])
-        return MetadataStore(url, cfg.metastore.namespace, cfg.metastore.lease_s)
 
     def stop(self) -> None:
         import ray
@@ -121,13 +130,23 @@ class StartingRouter(pdserve_pb2_grpc.PDServeServicer):
         return await (await self._ready(context)).GetLoads(request, context)
 
 
-async def serve(cfg: ServingConfig) -> int:
+async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
+                on_ready: Callable[[str], None] | None = None) -> int:
+    """Serve until SIGINT/SIGTERM, or until `stop` is set when one is given (then no signal handlers are
+    installed: the caller owns shutdown). `on_ready("HOST:PORT")` replaces the ready line on stdout."""
     from router.service import RouterService
 
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    if stop is None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+    cluster = Cluster(cfg)
+    try:
+        store = cluster.start_infra()
+    except BaseException:
+        cluster.stop()
+        raise
     server = grpc.aio.server()
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -138,14 +157,16 @@ async def serve(cfg: ServingConfig) -> int:
     reflection.enable_server_reflection((SERVICE, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
     port = server.add_insecure_port(f"{cfg.server.host}:{cfg.server.port}")
     await server.start()  # health answers NOT_SERVING while the pools start
-    cluster = Cluster(cfg)
     try:
-        store = await asyncio.to_thread(cluster.start)
+        await asyncio.to_thread(cluster.start_pools)
         engine_config = EngineConfig(**engine_kwargs(cfg, 1) | {"device": "cpu", "load_format": "dummy"})
         router.target = RouterService(engine_config, store, cfg.placement, cluster.ray_namespace)
         for name in ("", SERVICE):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        print(f"pdserve: serving on {cfg.server.host}:{port}", flush=True)
+        if on_ready is not None:
+            on_ready(f"{cfg.server.host}:{port}")
+        else:
+            print(f"pdserve: serving on {cfg.server.host}:{port}", flush=True)
         await stop.wait()
         log.info("draining: health NOT_SERVING, finishing in-flight requests")
         for name in ("", SERVICE):
