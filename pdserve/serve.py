@@ -136,17 +136,18 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
     installed: the caller owns shutdown). `on_ready("HOST:PORT")` replaces the ready line on stdout."""
     from router.service import RouterService
 
-    loop = asyncio.get_running_loop()
-    if stop is None:
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
     cluster = Cluster(cfg)
     try:
         store = cluster.start_infra()
     except BaseException:
         cluster.stop()
         raise
+    if stop is None:
+        # NOTE: after ray.init, which installs its own SIGTERM handler in the main thread (it would exit at once).
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
     server = grpc.aio.server()
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
