@@ -62,6 +62,7 @@ class RayConfig:
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0 picks a free port
+    max_inflight: int = 256  # requests the router serves at once; more are refused with RESOURCE_EXHAUSTED
 
 
 @dataclass
@@ -93,6 +94,8 @@ class ServingConfig:
                            ("scheduler.max_num_batched_tokens", self.scheduler.max_num_batched_tokens)):
             if value < 1:
                 raise ConfigError(f"{key}: {value} must be >= 1")
+        if self.server.max_inflight < 1:
+            raise ConfigError(f"server.max_inflight: {self.server.max_inflight} must be >= 1")
         if not 0 <= self.server.port <= 65535:
             raise ConfigError(f"server.port: {self.server.port} is not a TCP port (0 picks a free one)")
         if self.metastore.lease_s <= 0:

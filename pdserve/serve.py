@@ -161,7 +161,8 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
     try:
         await asyncio.to_thread(cluster.start_pools)
         engine_config = EngineConfig(**engine_kwargs(cfg, 1) | {"device": "cpu", "load_format": "dummy"})
-        router.target = RouterService(engine_config, store, cfg.placement, cluster.ray_namespace)
+        router.target = RouterService(engine_config, store, cfg.placement, cluster.ray_namespace,
+                                      cfg.server.max_inflight)
         for name in ("", SERVICE):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         if on_ready is not None:

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 class RouterService(pb_grpc.PDServeServicer):
     def __init__(self, engine_config: EngineConfig, store: MetadataStore, policy: PlacementPolicy,
-                 ray_namespace: str) -> None:
+                 ray_namespace: str, max_inflight: int = 256) -> None:
         self.cfg = engine_config
         self.mc = engine_config.model_config
         self.tokenizer = load_tokenizer(engine_config.model)
@@ -40,6 +40,7 @@ class RouterService(pb_grpc.PDServeServicer):
         self.base_policy = policy
         self.ray_namespace = ray_namespace
         self.inflight: dict[str, Placement] = {}
+        self.max_inflight = max_inflight
         self._actors: dict[str, Any] = {}
         self.decisions: list[Placement] = []  # most recent first, for operators and tests
 
@@ -108,6 +109,9 @@ class RouterService(pb_grpc.PDServeServicer):
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         rid = request.request_id or uuid.uuid4().hex
+        if len(self.inflight) >= self.max_inflight:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"admission refused: {len(self.inflight)} requests in flight (server.max_inflight)")
         if rid in self.inflight:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request id {rid!r} is already in flight")
         try:

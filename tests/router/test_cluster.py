@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, models: dict[str, pathlib.Path]) -> Iterator[Server]:
-    with serve(tmp_path_factory.mktemp("serve"), models["llama"]) as srv:
+    with serve(tmp_path_factory.mktemp("serve"), models["llama"], {"server": {"max_inflight": 2}}) as srv:
         yield srv
 
 
@@ -105,3 +105,19 @@ def test_runtime_tuning_changes_the_next_decision(server: Server) -> None:
         assert not routing(server.generate(other, max_tokens=2)).disaggregated
     finally:
         server.store.set_policy(max_local_prefill_tokens=32)
+
+
+def test_admission_beyond_max_inflight_is_resource_exhausted(server: Server) -> None:
+    long = pb.SamplingParams(max_tokens=900, temperature=0.0, ignore_eos=True)
+    calls = [server.stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=random_prompts(1, [10], 512,
+                                                                                            seed=900 + i)[0]),
+                                                     sampling=long), timeout=60) for i in range(2)]
+    for call in calls:
+        next(call)  # both admitted and streaming
+    with pytest.raises(grpc.RpcError) as err:
+        server.generate([5, 6, 7], max_tokens=2)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    for call in calls:
+        call.cancel()
+    server.wait_idle()
+    assert routing(server.generate([5, 6, 7], max_tokens=2)).decode_instance  # admitted again
