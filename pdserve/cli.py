@@ -65,6 +65,16 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from pdserve.bench.cli import main as bench_main
+
+    try:
+        return bench_main(args)
+    except ValueError as e:
+        print(f"pdserve bench: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--temperature", type=float)
     gen.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
     gen.set_defaults(func=_generate)
+    from pdserve.bench.cli import add_arguments
+
+    bench = sub.add_parser("bench", help="load-test a router: Poisson or trace replay; TTFT, TPOT, goodput")
+    add_arguments(bench)
+    bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return int(args.func(args))

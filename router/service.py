@@ -39,8 +39,9 @@ class RouterService(pb_grpc.PDServeServicer):
         self.store = store
         self.base_policy = policy
         self.ray_namespace = ray_namespace
-        self.inflight: dict[str, Placement] = {}
+        self.inflight: dict[str, Placement | None] = {}  # None: admitted, not yet placed
         self.max_inflight = max_inflight
+        self.aborted_before_placement: set[str] = set()
         self._actors: dict[str, Any] = {}
         self.decisions: list[Placement] = []  # most recent first, for operators and tests
 
@@ -88,6 +89,8 @@ class RouterService(pb_grpc.PDServeServicer):
         loads = self.store.loads([i.instance_id for i in decodes + prefills])
         inflight: dict[str, int] = {}
         for p in self.inflight.values():
+            if p is None:
+                continue
             for iid in (p.decode_instance, p.prefill_instance):
                 if iid:
                     inflight[iid] = inflight.get(iid, 0) + 1
@@ -120,11 +123,21 @@ class RouterService(pb_grpc.PDServeServicer):
             params = self._params(request.sampling)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        self.inflight[rid] = None  # NOTE: take the admission slot before any await, or a burst all gets in
         try:
             placement = await asyncio.to_thread(self._place, tokens)
         except NoInstanceError as e:
+            self.inflight.pop(rid, None)
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except BaseException:
+            self.inflight.pop(rid, None)
+            raise
         self.inflight[rid] = placement
+        if rid in self.aborted_before_placement:  # an Abort came while the request was being placed
+            self.aborted_before_placement.discard(rid)
+            self.inflight.pop(rid, None)
+            yield self._final(rid, [], "", "abort", len(tokens), 0, placement, 0, 0)
+            return
         self.decisions.insert(0, placement)
         del self.decisions[64:]
         remaining = context.time_remaining()
@@ -188,10 +201,13 @@ class RouterService(pb_grpc.PDServeServicer):
                                transferred_blocks=transferred))
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        found = request.request_id in self.inflight
         placement = self.inflight.get(request.request_id)
         if placement is not None:
             await self._abort_everywhere(request.request_id, placement)
-        return pb.AbortResponse(found=placement is not None)
+        elif found:
+            self.aborted_before_placement.add(request.request_id)
+        return pb.AbortResponse(found=found)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> pb.ModelInfo:

@@ -121,3 +121,16 @@ def test_admission_beyond_max_inflight_is_resource_exhausted(server: Server) -> 
         call.cancel()
     server.wait_idle()
     assert routing(server.generate([5, 6, 7], max_tokens=2)).decode_instance  # admitted again
+
+
+def test_abort_rpc_ends_the_stream_with_abort(server: Server) -> None:
+    req = pb.GenerateRequest(request_id="abort-me", token_ids=pb.TokenIds(ids=random_prompts(1, [50], 512,
+                                                                                             seed=950)[0]),
+                             sampling=pb.SamplingParams(max_tokens=900, temperature=0.0, ignore_eos=True))
+    call = server.stub.Generate(req, timeout=60)
+    assert next(call).request_id == "abort-me"
+    assert server.stub.Abort(pb.AbortRequest(request_id="abort-me")).found
+    rest = list(call)
+    assert rest[-1].finished and rest[-1].finish_reason == "abort" and rest[-1].usage.completion_tokens < 900
+    assert not server.stub.Abort(pb.AbortRequest(request_id="abort-me")).found
+    server.wait_idle()

@@ -1,0 +1,67 @@
+"""`pdserve bench`: build the workload, run it (once, or per rate of a sweep), report and write the files."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+import grpc
+
+from pdserve.bench import report, runner, workload
+from pdserve.v1 import pdserve_pb2 as pb
+from pdserve.v1 import pdserve_pb2_grpc as pb_grpc
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", required=True, help="HOST:PORT of a pdserve router")
+    p.add_argument("--num-requests", type=int, default=100, help="requests per run (the run's count bound)")
+    p.add_argument("--duration", type=float, default=300.0,
+                   help="time bound of a run in seconds: later arrivals are not sent, stragglers are cancelled")
+    p.add_argument("--rate", type=float, default=4.0, help="Poisson arrival rate in req/s (0: all at once)")
+    p.add_argument("--rates", help="comma-separated rates: a sweep, one run per rate (plots goodput vs rate)")
+    p.add_argument("--input-len", default="uniform:32:256", help="fixed:N | uniform:LO:HI | normal:MEAN:STD")
+    p.add_argument("--output-len", default="fixed:32", help="fixed:N | uniform:LO:HI | normal:MEAN:STD")
+    p.add_argument("--prefix-groups", type=int, default=0, help="N shared prefixes; each request uses one")
+    p.add_argument("--prefix-len", type=int, default=0, help="tokens of each shared prefix")
+    p.add_argument("--trace", help="replay a Mooncake-format trace (JSONL) instead of Poisson arrivals")
+    p.add_argument("--time-scale", type=float, default=1.0, help="trace: multiply arrival times")
+    p.add_argument("--tokens-per-block", type=int, default=512, help="trace: tokens per hash block (512 = as is)")
+    p.add_argument("--output-scale", type=float, default=1.0, help="trace: multiply output lengths")
+    p.add_argument("--max-output", type=int, help="trace: cap output lengths")
+    p.add_argument("--slo-ttft-ms", type=float, default=500.0)
+    p.add_argument("--slo-tpot-ms", type=float, default=50.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--out", default="bench/out", help="directory for results.json, cdf.png, goodput.png")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+    with grpc.insecure_channel(args.target) as channel:
+        info = pb_grpc.PDServeStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+    vocab, max_len = info.vocab_size, info.max_model_len
+    rates = [float(r) for r in args.rates.split(",")] if args.rates else [args.rate]
+    runs = []
+    for rate in rates:
+        if args.trace:
+            work = workload.mooncake_trace(args.trace, args.num_requests, vocab, args.time_scale,
+                                           args.tokens_per_block, args.output_scale, args.max_output,
+                                           max_input=max_len - 1 - (args.max_output or 0))
+        else:
+            work = workload.poisson(args.num_requests, rate, workload.Distribution(args.input_len),
+                                    workload.Distribution(args.output_len), vocab, args.seed, args.prefix_groups,
+                                    args.prefix_len)
+        results, elapsed = asyncio.run(runner.run(args.target, work, args.duration,
+                                                  temperature=args.temperature, progress=not args.no_progress))
+        summary = report.summarize(results, elapsed, args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
+        runs.append({"rate": 0.0 if args.trace else rate, "summary": summary, "results": results})
+        print(report.table(summary, None if args.trace else rate), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    config["model"] = {"name": info.model, "vocab_size": vocab, "max_model_len": max_len}
+    report.write_json(out / "results.json", config, runs)
+    plots = report.write_plots(out, runs)
+    print(f"wrote {out / 'results.json'}, " + ", ".join(str(p) for p in plots))
+    return 0
