@@ -47,6 +47,9 @@ class EngineConfig:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device: {self.device!r} is not one of 'cpu', 'cuda', 'auto'")
+        if self.device == "cuda" and self.tensor_parallel_size > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size: {self.tensor_parallel_size} needs that many GPUs; "
+                             f"{torch.cuda.device_count()} visible (NCCL cannot put two ranks on one GPU)")
         bs = self.block_size
         if bs <= 0 or bs & (bs - 1):
             raise ValueError(f"block_size: {bs} is not a positive power of two")

@@ -49,6 +49,7 @@ class Worker:
             if hasattr(ext, "close"):
                 ext.close()
         self.extensions.clear()
+        self.runner.release()
 
 
 def _broadcast(obj: Any) -> Any:

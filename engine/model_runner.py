@@ -110,6 +110,9 @@ class ModelRunner:
             budget = cfg.kv_cache_memory_bytes
         elif self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
+            # Memory this process's allocator holds but does not use (e.g. an engine shut down earlier in the
+            # process) is as good as free.
+            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
             budget = int(free - (1 - cfg.gpu_memory_utilization) * total)
             if budget <= 0:
                 raise ValueError(
@@ -125,6 +128,16 @@ class ModelRunner:
                 f"max_model_len={cfg.max_model_len} needs; raise kv_cache_memory_bytes or lower max_model_len"
             )
         return int(blocks)
+
+    def release(self) -> None:
+        """Drop the model and the KV cache (on shutdown), returning GPU memory to the device."""
+        self.model = None  # type: ignore[assignment]
+        self.kv_cache = None  # type: ignore[assignment]
+        if self.device.type == "cuda":
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
 
     @torch.inference_mode()
     def execute(self, inp: StepInput) -> torch.Tensor:
