@@ -6,8 +6,6 @@ public method may be called from any thread (it returns a Future).
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Callable
 from concurrent.futures import Future
 
@@ -17,7 +15,7 @@ from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from kv_transfer import KVConsumer, KVHandle, TransferConfig
-from metastore import InstanceInfo, InstancePublisher, MetadataStore
+from metastore import InstancePublisher, MetadataStore
 
 
 class DecodeWorker:
@@ -26,16 +24,8 @@ class DecodeWorker:
         self.instance_id = instance_id
         self.engine = LLMEngine(config)
         self.consumer = KVConsumer(self.engine, instance_id, transfer)
-        self.publisher = None
-        if store is not None:
-            layout = self.engine.executor.runner.layout
-            info = InstanceInfo(instance_id=instance_id, role="decode", address=address or instance_id,
-                                tp_size=config.tensor_parallel_size, block_size=config.block_size,
-                                num_blocks=layout.num_blocks, max_num_seqs=config.max_num_seqs,
-                                kv_agents=self.consumer.agents, model=config.hash_salt,
-                                host=socket.gethostname(), pid=os.getpid())
-            self.publisher = InstancePublisher(store, info, self.engine)
-            self.publisher.register()
+        self.publisher = None if store is None else InstancePublisher.for_engine(
+            store, instance_id, "decode", self.engine, self.consumer.agents, address)
         self.loop = EngineLoop(self.consumer.step, self.consumer.has_work,
                                periodic=self.publisher.tick if self.publisher else None,
                                after_step=self.publisher.publish_events if self.publisher else None,

@@ -4,6 +4,9 @@ and its KV events into the prefix-block index."""
 from __future__ import annotations
 
 import logging
+import os
+import socket
+from typing import Any
 
 import redis
 
@@ -21,6 +24,19 @@ class InstancePublisher:
         self.store, self.info, self.engine = store, info, engine
         self.reregistrations = 0
         self.failures = 0  # heartbeats that could not reach Redis (the lease then lapses: visible to the router)
+
+    @classmethod
+    def for_engine(cls, store: MetadataStore, instance_id: str, role: str, engine: LLMEngine,
+                   kv_agents: list[dict[str, Any]], address: str = "") -> InstancePublisher:
+        """Describe `engine` as an instance of `role` and register it."""
+        config = engine.config
+        info = InstanceInfo(instance_id=instance_id, role=role, address=address or instance_id,
+                            tp_size=config.tensor_parallel_size, block_size=config.block_size,
+                            num_blocks=engine.executor.runner.layout.num_blocks, max_num_seqs=config.max_num_seqs,
+                            kv_agents=kv_agents, model=config.hash_salt, host=socket.gethostname(), pid=os.getpid())
+        publisher = cls(store, info, engine)
+        publisher.register()
+        return publisher
 
     def register(self) -> None:
         self.store.register(self.info)

@@ -6,8 +6,6 @@ public method may be called from any thread (it returns a Future).
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -18,7 +16,7 @@ from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from kv_transfer import KVHandle, KVProducer, TransferConfig
-from metastore import InstanceInfo, InstancePublisher, MetadataStore
+from metastore import InstancePublisher, MetadataStore
 
 
 @dataclass
@@ -37,16 +35,8 @@ class PrefillWorker:
         self.instance_id = instance_id
         self.engine = LLMEngine(config)
         self.producer = KVProducer(self.engine, instance_id, transfer)
-        self.publisher = None
-        if store is not None:
-            layout = self.engine.executor.runner.layout
-            info = InstanceInfo(instance_id=instance_id, role="prefill", address=address or instance_id,
-                                tp_size=config.tensor_parallel_size, block_size=config.block_size,
-                                num_blocks=layout.num_blocks, max_num_seqs=config.max_num_seqs,
-                                kv_agents=self.producer.agents, model=config.hash_salt,
-                                host=socket.gethostname(), pid=os.getpid())
-            self.publisher = InstancePublisher(store, info, self.engine)
-            self.publisher.register()
+        self.publisher = None if store is None else InstancePublisher.for_engine(
+            store, instance_id, "prefill", self.engine, self.producer.agents, address)
         self.loop = EngineLoop(self._step, self.engine.has_unfinished_requests, on_idle=self.producer.poll,
                                periodic=self.publisher.tick if self.publisher else None,
                                after_step=self.publisher.publish_events if self.publisher else None,
