@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -11,6 +13,18 @@ import time
 from engine.parallel import free_port
 
 log = logging.getLogger(__name__)
+
+
+def _child_setup() -> None:
+    """In the forked child, before exec: ignore Ctrl-C (the terminal sends SIGINT to the whole process group,
+    and the workers must deregister before Redis goes; we stop it last), and die with the parent, so a killed
+    launcher leaves no orphan behind (Linux PR_SET_PDEATHSIG)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
 
 
 class RedisServer:
@@ -39,9 +53,7 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", self.dir, "--protected-mode", "yes", "--loglevel", "warning"],
-            # NOTE: its own session, so a Ctrl-C to the terminal's process group does not stop it before the
-            # workers have deregistered; we stop it last.
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_child_setup)
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + timeout
         while True:

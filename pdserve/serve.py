@@ -56,7 +56,9 @@ class Cluster:
             self.redis = RedisServer().start()
             url = self.redis.url
         self.redis_url = url
-        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        # NOTE: "local" starts a private Ray; a bare ray.init() would attach to any cluster already running on
+        # this machine (e.g. one a `ray start` left behind).
+        address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
         if not ray.is_initialized():
             ray.init(address=address, namespace=self.ray_namespace, include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
