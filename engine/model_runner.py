@@ -150,7 +150,6 @@ class ModelRunner:
             block_tables=torch.from_numpy(inp.block_tables).to(dev, non_blocking=True),
             max_query_len=inp.max_query_len,
             max_seq_len=inp.max_seq_len,
-            num_decode_only=inp.max_query_len == 1,
         )
         self.attn.prepare(meta)
         positions = torch.from_numpy(inp.positions).to(dev, non_blocking=True)  # [T]

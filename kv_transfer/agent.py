@@ -238,14 +238,6 @@ class TransferAgent:
     def receive(self) -> list[tuple[str, bytes]]:
         return [(sender, m) for sender, msgs in self.agent.get_new_notifs().items() for m in msgs]
 
-    def forget_peer(self, agent_name: str) -> None:
-        name = self.peers.pop(agent_name, None)
-        if name is not None:
-            try:
-                self.agent.remove_remote_agent(name)
-            except Exception as e:
-                log.debug("remove_remote_agent(%s): %s", name, e)
-
     def close(self) -> None:
         for xid in list(self.reads):
             self.finish(xid)

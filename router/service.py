@@ -43,7 +43,6 @@ class RouterService(pb_grpc.PDServeServicer):
         self.max_inflight = max_inflight
         self.aborted_before_placement: set[str] = set()
         self._actors: dict[str, Any] = {}
-        self.decisions: list[Placement] = []  # most recent first, for operators and tests
 
     # ---- helpers -------------------------------------------------------------------------------------------
     def _actor(self, instance_id: str) -> Any:
@@ -138,8 +137,6 @@ class RouterService(pb_grpc.PDServeServicer):
             self.inflight.pop(rid, None)
             yield self._final(rid, [], "", "abort", len(tokens), 0, placement, 0, 0)
             return
-        self.decisions.insert(0, placement)
-        del self.decisions[64:]
         remaining = context.time_remaining()
         finished = False
         try:

@@ -24,7 +24,6 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int32 (padded with 0; padding is never attended)
     max_query_len: int
     max_seq_len: int
-    num_decode_only: bool = False  # every request has exactly one query token
 
 
 class AttentionBackend(ABC):
