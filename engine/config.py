@@ -30,7 +30,8 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     kv_cache_memory_bytes: int | None = None
     gpu_memory_utilization: float = 0.85
-    attention_backend: str = "auto"
+    attention_backend: str = "auto"  # auto | torch | triton | flash-attn
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     cache_salt: str = ""
     model_config: ModelConfig = field(init=False, repr=False)
     torch_dtype: torch.dtype = field(init=False, repr=False)

@@ -65,6 +65,9 @@ class LLMEngine:
         self.num_local_fallbacks = 0
         self._arrival = itertools.count()
         self.eos_token_ids = config.model_config.eos_token_ids
+        # Sampling steps: wall time, and the part the host spent outside waiting for the device (schedule,
+        # input building, launches, postprocess). Read by the benchmarks; reset freely.
+        self.timing: dict[str, float] = {"steps": 0, "host_s": 0.0, "total_s": 0.0}
 
     # ---- requests ------------------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -197,22 +200,30 @@ class LLMEngine:
     # ---- the loop ------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One iteration: schedule, run one batched forward, postprocess. Returns this step's outputs."""
+        t0 = time.perf_counter()
         out = self.scheduler.schedule()
         logits = self.executor.execute(build_step_input(out, self.config.block_size)) if len(out) else None
-        return self._postprocess(out, logits)
+        return self._postprocess(out, logits, t0)
 
-    def _postprocess(self, out: SchedulerOutput, logits: torch.Tensor | None) -> list[RequestOutput]:
+    def _postprocess(self, out: SchedulerOutput, logits: torch.Tensor | None, t0: float) -> list[RequestOutput]:
         self.scheduler.update_after_step(out)
         results = self._pending + [self._finish_output(r) for r in self._aborted]
         self._pending, self._aborted = [], []
         sampling = [r for r in out.requests if r.num_computed_tokens == r.num_tokens]
         if not sampling:
             return results
-        tokens = self.sampler(logits, sampling)
+        t1 = time.perf_counter()
+        tokens = self.sampler(logits, sampling)  # NOTE: the step's one wait for the device
+        t2 = time.perf_counter()
         self._pending = results
         for request, token in zip(sampling, tokens, strict=True):
             self._emit(request, token)
         results, self._pending = self._pending, []
+        t3 = time.perf_counter()
+        timing = self.timing
+        timing["steps"] += 1
+        timing["host_s"] += (t1 - t0) + (t3 - t2)
+        timing["total_s"] += t3 - t0
         return results
 
     def _emit(self, request: Request, token: int) -> None:

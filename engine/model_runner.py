@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.attention import AttentionMetadata, get_backend
+from engine.attention import AttentionMetadata, select_backend
 from engine.config import EngineConfig
+from engine.cuda_graph import DecodeGraphs
 from engine.kv_cache import KVCache, KVLayout
 from engine.models.llama import StepContext
 from engine.models.loader import load_model
@@ -20,6 +21,7 @@ from engine.scheduler import SchedulerOutput
 log = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_BYTES = 256 << 20
+counters: dict[str, int] = {"cuda_graph_capture_failures": 0}
 
 
 @dataclass
@@ -92,13 +94,29 @@ class ModelRunner:
             element_size=torch.empty((), dtype=config.torch_dtype).element_size(),
         )
         self.kv_cache = KVCache(self.layout, config.torch_dtype, self.device)
-        backend_cls = get_backend(config.attention_backend, config.device)
+        backend_cls = select_backend(config.attention_backend, config.device, config.block_size, mc.head_dim)
         self.attn = backend_cls(mc.num_attention_heads // size, self.num_kv_heads, mc.head_dim,
                                 mc.head_dim**-0.5, config.block_size)
         assert config.max_model_len is not None
         self.rope = RotaryEmbedding(mc.head_dim, config.max_model_len, mc.rope, config.torch_dtype, self.device)
-        log.info("rank %d: %d KV blocks of %d tokens (%.1f MiB), attention backend %s", tp().rank,
-                 self.layout.num_blocks, config.block_size, self.layout.total_bytes / 2**20, self.attn.name)
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            if self.attn.name == "triton":
+                self.graphs = DecodeGraphs(self, config.max_num_seqs, config.max_blocks_per_seq)
+                try:
+                    self.graphs.capture()
+                except RuntimeError:
+                    # NOTE: visible, counted, and the engine still serves (eagerly): a capture failure is a
+                    # performance bug, not a reason to refuse traffic.
+                    counters["cuda_graph_capture_failures"] += 1
+                    log.exception("CUDA graph capture failed; decode steps run eagerly")
+                    self.graphs = None
+            else:
+                log.warning("CUDA graphs need the triton attention backend; %s runs decode steps eagerly",
+                            self.attn.name)
+        log.info("rank %d: %d KV blocks of %d tokens (%.1f MiB), attention backend %s, CUDA graphs %s", tp().rank,
+                 self.layout.num_blocks, config.block_size, self.layout.total_bytes / 2**20, self.attn.name,
+                 "on" if self.graphs else "off")
 
     def _plan_num_blocks(self) -> int:
         cfg, mc = self.config, self.config.model_config
@@ -131,6 +149,7 @@ class ModelRunner:
 
     def release(self) -> None:
         """Drop the model and the KV cache (on shutdown), returning GPU memory to the device."""
+        self.graphs = None
         self.model = None  # type: ignore[assignment]
         self.kv_cache = None  # type: ignore[assignment]
         if self.device.type == "cuda":
@@ -139,21 +158,36 @@ class ModelRunner:
             gc.collect()
             torch.cuda.empty_cache()
 
+    def forward_logits(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                       meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions [T] -> logits [T, vocab] float32 of every row (the decode graphs' body)."""
+        self.attn.prepare(meta)
+        ctx = StepContext(positions, meta, self.kv_cache, self.attn, self.rope)
+        return self.model.compute_logits(self.model(input_ids, ctx))
+
+    def _to_device(self, a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(a)
+        if self.device.type == "cuda":
+            # NOTE: from pinned memory the copy is truly asynchronous; the caching host allocator keeps the
+            # buffer alive until the copy is done.
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
     @torch.inference_mode()
     def execute(self, inp: StepInput) -> torch.Tensor:
         """Run one forward over the batch; returns logits [N, vocab] float32 for inp.logits_indices."""
-        dev = self.device
+        if self.graphs is not None and self.graphs.can_run(inp):
+            return self.graphs.run(inp)
+        dev = self._to_device
         meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(inp.slot_mapping).to(dev, non_blocking=True),
-            query_start_loc=torch.from_numpy(inp.query_start_loc).to(dev, non_blocking=True),
-            seq_lens=torch.from_numpy(inp.seq_lens).to(dev, non_blocking=True),
-            block_tables=torch.from_numpy(inp.block_tables).to(dev, non_blocking=True),
+            slot_mapping=dev(inp.slot_mapping),
+            query_start_loc=dev(inp.query_start_loc),
+            seq_lens=dev(inp.seq_lens),
+            block_tables=dev(inp.block_tables),
             max_query_len=inp.max_query_len,
             max_seq_len=inp.max_seq_len,
         )
         self.attn.prepare(meta)
-        positions = torch.from_numpy(inp.positions).to(dev, non_blocking=True)  # [T]
-        ctx = StepContext(positions, meta, self.kv_cache, self.attn, self.rope)
-        hidden = self.model(torch.from_numpy(inp.input_ids).to(dev, non_blocking=True), ctx)  # [T, hidden]
-        idx = torch.from_numpy(inp.logits_indices).to(dev, non_blocking=True)  # [N]
-        return self.model.compute_logits(hidden[idx])  # [N, vocab]
+        ctx = StepContext(dev(inp.positions), meta, self.kv_cache, self.attn, self.rope)
+        hidden = self.model(dev(inp.input_ids), ctx)  # [T, hidden]
+        return self.model.compute_logits(hidden[dev(inp.logits_indices)])  # [N, vocab]

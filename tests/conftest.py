@@ -17,6 +17,19 @@ from engine import LLMEngine
 from tests.model_factory import make_tiny_model
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests skip without CUDA, except `interpretable` ones under Triton's CPU interpreter."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not (interpret and "interpretable" in item.keywords):
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.Path]:
     """Tiny GQA checkpoints: llama, qwen2 (q/k/v bias), mistral, llama with tied embeddings + llama3 rope."""
@@ -31,6 +44,13 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.Path]:
                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
         ),
     }
+
+
+def device_for_tp(size: int) -> str:
+    """"cuda" when the machine has `size` GPUs, else "cpu" (a TP test then runs over gloo instead of NCCL)."""
+    import torch
+
+    return "cuda" if torch.cuda.device_count() >= size else "cpu"
 
 
 def assert_all_free(engine: LLMEngine) -> None:

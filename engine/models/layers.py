@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.models import fused_ops
 from engine.parallel import all_gather_last_dim, all_reduce, tp
 
 
@@ -92,7 +93,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = _set_loader(nn.Parameter(torch.ones(dim, dtype=dtype), False), _copy_loader)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, dim] -> [T, dim]
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, dim] -> normalised [T, dim]. With `residual` [T, dim]: first residual += x (in place), then
+        normalise the sum (the decoder's add-then-norm, fused on CUDA)."""
+        if fused_ops.enabled(x):
+            return fused_ops.add_rms_norm(x, residual, self.weight, self.eps)
+        if residual is not None:
+            x = residual.add_(x)
         # NOTE: statistics in float32, then cast back before the weight: this matches the HF reference bit
         # for bit in float32 and within rounding in half precision.
         xf = x.float()
@@ -105,5 +112,7 @@ def _copy_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: int) -> No
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I]
+    if fused_ops.enabled(x):
+        return fused_ops.silu_and_mul(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up

@@ -7,6 +7,7 @@ import math
 import torch
 
 from engine.model_config import RopeConfig
+from engine.models import fused_ops
 
 
 def inv_frequencies(head_dim: int, rope: RopeConfig) -> torch.Tensor:  # -> [head_dim // 2] float32
@@ -39,7 +40,11 @@ class RotaryEmbedding:
         self.sin = emb.sin().to(dtype=dtype, device=device)  # [P, D]
 
     def apply(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T]; q [T, Hq, D]; k [T, Hkv, D] -> rotated q, k (new tensors)."""
+        """positions [T]; q [T, Hq, D]; k [T, Hkv, D] -> rotated q, k (on CUDA rotated in place, else new
+        tensors)."""
+        if fused_ops.enabled(q):
+            fused_ops.rope_(positions, q, k, self.cos, self.sin)
+            return q, k
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1)  # [T, 1, D]
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

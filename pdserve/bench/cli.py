@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-output", type=int, help="trace: cap output lengths")
     p.add_argument("--slo-ttft-ms", type=float, default=500.0)
     p.add_argument("--slo-tpot-ms", type=float, default=50.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="workload seed; a sweep's i-th rate uses seed + i, so no run reuses another's prompts")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--out", default="bench/out", help="directory for results.json, cdf.png, goodput.png")
     p.add_argument("--no-progress", action="store_true")
@@ -43,14 +44,14 @@ def main(args: argparse.Namespace) -> int:
     vocab, max_len = info.vocab_size, info.max_model_len
     rates = [float(r) for r in args.rates.split(",")] if args.rates else [args.rate]
     runs = []
-    for rate in rates:
+    for i, rate in enumerate(rates):
         if args.trace:
             work = workload.mooncake_trace(args.trace, args.num_requests, vocab, args.time_scale,
                                            args.tokens_per_block, args.output_scale, args.max_output,
                                            max_input=max_len - 1 - (args.max_output or 0))
         else:
             work = workload.poisson(args.num_requests, rate, workload.Distribution(args.input_len),
-                                    workload.Distribution(args.output_len), vocab, args.seed, args.prefix_groups,
+                                    workload.Distribution(args.output_len), vocab, args.seed + i, args.prefix_groups,
                                     args.prefix_len)
         results, elapsed = asyncio.run(runner.run(args.target, work, args.duration,
                                                   temperature=args.temperature, progress=not args.no_progress))

@@ -12,7 +12,7 @@ import pytest
 
 from engine import EngineConfig, LLMEngine, SamplingParams
 from kv_transfer import KVConsumer, KVHandle, KVReleasedError, PeerGoneError, TransferConfig, TransferTimeoutError
-from tests.conftest import assert_all_free
+from tests.conftest import assert_all_free, device_for_tp
 from tests.kv_transfer.prefill_process import PrefillProcess
 from tests.model_factory import hf_greedy, random_prompts
 
@@ -30,6 +30,7 @@ def consumer_factory() -> Iterator:
     def make(model: pathlib.Path, cfg: TransferConfig | None = None, **kwargs: object) -> KVConsumer:
         kwargs.setdefault("dtype", "float32")
         kwargs.setdefault("kv_cache_memory_bytes", 64 << 20)
+        kwargs.setdefault("device", device_for_tp(2))
         engine = LLMEngine(EngineConfig(model=str(model), **kwargs))  # type: ignore[arg-type]
         consumer = KVConsumer(engine, "decode", cfg)
         made.append(consumer)
@@ -51,6 +52,7 @@ def prefill_factory() -> Iterator:
     def make(model: pathlib.Path, cfg_kwargs: dict[str, object] | None = None, **kwargs: object) -> PrefillProcess:
         kwargs.setdefault("dtype", "float32")
         kwargs.setdefault("kv_cache_memory_bytes", 64 << 20)
+        kwargs.setdefault("device", device_for_tp(2))
         p = PrefillProcess(str(model), kwargs, cfg_kwargs)
         made.append(p)
         return p

@@ -1,0 +1,68 @@
+"""Compare two `pdserve bench` rate sweeps (results.json): disaggregated against aggregated.
+
+    python bench/compare_goodput.py DISAGG/results.json AGGREGATED/results.json [--json out.json]
+
+Per offered rate: goodput (requests/s meeting both SLOs, per request), p90 TTFT and p90 TPOT of each setup.
+Then two summary ratios:
+  - peak goodput: the best goodput of the sweep, disaggregated / aggregated;
+  - SLO capacity: the highest offered rate at which p90 TTFT and p90 TPOT both meet the SLOs (0 if none);
+and the p90 TPOT reduction (1 - disaggregated / aggregated) at every rate where both met the TTFT SLO.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def _load(path: str) -> dict[float, dict[str, Any]]:
+    with open(path) as f:
+        return {run["rate"]: run["summary"] for run in json.load(f)["runs"]}
+
+
+def _capacity(runs: dict[float, dict[str, Any]]) -> float:
+    ok = [r for r, s in runs.items() if s["ttft_s_90"] <= s["slo"]["ttft_s"] and s["tpot_s_90"] <= s["slo"]["tpot_s"]]
+    return max(ok, default=0.0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("disagg")
+    ap.add_argument("aggregated")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    d, a = _load(args.disagg), _load(args.aggregated)
+    rows, reductions = [], []
+    print("| rate req/s | goodput D | goodput A | p90 TTFT D ms | p90 TTFT A ms | p90 TPOT D ms | p90 TPOT A ms |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for rate in sorted(set(d) & set(a)):
+        sd, sa = d[rate], a[rate]
+        row = {"rate": rate, "goodput_d": sd["goodput"], "goodput_a": sa["goodput"],
+               "ttft90_d": sd["ttft_s_90"], "ttft90_a": sa["ttft_s_90"],
+               "tpot90_d": sd["tpot_s_90"], "tpot90_a": sa["tpot_s_90"]}
+        rows.append(row)
+        print(f"| {rate:g} | {sd['goodput']:.2f} | {sa['goodput']:.2f} | {1e3 * sd['ttft_s_90']:.0f} | "
+              f"{1e3 * sa['ttft_s_90']:.0f} | {1e3 * sd['tpot_s_90']:.1f} | {1e3 * sa['tpot_s_90']:.1f} |")
+        if max(sd["ttft_s_90"], sa["ttft_s_90"]) <= sd["slo"]["ttft_s"] and sa["tpot_s_90"] > 0:
+            reductions.append((rate, 1 - sd["tpot_s_90"] / sa["tpot_s_90"]))
+    peak_d, peak_a = max(s["goodput"] for s in d.values()), max(s["goodput"] for s in a.values())
+    cap_d, cap_a = _capacity(d), _capacity(a)
+    summary = {
+        "rows": rows, "peak_goodput_d": peak_d, "peak_goodput_a": peak_a,
+        "peak_goodput_ratio": peak_d / peak_a if peak_a else None,
+        "slo_capacity_d": cap_d, "slo_capacity_a": cap_a, "slo_capacity_ratio": cap_d / cap_a if cap_a else None,
+        "p90_tpot_reduction_by_rate": dict(reductions),
+    }
+    print(f"\npeak goodput: disaggregated {peak_d:.2f} req/s, aggregated {peak_a:.2f} req/s "
+          f"(ratio {summary['peak_goodput_ratio'] or float('nan'):.2f})")
+    print(f"SLO capacity (p90 TTFT and p90 TPOT met): disaggregated {cap_d:g} req/s, aggregated {cap_a:g} req/s")
+    for rate, red in reductions:
+        print(f"p90 TPOT at {rate:g} req/s: {100 * red:.0f}% lower disaggregated")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Fused elementwise kernels for CUDA (Triton): residual-add + RMSNorm, rotary embedding in place, SiLU-and-mul.
+
+Each replaces several PyTorch kernels (RMSNorm alone is seven: cast, pow, mean, add, rsqrt, mul, cast, mul) with
+one pass over memory. They keep the reference's rounding points: the residual sum is rounded to the model dtype
+before it is normalised, and statistics are float32. The PyTorch versions in layers.py / rotary.py remain the
+reference and the CPU path; `enabled(x)` says which one a tensor gets.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+# NOTE: opt-out for A/B measurements (PDSERVE_FUSED_OPS=0), not a correctness switch.
+_WANTED = os.environ.get("PDSERVE_FUSED_OPS", "1") != "0"
+
+if _HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, eps,
+                             N: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        i = tl.arange(0, BLOCK)
+        ok = i < N
+        x = tl.load(x_ptr + row * stride_x + i, mask=ok, other=0.0)
+        if HAS_RES:
+            x = (x.to(tl.float32) + tl.load(res_ptr + row * stride_r + i, mask=ok, other=0.0).to(tl.float32))
+            x = x.to(res_ptr.dtype.element_ty)
+            tl.store(res_ptr + row * stride_r + i, x, mask=ok)  # the new residual stream
+        xf = x.to(tl.float32)
+        inv = tl.rsqrt(tl.sum(xf * xf, 0) / N + eps)
+        w = tl.load(w_ptr + i, mask=ok)
+        tl.store(out_ptr + row * stride_o + i, w * (xf * inv).to(w.dtype), mask=ok)
+
+    @triton.jit
+    def _rotate_heads(base, t, stride_t, stride_h, n, c, s, h, j, jok, HALF: tl.constexpr):
+        ok = (h[:, None] < n) & jok[None, :]
+        p = base + t * stride_t + h[:, None] * stride_h + j[None, :]  # [BLOCK_H, BLOCK_HALF]: first halves
+        x1 = tl.load(p, mask=ok, other=0.0).to(tl.float32)
+        x2 = tl.load(p + HALF, mask=ok, other=0.0).to(tl.float32)
+        tl.store(p, (x1 * c[None, :] - x2 * s[None, :]).to(base.dtype.element_ty), mask=ok)
+        tl.store(p + HALF, (x2 * c[None, :] + x1 * s[None, :]).to(base.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _rope_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
+                     stride_c, NUM_Q: tl.constexpr, NUM_K: tl.constexpr, BLOCK_H: tl.constexpr,
+                     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        pos = tl.load(pos_ptr + t)
+        j = tl.arange(0, BLOCK_HALF)
+        jok = j < HALF
+        c = tl.load(cos_ptr + pos * stride_c + j, mask=jok, other=0.0).to(tl.float32)  # [BLOCK_HALF]
+        s = tl.load(sin_ptr + pos * stride_c + j, mask=jok, other=0.0).to(tl.float32)
+        h = tl.arange(0, BLOCK_H)
+        _rotate_heads(q_ptr, t, stride_qt, stride_qh, NUM_Q, c, s, h, j, jok, HALF)
+        _rotate_heads(k_ptr, t, stride_kt, stride_kh, NUM_K, c, s, h, j, jok, HALF)
+
+    @triton.jit
+    def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, N: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < N
+        gate = tl.load(x_ptr + row * stride_x + i, mask=ok, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + row * stride_x + N + i, mask=ok, other=0.0)
+        act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)  # silu, rounded as F.silu's output is
+        tl.store(out_ptr + row * stride_o + i, act * up, mask=ok)
+
+
+def enabled(x: torch.Tensor) -> bool:
+    return _HAS_TRITON and _WANTED and x.is_cuda
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> torch.Tensor:
+    """x [T, N] (+ residual [T, N], updated in place to x + residual) -> normalised [T, N]."""
+    out = torch.empty_like(x)
+    res = residual if residual is not None else x
+    _add_rms_norm_kernel[(x.shape[0],)](x, res, weight, out, x.stride(0), res.stride(0), out.stride(0), eps,
+                                        N=x.shape[1], BLOCK=_pow2(x.shape[1]), HAS_RES=residual is not None,
+                                        num_warps=8 if x.shape[1] >= 4096 else 4)
+    return out
+
+
+def rope_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate q [T, Hq, D] and k [T, Hkv, D] in place ("rotate half"); cos/sin [P, D] tables (halves equal)."""
+    heads, half = max(q.shape[1], k.shape[1]), q.shape[2] // 2
+    _rope_kernel[(q.shape[0],)](q, k, positions, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                                cos.stride(0), NUM_Q=q.shape[1], NUM_K=k.shape[1], BLOCK_H=_pow2(heads),
+                                HALF=half, BLOCK_HALF=_pow2(half))
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I]
+    n = x.shape[1] // 2
+    out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    block = 1024
+    _silu_mul_kernel[(x.shape[0], triton.cdiv(n, block))](x, out, x.stride(0), out.stride(0), N=n, BLOCK=block)
+    return out
