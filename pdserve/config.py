@@ -72,6 +72,8 @@ class ServingConfig:
     dtype: str = "auto"
     block_size: int = 16
     device: str = "auto"
+    attention_backend: str = "auto"  # auto | torch | triton | flash-attn
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     pools: PoolsConfig = field(default_factory=PoolsConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     placement: PlacementPolicy = field(default_factory=PlacementPolicy)
@@ -88,6 +90,11 @@ class ServingConfig:
             raise ConfigError(f"load_format: {self.load_format!r} is not one of auto, safetensors, dummy")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype: {self.dtype!r} is not one of auto, float32, bfloat16, float16")
+        from engine.attention import BACKEND_NAMES
+
+        if self.attention_backend not in (*BACKEND_NAMES, "auto"):
+            raise ConfigError(f"attention_backend: {self.attention_backend!r} is not one of auto, "
+                              f"{', '.join(BACKEND_NAMES)}")
         self.pools.prefill.check("pools.prefill", 0)  # 0 prefill replicas = aggregated serving
         self.pools.decode.check("pools.decode", 1)
         for key, value in (("scheduler.max_num_seqs", self.scheduler.max_num_seqs),

@@ -30,6 +30,7 @@ SERVICE = pdserve_pb2.DESCRIPTOR.services_by_name["PDServe"].full_name
 def engine_kwargs(cfg: ServingConfig, tp: int) -> dict[str, Any]:
     s = cfg.scheduler
     return {"model": cfg.model, "dtype": cfg.dtype, "load_format": cfg.load_format, "device": cfg.device,
+            "attention_backend": cfg.attention_backend, "enforce_eager": cfg.enforce_eager,
             "block_size": cfg.block_size, "tensor_parallel_size": tp, "max_num_seqs": s.max_num_seqs,
             "max_num_batched_tokens": s.max_num_batched_tokens, "max_model_len": s.max_model_len,
             "kv_cache_memory_bytes": s.kv_cache_memory_bytes, "gpu_memory_utilization": s.gpu_memory_utilization}
@@ -162,7 +163,8 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
     await server.start()  # health answers NOT_SERVING while the pools start
     try:
         await asyncio.to_thread(cluster.start_pools)
-        engine_config = EngineConfig(**engine_kwargs(cfg, 1) | {"device": "cpu", "load_format": "dummy"})
+        engine_config = EngineConfig(**engine_kwargs(cfg, 1) | {"device": "cpu", "load_format": "dummy",
+                                                                  "attention_backend": "auto"})
         router.target = RouterService(engine_config, store, cfg.placement, cluster.ray_namespace,
                                       cfg.server.max_inflight)
         for name in ("", SERVICE):

@@ -72,6 +72,10 @@ def engine_factory() -> Iterator:
 
     def make(model: pathlib.Path, **kwargs: object) -> LLMEngine:
         kwargs.setdefault("dtype", "float32")
+        if "num_kv_blocks" not in kwargs:
+            # NOTE: a test may hold several engines at once; on a GPU the default budget (a share of free memory)
+            # would let the first take the whole device.
+            kwargs.setdefault("kv_cache_memory_bytes", 64 << 20)
         engine = LLMEngine(EngineConfig(model=str(model), **kwargs))  # type: ignore[arg-type]
         made.append(engine)
         return engine

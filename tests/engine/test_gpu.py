@@ -78,13 +78,16 @@ def test_bf16_decode_tracks_the_float32_run(models: dict[str, pathlib.Path]) -> 
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_tp2_nccl_with_graphs_equals_tp1(models: dict[str, pathlib.Path]) -> None:
+def test_tp2_nccl_equals_tp1(models: dict[str, pathlib.Path]) -> None:
+    """TP 2 over NCCL (Triton attention, eager decode: graphs are off for TP > 1) against TP 1 with graphs."""
     model = models["qwen2"]
     prompts = random_prompts(5, [1, 17, 64, 130, 200], 512, seed=303)
     tp1, llm = _generate(model, prompts, 24, device="cuda")
+    assert llm.engine.executor.runner.graphs is not None
     llm.shutdown()
     tp2, llm = _generate(model, prompts, 24, device="cuda", tensor_parallel_size=2)
-    assert llm.engine.executor.runner.graphs.replays > 0
+    assert llm.engine.executor.runner.graphs is None
+    assert llm.engine.executor.runner.attn.name == "triton"
     assert_all_free(llm.engine)
     llm.shutdown()
     assert tp2 == tp1

@@ -43,6 +43,8 @@ def merge(base: dict, edit: dict) -> None:
         ({"server": {"port": 70000}}, r"server\.port"),
         ({"metastore": "redis://x"}, r"metastore: expected a mapping"),
         ({"dtype": "int4"}, r"dtype: 'int4'"),
+        ({"attention_backend": "cudnn"}, r"attention_backend: 'cudnn' is not one of auto, torch, triton"),
+        ({"enforce_eager": "yes"}, r"enforce_eager: 'yes' is not a bool"),
     ],
 )
 def test_errors_name_their_key(tmp_path: pathlib.Path, edit: dict, message: str) -> None:
