@@ -18,22 +18,13 @@ import time
 
 import torch
 import torch.nn.functional as F
+from gpu_baselines import copy_bandwidth, report, time_cuda  # bench/, the script's folder
 
 from engine.attention import AttentionMetadata
 from engine.attention.triton_backend import TritonPagedAttention
 from engine.kv_cache import KVCache, KVLayout
 
 HQ, HKV, D, BS = 32, 8, 128, 16
-
-
-def _time(fn, reps: int = 20) -> float:  # type: ignore[no-untyped-def]
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / reps
 
 
 def _time_graph(fn, reps: int = 20) -> float:  # type: ignore[no-untyped-def]
@@ -44,14 +35,7 @@ def _time_graph(fn, reps: int = 20) -> float:  # type: ignore[no-untyped-def]
     with torch.cuda.graph(graph):
         for _ in range(reps):
             fn()
-    return _time(graph.replay, 5) / reps
-
-
-def _copy_bandwidth() -> float:
-    """Bytes read + written per second by a 2 GiB device-to-device copy."""
-    src = torch.empty(1 << 30, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    return 4 * src.numel() / _time(lambda: dst.copy_(src))
+    return time_cuda(graph.replay, 5) / reps
 
 
 def _setup(seq_lens: list[int], q_lens: list[int]) -> tuple[KVCache, AttentionMetadata, torch.Tensor]:
@@ -84,7 +68,7 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     res: dict = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
-    res["copy_GBps"] = _copy_bandwidth() / 1e9
+    res["copy_GBps"] = copy_bandwidth() / 1e9
 
     L = args.prefill_len
     cache, meta, q = _setup([L], [L])
@@ -92,7 +76,7 @@ def main() -> None:
     kv = torch.randn(L, HKV, D, dtype=torch.bfloat16, device="cuda")
     flops = 4 * HQ * D * L * (L + 1) / 2
     qs, kvs = q.transpose(0, 1).unsqueeze(0), kv.transpose(0, 1).unsqueeze(0)  # [1, H, L, D]
-    t_sdpa = _time(lambda: F.scaled_dot_product_attention(qs, kvs, kvs, is_causal=True, enable_gqa=True))
+    t_sdpa = time_cuda(lambda: F.scaled_dot_product_attention(qs, kvs, kvs, is_causal=True, enable_gqa=True))
     res["prefill"] = {"tokens": L, "sdpa_TFLOPs": flops / t_sdpa / 1e12}
     configs = [attn.prefill_cfg]
     if args.sweep:
@@ -103,7 +87,7 @@ def main() -> None:
         attn.prefill_cfg = cfg
         attn.prepare(meta)
         try:
-            t = _time(lambda: attn.forward(0, q, kv, kv, cache, meta), 10)
+            t = time_cuda(lambda: attn.forward(0, q, kv, kv, cache, meta), 10)
         except Exception as e:  # a tile configuration that does not fit in shared memory
             sweep[str(cfg)] = f"failed: {type(e).__name__}"
             continue
@@ -126,10 +110,7 @@ def main() -> None:
         res["decode"][b] = {"us": t * 1e6, "of_floor": kv_bytes / t / (res["copy_GBps"] * 1e9),
                             "sdpa_us": t_sdpa * 1e6, "splits": attn.decode_splits(b)}
         print(f"decode batch {b}: {json.dumps(res['decode'][b])}", flush=True)
-    print(json.dumps(res, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+    report(res, args.json)
 
 
 if __name__ == "__main__":

@@ -29,35 +29,10 @@ import time
 from typing import Any
 
 import torch
+from gpu_baselines import copy_bandwidth, matmul_rate, report, time_cuda  # bench/, the script's folder
 
 from engine import EngineConfig, LLMEngine, SamplingParams
 from pdserve.dummy_model import write_dummy_model
-
-
-def _time_cuda(fn: Any, reps: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / reps
-
-
-def copy_bandwidth() -> float:
-    """Bytes read + written per second by a 2 GiB device-to-device copy."""
-    n = 1 << 30
-    src = torch.empty(n, dtype=torch.bfloat16, device="cuda")  # [n]: 2 GiB
-    dst = torch.empty_like(src)
-    t = _time_cuda(lambda: dst.copy_(src), 20)
-    return 2 * src.numel() * src.element_size() / t
-
-
-def matmul_rate() -> float:
-    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")  # [M, K]
-    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")  # [K, N]
-    t = _time_cuda(lambda: a @ b, 20)
-    return 2 * 8192**3 / t
 
 
 def transformers_decode(model_dir: str, batches: list[int], prompt_len: int, steps: int) -> dict[int, float]:
@@ -77,8 +52,8 @@ def transformers_decode(model_dir: str, batches: list[int], prompt_len: int, ste
                            do_sample=False, pad_token_id=0)
 
         gen(2)
-        t1 = _time_cuda(lambda gen=gen: gen(1), 2)
-        tn = _time_cuda(lambda gen=gen: gen(1 + steps), 1)
+        t1 = time_cuda(lambda gen=gen: gen(1), 2)
+        tn = time_cuda(lambda gen=gen: gen(1 + steps), 1)
         out[b] = b * steps / (tn - t1)
         print(f"transformers batch {b}: {out[b]:.1f} tok/s", flush=True)
     return out
@@ -214,10 +189,7 @@ def main() -> None:
         if args.profile:
             profile(engine, args.profile, args.prefill_len, max(args.batches))
         engine.shutdown()
-    print(json.dumps(res, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+    report(res, args.json)
 
 
 if __name__ == "__main__":
