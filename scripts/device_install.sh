@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs ray, redis (client), nixl + nixl-cu13 and a bundled redis-server on the GPU machine, which has no
-# network, from the bundle parts in .devpkg/ (ignored by git; carried into the working copy call by call).
+# network, from the bundle parts in .devpkg/ (ignored by git; built by scripts/device_bundle/build.sh and
+# carried into the working copy call by call: name each .devpkg/part-* and .devpkg/MANIFEST in `carry`).
 #
 #   bash scripts/device_install.sh stash     copy the .devpkg/part-* present here (and MANIFEST) to /tmp/devpkg
 #   bash scripts/device_install.sh install   stash, check every part in MANIFEST by sha256, unpack into
