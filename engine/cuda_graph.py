@@ -78,7 +78,10 @@ class DecodeGraphs:
                  time.perf_counter() - t0)
 
     def can_run(self, inp: StepInput) -> bool:
-        return inp.max_query_len == 1 and len(inp.seq_lens) <= self.buckets[-1]
+        """A decode-only step whose every row samples. NOTE: a 1-token chunk of an unfinished prompt also has
+        max_query_len 1 but samples nothing; such a step runs eagerly."""
+        n = len(inp.seq_lens)
+        return inp.max_query_len == 1 and n <= self.buckets[-1] and len(inp.logits_indices) == n
 
     def run(self, inp: StepInput) -> torch.Tensor:
         """Replay the decode step `inp` (every request one token, all at their end); returns [n, vocab]."""
@@ -102,5 +105,4 @@ class DecodeGraphs:
         self.graphs[b].replay()
         self.replay_host_s += time.perf_counter() - t0
         self.replays += 1
-        assert len(inp.logits_indices) == n, "a decode step samples every row"
         return self.logits[b][:n]  # [n, vocab]

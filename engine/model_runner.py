@@ -94,7 +94,8 @@ class ModelRunner:
             element_size=torch.empty((), dtype=config.torch_dtype).element_size(),
         )
         self.kv_cache = KVCache(self.layout, config.torch_dtype, self.device)
-        backend_cls = select_backend(config.attention_backend, config.device, config.block_size, mc.head_dim)
+        backend_cls = select_backend(config.attention_backend, config.device, config.block_size, mc.head_dim,
+                                     config.torch_dtype)
         self.attn = backend_cls(mc.num_attention_heads // size, self.num_kv_heads, mc.head_dim,
                                 mc.head_dim**-0.5, config.block_size)
         assert config.max_model_len is not None

@@ -7,6 +7,8 @@ import importlib.util
 import logging
 import os
 
+import torch
+
 from engine.attention.backend import AttentionBackend, AttentionMetadata
 from engine.attention.torch_ref import TorchPagedAttention
 
@@ -25,7 +27,8 @@ def _triton_unusable(device: str) -> str | None:
     return None
 
 
-def select_backend(name: str, device: str, block_size: int, head_dim: int) -> type[AttentionBackend]:
+def select_backend(name: str, device: str, block_size: int, head_dim: int,
+                   dtype: torch.dtype = torch.bfloat16) -> type[AttentionBackend]:
     """The backend class for `attention_backend`. "auto": flash-attn if installed and the block size suits it,
     else Triton on CUDA, else the PyTorch reference. An explicit name that cannot run raises ValueError."""
     from engine.attention.flash_attn_backend import FlashAttnPagedAttention
@@ -35,7 +38,7 @@ def select_backend(name: str, device: str, block_size: int, head_dim: int) -> ty
     if name == "auto":
         if device != "cuda":
             return TorchPagedAttention
-        if FlashAttnPagedAttention.supports(block_size, head_dim) is None:
+        if FlashAttnPagedAttention.supports(device, dtype, block_size, head_dim) is None:
             return FlashAttnPagedAttention
         why = _triton_unusable(device)
         if why is None:
@@ -48,7 +51,7 @@ def select_backend(name: str, device: str, block_size: int, head_dim: int) -> ty
     if name == "torch":
         return TorchPagedAttention
     if name == "flash-attn":
-        why = FlashAttnPagedAttention.supports(block_size, head_dim)
+        why = FlashAttnPagedAttention.supports(device, dtype, block_size, head_dim)
         if why is not None:
             raise ValueError(f"attention_backend: flash-attn cannot run here: {why}")
         return FlashAttnPagedAttention

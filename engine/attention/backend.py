@@ -21,7 +21,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64: block_id * block_size + offset, where each new token's K/V goes
     query_start_loc: torch.Tensor  # [B + 1] int32
     seq_lens: torch.Tensor  # [B] int32: context length including this step's tokens
-    block_tables: torch.Tensor  # [B, max_blocks] int32 (padded with 0; padding is never attended)
+    block_tables: torch.Tensor  # [B, max_blocks] int32; entries past a sequence's blocks are never read
     max_query_len: int
     max_seq_len: int
 
@@ -55,7 +55,9 @@ class AttentionBackend(ABC):
 
 
 def write_kv(kv_cache: KVCache, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Scatter this step's K/V ([T, Hkv, D] each) into the paged cache at `slot_mapping` ([T])."""
+    """Scatter this step's K/V ([T, Hkv, D] each) into the paged cache at `slot_mapping` ([T]).
+    NOTE: every slot must be >= 0 here; padding slots (-1) exist only in CUDA-graph steps, which need the
+    Triton backend (its store kernel skips them)."""
     bs = kv_cache.layout.block_size
     blocks = slot_mapping // bs  # [T]
     offsets = slot_mapping % bs  # [T]

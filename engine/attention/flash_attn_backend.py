@@ -26,8 +26,12 @@ class FlashAttnPagedAttention(AttentionBackend):
     name = "flash-attn"
 
     @staticmethod
-    def supports(block_size: int, head_dim: int) -> str | None:
+    def supports(device: str, dtype: torch.dtype, block_size: int, head_dim: int) -> str | None:
         """None if this backend can serve the configuration, else the reason it cannot."""
+        if device != "cuda":
+            return f"flash-attn needs a CUDA device (device is {device})"
+        if dtype not in (torch.float16, torch.bfloat16):
+            return f"flash-attn needs float16 or bfloat16 (dtype is {dtype})"
         if not flash_attn_available():
             return "flash-attn is not installed (pip install 'pdserve[flash-attn]')"
         if block_size % 256:

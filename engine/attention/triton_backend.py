@@ -25,8 +25,8 @@ class TritonPagedAttention(AttentionBackend):
         super().__init__(num_heads, num_kv_heads, head_dim, scale, block_size)
         self.group = num_heads // num_kv_heads
         self.block_d = max(16, _pow2(head_dim))
-        # Decode tiles hold one token's GROUP heads (at least 16 rows, tl.dot's minimum); prefill tiles are
-        # 128 rows. BLOCK_N spans whole pages so a page's rows are contiguous in the gathered tile.
+        # Decode tiles hold one token's GROUP heads (at least 16 rows, tl.dot's minimum); prefill tiles hold
+        # 64 rows. BLOCK_N spans whole pages so a page's rows are contiguous in the gathered tile.
         # (BLOCK_M, BLOCK_N, num_warps, num_stages). The prefill one won bench/attention_kernels.py --sweep on an
         # H100 (2026-11-22): 350 TFLOP/s at 8k tokens against 335 for (128, 64, 8, 2).
         self.decode_cfg = (max(16, _pow2(self.group)), max(64, block_size), 4, 2)

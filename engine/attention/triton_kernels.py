@@ -65,7 +65,7 @@ def _attend_tile(
         v = tl.load(vc_ptr + row[:, None] + d[None, :], mask=d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
     s = tl.dot(q, kt, input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N], in log2 units
     if MASKED:
-        s = tl.where(n[None, :] <= pos[:, None], s, float("-inf"))
+        s = tl.where((n[None, :] <= pos[:, None]) & n_ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))  # [BLOCK_M]
     p = tl.exp2(s - m_new[:, None])  # [BLOCK_M, BLOCK_N]
     alpha = tl.exp2(m_i - m_new)  # [BLOCK_M]
@@ -154,7 +154,7 @@ def paged_decode_split_kernel(
     seq_len = tl.load(seq_lens_ptr + b)
     chunk = tl.cdiv(tl.cdiv(seq_len, SPLITS), BLOCK_N) * BLOCK_N
     lo = split * chunk
-    hi = tl.minimum(lo + chunk, seq_len)
+    hi = tl.maximum(tl.minimum(lo + chunk, seq_len), lo)  # an empty split has hi == lo
     m = tl.arange(0, BLOCK_M)
     g = m % GROUP
     row_ok = m < GROUP

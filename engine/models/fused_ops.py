@@ -1,9 +1,11 @@
 """Fused elementwise kernels for CUDA (Triton): residual-add + RMSNorm, rotary embedding in place, SiLU-and-mul.
 
 Each replaces several PyTorch kernels (RMSNorm alone is seven: cast, pow, mean, add, rsqrt, mul, cast, mul) with
-one pass over memory. They keep the reference's rounding points: the residual sum is rounded to the model dtype
-before it is normalised, and statistics are float32. The PyTorch versions in layers.py / rotary.py remain the
-reference and the CPU path; `enabled(x)` says which one a tensor gets.
+one pass over memory. RMSNorm keeps the reference's rounding points (the residual sum is rounded to the model
+dtype before it is normalised; statistics are float32). RoPE computes in float32 and rounds once, where the
+reference rounds after each multiply and add, so half-precision results differ by rounding. The PyTorch
+versions in layers.py / rotary.py remain the reference and the CPU path; `enabled(x)` says which one a tensor
+gets.
 """
 
 from __future__ import annotations

@@ -30,10 +30,12 @@ def test_triton_on_cpu_names_the_reason(monkeypatch: pytest.MonkeyPatch) -> None
         select_backend("triton", "cpu", 16, 64)
 
 
-def test_flash_attn_refuses_small_pages() -> None:
-    why = FlashAttnPagedAttention.supports(16, 128)
+def test_flash_attn_refuses_what_it_cannot_serve() -> None:
+    why = FlashAttnPagedAttention.supports("cuda", torch.bfloat16, 16, 128)
     assert why is not None
     assert ("not installed" in why) if not flash_attn_available() else ("block_size % 256" in why)
+    assert "CUDA device" in (FlashAttnPagedAttention.supports("cpu", torch.bfloat16, 256, 128) or "")
+    assert "float16 or bfloat16" in (FlashAttnPagedAttention.supports("cuda", torch.float32, 256, 128) or "")
     with pytest.raises(ValueError, match="flash-attn cannot run here"):
         select_backend("flash-attn", "cuda", 16, 128)
 

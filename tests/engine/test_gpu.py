@@ -91,3 +91,16 @@ def test_tp2_nccl_equals_tp1(models: dict[str, pathlib.Path]) -> None:
     assert_all_free(llm.engine)
     llm.shutdown()
     assert tp2 == tp1
+
+
+def test_one_token_prefill_chunks_beside_decodes(models: dict[str, pathlib.Path]) -> None:
+    """A 4-token budget makes steps of decodes plus a 1-token chunk of an unfinished prompt: max_query_len 1,
+    but not every row samples, so the step must not replay a decode graph."""
+    model = models["llama"]
+    prompts = random_prompts(4, [9, 6, 7, 5], 512, seed=304)
+    cpu, llm = _generate(model, prompts, 8, device="cpu", max_num_batched_tokens=4, max_num_seqs=4)
+    llm.shutdown()
+    gpu, llm = _generate(model, prompts, 8, device="cuda", max_num_batched_tokens=4, max_num_seqs=4)
+    assert_all_free(llm.engine)
+    llm.shutdown()
+    assert gpu == cpu
