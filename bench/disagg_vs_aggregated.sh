@@ -29,4 +29,8 @@ $pdserve bench --target "$target" --rate 1 --num-requests 4 --input-len "${INPUT
 $pdserve bench --target "$target" --rates "$rates" --num-requests "${NUM_REQUESTS:-200}" \
   --duration "${DURATION:-25}" --input-len "${INPUT_LEN:-normal:3000:300}" --output-len "${OUTPUT_LEN:-fixed:150}" \
   --out "$out" --no-progress
-grep -h -i "transport\|fallback" "$out/serve.err" | sort | uniq -c | head -20 >&2 || true
+# The actors log to Ray's session directory, not to serve.err: keep the KV transport lines (which UCX transport
+# each read used, TCP fallbacks) and the engines' start-up lines (attention backend, CUDA graphs).
+grep -rhi "transport\|fallback\|attention backend\|CUDA graphs" /tmp/ray/session_latest/logs "$out/serve.err" \
+  2>/dev/null | grep -v "^\[" | sed 's/^.*\(INFO\|WARNING\|ERROR\)/\1/' | sort | uniq -c | sort -rn | head -40 >"$out/engine_log.txt" || true
+echo "engine and transport log lines: $out/engine_log.txt" >&2

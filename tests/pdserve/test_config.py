@@ -12,7 +12,8 @@ from pdserve.config import ConfigError, load_config
 DEPLOY = pathlib.Path(__file__).resolve().parents[2] / "deploy" / "ray"
 
 
-@pytest.mark.parametrize("name", ["serving.yaml", "serving-tiny-cpu.yaml"])
+# Every serving YAML we ship (cluster.yaml is Ray's cluster launcher file, not ours).
+@pytest.mark.parametrize("name", sorted(p.name for p in DEPLOY.glob("*.yaml") if p.name != "cluster.yaml"))
 def test_shipped_examples_are_valid(name: str) -> None:
     cfg = load_config(DEPLOY / name)
     assert cfg.pools.decode.replicas >= 1 and cfg.block_size == 16
