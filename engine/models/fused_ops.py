@@ -11,10 +11,12 @@ gets.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 
 import torch
 
+log = logging.getLogger(__name__)
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 # NOTE: opt-out for A/B measurements (PDSERVE_FUSED_OPS=0), not a correctness switch.
 _WANTED = os.environ.get("PDSERVE_FUSED_OPS", "1") != "0"
@@ -73,8 +75,19 @@ if _HAS_TRITON:
         tl.store(out_ptr + row * stride_o + i, act * up, mask=ok)
 
 
+# Times a CUDA tensor took the PyTorch path because Triton is missing (logged once per process).
+counters: dict[str, int] = {"cuda_without_triton": 0}
+
+
 def enabled(x: torch.Tensor) -> bool:
-    return _HAS_TRITON and _WANTED and x.is_cuda
+    if not x.is_cuda:
+        return False
+    if not _HAS_TRITON:
+        if counters["cuda_without_triton"] == 0:
+            log.warning("triton is not installed: the fused CUDA kernels fall back to the PyTorch reference ops")
+        counters["cuda_without_triton"] += 1
+        return False
+    return _WANTED
 
 
 def _pow2(n: int) -> int:
