@@ -164,12 +164,15 @@ class ModelRunner:
             gc.collect()
             torch.cuda.empty_cache()
 
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions [T] -> final hidden states [T, hidden]."""
+        self.attn.prepare(meta)
+        return self.model(input_ids, StepContext(positions, meta, self.kv_cache, self.attn, self.rope))
+
     def forward_logits(self, input_ids: torch.Tensor, positions: torch.Tensor,
                        meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions [T] -> logits [T, vocab] float32 of every row (the decode graphs' body)."""
-        self.attn.prepare(meta)
-        ctx = StepContext(positions, meta, self.kv_cache, self.attn, self.rope)
-        return self.model.compute_logits(self.model(input_ids, ctx))
+        return self.model.compute_logits(self.forward(input_ids, positions, meta))
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(a)
@@ -193,7 +196,5 @@ class ModelRunner:
             max_query_len=inp.max_query_len,
             max_seq_len=inp.max_seq_len,
         )
-        self.attn.prepare(meta)
-        ctx = StepContext(dev(inp.positions), meta, self.kv_cache, self.attn, self.rope)
-        hidden = self.model(dev(inp.input_ids), ctx)  # [T, hidden]
+        hidden = self.forward(dev(inp.input_ids), dev(inp.positions), meta)  # [T, hidden]
         return self.model.compute_logits(hidden[dev(inp.logits_indices)])  # [N, vocab]

@@ -40,6 +40,16 @@ class FlashAttnPagedAttention(AttentionBackend):
             return f"flash-attn needs head_dim % 8 == 0 and <= 256 (head_dim is {head_dim})"
         return None
 
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, block_size: int) -> None:
+        super().__init__(num_heads, num_kv_heads, head_dim, scale, block_size)
+        # NOTE: resolved here, not at import: this module is imported on every machine, flash-attn and Triton
+        # exist only where this backend was selected.
+        from flash_attn import flash_attn_varlen_func
+
+        from engine.attention.triton_backend import store_kv
+
+        self._varlen, self._store = flash_attn_varlen_func, store_kv
+
     def prepare(self, meta: AttentionMetadata) -> None:
         seq_lens = meta.seq_lens  # [B] int32
         self._cu_k = torch.nn.functional.pad(torch.cumsum(seq_lens, 0, dtype=torch.int32), (1, 0))  # [B+1]
@@ -53,16 +63,12 @@ class FlashAttnPagedAttention(AttentionBackend):
         kv_cache: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, Hq, D]
-        from flash_attn import flash_attn_varlen_func
-
-        from engine.attention.triton_backend import store_kv
-
-        store_kv(k, v, kv_cache, layer, meta.slot_mapping)
+        self._store(k, v, kv_cache, layer, meta.slot_mapping)
         kc = kv_cache.k[layer].permute(0, 2, 1, 3)  # [num_blocks, bs, Hkv, D]
         vc = kv_cache.v[layer].permute(0, 2, 1, 3)  # [num_blocks, bs, Hkv, D]
         # NOTE: flash-attn aligns the causal mask to the bottom right when q is shorter than k, which is our
         # semantics: the q_len new tokens are the last q_len of the seq_len-token context.
-        return flash_attn_varlen_func(
+        return self._varlen(
             q, kc, vc, cu_seqlens_q=meta.query_start_loc, cu_seqlens_k=self._cu_k,
             max_seqlen_q=meta.max_query_len, max_seqlen_k=meta.max_seq_len, softmax_scale=self.scale,
             causal=True, block_table=meta.block_tables,

@@ -9,6 +9,12 @@ import math
 import torch
 
 from engine.attention.backend import AttentionBackend, AttentionMetadata
+from engine.attention.triton_kernels import (
+    paged_attention_kernel,
+    paged_decode_split_kernel,
+    reduce_splits_kernel,
+    store_kv_kernel,
+)
 from engine.kv_cache import KVCache
 
 LOG2E = 1.4426950408889634
@@ -64,8 +70,6 @@ class TritonPagedAttention(AttentionBackend):
         kv_cache: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, Hq, D]
-        from engine.attention.triton_kernels import paged_attention_kernel
-
         store_kv(k, v, kv_cache, layer, meta.slot_mapping)
         kc, vc = kv_cache.k[layer], kv_cache.v[layer]  # [num_blocks, Hkv, bs, D] each, strided views
         out = torch.empty_like(q)
@@ -74,8 +78,6 @@ class TritonPagedAttention(AttentionBackend):
         tables = meta.block_tables
         precision = "ieee" if q.dtype == torch.float32 else "tf32"
         if self._splits > 1:
-            from engine.attention.triton_kernels import paged_decode_split_kernel, reduce_splits_kernel
-
             S = self._splits
             part_acc = torch.empty(B, S, self.num_heads, self.head_dim, dtype=torch.float32, device=q.device)
             part_ml = torch.empty(B, S, self.num_heads, 2, dtype=torch.float32, device=q.device)
@@ -104,8 +106,6 @@ class TritonPagedAttention(AttentionBackend):
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, layer: int, slot_mapping: torch.Tensor) -> None:
     """Write k, v ([T, Hkv, D], any row/head strides) at slot_mapping ([T]; -1 = skip) in layer `layer`."""
-    from engine.attention.triton_kernels import store_kv_kernel
-
     kc, vc = kv_cache.k[layer], kv_cache.v[layer]  # [num_blocks, Hkv, bs, D] each, strided views
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     store_kv_kernel[(k.shape[0],)](

@@ -75,6 +75,30 @@ def _attend_tile(
 
 
 @triton.jit
+def _attend_keys(
+    q, kc_ptr, vc_ptr, table_row_ptr, kv_head_off, lo, n_full, end, pos, d, d_ok,
+    stride_cb, stride_cs, scale_log2,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Online softmax of q over keys lo..end-1: unmasked tiles up to n_full, then masked ones (the causal edge
+    and the end). Returns (acc [BLOCK_M, BLOCK_D] unnormalised, running max m_i, running sum l_i)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # NOTE: a finite floor instead of -inf: exp2(m_i - m_new) is then 0, never NaN, on the first tile.
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start in range(lo, n_full, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kc_ptr, vc_ptr, table_row_ptr, kv_head_off, start, end,
+                                     pos, d, d_ok, stride_cb, stride_cs, scale_log2, BLOCK_N, BLOCK_SIZE,
+                                     MASKED=False, PRECISION=PRECISION)
+    for start in range(n_full, end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kc_ptr, vc_ptr, table_row_ptr, kv_head_off, start, end,
+                                     pos, d, d_ok, stride_cb, stride_cs, scale_log2, BLOCK_N, BLOCK_SIZE,
+                                     MASKED=True, PRECISION=PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def paged_attention_kernel(
     out_ptr,  # [T, Hq, D]
     q_ptr,  # [T, Hq, D]
@@ -111,23 +135,13 @@ def paged_attention_kernel(
     q = tl.load(q_ptr + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
     pos = ctx0 + tok  # [BLOCK_M] each row's absolute position: it sees keys 0..pos
 
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    # NOTE: a finite floor instead of -inf: exp2(m_i - m_new) is then 0, never NaN, on the first tile.
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     table_row_ptr = tables_ptr + b.to(tl.int64) * stride_tb
-    kv_head_off = kvh.to(tl.int64) * stride_ch
     kv_end = ctx0 + tl.minimum(tok0 + TOKENS, q_len)  # one past the last key any row of the tile sees
     # Keys 0..ctx0+tok0 are visible to every row: no mask until the causal edge.
     n_full = ((ctx0 + tok0 + 1) // BLOCK_N) * BLOCK_N
-    for start in range(0, n_full, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kc_ptr, vc_ptr, table_row_ptr, kv_head_off, start, kv_end,
-                                     pos, d, d_ok, stride_cb, stride_cs, scale_log2, BLOCK_N, BLOCK_SIZE,
-                                     MASKED=False, PRECISION=PRECISION)
-    for start in range(n_full, kv_end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kc_ptr, vc_ptr, table_row_ptr, kv_head_off, start, kv_end,
-                                     pos, d, d_ok, stride_cb, stride_cs, scale_log2, BLOCK_N, BLOCK_SIZE,
-                                     MASKED=True, PRECISION=PRECISION)
+    acc, _, l_i = _attend_keys(q, kc_ptr, vc_ptr, table_row_ptr, kvh.to(tl.int64) * stride_ch, 0, n_full, kv_end,
+                                 pos, d, d_ok, stride_cb, stride_cs, scale_log2, BLOCK_M, BLOCK_D, BLOCK_N,
+                                 BLOCK_SIZE, PRECISION)
     l_i = tl.where(l_i > 0, l_i, 1.0)  # padding rows (seq_len 0) saw no key
     o_off = (q_start + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
     tl.store(out_ptr + o_off, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
@@ -164,20 +178,11 @@ def paged_decode_split_kernel(
     q = tl.load(q_ptr + b.to(tl.int64) * stride_qt + head[:, None] * stride_qh + d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
     pos = tl.zeros([BLOCK_M], dtype=tl.int32) + seq_len - 1  # the query is the last token: sees every key
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     table_row_ptr = tables_ptr + b.to(tl.int64) * stride_tb
-    kv_head_off = kvh.to(tl.int64) * stride_ch
     n_full = lo + ((hi - lo) // BLOCK_N) * BLOCK_N
-    for start in range(lo, n_full, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kc_ptr, vc_ptr, table_row_ptr, kv_head_off, start, hi,
-                                     pos, d, d_ok, stride_cb, stride_cs, scale_log2, BLOCK_N, BLOCK_SIZE,
-                                     MASKED=False, PRECISION=PRECISION)
-    for start in range(n_full, hi, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kc_ptr, vc_ptr, table_row_ptr, kv_head_off, start, hi,
-                                     pos, d, d_ok, stride_cb, stride_cs, scale_log2, BLOCK_N, BLOCK_SIZE,
-                                     MASKED=True, PRECISION=PRECISION)
+    acc, m_i, l_i = _attend_keys(q, kc_ptr, vc_ptr, table_row_ptr, kvh.to(tl.int64) * stride_ch, lo, n_full, hi,
+                                 pos, d, d_ok, stride_cb, stride_cs, scale_log2, BLOCK_M, BLOCK_D, BLOCK_N,
+                                 BLOCK_SIZE, PRECISION)
     base = (b.to(tl.int64) * SPLITS + split) * NUM_HEADS + head  # [BLOCK_M]
     tl.store(part_acc_ptr + base[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
     tl.store(part_ml_ptr + base * 2, m_i, mask=row_ok)
