@@ -11,7 +11,9 @@ Decode (per batch size B): B prompts of --prompt-len tokens are prefilled, then 
 once every request is decoding. The bandwidth floor of a step is (weight bytes + KV bytes read) / copy bandwidth;
 weight bytes count every parameter a step reads (not the embedding table, of which it reads B rows).
 The host time per step (schedule, inputs, launch, postprocess: everything but waiting for the device) comes
-from the engine's own step timing.
+from the engine's own step timing; with async scheduling (the default; --sync turns it off) it overlaps the
+device's work. The skinny-GEMM tuner's choices (cuBLAS against the Triton kernel per decode row count and weight
+shape, with GB/s) are recorded too; PDSERVE_SKINNY_GEMM=0 keeps cuBLAS everywhere.
 
 Prefill: one fresh prompt of --prefill-len tokens in one step (median of --repeats). MFU = model FLOPs / time /
 measured matmul rate, with model FLOPs = 2 x (layer + lm_head-per-sampled-token) parameters x tokens plus causal
@@ -26,12 +28,14 @@ import json
 import statistics
 import tempfile
 import time
+from dataclasses import asdict
 from typing import Any
 
 import torch
 from gpu_baselines import copy_bandwidth, matmul_rate, report, time_cuda  # bench/, the script's folder
 
 from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.models import skinny_gemm
 from pdserve.dummy_model import write_dummy_model
 
 
@@ -97,9 +101,12 @@ def engine_prefill(engine: LLMEngine, length: int, repeats: int) -> float:
         engine.add_request(f"p{i}", prompt, SamplingParams(max_tokens=1, temperature=0.0))
         torch.cuda.synchronize()
         start = time.perf_counter()
-        outs = engine.step()  # the whole prompt in one step; sampling waits for the device
+        steps, done = 0, False
+        while not done:  # one forward; with async scheduling its token comes back from the next call
+            done = any(o.request_id == f"p{i}" and o.finished for o in engine.step())
+            steps += 1
         times.append(time.perf_counter() - start)
-        assert outs and outs[0].finished, "the prompt did not fit in one step"
+        assert engine.timing["steps"] and steps <= 2, "the prompt did not fit in one step"
     return statistics.median(times[1:])
 
 
@@ -140,6 +147,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--sync", action="store_true", help="async_scheduling off (read each step's tokens first)")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--profile", metavar="DIR", help="also write torch.profiler tables of a prefill and a decode")
@@ -158,7 +166,8 @@ def main() -> None:
         torch.cuda.empty_cache()
         cfg = EngineConfig(model=model, load_format="dummy", dtype="bfloat16", max_num_seqs=max(args.batches),
                            max_num_batched_tokens=max(args.prefill_len, 2048), enable_prefix_caching=False,
-                           attention_backend=args.attention_backend, enforce_eager=args.enforce_eager)
+                           attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
+                           async_scheduling=not args.sync)
         engine = LLMEngine(cfg)
         mc, runner = cfg.model_config, engine.executor.runner
         params = dict(runner.model.named_parameters())
@@ -167,7 +176,8 @@ def main() -> None:
             weight_bytes += params["embed_tokens.weight"].numel() * 2
         kv_per_token = mc.num_hidden_layers * 2 * mc.num_key_value_heads * mc.head_dim * 2
         res.update(attention_backend=runner.attn.name, cuda_graphs=runner.graphs is not None,
-                   weight_GB=weight_bytes / 1e9)
+                   async_scheduling=cfg.async_scheduling, weight_GB=weight_bytes / 1e9,
+                   skinny_gemm=[{**asdict(c), "of_copy_bw": c.gbps / res["copy_GBps"]} for c in skinny_gemm.choices])
         res["decode"] = {}
         for b in args.batches:
             d = engine_decode(engine, b, args.prompt_len, args.decode_steps, seed=b)

@@ -32,6 +32,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.85
     attention_backend: str = "auto"  # auto | torch | triton | flash-attn
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
+    # Launch step n+1 before reading step n's tokens (the host's work hides behind the device's). None: on for
+    # CUDA at tensor_parallel_size 1, off otherwise. step() then returns a step's tokens one call later.
+    async_scheduling: bool | None = None
     cache_salt: str = ""
     model_config: ModelConfig = field(init=False, repr=False)
     torch_dtype: torch.dtype = field(init=False, repr=False)
@@ -51,6 +54,11 @@ class EngineConfig:
         if self.device == "cuda" and self.tensor_parallel_size > torch.cuda.device_count():
             raise ValueError(f"tensor_parallel_size: {self.tensor_parallel_size} needs that many GPUs; "
                              f"{torch.cuda.device_count()} visible (NCCL cannot put two ranks on one GPU)")
+        if self.async_scheduling is None:
+            self.async_scheduling = self.device == "cuda" and self.tensor_parallel_size == 1
+        elif self.async_scheduling and self.tensor_parallel_size > 1:
+            raise ValueError("async_scheduling needs tensor_parallel_size 1 (the other ranks would need the "
+                             "sampled tokens, which stay on the driver's device)")
         bs = self.block_size
         if bs <= 0 or bs & (bs - 1):
             raise ValueError(f"block_size: {bs} is not a positive power of two")

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.attention import AttentionMetadata
+from engine.inflight import feed_tokens
 
 if TYPE_CHECKING:
     from engine.model_runner import ModelRunner, StepInput
@@ -43,8 +44,9 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(B, dtype=torch.int32, device=dev)  # [B]
         self.query_start_loc = torch.arange(B + 1, dtype=torch.int32, device=dev)  # [B+1]: one token each
         self.tables = torch.zeros(B, max_blocks_per_seq, dtype=torch.int32, device=dev)  # [B, max_blocks]
-        # Pinned host staging, packed so a step is three host-to-device copies.
-        self.host_i64 = torch.zeros(3, B, dtype=torch.int64).pin_memory()  # [3, B]: ids, positions, slots
+        self.feed = torch.full((B,), -1, dtype=torch.int64, device=dev)  # [B]: see StepInput.feed
+        # Pinned host staging, one buffer per dtype.
+        self.host_i64 = torch.zeros(4, B, dtype=torch.int64).pin_memory()  # [4, B]: ids, positions, slots, feed
         self.host_seq = torch.zeros(B, dtype=torch.int32).pin_memory()  # [B]
         self.host_tables = torch.zeros(B, max_blocks_per_seq, dtype=torch.int32).pin_memory()  # [B, max_blocks]
         self.copied = torch.cuda.Event()  # the staging buffers may be rewritten once this has passed
@@ -83,8 +85,9 @@ class DecodeGraphs:
         n = len(inp.seq_lens)
         return inp.max_query_len == 1 and n <= self.buckets[-1] and len(inp.logits_indices) == n
 
-    def run(self, inp: StepInput) -> torch.Tensor:
-        """Replay the decode step `inp` (every request one token, all at their end); returns [n, vocab]."""
+    def run(self, inp: StepInput, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Replay the decode step `inp` (every request one token, all at their end); returns [n, vocab].
+        With `inp.feed`, placeholder ids are first replaced from `prev_tokens` on the device."""
         n = len(inp.seq_lens)
         b = next(x for x in self.buckets if x >= n)
         w = inp.block_tables.shape[1]
@@ -100,6 +103,11 @@ class DecodeGraphs:
         self.slots[:b].copy_(self.host_i64[2, :b], non_blocking=True)
         self.seq_lens[:b].copy_(self.host_seq[:b], non_blocking=True)
         self.tables[:n].copy_(self.host_tables[:n], non_blocking=True)
+        if inp.feed is not None:
+            assert prev_tokens is not None, "a step with placeholder inputs needs the previous step's tokens"
+            host[3, :n] = inp.feed
+            self.feed[:n].copy_(self.host_i64[3, :n], non_blocking=True)
+            self.input_ids[:n] = feed_tokens(self.input_ids[:n], self.feed[:n], prev_tokens)
         self.copied.record()
         t0 = time.perf_counter()
         self.graphs[b].replay()

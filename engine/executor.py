@@ -105,11 +105,12 @@ class Executor:
         self.worker = Worker(config)
         self.runner = self.worker.runner
 
-    def execute(self, inp: StepInput) -> torch.Tensor:
+    def execute(self, inp: StepInput, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
         if self.size > 1:
+            assert inp.feed is None, "async scheduling runs at tensor_parallel_size 1 only"
             self._check_workers()
             _broadcast((_EXECUTE, inp))
-        return self.runner.execute(inp)
+        return self.runner.execute(inp, prev_tokens)
 
     def collective_rpc(self, method: str, *args: Any) -> list[Any]:
         """Call `Worker.<method>(*args)` on every rank; results in rank order. A failure on any rank raises

@@ -2,6 +2,9 @@
 
     step():  schedule -> run one batched forward -> postprocess (sample, append, stop, free)
 
+With async scheduling (engine/inflight.py; the default on one GPU) step() launches its forward before it reads
+the previous step's tokens, so a step's outputs come back from the next call.
+
 Contracts:
   - add_request validates everything and raises ValueError before touching any state, so a bad request never
     disturbs the others in flight.
@@ -22,6 +25,7 @@ import torch
 from engine.block_pool import BlockPoolStats, KVEvent
 from engine.config import EngineConfig
 from engine.executor import Executor
+from engine.inflight import InflightStep
 from engine.kv_cache_manager import KVCacheManager
 from engine.model_runner import build_step_input
 from engine.outputs import RequestOutput
@@ -64,6 +68,7 @@ class LLMEngine:
         self.quarantined: dict[str, list[int]] = {}  # blocks a failed read may still write into
         self.num_local_fallbacks = 0
         self._arrival = itertools.count()
+        self._inflight: InflightStep | None = None
         self.eos_token_ids = config.model_config.eos_token_ids
         # Sampling steps: wall time, and the part the host spent outside waiting for the device (schedule,
         # input building, launches, postprocess). Read by the benchmarks; reset freely.
@@ -199,7 +204,10 @@ class LLMEngine:
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One iteration: schedule, run one batched forward, postprocess. Returns this step's outputs."""
+        """One iteration: schedule, run one batched forward, postprocess. Returns the outputs produced since the
+        last call: this step's, or with async scheduling the previous step's."""
+        if self.config.async_scheduling:
+            return self._step_async()
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
         logits = self.executor.execute(build_step_input(out, self.config.block_size)) if len(out) else None
@@ -226,9 +234,55 @@ class LLMEngine:
         timing["total_s"] += t3 - t0
         return results
 
-    def _emit(self, request: Request, token: int) -> None:
-        """Append a sampled token, apply the stop rules, and queue the request's output for this step."""
-        request.append_token(token)
+    def _step_async(self) -> list[RequestOutput]:
+        """Launch this step, then resolve the previous one (the protocol is in engine/inflight.py)."""
+        t0 = time.perf_counter()
+        prev, self._inflight = self._inflight, None
+        out = self.scheduler.schedule()
+        sampling: list[Request] = []
+        tokens: torch.Tensor | None = None
+        if len(out):
+            inp = build_step_input(out, self.config.block_size)
+            inp.feed = prev.feed(out.requests, inp.query_start_loc) if prev is not None else None
+            logits = self.executor.execute(inp, prev.tokens if inp.feed is not None else None)
+            sampling = [r for r, n in zip(out.requests, out.num_scheduled_tokens, strict=True)
+                        if r.num_computed_tokens + n == r.num_tokens]
+            if sampling:
+                tokens = self.sampler.sample(logits, sampling)  # [N] on the device; nothing waits
+        results = self._pending + [self._finish_output(r) for r in self._aborted]
+        self._pending, self._aborted = [], []
+        wait_s = 0.0
+        if prev is not None:
+            t1 = time.perf_counter()
+            values = prev.wait()  # NOTE: the step's one wait for the device, while this step's forward runs
+            wait_s = time.perf_counter() - t1
+            self._pending = results
+            for request, pending, token in zip(prev.requests, prev.pending, values, strict=True):
+                if not request.finished:  # aborted since, or stopped: its row in this step is dropped
+                    self._emit(request, token, pending)
+            results, self._pending = self._pending, []
+        self.scheduler.update_after_step(out)
+        if tokens is not None:
+            pending = [not r.finished and not r.finishes_by_length_after_next() for r in sampling]
+            for request, p in zip(sampling, pending, strict=True):
+                if p:
+                    request.append_placeholder()
+            self._inflight = InflightStep.launch(sampling, pending, tokens)
+        if len(out) or prev is not None:
+            total = time.perf_counter() - t0
+            timing = self.timing
+            timing["steps"] += 1
+            timing["host_s"] += total - wait_s
+            timing["total_s"] += total
+        return results
+
+    def _emit(self, request: Request, token: int, pending: bool = False) -> None:
+        """Append a sampled token (or fill in its placeholder), apply the stop rules, and queue the request's
+        output for this step."""
+        if pending:
+            request.resolve_token(token)
+        else:
+            request.append_token(token)
         status = request.check_stop()
         detok = self.detok[request.request_id]
         matched = detok.add(token) if not (status and request.stop_reason == token) else None

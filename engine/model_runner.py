@@ -10,8 +10,10 @@ import torch
 
 from engine.attention import AttentionMetadata, select_backend
 from engine.config import EngineConfig
-from engine.cuda_graph import DecodeGraphs
+from engine.cuda_graph import DecodeGraphs, batch_buckets
+from engine.inflight import feed_tokens
 from engine.kv_cache import KVCache, KVLayout
+from engine.models import skinny_gemm
 from engine.models.llama import StepContext
 from engine.models.loader import load_model
 from engine.models.rotary import RotaryEmbedding
@@ -37,6 +39,9 @@ class StepInput:
     logits_indices: np.ndarray  # [N] int64: rows whose next-token logits are needed (requests at their end)
     max_query_len: int
     max_seq_len: int
+    # [T] int64 or None (async scheduling): for each token, the row of the previous step's sampled tokens that
+    # replaces its placeholder input id, or -1 where input_ids already holds the token.
+    feed: np.ndarray | None = None
 
 
 def build_step_input(out: SchedulerOutput, block_size: int) -> StepInput:
@@ -83,6 +88,9 @@ class ModelRunner:
         self.device = torch.device(config.device, torch.cuda.current_device()) if config.device == "cuda" \
             else torch.device("cpu")
         self.model = load_model(config.model, mc, config.torch_dtype, str(self.device), config.load_format)
+        if self.device.type == "cuda":
+            # NOTE: before the KV cache is sized and the graphs are captured (skinny_gemm's contract).
+            skinny_gemm.tune((p for p in self.model.parameters() if p.dim() == 2), batch_buckets(config.max_num_seqs))
         size = tp().size
         self.num_kv_heads = mc.num_key_value_heads // size
         self.layout = KVLayout(
@@ -183,10 +191,11 @@ class ModelRunner:
         return t
 
     @torch.inference_mode()
-    def execute(self, inp: StepInput) -> torch.Tensor:
-        """Run one forward over the batch; returns logits [N, vocab] float32 for inp.logits_indices."""
+    def execute(self, inp: StepInput, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one forward over the batch; returns logits [N, vocab] float32 for inp.logits_indices.
+        `prev_tokens` [P] int64 (on this device): the previous step's sampled tokens, which `inp.feed` places."""
         if self.graphs is not None and self.graphs.can_run(inp):
-            return self.graphs.run(inp)
+            return self.graphs.run(inp, prev_tokens)
         dev = self._to_device
         meta = AttentionMetadata(
             slot_mapping=dev(inp.slot_mapping),
@@ -196,5 +205,9 @@ class ModelRunner:
             max_query_len=inp.max_query_len,
             max_seq_len=inp.max_seq_len,
         )
-        hidden = self.forward(dev(inp.input_ids), dev(inp.positions), meta)  # [T, hidden]
+        input_ids = dev(inp.input_ids)  # [T]
+        if inp.feed is not None:
+            assert prev_tokens is not None, "a step with placeholder inputs needs the previous step's tokens"
+            input_ids = feed_tokens(input_ids, dev(inp.feed), prev_tokens)
+        hidden = self.forward(input_ids, dev(inp.positions), meta)  # [T, hidden]
         return self.model.compute_logits(hidden[dev(inp.logits_indices)])  # [N, vocab]

@@ -15,6 +15,8 @@ import torch
 from engine.block_hash import BlockHash, hash_blocks
 from engine.sampling_params import SamplingParams
 
+PLACEHOLDER = -1  # all_token_ids entry of a token being sampled on the device; never fed to the model
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -51,6 +53,9 @@ class Request:
     hold_kv: bool = False  # prefill role: keep the blocks after finishing, for a reader to pull
     generator: torch.Generator | None = None
     stop_reason: int | str | None = None
+    # 1 while the last entry of all_token_ids is a placeholder for a token still being sampled on the device
+    # (async scheduling): the next step can already compute with it; resolve_token fills it in.
+    num_pending: int = 0
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
@@ -77,13 +82,31 @@ class Request:
         """Extend `block_hashes` to cover every full block of the current tokens (incremental)."""
         done = len(self.block_hashes)
         parent = self.block_hashes[-1] if done else None
-        self.block_hashes.extend(
-            hash_blocks(self.all_token_ids, block_size, salt, parent=parent, start=done * block_size)
-        )
+        tokens = self.all_token_ids[: len(self.all_token_ids) - self.num_pending] if self.num_pending \
+            else self.all_token_ids  # NOTE: a placeholder must never reach a block hash
+        self.block_hashes.extend(hash_blocks(tokens, block_size, salt, parent=parent, start=done * block_size))
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+    def append_placeholder(self) -> None:
+        """The next token is being sampled on the device: count it, so the scheduler can schedule the step that
+        consumes it, before its value is known."""
+        assert not self.num_pending, "a request has at most one token in flight"
+        self.all_token_ids.append(PLACEHOLDER)
+        self.num_pending = 1
+
+    def resolve_token(self, token_id: int) -> None:
+        """The placeholder's value has arrived."""
+        self.all_token_ids[-1] = token_id
+        self.output_token_ids.append(token_id)
+        self.num_pending = 0
+
+    def finishes_by_length_after_next(self) -> bool:
+        """True if the next sampled token certainly ends the request (max_tokens or max_model_len)."""
+        return self.num_output_tokens + 1 >= self.sampling_params.max_tokens or \
+            self.num_tokens + 1 >= self.max_model_len
 
     def check_stop(self) -> RequestStatus | None:
         """Token-level stop conditions, checked after each appended token (stop strings are the detokenizer's)."""

@@ -15,28 +15,34 @@ from engine.request import Request
 class Sampler:
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
         """logits [N, V] float32, one row per request (same order) -> one token id per request."""
+        return self.sample(logits, requests).tolist()
+
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Like __call__, but returns the token ids as a tensor [N] int64 on the logits' device, without
+        waiting for the device (async scheduling feeds it straight into the next step)."""
         params = [r.sampling_params for r in requests]
         greedy_rows = [p.temperature == 0.0 or p.top_k == 1 for p in params]
         if all(greedy_rows):
-            return logits.argmax(dim=-1).tolist()
+            return logits.argmax(dim=-1)
         dev = logits.device
         temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)  # [N]
         top_k = torch.tensor([p.top_k if p.top_k > 0 else logits.shape[-1] for p in params], device=dev)  # [N]
         top_p = torch.tensor([p.top_p for p in params], device=dev)  # [N]
-        probs = torch.softmax(_filter(logits / temp.unsqueeze(1), top_k, top_p), dim=-1)  # [N, V]
+        # NOTE: whether any row filters is decided from the host-side params: asking the device would wait.
+        filters = any(0 < p.top_k < logits.shape[-1] or p.top_p < 1.0 for p in params)
+        scaled = logits / temp.unsqueeze(1)  # [N, V]
+        probs = torch.softmax(_filter(scaled, top_k, top_p) if filters else scaled, dim=-1)  # [N, V]
         noise = torch.empty_like(probs).exponential_()  # [N, V]
         for i, r in enumerate(requests):
             if r.generator is not None:
                 noise[i] = torch.empty(probs.shape[1]).exponential_(generator=r.generator).to(dev)
         sampled = (probs / noise).argmax(dim=-1)  # [N]
         greedy = torch.tensor(greedy_rows, device=dev)
-        return torch.where(greedy, logits.argmax(dim=-1), sampled).tolist()
+        return torch.where(greedy, logits.argmax(dim=-1), sampled)
 
 
 def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Mask (to -inf) tokens outside each row's top-k and top-p nucleus. logits [N, V]; top_k, top_p [N]."""
-    if bool((top_k >= logits.shape[-1]).all()) and bool((top_p >= 1.0).all()):
-        return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # [N, V]
     ranks = torch.arange(logits.shape[-1], device=logits.device).unsqueeze(0)  # [1, V]
     drop = ranks >= top_k.unsqueeze(1)  # [N, V]

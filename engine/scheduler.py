@@ -107,8 +107,11 @@ class Scheduler:
         return out
 
     def update_after_step(self, out: SchedulerOutput) -> None:
-        """Advance num_computed_tokens by what was just computed and publish completed blocks."""
+        """Advance num_computed_tokens by what was just computed and publish completed blocks. Requests that
+        finished meanwhile (async scheduling reads a step's tokens after launching the next) are skipped."""
         for request, n in zip(out.requests, out.num_scheduled_tokens, strict=True):
+            if request.finished:
+                continue
             request.num_computed_tokens += n
             self.kv.cache_full_blocks(request)
 

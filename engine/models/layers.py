@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models import fused_ops
+from engine.models import fused_ops, skinny_gemm
 from engine.parallel import all_gather_last_dim, all_reduce, tp
 
 
@@ -37,7 +37,7 @@ class MergedColumnParallelLinear(nn.Module):
         param.data.narrow(0, offset, size).copy_(part)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out_local]
-        return F.linear(x, self.weight, self.bias)
+        return skinny_gemm.linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -54,7 +54,7 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded.narrow(1, tp().rank * self.local_in, self.local_in))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in_local] -> [T, out]
-        return all_reduce(F.linear(x, self.weight))
+        return all_reduce(skinny_gemm.linear(x, self.weight))
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -84,7 +84,7 @@ class VocabParallelEmbedding(nn.Module):
         return all_reduce(out.masked_fill(outside.unsqueeze(-1), 0))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:  # [N, dim] -> [N, vocab]
-        return all_gather_last_dim(F.linear(h, self.weight))[:, : self.vocab_size]
+        return all_gather_last_dim(skinny_gemm.linear(h, self.weight))[:, : self.vocab_size]
 
 
 class RMSNorm(nn.Module):

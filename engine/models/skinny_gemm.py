@@ -1,0 +1,245 @@
+"""Small-batch linear layers on CUDA: a Triton kernel for y = x W^T (+ b) when x has few rows (decode steps),
+chosen per (rows, N, K) against cuBLAS by timing both at start-up.
+
+At decode batch sizes a linear layer is a stream over its weight matrix: every byte of W is read once for a
+handful of rows of x. cuBLAS's small-M kernels streamed the Llama-3-8B weights at 0.84x of the device copy
+bandwidth on an H200 (docs/performance.md). Here every CTA owns a narrow strip of W's rows (BLOCK_N) and walks
+K in wide tiles, so there are enough CTAs and bytes in flight to stream W at copy speed. For one row the
+product is a multiply-accumulate into a [BLOCK_N, BLOCK_K] register tile, reduced once at the end; for more
+rows it is tl.dot with the rows padded to 16, 32 or 64 (the padding costs no memory traffic).
+
+The choice is made by measurement, not assumed: `tune` times cuBLAS and each candidate tile on the model's own
+weights (cycling through the layers, as a step does, so L2 does not flatter anyone) inside CUDA graphs (so
+launch overhead does not either), and keeps the Triton kernel only where it wins.
+
+Contract: `tune` runs before any CUDA graph capture and before the KV cache is sized (it captures graphs of
+its own and allocates scratch outputs). After it, `linear` is capture-safe: its choice depends on shapes only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+# NOTE: opt-out for A/B measurements (PDSERVE_SKINNY_GEMM=0), not a correctness switch.
+_WANTED = os.environ.get("PDSERVE_SKINNY_GEMM", "1") != "0"
+MAX_ROWS = 64  # above this many rows a linear layer is no longer a pure weight stream: cuBLAS always
+
+if _HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                           HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """y[M, N] = x[M, K] @ w[N, K]^T (+ b[N]). Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)); BLOCK_M == 1 is
+        the one-row (GEMV) form, which reads x's row pid_m."""
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+        rk = tl.arange(0, BLOCK_K)  # [BK]
+        n_ok = rn < N
+        w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + rk[None, :]  # [BN, BK]
+        if BLOCK_M == 1:
+            x_ptrs = x_ptr + pid_m * stride_xm + rk  # [BK]
+            acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                if EVEN_K:
+                    w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
+                    x = tl.load(x_ptrs)
+                else:
+                    k_ok = (k0 + rk) < K
+                    w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                    x = tl.load(x_ptrs, mask=k_ok, other=0.0)
+                acc2 += w.to(tl.float32) * x.to(tl.float32)[None, :]
+                w_ptrs += BLOCK_K
+                x_ptrs += BLOCK_K
+            acc = tl.sum(acc2, axis=1)  # [BN]
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+            tl.store(y_ptr + pid_m * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+        else:
+            rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+            m_ok = rm < M
+            x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]  # [BM, BK]
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                if EVEN_K:
+                    x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+                    w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
+                else:
+                    k_ok = (k0 + rk) < K
+                    x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                    w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+                w_ptrs += BLOCK_K
+                x_ptrs += BLOCK_K
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]  # [BM, BN]
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@dataclass(frozen=True)
+class Tile:
+    block_m: int  # 1: the one-row form; else rows per CTA for tl.dot (16, 32 or 64)
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# Candidates per row count, (BLOCK_N, BLOCK_K, warps, stages): narrow strips and wide K tiles, so a matrix of
+# 4,096 rows already gives 128-256 CTAs.
+_GEMV_TILES = [(8, 512, 4, 4), (16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 3), (16, 1024, 8, 2), (32, 512, 8, 3)]
+_DOT_TILES = [(16, 256, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3), (32, 128, 4, 4), (64, 128, 4, 3)]
+
+
+def row_block(m: int) -> int:
+    """The kernel's rows per CTA for m rows: 1 (one-row form) or the next of 16, 32, 64."""
+    return 1 if m == 1 else max(16, 1 << (m - 1).bit_length())
+
+
+def candidates(m: int) -> list[Tile]:
+    bm = row_block(m)
+    return [Tile(bm, *t) for t in (_GEMV_TILES if bm == 1 else _DOT_TILES)]
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: Tile) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T (+ bias [N]) -> [M, N] with the Triton kernel and `tile`."""
+    M, K = x.shape
+    N = weight.shape[0]
+    assert weight.stride(1) == 1 and x.stride(1) == 1, "rows must be contiguous"
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)  # [M, N]
+    grid = (triton.cdiv(N, tile.block_n), triton.cdiv(M, tile.block_m))  # the one-row form: a CTA per row
+    skinny_gemm_kernel[grid](
+        x, weight, bias if bias is not None else weight, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, EVEN_K=K % tile.block_k == 0,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )
+    return y
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The outcome of tuning one (rows, N, K): the tile that won, or None where cuBLAS did."""
+
+    rows: int
+    n: int
+    k: int
+    tile: Tile | None
+    cublas_us: float
+    best_us: float  # of the chosen kernel (cuBLAS's time when it won)
+    gbps: float  # weight bytes streamed per second by the chosen kernel
+
+
+# (N, K, dtype) -> sorted [(rows, tile or None)]: a call with m rows uses the entry of the smallest tuned
+# rows >= m; more rows than the largest entry, or a shape never tuned, go to cuBLAS.
+_plans: dict[tuple[int, int, torch.dtype], list[tuple[int, Tile | None]]] = {}
+choices: list[Choice] = []
+counters: dict[str, int] = {"tile_failures": 0}
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except for shapes `tune` found the Triton kernel faster for."""
+    use = x.is_cuda and x.dim() == 2 and x.stride(1) == 1 and weight.stride(1) == 1
+    plan = _plans.get((weight.shape[0], weight.shape[1], x.dtype)) if use else None
+    if plan is not None:
+        m = x.shape[0]
+        for rows, tile in plan:
+            if m <= rows:
+                if tile is not None:
+                    return skinny_linear(x, weight, bias, tile)
+                break
+    return F.linear(x, weight, bias)
+
+
+def _graph_time(fn: Callable[[], object], reps: int = 5) -> float:
+    """Seconds per call of `fn`, replayed from a CUDA graph (so launch overhead is not counted)."""
+    fn()  # compile / pick algorithms outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
+
+
+def _over(ws: list[torch.Tensor], op: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+    """One call applies `op` to every weight in turn (a forward's worth of same-shaped matrices)."""
+
+    def run() -> None:
+        for w in ws:
+            op(w)
+
+    return run
+
+
+def tune(weights: Iterable[torch.Tensor], row_counts: Iterable[int], margin: float = 0.03) -> list[Choice]:
+    """Time cuBLAS against every candidate tile for each weight shape and row count <= MAX_ROWS, and install
+    the winners for `linear`. `weights` are the model's matrices ([N, K] each); those of one shape are cycled
+    through in the timing, as a forward does. The Triton kernel must beat cuBLAS by `margin` to be chosen."""
+    if not (_HAS_TRITON and _WANTED):
+        log.info("skinny GEMM tuning skipped (%s)", "PDSERVE_SKINNY_GEMM=0" if _HAS_TRITON else "no triton")
+        return []
+    by_shape: dict[tuple[int, int, torch.dtype], list[torch.Tensor]] = {}
+    for w in weights:
+        if w.is_cuda and w.dim() == 2 and w.dtype in (torch.float16, torch.bfloat16) and w.stride(1) == 1:
+            by_shape.setdefault((w.shape[0], w.shape[1], w.dtype), []).append(w)
+    rows = sorted({m for m in row_counts if 1 <= m <= MAX_ROWS})
+    out: list[Choice] = []
+    for (n, k, dtype), ws in by_shape.items():
+        if [r for r, _ in _plans.get((n, k, dtype), [])] == rows:
+            continue  # tuned already in this process (an earlier engine of the same shapes)
+        plan: list[tuple[int, Tile | None]] = []
+        for m in rows:
+            x = torch.randn(m, k, dtype=dtype, device=ws[0].device)  # [m, K]
+            cublas = _graph_time(_over(ws, lambda w, x=x: F.linear(x, w))) / len(ws)
+            best, best_t = None, cublas * (1 - margin)
+            for tile in candidates(m):
+                try:
+                    t = _graph_time(_over(ws, lambda w, x=x, tile=tile: skinny_linear(x, w, None, tile))) / len(ws)
+                except Exception as e:
+                    # NOTE: a tile that cannot run here (e.g. too much shared memory on a smaller GPU) is just not
+                    # a candidate; visible and counted, since every such tile narrows the search.
+                    counters["tile_failures"] += 1
+                    log.warning("skinny GEMM tile %s failed for rows %d N %d K %d: %s", tile, m, n, k, e)
+                    continue
+                if t < best_t:
+                    best, best_t = tile, t
+            chosen_t = best_t if best is not None else cublas
+            plan.append((m, best))
+            out.append(Choice(m, n, k, best, 1e6 * cublas, 1e6 * chosen_t,
+                              n * k * ws[0].element_size() / chosen_t / 1e9))
+        _plans[(n, k, dtype)] = plan
+    choices.extend(out)
+    won = sum(c.tile is not None for c in out)
+    log.info("skinny GEMM: the Triton kernel won %d of %d (rows, N, K) shapes against cuBLAS", won, len(out))
+    for c in out:
+        log.debug("rows %d N %d K %d: cuBLAS %.1f us, chosen %s %.1f us (%.0f GB/s)", c.rows, c.n, c.k,
+                  c.cublas_us, c.tile or "cuBLAS", c.best_us, c.gbps)
+    torch.cuda.synchronize()
+    return out
+
+
+def reset() -> None:
+    """Forget every tuned plan (tests; an engine shut down and another started with a different model)."""
+    _plans.clear()
+    choices.clear()
