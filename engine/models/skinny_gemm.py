@@ -100,7 +100,8 @@ class Tile:
 
 # Candidates per row count, (BLOCK_N, BLOCK_K, warps, stages): narrow strips and wide K tiles, so a matrix of
 # 4,096 rows already gives 128-256 CTAs.
-_GEMV_TILES = [(8, 512, 4, 4), (16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 3), (16, 1024, 8, 2), (32, 512, 8, 3)]
+_GEMV_TILES = [(4, 1024, 4, 2), (8, 512, 4, 4), (8, 1024, 4, 2), (8, 2048, 8, 2), (16, 256, 4, 4), (16, 512, 4, 3),
+               (32, 256, 4, 3), (16, 1024, 8, 2), (32, 512, 8, 3)]
 _DOT_TILES = [(16, 256, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3), (32, 128, 4, 4), (64, 128, 4, 3)]
 
 
@@ -109,9 +110,11 @@ def row_block(m: int) -> int:
     return 1 if m == 1 else max(16, 1 << (m - 1).bit_length())
 
 
-def candidates(m: int) -> list[Tile]:
+def candidates(m: int, max_shared_bytes: int = 200 << 10) -> list[Tile]:
+    """The tiles worth timing for m rows whose pipelined half-precision tiles fit in `max_shared_bytes`."""
     bm = row_block(m)
-    return [Tile(bm, *t) for t in (_GEMV_TILES if bm == 1 else _DOT_TILES)]
+    tiles = [Tile(bm, *t) for t in (_GEMV_TILES if bm == 1 else _DOT_TILES)]
+    return [t for t in tiles if t.num_stages * (t.block_m + t.block_n) * t.block_k * 2 <= max_shared_bytes]
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: Tile) -> torch.Tensor:

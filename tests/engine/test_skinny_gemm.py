@@ -57,8 +57,9 @@ def test_every_tile_matches_linear(m: int, dtype: torch.dtype, gen: torch.Genera
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_llama_shapes_in_half_precision(dtype: torch.dtype, gen: torch.Generator) -> None:
-    """Real Llama-3-8B layer shapes (qkv, o, gate_up, down) at decode row counts, every candidate tile."""
-    for m in (1, 8, 32, 64):
+    """Real Llama-3-8B layer shapes (qkv, o, gate_up, down) at decode row counts, every candidate tile (those
+    that fit in shared memory: `candidates` prunes the rest, as a tile past the limit fails to launch)."""
+    for m in (1, 32):
         for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
             for tile in skinny_gemm.candidates(m):
                 _check(m, n, k, dtype, tile, gen, bias=False)
