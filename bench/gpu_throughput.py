@@ -13,7 +13,8 @@ weight bytes count every parameter a step reads (not the embedding table, of whi
 The host time per step (schedule, inputs, launch, postprocess: everything but waiting for the device) comes
 from the engine's own step timing; with async scheduling (the default; --sync turns it off) it overlaps the
 device's work. The skinny-GEMM tuner's choices (cuBLAS against the Triton kernel per decode row count and weight
-shape, with GB/s) are recorded too; PDSERVE_SKINNY_GEMM=0 keeps cuBLAS everywhere.
+shape, with GB/s) are recorded too; PDSERVE_SKINNY_GEMM=0 keeps cuBLAS everywhere, PDSERVE_PDL=0 launches the
+Triton kernels without programmatic dependent launch.
 
 Prefill: one fresh prompt of --prefill-len tokens in one step (median of --repeats). MFU = model FLOPs / time /
 measured matmul rate, with model FLOPs = 2 x (layer + lm_head-per-sampled-token) parameters x tokens plus causal
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 from gpu_baselines import copy_bandwidth, matmul_rate, report, time_cuda  # bench/, the script's folder
 
-from engine import EngineConfig, LLMEngine, SamplingParams
+from engine import EngineConfig, LLMEngine, SamplingParams, pdl
 from engine.models import skinny_gemm
 from pdserve.dummy_model import write_dummy_model
 
@@ -176,7 +177,7 @@ def main() -> None:
             weight_bytes += params["embed_tokens.weight"].numel() * 2
         kv_per_token = mc.num_hidden_layers * 2 * mc.num_key_value_heads * mc.head_dim * 2
         res.update(attention_backend=runner.attn.name, cuda_graphs=runner.graphs is not None,
-                   async_scheduling=cfg.async_scheduling, weight_GB=weight_bytes / 1e9,
+                   async_scheduling=cfg.async_scheduling, pdl=pdl.enabled(), weight_GB=weight_bytes / 1e9,
                    skinny_gemm=[{**asdict(c), "of_copy_bw": c.gbps / res["copy_GBps"]} for c in skinny_gemm.choices])
         res["decode"] = {}
         for b in args.batches:

@@ -14,6 +14,7 @@ from engine.cuda_graph import DecodeGraphs, batch_buckets
 from engine.inflight import feed_tokens
 from engine.kv_cache import KVCache, KVLayout
 from engine.models import skinny_gemm
+from engine.models.layers import RowParallelLinear
 from engine.models.llama import StepContext
 from engine.models.loader import load_model
 from engine.models.rotary import RotaryEmbedding
@@ -90,7 +91,9 @@ class ModelRunner:
         self.model = load_model(config.model, mc, config.torch_dtype, str(self.device), config.load_format)
         if self.device.type == "cuda":
             # NOTE: before the KV cache is sized and the graphs are captured (skinny_gemm's contract).
-            skinny_gemm.tune((p for p in self.model.parameters() if p.dim() == 2), batch_buckets(config.max_num_seqs))
+            gated = [m.weight for m in self.model.modules() if isinstance(m, RowParallelLinear) and m.gated_input]
+            skinny_gemm.tune((p for p in self.model.parameters() if p.dim() == 2), batch_buckets(config.max_num_seqs),
+                             gated=gated)
         size = tp().size
         self.num_kv_heads = mc.num_key_value_heads // size
         self.layout = KVLayout(

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.kv_cache import KVCache
+
+if TYPE_CHECKING:
+    from engine.models.rotary import RotaryEmbedding
 
 
 @dataclass
@@ -52,6 +56,22 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:  # [T, Hq, D]
         """Write k, v at meta.slot_mapping in layer `layer` of the cache, then return causal attention of each
         query token over its sequence's context (cached tokens plus this step's, up to itself)."""
+
+    def forward_rotary(
+        self,
+        layer: int,
+        q: torch.Tensor,  # [T, Hq, D] not yet rotated
+        k: torch.Tensor,  # [T, Hkv, D] not yet rotated
+        v: torch.Tensor,  # [T, Hkv, D]
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        rope: RotaryEmbedding,
+        positions: torch.Tensor,  # [T] int64
+    ) -> torch.Tensor:  # [T, Hq, D]
+        """`forward` after rotating q and k by `positions`. A backend may fuse the rotation into its K/V store;
+        q and k may then be modified in place, or not at all (the keys reach the cache rotated either way)."""
+        q, k = rope.apply(positions, q, k)
+        return self.forward(layer, q, k, v, kv_cache, meta)
 
 
 def write_kv(kv_cache: KVCache, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -1,6 +1,6 @@
-"""Paged attention on GPU with the Triton kernels of `triton_kernels.py`: two launches per layer (store the new
-K/V, attend), no host synchronisation, and fixed launch shapes for decode-only steps so they can be captured in
-a CUDA graph."""
+"""Paged attention on GPU with the Triton kernels of `triton_kernels.py`: two launches per layer (rotate q and k
+and store the new K/V, attend; a third combines the splits of a small decode batch), no host synchronisation,
+and fixed launch shapes for decode-only steps so they can be captured in a CUDA graph."""
 
 from __future__ import annotations
 
@@ -8,14 +8,18 @@ import math
 
 import torch
 
+from engine import pdl
 from engine.attention.backend import AttentionBackend, AttentionMetadata
 from engine.attention.triton_kernels import (
     paged_attention_kernel,
     paged_decode_split_kernel,
     reduce_splits_kernel,
+    rope_store_kv_kernel,
     store_kv_kernel,
 )
 from engine.kv_cache import KVCache
+from engine.models import fused_ops
+from engine.models.rotary import RotaryEmbedding
 
 LOG2E = 1.4426950408889634
 
@@ -71,6 +75,26 @@ class TritonPagedAttention(AttentionBackend):
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, Hq, D]
         store_kv(k, v, kv_cache, layer, meta.slot_mapping)
+        return self._attend(layer, q, kv_cache, meta)
+
+    def forward_rotary(
+        self,
+        layer: int,
+        q: torch.Tensor,  # [T, Hq, D] not yet rotated
+        k: torch.Tensor,  # [T, Hkv, D] not yet rotated
+        v: torch.Tensor,  # [T, Hkv, D]
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        rope: RotaryEmbedding,
+        positions: torch.Tensor,  # [T] int64
+    ) -> torch.Tensor:  # [T, Hq, D]
+        """One kernel rotates q in place and stores rotated keys and the values (k itself stays unrotated)."""
+        if not fused_ops.enabled(q):  # PDSERVE_FUSED_OPS=0: the separate kernels, for A/B runs
+            return super().forward_rotary(layer, q, k, v, kv_cache, meta, rope, positions)
+        rope_store_kv(q, k, v, kv_cache, layer, meta.slot_mapping, positions, rope.cos, rope.sin)
+        return self._attend(layer, q, kv_cache, meta)
+
+    def _attend(self, layer: int, q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         kc, vc = kv_cache.k[layer], kv_cache.v[layer]  # [num_blocks, Hkv, bs, D] each, strided views
         out = torch.empty_like(q)
         block_m, block_n, tiles, warps, stages = self._launch
@@ -86,11 +110,12 @@ class TritonPagedAttention(AttentionBackend):
                 q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), tables.stride(0),
                 GROUP=self.group, NUM_HEADS=self.num_heads, HEAD_DIM=self.head_dim, BLOCK_D=self.block_d,
                 BLOCK_SIZE=self.block_size, BLOCK_M=block_m, BLOCK_N=block_n, SPLITS=S, PRECISION=precision,
-                num_warps=warps, num_stages=stages,
+                USE_PDL=pdl.enabled(), num_warps=warps, num_stages=stages, **pdl.launch_kwargs(),
             )
             reduce_splits_kernel[(B, self.num_heads)](
                 out, part_acc, part_ml, out.stride(0), out.stride(1),
                 NUM_HEADS=self.num_heads, HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, SPLITS=S,
+                USE_PDL=pdl.enabled(), **pdl.launch_kwargs(),
             )
             return out
         paged_attention_kernel[(B, tiles, self.num_kv_heads)](
@@ -99,7 +124,7 @@ class TritonPagedAttention(AttentionBackend):
             kc.stride(0), kc.stride(1), kc.stride(2), tables.stride(0),
             GROUP=self.group, HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, BLOCK_SIZE=self.block_size,
             BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision,
-            num_warps=warps, num_stages=stages,
+            USE_PDL=pdl.enabled(), num_warps=warps, num_stages=stages, **pdl.launch_kwargs(),
         )
         return out
 
@@ -113,5 +138,21 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, layer: int, sl
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2),
         NUM_KV_HEADS=num_kv_heads, BLOCK_H=_pow2(num_kv_heads), HEAD_DIM=head_dim, BLOCK_D=max(16, _pow2(head_dim)),
-        BLOCK_SIZE=kv_cache.layout.block_size,
+        BLOCK_SIZE=kv_cache.layout.block_size, USE_PDL=pdl.enabled(), **pdl.launch_kwargs(),
+    )
+
+
+def rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, layer: int,
+                  slot_mapping: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate q ([T, Hq, D]) in place; store rotated k and v ([T, Hkv, D]) at slot_mapping ([T]; -1 = skip) in
+    layer `layer`. positions [T]; cos/sin [P, D] tables."""
+    kc, vc = kv_cache.k[layer], kv_cache.v[layer]  # [num_blocks, Hkv, bs, D] each, strided views
+    num_q, num_kv, head_dim = q.shape[1], k.shape[1], q.shape[2]
+    rope_store_kv_kernel[(q.shape[0],)](
+        q, k, v, kc, vc, slot_mapping, positions, cos, sin,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        kc.stride(0), kc.stride(1), kc.stride(2), cos.stride(0),
+        NUM_Q=num_q, NUM_KV=num_kv, BLOCK_HQ=_pow2(num_q), BLOCK_HKV=_pow2(num_kv),
+        HALF=head_dim // 2, BLOCK_HALF=_pow2(head_dim // 2), HEAD_DIM=head_dim, BLOCK_D=max(16, _pow2(head_dim)),
+        BLOCK_SIZE=kv_cache.layout.block_size, USE_PDL=pdl.enabled(), **pdl.launch_kwargs(),
     )

@@ -1,4 +1,5 @@
-"""Triton kernels over the paged KV cache: the K/V store, and one causal attention kernel for any batch.
+"""Triton kernels over the paged KV cache: the K/V store (alone, or with the rotary embedding of q and k fused
+in), and one causal attention kernel for any batch.
 
 The attention kernel serves decodes, prefill chunks and mixed batches alike ("num_computed_tokens of
 num_tokens": a decode is a sequence whose query is one token long). One program owns one KV head of one
@@ -26,9 +27,12 @@ def store_kv_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cb, stride_ch, stride_cs,
     NUM_KV_HEADS: tl.constexpr, BLOCK_H: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     t = tl.program_id(0)
+    if USE_PDL:  # engine/pdl.py's contract: nothing is read or written before the wait
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     slot = tl.load(slot_ptr + t)
     if slot < 0:
         return
@@ -42,6 +46,54 @@ def store_kv_kernel(
     dst = blk * stride_cb + off * stride_cs + h[:, None] * stride_ch + d[None, :]
     tl.store(kc_ptr + dst, k, mask=ok)
     tl.store(vc_ptr + dst, v, mask=ok)
+
+
+@triton.jit
+def rope_store_kv_kernel(
+    q_ptr, k_ptr, v_ptr,  # [T, Hq, D], [T, Hkv, D], [T, Hkv, D] this step's queries, keys and values
+    kc_ptr, vc_ptr,  # one layer's K and V views of the cache: [num_blocks, Hkv, block_size, D] (strided)
+    slot_ptr,  # [T] int64: block_id * block_size + offset; negative = padding row, not stored
+    pos_ptr,  # [T] int64 positions
+    cos_ptr, sin_ptr,  # [P, D] rotary tables (the two halves of a row are equal)
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cb, stride_ch, stride_cs, stride_c,
+    NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """Rotary embedding ("rotate half", float32, rounded once) of token t's queries in place and of its keys on
+    their way into the cache, plus the value store: the RoPE and K/V-store kernels of a layer in one. The keys
+    in `k_ptr` stay unrotated; attention reads them from the cache."""
+    t = tl.program_id(0).to(tl.int64)
+    if USE_PDL:  # engine/pdl.py's contract: nothing is read or written before the wait
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    pos = tl.load(pos_ptr + t)
+    j = tl.arange(0, BLOCK_HALF)
+    j_ok = j < HALF
+    c = tl.load(cos_ptr + pos * stride_c + j, mask=j_ok, other=0.0).to(tl.float32)[None, :]  # [1, BLOCK_HALF]
+    s = tl.load(sin_ptr + pos * stride_c + j, mask=j_ok, other=0.0).to(tl.float32)[None, :]
+    hq = tl.arange(0, BLOCK_HQ)
+    q_ok = (hq[:, None] < NUM_Q) & j_ok[None, :]
+    qp = q_ptr + t * stride_qt + hq[:, None] * stride_qh + j[None, :]  # [BLOCK_HQ, BLOCK_HALF] first halves
+    q1 = tl.load(qp, mask=q_ok, other=0.0).to(tl.float32)
+    q2 = tl.load(qp + HALF, mask=q_ok, other=0.0).to(tl.float32)
+    tl.store(qp, (q1 * c - q2 * s).to(q_ptr.dtype.element_ty), mask=q_ok)
+    tl.store(qp + HALF, (q2 * c + q1 * s).to(q_ptr.dtype.element_ty), mask=q_ok)
+    slot = tl.load(slot_ptr + t)
+    if slot >= 0:
+        h = tl.arange(0, BLOCK_HKV)
+        dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + h[:, None] * stride_ch
+        k_ok = (h[:, None] < NUM_KV) & j_ok[None, :]
+        kp = k_ptr + t * stride_kt + h[:, None] * stride_kh + j[None, :]  # [BLOCK_HKV, BLOCK_HALF]
+        k1 = tl.load(kp, mask=k_ok, other=0.0).to(tl.float32)
+        k2 = tl.load(kp + HALF, mask=k_ok, other=0.0).to(tl.float32)
+        tl.store(kc_ptr + dst + j[None, :], (k1 * c - k2 * s).to(kc_ptr.dtype.element_ty), mask=k_ok)
+        tl.store(kc_ptr + dst + HALF + j[None, :], (k2 * c + k1 * s).to(kc_ptr.dtype.element_ty), mask=k_ok)
+        d = tl.arange(0, BLOCK_D)
+        v_ok = (h[:, None] < NUM_KV) & (d[None, :] < HEAD_DIM)
+        v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=v_ok)  # [BLOCK_HKV, BLOCK_D]
+        tl.store(vc_ptr + dst + d[None, :], v, mask=v_ok)
 
 
 @triton.jit
@@ -113,10 +165,14 @@ def paged_attention_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,  # "ieee" for float32 caches (exact fp32, as the reference), else "tf32" (unused)
+    USE_PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     tile = tl.program_id(1)
     kvh = tl.program_id(2)
+    if USE_PDL:  # engine/pdl.py's contract: nothing is read or written before the wait
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     TOKENS: tl.constexpr = BLOCK_M // GROUP  # query tokens per tile
     q_start = tl.load(qsl_ptr + b)
     q_len = tl.load(qsl_ptr + b + 1) - q_start
@@ -158,13 +214,16 @@ def paged_decode_split_kernel(
     stride_qt, stride_qh, stride_cb, stride_ch, stride_cs, stride_tb,
     GROUP: tl.constexpr, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Decode attention with the context split over SPLITS programs per (sequence, KV head): at small batch
     sizes one program per KV head would leave most of the GPU idle. `reduce_splits_kernel` combines them."""
     b = tl.program_id(0)
     split = tl.program_id(1)
     kvh = tl.program_id(2)
+    if USE_PDL:  # engine/pdl.py's contract: nothing is read or written before the wait
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     seq_len = tl.load(seq_lens_ptr + b)
     chunk = tl.cdiv(tl.cdiv(seq_len, SPLITS), BLOCK_N) * BLOCK_N
     lo = split * chunk
@@ -194,9 +253,13 @@ def reduce_splits_kernel(
     out_ptr,  # [B, Hq, D]
     part_acc_ptr, part_ml_ptr, stride_ot, stride_oh,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
+    if USE_PDL:  # engine/pdl.py's contract: nothing is read or written before the wait
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     s = tl.arange(0, SPLITS)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM

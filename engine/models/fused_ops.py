@@ -16,6 +16,8 @@ import os
 
 import torch
 
+from engine import pdl
+
 log = logging.getLogger(__name__)
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 # NOTE: opt-out for A/B measurements (PDSERVE_FUSED_OPS=0), not a correctness switch.
@@ -27,8 +29,11 @@ if _HAS_TRITON:
 
     @triton.jit
     def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, eps,
-                             N: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr):
+                             N: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr, USE_PDL: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
+        if USE_PDL:  # engine/pdl.py's contract: nothing is read or written before the wait
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         i = tl.arange(0, BLOCK)
         ok = i < N
         x = tl.load(x_ptr + row * stride_x + i, mask=ok, other=0.0)
@@ -53,8 +58,11 @@ if _HAS_TRITON:
     @triton.jit
     def _rope_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
                      stride_c, NUM_Q: tl.constexpr, NUM_K: tl.constexpr, BLOCK_H: tl.constexpr,
-                     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
+        if USE_PDL:  # engine/pdl.py's contract: nothing is read or written before the wait
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         pos = tl.load(pos_ptr + t)
         j = tl.arange(0, BLOCK_HALF)
         jok = j < HALF
@@ -65,8 +73,12 @@ if _HAS_TRITON:
         _rotate_heads(k_ptr, t, stride_kt, stride_kh, NUM_K, c, s, h, j, jok, HALF)
 
     @triton.jit
-    def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, N: tl.constexpr, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, N: tl.constexpr, BLOCK: tl.constexpr,
+                         USE_PDL: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
+        if USE_PDL:  # engine/pdl.py's contract: nothing is read or written before the wait
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = i < N
         gate = tl.load(x_ptr + row * stride_x + i, mask=ok, other=0.0).to(tl.float32)
@@ -101,7 +113,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     res = residual if residual is not None else x
     _add_rms_norm_kernel[(x.shape[0],)](x, res, weight, out, x.stride(0), res.stride(0), out.stride(0), eps,
                                         N=x.shape[1], BLOCK=_pow2(x.shape[1]), HAS_RES=residual is not None,
-                                        num_warps=8 if x.shape[1] >= 4096 else 4)
+                                        USE_PDL=pdl.enabled(), num_warps=8 if x.shape[1] >= 4096 else 4,
+                                        **pdl.launch_kwargs())
     return out
 
 
@@ -110,12 +123,13 @@ def rope_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.
     heads, half = max(q.shape[1], k.shape[1]), q.shape[2] // 2
     _rope_kernel[(q.shape[0],)](q, k, positions, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                                 cos.stride(0), NUM_Q=q.shape[1], NUM_K=k.shape[1], BLOCK_H=_pow2(heads),
-                                HALF=half, BLOCK_HALF=_pow2(half))
+                                HALF=half, BLOCK_HALF=_pow2(half), USE_PDL=pdl.enabled(), **pdl.launch_kwargs())
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I]
     n = x.shape[1] // 2
     out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     block = 1024
-    _silu_mul_kernel[(x.shape[0], triton.cdiv(n, block))](x, out, x.stride(0), out.stride(0), N=n, BLOCK=block)
+    _silu_mul_kernel[(x.shape[0], triton.cdiv(n, block))](x, out, x.stride(0), out.stride(0), N=n, BLOCK=block,
+                                                                   USE_PDL=pdl.enabled(), **pdl.launch_kwargs())
     return out

@@ -41,10 +41,13 @@ class MergedColumnParallelLinear(nn.Module):
 
 
 class RowParallelLinear(nn.Module):
-    """y = x W^T with W's columns (the input features) split over ranks, summed by an all-reduce."""
+    """y = x W^T with W's columns (the input features) split over ranks, summed by an all-reduce. A layer whose
+    input is always silu(gate) * up (`gated_input`, the MLP's down projection) takes [gate | up] in
+    `forward_gated`, so the activation can be fused into the GEMM's input loads."""
 
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype) -> None:
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, gated_input: bool = False) -> None:
         super().__init__()
+        self.gated_input = gated_input
         self.local_in = in_features // tp().size
         self.weight = _set_loader(
             nn.Parameter(torch.empty(out_features, self.local_in, dtype=dtype), False), self._load
@@ -55,6 +58,10 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in_local] -> [T, out]
         return all_reduce(skinny_gemm.linear(x, self.weight))
+
+    def forward_gated(self, x: torch.Tensor) -> torch.Tensor:  # [T, 2 * in_local] = [gate | up] -> [T, out]
+        y = skinny_gemm.gated_linear(x, self.weight)
+        return all_reduce(y if y is not None else skinny_gemm.linear(silu_and_mul(x), self.weight))
 
 
 class VocabParallelEmbedding(nn.Module):

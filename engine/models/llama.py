@@ -15,7 +15,6 @@ from engine.models.layers import (
     RMSNorm,
     RowParallelLinear,
     VocabParallelEmbedding,
-    silu_and_mul,
 )
 from engine.models.rotary import RotaryEmbedding
 from engine.parallel import tp
@@ -53,8 +52,8 @@ class LlamaAttention(nn.Module):
         q = q.view(T, self.num_heads, self.head_dim)  # [T, Hq, D]
         k = k.view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        q, k = ctx.rope.apply(ctx.positions, q, k)
-        out = ctx.attn.forward(self.layer, q, k, v, ctx.kv_cache, ctx.meta)  # [T, Hq, D]
+        # rotary embedding and the K/V store, then attention: [T, Hq, D]
+        out = ctx.attn.forward_rotary(self.layer, q, k, v, ctx.kv_cache, ctx.meta, ctx.rope, ctx.positions)
         return self.o_proj(out.reshape(T, self.q_size))
 
 
@@ -63,10 +62,10 @@ class LlamaMLP(nn.Module):
         super().__init__()
         inter = cfg.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [inter, inter], False, dtype)
-        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, dtype)
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, dtype, gated_input=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj.forward_gated(self.gate_up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Module):

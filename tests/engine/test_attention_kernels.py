@@ -127,3 +127,76 @@ def test_padding_rows_store_nothing_and_stay_finite() -> None:
     assert sorted(written) == sorted(set((meta.slot_mapping // 16).tolist()))
     tri.prepare(meta)
     assert torch.equal(out[:2], tri.forward(0, q[:2], k[:2], k[:2], cache, meta))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_rope_store_equals_rope_then_store(dtype: torch.dtype) -> None:
+    """The fused RoPE + K/V store kernel against the two kernels it replaces (fused_ops.rope_, store_kv): q
+    rotated in place, rotated keys and the values at their slots, padding rows (slot -1) store nothing, k
+    itself left unrotated."""
+    from engine.attention.triton_backend import rope_store_kv, store_kv
+    from engine.model_config import RopeConfig
+    from engine.models import fused_ops
+    from engine.models.rotary import RotaryEmbedding
+
+    device, Hq, Hkv, D, bs = _device(), 12, 4, 128, 16
+    seed = int.from_bytes(os.urandom(4), "little")
+    gen = torch.Generator().manual_seed(seed)
+    meta, T = _batch(gen, [1, 7, 1], [30, 0, 100], 64, bs, device)
+    meta.slot_mapping[1] = -1  # a padding row in the middle
+    rope = RotaryEmbedding(D, 4096, RopeConfig(theta=500000.0), dtype, device)
+    positions = torch.randint(0, 4096, (T,), generator=gen).to(device)
+    qkv = torch.randn(T, (Hq + 2 * Hkv) * D, generator=gen).to(device, dtype)  # [T, (Hq + 2 Hkv) D], the model's
+    layout = KVLayout(64, Hkv, 2, bs, D, torch.empty((), dtype=dtype).element_size())
+    want_cache, got_cache = KVCache(layout, dtype, device), KVCache(layout, dtype, device)
+
+    def views(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q = x[:, : Hq * D].view(T, Hq, D)  # [T, Hq, D]
+        k = x[:, Hq * D : (Hq + Hkv) * D].view(T, Hkv, D)  # [T, Hkv, D]
+        return q, k, x[:, (Hq + Hkv) * D :].view(T, Hkv, D)
+
+    want_q, want_k, want_v = views(qkv.clone())
+    fused_ops.rope_(positions, want_q, want_k, rope.cos, rope.sin)
+    store_kv(want_k, want_v, want_cache, 1, meta.slot_mapping)
+    got_qkv = qkv.clone()
+    got_q, got_k, _ = views(got_qkv)
+    rope_store_kv(got_q, got_k, views(got_qkv)[2], got_cache, 1, meta.slot_mapping, positions, rope.cos, rope.sin)
+    tol = {torch.float16: 2e-3, torch.float32: 1e-5}[dtype] * 4
+    assert (got_q.float() - want_q.float()).abs().max().item() <= tol, f"seed {seed}"
+    assert torch.equal(got_qkv[:, Hq * D :], qkv[:, Hq * D :]), f"seed {seed}: k or v was modified"
+    assert (got_cache.tensor.float() - want_cache.tensor.float()).abs().max().item() <= tol, f"seed {seed}"
+    assert torch.equal(got_cache.v[1], want_cache.v[1]), f"seed {seed}: values must be copied exactly"
+    stored = (got_cache.tensor != 0).any(dim=(1, 2, 3, 4, 5)).nonzero().flatten().tolist()
+    assert sorted(stored) == sorted({s // bs for s in meta.slot_mapping.tolist() if s >= 0})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_forward_rotary_matches_reference(dtype: torch.dtype) -> None:
+    """The backend seam the model calls: Triton's fused forward_rotary against the reference backend's
+    (PyTorch RoPE, then forward) on a mixed batch."""
+    if _device() == "cpu":
+        pytest.skip("forward_rotary fuses only for CUDA tensors (the CPU run takes the reference path)")
+    from engine.attention.triton_backend import TritonPagedAttention
+    from engine.model_config import RopeConfig
+    from engine.models.rotary import RotaryEmbedding
+
+    Hq, Hkv, D, bs, device = 32, 8, 128, 16, "cuda"
+    seed = int.from_bytes(os.urandom(4), "little")
+    gen = torch.Generator().manual_seed(seed)
+    meta, T = _batch(gen, [1, 37, 1, 5], [63, 0, 1000, 17], 256, bs, device)
+    layout = KVLayout(256, Hkv, 1, bs, D, torch.empty((), dtype=dtype).element_size())
+    ref_cache, tri_cache = KVCache(layout, dtype, device), KVCache(layout, dtype, device)
+    ref_cache.tensor.copy_(torch.randn(ref_cache.tensor.shape, generator=gen).to(dtype))
+    tri_cache.tensor.copy_(ref_cache.tensor)
+    rope = RotaryEmbedding(D, 4096, RopeConfig(theta=500000.0), dtype, device)
+    positions = (meta.seq_lens.repeat_interleave(meta.query_start_loc.diff()) - 1).long()  # [T] last-token-ish
+    ref, tri = TorchPagedAttention(Hq, Hkv, D, D**-0.5, bs), TritonPagedAttention(Hq, Hkv, D, D**-0.5, bs)
+    ref.prepare(meta)
+    tri.prepare(meta)
+    q = torch.randn(T, Hq, D, generator=gen).to(device, dtype)  # [T, Hq, D]
+    kv = torch.randn(T, 2 * Hkv, D, generator=gen).to(device, dtype)  # [T, 2 Hkv, D]
+    want = ref.forward_rotary(0, q.clone(), kv[:, :Hkv].clone(), kv[:, Hkv:].clone(), ref_cache, meta, rope, positions)
+    got = tri.forward_rotary(0, q.clone(), kv[:, :Hkv], kv[:, Hkv:], tri_cache, meta, rope, positions)
+    err = (got.float() - want.float()).abs().max().item()
+    assert err <= 2 * TOL[dtype], f"seed {seed}: max abs error {err}"
+    assert (tri_cache.tensor.float() - ref_cache.tensor.float()).abs().max().item() <= 4 * TOL[dtype]

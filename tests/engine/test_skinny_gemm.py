@@ -55,6 +55,26 @@ def test_every_tile_matches_linear(m: int, dtype: torch.dtype, gen: torch.Genera
         _check(m, 64, 512, dtype, tile, gen, bias=i % 2 == 1)
 
 
+@pytest.mark.interpretable
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_gated_tiles_match_silu_mul_then_linear(m: int, dtype: torch.dtype, gen: torch.Generator) -> None:
+    """The fused SiLU-and-mul input (x = [gate | up]) against fused_ops.silu_and_mul then F.linear, every tile,
+    masked and even K. The activation is rounded where the separate kernel rounds it, so the inputs agree
+    exactly and only the summation order differs."""
+    from engine.models import fused_ops
+
+    for n, k in ((72, 200), (64, 512)):
+        x = torch.randn(m, 2 * k, generator=gen).to(_dev(), dtype)  # [M, 2K] = [gate | up]
+        w = (torch.randn(n, k, generator=gen) / k**0.5).to(_dev(), dtype)  # [N, K]
+        want = F.linear(fused_ops.silu_and_mul(x).float(), w.float())
+        for tile in skinny_gemm.candidates(m):
+            got = skinny_gemm.skinny_linear(x, w, None, tile, gated=True).float()
+            torch.testing.assert_close(got, want, atol=TOL[dtype], rtol=TOL[dtype])
+    with pytest.raises(AssertionError, match="does not fit"):
+        skinny_gemm.skinny_linear(x[:, :k], w, None, skinny_gemm.candidates(m)[0], gated=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_llama_shapes_in_half_precision(dtype: torch.dtype, gen: torch.Generator) -> None:
     """Real Llama-3-8B layer shapes (qkv, o, gate_up, down) at decode row counts, every candidate tile (those
@@ -72,7 +92,7 @@ def test_tune_installs_plans_and_linear_dispatches_by_rows(gen: torch.Generator)
     out = skinny_gemm.tune(ws, [1, 4, 16, 200])
     assert [(c.rows, c.n, c.k) for c in out] == [(1, 4096, 2048), (4, 4096, 2048), (16, 4096, 2048)]
     assert all(c.best_us <= c.cublas_us for c in out)
-    assert skinny_gemm._plans[(4096, 2048, torch.bfloat16)] == [(c.rows, c.tile) for c in out]
+    assert skinny_gemm._plans[(4096, 2048, torch.bfloat16, False)] == [(c.rows, c.tile) for c in out]
     calls: list[skinny_gemm.Tile] = []
     real = skinny_gemm.skinny_linear
 
@@ -90,3 +110,21 @@ def test_tune_installs_plans_and_linear_dispatches_by_rows(gen: torch.Generator)
             assert calls == ([expect] if expect is not None else []), (m, calls)
     finally:
         skinny_gemm.skinny_linear = real  # type: ignore[assignment]
+
+
+def test_tune_gated_dispatch(gen: torch.Generator) -> None:
+    """A matrix listed in `gated` is tuned only for gated_linear (against silu_and_mul + cuBLAS); gated_linear
+    returns the fused product where a tile won and None where cuBLAS did, and linear() has no plan for it."""
+    from engine.models import fused_ops
+
+    ws = [(torch.randn(4096, 14336, generator=gen) / 120).to("cuda", torch.bfloat16) for _ in range(3)]  # [N, K]
+    out = skinny_gemm.tune(ws, [1, 32], gated=ws)
+    assert [(c.rows, c.n, c.k, c.gated) for c in out] == [(1, 4096, 14336, True), (32, 4096, 14336, True)]
+    assert (4096, 14336, torch.bfloat16, False) not in skinny_gemm._plans
+    for c in out:
+        x = torch.randn(c.rows, 2 * 14336, generator=gen).to("cuda", torch.bfloat16)  # [M, 2K]
+        got = skinny_gemm.gated_linear(x, ws[0])
+        assert (got is None) == (c.tile is None), c
+        if got is not None:
+            want = F.linear(fused_ops.silu_and_mul(x), ws[0])
+            torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
