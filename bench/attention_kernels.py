@@ -7,7 +7,8 @@ Shapes are Llama-3-8B's attention (32 query heads, 8 KV heads, head_dim 128), bf
 at random in the cache. Prefill: one fresh causal sequence of --prefill-len tokens. Decode: batch 1 and 32 at
 context --decode-ctx, timed inside a CUDA graph as the engine runs it; its floor is the KV bytes read divided by
 the device copy bandwidth measured here.
---sweep times the prefill kernel over tile configurations (BLOCK_M, BLOCK_N, warps, stages).
+--sweep times the prefill kernel over tile configurations (BLOCK_M, BLOCK_N, warps, stages); --split-sweep times
+the decode kernel at several context-split counts (TritonPagedAttention.programs_per_sm).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def main() -> None:
     ap.add_argument("--prefill-len", type=int, default=8192)
     ap.add_argument("--decode-ctx", type=int, default=4096)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--split-sweep", action="store_true", help="decode: time programs_per_sm 1, 2, 4, 8")
     ap.add_argument("--json")
     args = ap.parse_args()
     res: dict = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
@@ -98,18 +100,21 @@ def main() -> None:
     res["decode"] = {}
     for b in (1, 32):
         cache, meta, q = _setup([args.decode_ctx] * b, [1] * b)
-        attn = TritonPagedAttention(HQ, HKV, D, D**-0.5, BS)
         kv = torch.randn(b, HKV, D, dtype=torch.bfloat16, device="cuda")
-        attn.prepare(meta)
-        t = _time_graph(lambda attn=attn, q=q, kv=kv, cache=cache, meta=meta: attn.forward(0, q, kv, kv, cache,
-                                                                                            meta))
         kv_bytes = b * args.decode_ctx * HKV * D * 2 * 2
         qs = q.view(b, HQ, 1, D)
         ks = torch.randn(b, HKV, args.decode_ctx, D, dtype=torch.bfloat16, device="cuda")
         t_sdpa = _time_graph(lambda qs=qs, ks=ks: F.scaled_dot_product_attention(qs, ks, ks, enable_gqa=True))
-        res["decode"][b] = {"us": t * 1e6, "of_floor": kv_bytes / t / (res["copy_GBps"] * 1e9),
-                            "sdpa_us": t_sdpa * 1e6, "splits": attn.decode_splits(b)}
-        print(f"decode batch {b}: {json.dumps(res['decode'][b])}", flush=True)
+        for per_sm in (1, 2, 4, 8) if args.split_sweep else (1,):
+            attn = TritonPagedAttention(HQ, HKV, D, D**-0.5, BS)
+            attn.programs_per_sm = per_sm
+            attn.prepare(meta)
+            t = _time_graph(lambda attn=attn, q=q, kv=kv, cache=cache, meta=meta: attn.forward(0, q, kv, kv, cache,
+                                                                                                meta))
+            row = {"us": t * 1e6, "of_floor": kv_bytes / t / (res["copy_GBps"] * 1e9), "sdpa_us": t_sdpa * 1e6,
+                   "splits": attn.decode_splits(b), "programs_per_sm": per_sm}
+            res["decode"].setdefault(b, []).append(row)
+            print(f"decode batch {b}: {json.dumps(row)}", flush=True)
     report(res, args.json)
 
 

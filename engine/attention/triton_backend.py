@@ -45,14 +45,15 @@ class TritonPagedAttention(AttentionBackend):
         self._splits = 1
         self.num_sms = torch.cuda.get_device_properties().multi_processor_count if torch.cuda.is_available() \
             else 132
+        self.programs_per_sm = 1  # decode programs wanted per SM before the context is split further
 
     def decode_splits(self, batch: int) -> int:
         """How many programs share one decode sequence's context: enough to fill the GPU at small batch.
         NOTE: a function of the batch size alone, so a CUDA graph captured for a bucket stays valid."""
-        programs = batch * self.num_kv_heads
-        if programs >= self.num_sms:
+        programs, target = batch * self.num_kv_heads, self.programs_per_sm * self.num_sms
+        if programs >= target:
             return 1
-        return min(16, _pow2(-(-self.num_sms // programs)))
+        return min(16, _pow2(-(-target // programs)))
 
     def prepare(self, meta: AttentionMetadata) -> None:
         """Launch shape for this step. NOTE: only host ints from `meta` are read, never device tensors."""

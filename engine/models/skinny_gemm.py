@@ -184,7 +184,7 @@ class Choice:
     n: int
     k: int
     tile: Tile | None
-    cublas_us: float  # gated: fused_ops.silu_and_mul + cuBLAS
+    cublas_us: float  # gated: the separate path, fused_ops.silu_and_mul + `linear` (as tuned for the plain shape)
     best_us: float  # of the chosen kernel (cuBLAS's time when it won)
     gbps: float  # weight bytes streamed per second by the chosen kernel
     gated: bool = False
@@ -253,7 +253,7 @@ def tune(weights: Iterable[torch.Tensor], row_counts: Iterable[int], margin: flo
     the winners for `linear`. `weights` are the model's matrices ([N, K] each); those of one shape are cycled
     through in the timing, as a forward does. The Triton kernel must beat cuBLAS by `margin` to be chosen.
     Matrices also listed in `gated` (down projections, whose input is silu(gate) * up) are tuned for
-    `gated_linear` instead: the fused kernel against fused_ops.silu_and_mul followed by cuBLAS."""
+    `gated_linear` as well: the fused kernel against fused_ops.silu_and_mul followed by `linear`."""
     if not (_HAS_TRITON and _WANTED):
         log.info("skinny GEMM tuning skipped (%s)", "PDSERVE_SKINNY_GEMM=0" if _HAS_TRITON else "no triton")
         return []
@@ -261,10 +261,14 @@ def tune(weights: Iterable[torch.Tensor], row_counts: Iterable[int], margin: flo
     by_shape: dict[tuple[int, int, torch.dtype, bool], list[torch.Tensor]] = {}
     for w in weights:
         if w.is_cuda and w.dim() == 2 and w.dtype in (torch.float16, torch.bfloat16) and w.stride(1) == 1:
-            by_shape.setdefault((w.shape[0], w.shape[1], w.dtype, id(w) in gated_ids), []).append(w)
+            by_shape.setdefault((w.shape[0], w.shape[1], w.dtype, False), []).append(w)
+            if id(w) in gated_ids:
+                by_shape.setdefault((w.shape[0], w.shape[1], w.dtype, True), []).append(w)
     rows = sorted({m for m in row_counts if 1 <= m <= MAX_ROWS})
     out: list[Choice] = []
-    for key, ws in by_shape.items():
+    # NOTE: plain shapes first: the gated kernel has to beat the separate path at its best, i.e. SiLU-and-mul
+    # followed by whatever `linear` chose for the plain shape (Triton or cuBLAS).
+    for key, ws in sorted(by_shape.items(), key=lambda kv: kv[0][3]):
         if [r for r, _ in _plans.get(key, [])] == rows:
             continue  # tuned already in this process (an earlier engine of the same shapes)
         plan = []
@@ -288,7 +292,7 @@ def _tune_one(ws: list[torch.Tensor], m: int, key: tuple[int, int, torch.dtype, 
     x = torch.randn(m, 2 * k if gated else k, dtype=dtype, device=ws[0].device)  # [m, K] or [m, 2K]
 
     def reference(w: torch.Tensor) -> torch.Tensor:
-        return F.linear(fused_ops.silu_and_mul(x) if gated else x, w)
+        return linear(fused_ops.silu_and_mul(x), w) if gated else F.linear(x, w)
 
     cublas = _graph_time(_over(ws, reference)) / len(ws)
     best, best_t = None, cublas * (1 - margin)

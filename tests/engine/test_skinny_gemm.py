@@ -113,15 +113,16 @@ def test_tune_installs_plans_and_linear_dispatches_by_rows(gen: torch.Generator)
 
 
 def test_tune_gated_dispatch(gen: torch.Generator) -> None:
-    """A matrix listed in `gated` is tuned only for gated_linear (against silu_and_mul + cuBLAS); gated_linear
-    returns the fused product where a tile won and None where cuBLAS did, and linear() has no plan for it."""
+    """A matrix listed in `gated` is tuned plain first, then gated against the separate path (silu_and_mul +
+    linear as just tuned); gated_linear returns the fused product where a tile won and None elsewhere."""
     from engine.models import fused_ops
 
     ws = [(torch.randn(4096, 14336, generator=gen) / 120).to("cuda", torch.bfloat16) for _ in range(3)]  # [N, K]
     out = skinny_gemm.tune(ws, [1, 32], gated=ws)
-    assert [(c.rows, c.n, c.k, c.gated) for c in out] == [(1, 4096, 14336, True), (32, 4096, 14336, True)]
-    assert (4096, 14336, torch.bfloat16, False) not in skinny_gemm._plans
-    for c in out:
+    assert [(c.rows, c.n, c.k, c.gated) for c in out] == [(1, 4096, 14336, False), (32, 4096, 14336, False),
+                                                         (1, 4096, 14336, True), (32, 4096, 14336, True)]
+    assert skinny_gemm._plans[(4096, 14336, torch.bfloat16, False)] == [(c.rows, c.tile) for c in out[:2]]
+    for c in out[2:]:
         x = torch.randn(c.rows, 2 * 14336, generator=gen).to("cuda", torch.bfloat16)  # [M, 2K]
         got = skinny_gemm.gated_linear(x, ws[0])
         assert (got is None) == (c.tile is None), c
