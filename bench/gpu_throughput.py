@@ -57,11 +57,21 @@ def transformers_decode(model_dir: str, batches: list[int], prompt_len: int, ste
                            do_sample=False, pad_token_id=0)
 
         gen(2)
-        t1 = time_cuda(lambda gen=gen: gen(1), 2)
-        tn = time_cuda(lambda gen=gen: gen(1 + steps), 1)
+        # NOTE: 3 timed calls each: `generate` is bound by the host's Python, so a single call wanders with it.
+        t1 = time_cuda(lambda gen=gen: gen(1), 3)
+        tn = time_cuda(lambda gen=gen: gen(1 + steps), 3)
         out[b] = b * steps / (tn - t1)
         print(f"transformers batch {b}: {out[b]:.1f} tok/s", flush=True)
     return out
+
+
+def host_cpu() -> str:
+    """The host CPU's model name: the transformers baseline is launch-bound, so it follows the host."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+    except OSError:
+        return "unknown"
 
 
 def engine_decode(engine: LLMEngine, b: int, prompt_len: int, steps: int, seed: int) -> dict[str, float]:
@@ -154,7 +164,7 @@ def main() -> None:
     ap.add_argument("--profile", metavar="DIR", help="also write torch.profiler tables of a prefill and a decode")
     args = ap.parse_args()
 
-    res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "args": vars(args),
+    res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "host_cpu": host_cpu(), "args": vars(args),
                            "date": time.strftime("%Y-%m-%d")}
     res["copy_GBps"] = copy_bandwidth() / 1e9
     res["matmul_TFLOPs"] = matmul_rate() / 1e12

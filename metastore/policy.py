@@ -11,8 +11,11 @@ from typing import Any
 class PlacementPolicy:
     # Conditional disaggregation: prefill on the decode instance when the prompt tokens it lacks are few...
     max_local_prefill_tokens: int = 256
-    # ...or when the prefill pool is saturated (every prefill instance has at least this many waiting).
+    # ...or when the prefill pool is saturated (every prefill instance has at least this many waiting)...
     prefill_queue_threshold: int = 8
+    # ...or when every prefill instance has at least this many prompt tokens queued ahead of a new prompt and
+    # the decode instance has fewer (0: off). Tokens predict the wait where request counts do not.
+    max_prefill_queue_tokens: int = 0
     # Cost of a candidate instance = load_weight * load - overlap_weight * (cached prompt fraction).
     overlap_weight: float = 1.0
     load_weight: float = 1.0
@@ -24,8 +27,9 @@ class PlacementPolicy:
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 raise ValueError(f"placement policy {f.name}: {value!r} must be a number >= 0")
-        if not isinstance(self.max_local_prefill_tokens, int) or not isinstance(self.prefill_queue_threshold, int):
-            raise ValueError("placement policy max_local_prefill_tokens and prefill_queue_threshold must be integers")
+        for name in ("max_local_prefill_tokens", "prefill_queue_threshold", "max_prefill_queue_tokens"):
+            if not isinstance(getattr(self, name), int):
+                raise ValueError(f"placement policy {name}: {getattr(self, name)!r} must be an integer")
 
     def to_redis(self) -> dict[str, str]:
         return {k: json.dumps(v) for k, v in asdict(self).items()}

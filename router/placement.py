@@ -12,8 +12,13 @@ follow-ups of a prefix go where its blocks will be even before the block index s
 Conditional disaggregation: the effective prefill length is the prompt minus the tokens already cached on the
 chosen decode instance. It is prefilled locally (on the decode instance) when that is at most
 `max_local_prefill_tokens`, or when the prefill pool is saturated (every prefill instance has at least
-`prefill_queue_threshold` requests waiting), or when there is no prefill instance; otherwise the cheapest prefill
-instance computes it and the decode instance pulls the KV.
+`prefill_queue_threshold` requests waiting), or when every prefill instance has at least
+`max_prefill_queue_tokens` prompt tokens queued and the decode instance has fewer, or when there is no prefill
+instance; otherwise the cheapest prefill instance computes it and the decode instance pulls the KV.
+
+Queued prefill tokens of an instance are the larger of its last heartbeat's figure and the tokens this router
+has sent it whose prefill has not finished: heartbeats lag a burst by up to a period, and by then the queued
+prompts may already have spent the TTFT budget.
 """
 
 from __future__ import annotations
@@ -73,10 +78,16 @@ def _cheapest(instances: list[InstanceInfo], overlaps: dict[str, int], loads: di
 
 def place(prompt_len: int, decodes: list[InstanceInfo], prefills: list[InstanceInfo], overlaps: dict[str, int],
           loads: dict[str, Load], policy: PlacementPolicy, inflight: dict[str, int] | None = None,
-          affinity_key: int = 0) -> Placement:
+          affinity_key: int = 0, pending_prefill: dict[str, int] | None = None) -> Placement:
     """Choose for a prompt of `prompt_len` tokens; `overlaps` is MetadataStore.prefix_overlap of its blocks,
-    `inflight` the router's unfinished requests per instance, `affinity_key` the prompt's first block hash."""
+    `inflight` the router's unfinished requests per instance, `affinity_key` the prompt's first block hash,
+    `pending_prefill` the prompt tokens the router has sent each instance whose prefill has not finished."""
     inflight = inflight or {}
+    pending_prefill = pending_prefill or {}
+
+    def queued(iid: str) -> int:
+        return max(loads.get(iid, Load()).queued_prefill_tokens, pending_prefill.get(iid, 0))
+
     if prompt_len < 1:
         raise ValueError("prompt is empty")
     if not decodes:
@@ -91,6 +102,12 @@ def place(prompt_len: int, decodes: list[InstanceInfo], prefills: list[InstanceI
     if all(loads.get(p.instance_id, Load()).waiting >= policy.prefill_queue_threshold for p in prefills):
         reason = f"local: prefill pool saturated (every queue >= {policy.prefill_queue_threshold})"
         return Placement(decode.instance_id, None, cached, effective, reason)
+    if policy.max_prefill_queue_tokens > 0:
+        shortest = min(queued(p.instance_id) for p in prefills)
+        if shortest >= policy.max_prefill_queue_tokens and queued(decode.instance_id) < shortest:
+            reason = (f"local: {shortest} tokens queued at the least loaded prefill instance (>= "
+                      f"max_prefill_queue_tokens {policy.max_prefill_queue_tokens}), {queued(decode.instance_id)} here")
+            return Placement(decode.instance_id, None, cached, effective, reason)
     prefill, _ = _cheapest(prefills, overlaps, loads, prompt_len, policy, inflight, affinity_key)
     return Placement(decode.instance_id, prefill.instance_id, cached, effective,
                      f"remote: {effective} uncached tokens on {decode.instance_id}")

@@ -40,6 +40,9 @@ class RouterService(pb_grpc.PDServeServicer):
         self.base_policy = policy
         self.ray_namespace = ray_namespace
         self.inflight: dict[str, Placement | None] = {}  # None: admitted, not yet placed
+        # instance id -> prompt tokens sent there whose prefill has not finished (placement's queue estimate)
+        self.pending_prefill: dict[str, int] = {}
+        self._prefill_owed: dict[str, tuple[str, int]] = {}  # request id -> (instance, tokens) in pending_prefill
         self.max_inflight = max_inflight
         self.aborted_before_placement: set[str] = set()
         self._actors: dict[str, Any] = {}
@@ -97,7 +100,7 @@ class RouterService(pb_grpc.PDServeServicer):
         key = hashes[0] if hashes else hash_blocks(tokens + [0] * self.cfg.block_size, self.cfg.block_size,
                                                    self.cfg.hash_salt)[0]
         return place(len(tokens), decodes, prefills, overlaps, loads, self.store.policy(self.base_policy),
-                     inflight, key)
+                     inflight, key, dict(self.pending_prefill))
 
     async def _abort_everywhere(self, request_id: str, placement: Placement) -> None:
         targets = [placement.decode_instance] + ([placement.prefill_instance] if placement.prefill_instance else [])
@@ -132,9 +135,11 @@ class RouterService(pb_grpc.PDServeServicer):
             self.inflight.pop(rid, None)
             raise
         self.inflight[rid] = placement
+        self._prefill_started(rid, placement)
         if rid in self.aborted_before_placement:  # an Abort came while the request was being placed
             self.aborted_before_placement.discard(rid)
             self.inflight.pop(rid, None)
+            self._prefill_finished(rid)
             yield self._final(rid, [], "", "abort", len(tokens), 0, placement, 0, 0)
             return
         remaining = context.time_remaining()
@@ -159,6 +164,7 @@ class RouterService(pb_grpc.PDServeServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"instance unavailable: {e}")
         finally:
             self.inflight.pop(rid, None)
+            self._prefill_finished(rid)
             if not finished:  # cancelled by the client, deadline, or error: free the blocks on the workers
                 await asyncio.shield(self._abort_everywhere(rid, placement))
 
@@ -168,6 +174,7 @@ class RouterService(pb_grpc.PDServeServicer):
         kv_handle = None
         if placement.prefill_instance is not None:
             pre = await self._actor(placement.prefill_instance).prefill.remote(rid, tokens, wire)
+            self._prefill_finished(rid)
             kv_handle = pre["kv_handle"]
             if kv_handle is None:  # aborted on the prefill instance
                 yield self._final(rid, [], "", "abort", len(tokens), 0, placement, 0, 0)
@@ -178,6 +185,7 @@ class RouterService(pb_grpc.PDServeServicer):
         completion = 0
         async for ref in stream:
             item = await ref
+            self._prefill_finished(rid)  # a local prefill: its first token is out
             completion += len(item["token_ids"])
             if item["finished"]:
                 # cached_tokens: what the decode instance really reused (the index the placement read may lag)
@@ -185,6 +193,21 @@ class RouterService(pb_grpc.PDServeServicer):
                                   completion, placement, item["cached_tokens"], transferred)
                 return
             yield pb.GenerateResponse(request_id=rid, token_ids=item["token_ids"], text=item["text"])
+
+    def _prefill_started(self, rid: str, placement: Placement) -> None:
+        iid = placement.prefill_instance or placement.decode_instance
+        self._prefill_owed[rid] = (iid, placement.effective_prefill_tokens)
+        self.pending_prefill[iid] = self.pending_prefill.get(iid, 0) + placement.effective_prefill_tokens
+
+    def _prefill_finished(self, rid: str) -> None:
+        """Idempotent: the prompt's tokens leave its instance's pending count once, however the request ends."""
+        owed = self._prefill_owed.pop(rid, None)
+        if owed is not None:
+            left = self.pending_prefill[owed[0]] - owed[1]
+            if left > 0:
+                self.pending_prefill[owed[0]] = left
+            else:
+                del self.pending_prefill[owed[0]]
 
     @staticmethod
     def _final(rid: str, token_ids: list[int], text: str, reason: str, prompt_tokens: int, completion: int,

@@ -134,3 +134,16 @@ def test_abort_rpc_ends_the_stream_with_abort(server: Server) -> None:
     assert rest[-1].finished and rest[-1].finish_reason == "abort" and rest[-1].usage.completion_tokens < 900
     assert not server.stub.Abort(pb.AbortRequest(request_id="abort-me")).found
     server.wait_idle()
+
+
+def test_pending_prefill_tokens_drain_after_cancels_and_aborts(server: Server) -> None:
+    """Runs last in this module, after the cancels, deadlines and aborts above. With max_prefill_queue_tokens 1
+    any token the router still counted as pending at the idle prefill instance (a leak) would send a long prompt
+    local; drained, it goes remote. (When the trigger fires is test_placement's subject, on exact inputs.)"""
+    server.wait_idle()
+    server.store.set_policy(max_prefill_queue_tokens=1)
+    try:
+        out = server.generate(random_prompts(1, [90], 512, seed=960)[0], max_tokens=2)
+        assert routing(out).disaggregated, routing(out)
+    finally:
+        server.store.set_policy(max_prefill_queue_tokens=0)

@@ -76,3 +76,29 @@ def test_whole_prompt_cached_still_computes_one_token() -> None:
 def test_no_decode_instance_is_unavailable() -> None:
     with pytest.raises(NoInstanceError):
         place(10, [], P, {}, {}, POLICY)
+
+
+def test_token_queue_trigger_prefills_locally_when_every_prefill_queue_is_longer() -> None:
+    """max_prefill_queue_tokens: remote until every prefill instance has that many tokens queued (the larger of
+    the heartbeat's figure and the router's own pending count), then local while the decode instance's queue
+    is shorter; the request-count trigger alone would still send it remote (no one is `waiting`)."""
+    policy = PlacementPolicy(max_local_prefill_tokens=64, prefill_queue_threshold=4, max_prefill_queue_tokens=6000)
+    key = next(k for k in range(100) if home(k, D) == "d0")
+    loads = {"p0": Load(queued_prefill_tokens=7000)}
+
+    def where(pending: dict[str, int]) -> str | None:
+        return place(3000, D, P, {}, loads, policy, affinity_key=key, pending_prefill=pending).prefill_instance
+
+    assert where({}) == "p1"  # p1's queue is empty
+    assert where({"p1": 5999}) == "p1"  # just under the threshold
+    local = place(3000, D, P, {}, loads, policy, affinity_key=key, pending_prefill={"p1": 6000})
+    assert (local.prefill_instance, local.decode_instance) == (None, "d0")
+    assert "6000 tokens queued" in local.reason
+    assert where({"p1": 6000, "d0": 6000}) == "p1"  # the local queue is no shorter: stay remote
+    off = PlacementPolicy(max_local_prefill_tokens=64, prefill_queue_threshold=4)
+    assert place(3000, D, P, {}, loads, off, affinity_key=key, pending_prefill={"p1": 9000}).prefill_instance == "p1"
+
+
+def test_policy_rejects_a_fractional_token_threshold() -> None:
+    with pytest.raises(ValueError, match="max_prefill_queue_tokens"):
+        PlacementPolicy(max_prefill_queue_tokens=1.5)  # type: ignore[arg-type]
