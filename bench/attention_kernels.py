@@ -78,7 +78,7 @@ def main() -> None:
     kv = torch.randn(L, HKV, D, dtype=torch.bfloat16, device="cuda")
     flops = 4 * HQ * D * L * (L + 1) / 2
     qs, kvs = q.transpose(0, 1).unsqueeze(0), kv.transpose(0, 1).unsqueeze(0)  # [1, H, L, D]
-    t_sdpa = time_cuda(lambda: F.scaled_dot_product_attention(qs, kvs, kvs, is_causal=True, enable_gqa=True))
+    t_sdpa = time_cuda(lambda: F.scaled_dot_product_attention(qs, kvs, kvs, is_causal=True, enable_gqa=True), 10)
     res["prefill"] = {"tokens": L, "sdpa_TFLOPs": flops / t_sdpa / 1e12}
     configs = [attn.prefill_cfg]
     if args.sweep:
