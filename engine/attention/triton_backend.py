@@ -45,7 +45,10 @@ class TritonPagedAttention(AttentionBackend):
         self._splits = 1
         self.num_sms = torch.cuda.get_device_properties().multi_processor_count if torch.cuda.is_available() \
             else 132
-        self.programs_per_sm = 1  # decode programs wanted per SM before the context is split further
+        # Decode programs wanted per SM before the context is split further. NOTE: 2, not 1: at batch 32 and
+        # context 580 on an H200 two splits took 27.4 us a layer against 31.0 for one, four 32.5
+        # (bench/attention_kernels.py --split-sweep --decode-ctx 580, 2026-11-22).
+        self.programs_per_sm = 2
 
     def decode_splits(self, batch: int) -> int:
         """How many programs share one decode sequence's context: enough to fill the GPU at small batch.

@@ -63,9 +63,15 @@ def test_triton_matches_reference(shape: tuple, dtype: torch.dtype) -> None:
     _check(shape, dtype)
 
 
-@pytest.mark.parametrize("num_sms", [1, 48, 132])
-def test_decode_split_counts(num_sms: int) -> None:
-    """Decode-only batches at split counts 1 (no split), 2 and 8."""
+@pytest.mark.parametrize(("num_sms", "splits"), [(1, 1), (48, 4), (132, 16)])
+def test_decode_split_counts(num_sms: int, splits: int) -> None:
+    """Decode-only batches (3 sequences x 8 KV heads = 24 programs, 2 wanted per SM) at split counts 1 (no
+    split), 4 and 16 (the cap)."""
+    from engine.attention.triton_backend import TritonPagedAttention
+
+    tri = TritonPagedAttention(32, 8, 128, 128**-0.5, 16)
+    tri.num_sms = num_sms
+    assert tri.decode_splits(3) == splits
     _check((32, 8, 128, 16, [1] * 3, [1, 700, 4000]), torch.float16, num_sms)
 
 
