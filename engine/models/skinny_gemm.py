@@ -12,6 +12,9 @@ The choice is made by measurement, not assumed: `tune` times cuBLAS and each can
 weights (cycling through the layers, as a step does, so L2 does not flatter anyone) inside CUDA graphs (so
 launch overhead does not either), and keeps the Triton kernel only where it wins.
 
+The MLP's down projection can also take its input as [gate | up] and apply SiLU-and-mul while loading
+(`gated_linear`); that form is tuned too, against the separate SiLU-and-mul kernel followed by `linear`.
+
 Contract: `tune` runs before any CUDA graph capture and before the KV cache is sized (it captures graphs of
 its own and allocates scratch outputs). After it, `linear` is capture-safe: its choice depends on shapes only.
 """
