@@ -56,6 +56,19 @@ def test_block_index_follows_kv_events_and_prefix_overlap(store: MetadataStore) 
     assert store.prefix_overlap([1, 2, 3]) == {"a": 1}
 
 
+def test_kv_events_apply_in_order_across_script_chunks(store: MetadataStore) -> None:
+    """One call with an event larger than a script chunk (4,000 hashes), then a removal and a re-store of the
+    same blocks in one batch: events apply in order, and the instance's block set matches the block keys."""
+    store.register(info("big"))
+    hashes = tuple(range(1, 4102))
+    store.apply_kv_events("big", [KVEvent("stored", hashes), KVEvent("removed", (5, 4101)), KVEvent("stored", (5,))])
+    assert store.prefix_overlap(list(hashes[:4100])) == {"big": 4100}
+    assert store.prefix_overlap([4101]) == {}
+    assert store.r.scard(store._k("iblk", "big")) == 4100
+    store.apply_kv_events("big", [KVEvent("removed", hashes)])
+    assert store.r.scard(store._k("iblk", "big")) == 0 and store.prefix_overlap([1]) == {}
+
+
 def test_dead_instance_leaves_the_block_index(store: MetadataStore) -> None:
     store.register(info("x"))
     store.apply_kv_events("x", [KVEvent("stored", (7, 8))])
