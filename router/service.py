@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict
@@ -43,6 +44,7 @@ class RouterService(pb_grpc.PDServeServicer):
         # instance id -> prompt tokens sent there whose prefill has not finished (placement's queue estimate)
         self.pending_prefill: dict[str, int] = {}
         self._prefill_owed: dict[str, tuple[str, int]] = {}  # request id -> (instance, tokens) in pending_prefill
+        self._place_lock = threading.Lock()  # placement decisions and their records, one at a time
         self.max_inflight = max_inflight
         self.aborted_before_placement: set[str] = set()
         self._actors: dict[str, Any] = {}
@@ -83,24 +85,35 @@ class RouterService(pb_grpc.PDServeServicer):
         if len(tokens) >= limit:
             raise ValueError(f"prompt has {len(tokens)} tokens but max_model_len is {limit}")
 
-    def _place(self, tokens: list[int]) -> Placement:
+    def _place(self, rid: str, tokens: list[int]) -> Placement:
+        """Decide and record (in `inflight` and `pending_prefill`) as one step under `_place_lock`: the requests
+        of a burst are placed on worker threads at once, and each must count the ones placed before it."""
         decodes = self.store.live_instances("decode")
         prefills = self.store.live_instances("prefill")
         hashes = hash_blocks(tokens, self.cfg.block_size, self.cfg.hash_salt)
         overlaps = self.store.prefix_overlap(hashes)
         loads = self.store.loads([i.instance_id for i in decodes + prefills])
-        inflight: dict[str, int] = {}
-        for p in self.inflight.values():
-            if p is None:
-                continue
-            for iid in (p.decode_instance, p.prefill_instance):
-                if iid:
-                    inflight[iid] = inflight.get(iid, 0) + 1
+        policy = self.store.policy(self.base_policy)
         # A prompt shorter than a block has no block hash: its tokens' hash serves as the affinity key.
         key = hashes[0] if hashes else hash_blocks(tokens + [0] * self.cfg.block_size, self.cfg.block_size,
                                                    self.cfg.hash_salt)[0]
-        return place(len(tokens), decodes, prefills, overlaps, loads, self.store.policy(self.base_policy),
-                     inflight, key, dict(self.pending_prefill))
+        with self._place_lock:
+            if rid not in self.inflight:  # the request was cancelled while this thread read the store
+                return place(len(tokens), decodes, prefills, overlaps, loads, policy, {}, key)
+            inflight: dict[str, int] = {}
+            for p in list(self.inflight.values()):  # NOTE: list() first: the event loop pops finished requests
+                if p is None:
+                    continue
+                for iid in (p.decode_instance, p.prefill_instance):
+                    if iid:
+                        inflight[iid] = inflight.get(iid, 0) + 1
+            placement = place(len(tokens), decodes, prefills, overlaps, loads, policy, inflight, key,
+                              dict(self.pending_prefill))
+            self.inflight[rid] = placement
+            iid = placement.prefill_instance or placement.decode_instance
+            self._prefill_owed[rid] = (iid, placement.effective_prefill_tokens)
+            self.pending_prefill[iid] = self.pending_prefill.get(iid, 0) + placement.effective_prefill_tokens
+        return placement
 
     async def _abort_everywhere(self, request_id: str, placement: Placement) -> None:
         targets = [placement.decode_instance] + ([placement.prefill_instance] if placement.prefill_instance else [])
@@ -127,19 +140,16 @@ class RouterService(pb_grpc.PDServeServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         self.inflight[rid] = None  # NOTE: take the admission slot before any await, or a burst all gets in
         try:
-            placement = await asyncio.to_thread(self._place, tokens)
+            placement = await asyncio.to_thread(self._place, rid, tokens)
         except NoInstanceError as e:
-            self.inflight.pop(rid, None)
+            self._release(rid)
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        except BaseException:
-            self.inflight.pop(rid, None)
+        except BaseException:  # cancelled while placing: the placement thread records nothing after this
+            self._release(rid)
             raise
-        self.inflight[rid] = placement
-        self._prefill_started(rid, placement)
         if rid in self.aborted_before_placement:  # an Abort came while the request was being placed
             self.aborted_before_placement.discard(rid)
-            self.inflight.pop(rid, None)
-            self._prefill_finished(rid)
+            self._release(rid)
             yield self._final(rid, [], "", "abort", len(tokens), 0, placement, 0, 0)
             return
         remaining = context.time_remaining()
@@ -163,8 +173,7 @@ class RouterService(pb_grpc.PDServeServicer):
         except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"instance unavailable: {e}")
         finally:
-            self.inflight.pop(rid, None)
-            self._prefill_finished(rid)
+            self._release(rid)
             if not finished:  # cancelled by the client, deadline, or error: free the blocks on the workers
                 await asyncio.shield(self._abort_everywhere(rid, placement))
 
@@ -194,20 +203,22 @@ class RouterService(pb_grpc.PDServeServicer):
                 return
             yield pb.GenerateResponse(request_id=rid, token_ids=item["token_ids"], text=item["text"])
 
-    def _prefill_started(self, rid: str, placement: Placement) -> None:
-        iid = placement.prefill_instance or placement.decode_instance
-        self._prefill_owed[rid] = (iid, placement.effective_prefill_tokens)
-        self.pending_prefill[iid] = self.pending_prefill.get(iid, 0) + placement.effective_prefill_tokens
+    def _release(self, rid: str) -> None:
+        """The request is over (finished, failed, cancelled, refused): drop its slot and any pending prefill."""
+        with self._place_lock:
+            self.inflight.pop(rid, None)
+        self._prefill_finished(rid)
 
     def _prefill_finished(self, rid: str) -> None:
         """Idempotent: the prompt's tokens leave its instance's pending count once, however the request ends."""
-        owed = self._prefill_owed.pop(rid, None)
-        if owed is not None:
-            left = self.pending_prefill[owed[0]] - owed[1]
-            if left > 0:
-                self.pending_prefill[owed[0]] = left
-            else:
-                del self.pending_prefill[owed[0]]
+        with self._place_lock:
+            owed = self._prefill_owed.pop(rid, None)
+            if owed is not None:
+                left = self.pending_prefill[owed[0]] - owed[1]
+                if left > 0:
+                    self.pending_prefill[owed[0]] = left
+                else:
+                    del self.pending_prefill[owed[0]]
 
     @staticmethod
     def _final(rid: str, token_ids: list[int], text: str, reason: str, prompt_tokens: int, completion: int,
