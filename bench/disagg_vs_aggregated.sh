@@ -12,20 +12,7 @@ out=$2
 rates=${3:-2,4,6,8,12,16}
 pdserve=${PDSERVE:-python3 -m pdserve.cli}
 mkdir -p "$out"
-model=$(mktemp -d)
-python3 -c "from pdserve.dummy_model import write_dummy_model; write_dummy_model('$model', '${SHAPE:-llama3-8b}')"
-$pdserve serve --config "$cfg" --model "$model" --port 0 >"$out/serve.out" 2>"$out/serve.err" &
-pid=$!
-trap 'kill -INT $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
-for _ in $(seq 1 900); do
-  grep -q "serving on" "$out/serve.out" && break
-  if ! kill -0 $pid 2>/dev/null; then echo "serve exited:" >&2; tail -40 "$out/serve.err" >&2; exit 1; fi
-  sleep 1
-done
-target=$(sed -n 's/^pdserve: serving on //p' "$out/serve.out")
-echo "serving $cfg on $target" >&2
-$pdserve bench --target "$target" --rate 1 --num-requests 4 --input-len "${INPUT_LEN:-normal:3000:300}" \
-  --output-len fixed:16 --seed 1000 --out "$out/warmup" --no-progress >/dev/null
+source "$(dirname "$0")/serve_warm.sh"  # sets target and pid; stops the server on exit
 $pdserve bench --target "$target" --rates "$rates" --num-requests "${NUM_REQUESTS:-200}" \
   --duration "${DURATION:-25}" --input-len "${INPUT_LEN:-normal:3000:300}" --output-len "${OUTPUT_LEN:-fixed:150}" \
   --out "$out" --no-progress
