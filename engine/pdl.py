@@ -58,6 +58,11 @@ def enabled() -> bool:
     return _state["on"]
 
 
+_ON: dict[str, bool] = {"launch_pdl": True}
+_OFF: dict[str, bool] = {}
+
+
 def launch_kwargs() -> dict[str, bool]:
-    """Extra launch arguments for a kernel that honours the contract above (its USE_PDL = enabled())."""
-    return {"launch_pdl": True} if enabled() else {}
+    """Extra launch arguments for a kernel that honours the contract above (its USE_PDL = enabled()). A shared
+    dict, built once: spread it (`**`), never change it."""
+    return _ON if enabled() else _OFF

@@ -41,9 +41,8 @@ class RouterService(pb_grpc.PDServeServicer):
         self.base_policy = policy
         self.ray_namespace = ray_namespace
         self.inflight: dict[str, Placement | None] = {}  # None: admitted, not yet placed
-        # instance id -> prompt tokens sent there whose prefill has not finished (placement's queue estimate)
-        self.pending_prefill: dict[str, int] = {}
-        self._prefill_owed: dict[str, tuple[str, int]] = {}  # request id -> (instance, tokens) in pending_prefill
+        # request id -> (instance, prompt tokens) until its prefill finishes: placement's queue estimate
+        self.prefill_pending: dict[str, tuple[str, int]] = {}
         self._place_lock = threading.Lock()  # placement decisions and their records, one at a time
         self.max_inflight = max_inflight
         self.aborted_before_placement: set[str] = set()
@@ -86,7 +85,7 @@ class RouterService(pb_grpc.PDServeServicer):
             raise ValueError(f"prompt has {len(tokens)} tokens but max_model_len is {limit}")
 
     def _place(self, rid: str, tokens: list[int]) -> Placement:
-        """Decide and record (in `inflight` and `pending_prefill`) as one step under `_place_lock`: the requests
+        """Decide and record (in `inflight` and `prefill_pending`) as one step under `_place_lock`: the requests
         of a burst are placed on worker threads at once, and each must count the ones placed before it."""
         decodes = self.store.live_instances("decode")
         prefills = self.store.live_instances("prefill")
@@ -98,8 +97,6 @@ class RouterService(pb_grpc.PDServeServicer):
         key = hashes[0] if hashes else hash_blocks(tokens + [0] * self.cfg.block_size, self.cfg.block_size,
                                                    self.cfg.hash_salt)[0]
         with self._place_lock:
-            if rid not in self.inflight:  # the request was cancelled while this thread read the store
-                return place(len(tokens), decodes, prefills, overlaps, loads, policy, {}, key)
             inflight: dict[str, int] = {}
             for p in list(self.inflight.values()):  # NOTE: list() first: the event loop pops finished requests
                 if p is None:
@@ -107,12 +104,14 @@ class RouterService(pb_grpc.PDServeServicer):
                 for iid in (p.decode_instance, p.prefill_instance):
                     if iid:
                         inflight[iid] = inflight.get(iid, 0) + 1
-            placement = place(len(tokens), decodes, prefills, overlaps, loads, policy, inflight, key,
-                              dict(self.pending_prefill))
-            self.inflight[rid] = placement
-            iid = placement.prefill_instance or placement.decode_instance
-            self._prefill_owed[rid] = (iid, placement.effective_prefill_tokens)
-            self.pending_prefill[iid] = self.pending_prefill.get(iid, 0) + placement.effective_prefill_tokens
+            pending: dict[str, int] = {}
+            for iid, n in list(self.prefill_pending.values()):
+                pending[iid] = pending.get(iid, 0) + n
+            placement = place(len(tokens), decodes, prefills, overlaps, loads, policy, inflight, key, pending)
+            if rid in self.inflight:  # else cancelled while this thread read the store: record nothing
+                self.inflight[rid] = placement
+                self.prefill_pending[rid] = (placement.prefill_instance or placement.decode_instance,
+                                             placement.effective_prefill_tokens)
         return placement
 
     async def _abort_everywhere(self, request_id: str, placement: Placement) -> None:
@@ -183,7 +182,7 @@ class RouterService(pb_grpc.PDServeServicer):
         kv_handle = None
         if placement.prefill_instance is not None:
             pre = await self._actor(placement.prefill_instance).prefill.remote(rid, tokens, wire)
-            self._prefill_finished(rid)
+            self.prefill_pending.pop(rid, None)
             kv_handle = pre["kv_handle"]
             if kv_handle is None:  # aborted on the prefill instance
                 yield self._final(rid, [], "", "abort", len(tokens), 0, placement, 0, 0)
@@ -194,7 +193,8 @@ class RouterService(pb_grpc.PDServeServicer):
         completion = 0
         async for ref in stream:
             item = await ref
-            self._prefill_finished(rid)  # a local prefill: its first token is out
+            if completion == 0:  # a local prefill: its first token is out
+                self.prefill_pending.pop(rid, None)
             completion += len(item["token_ids"])
             if item["finished"]:
                 # cached_tokens: what the decode instance really reused (the index the placement read may lag)
@@ -204,21 +204,11 @@ class RouterService(pb_grpc.PDServeServicer):
             yield pb.GenerateResponse(request_id=rid, token_ids=item["token_ids"], text=item["text"])
 
     def _release(self, rid: str) -> None:
-        """The request is over (finished, failed, cancelled, refused): drop its slot and any pending prefill."""
+        """The request is over (finished, failed, cancelled, refused): drop its slot and any pending prefill.
+        NOTE: under the lock, so a placement thread still running for it sees it gone and records nothing."""
         with self._place_lock:
             self.inflight.pop(rid, None)
-        self._prefill_finished(rid)
-
-    def _prefill_finished(self, rid: str) -> None:
-        """Idempotent: the prompt's tokens leave its instance's pending count once, however the request ends."""
-        with self._place_lock:
-            owed = self._prefill_owed.pop(rid, None)
-            if owed is not None:
-                left = self.pending_prefill[owed[0]] - owed[1]
-                if left > 0:
-                    self.pending_prefill[owed[0]] = left
-                else:
-                    del self.pending_prefill[owed[0]]
+            self.prefill_pending.pop(rid, None)
 
     @staticmethod
     def _final(rid: str, token_ids: list[int], text: str, reason: str, prompt_tokens: int, completion: int,
