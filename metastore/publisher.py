@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import socket
+import threading
 from typing import Any
 
 import redis
@@ -17,13 +19,80 @@ from metastore.store import InstanceInfo, Load, MetadataStore
 log = logging.getLogger(__name__)
 
 
+class KVEventSender:
+    """Applies one instance's KV events to the prefix-block index on its own thread, in the order they were
+    put. `put` never blocks; events queued while a Redis call is under way go out together in the next call.
+
+    NOTE: the index update is a Redis round trip after every step that stored or evicted blocks; on the engine
+    loop thread it took ~9% of a loaded decode actor's samples (docs/performance.md). The index is a placement
+    hint, so a few milliseconds of lag cost nothing; the order of events, which decides what the index says,
+    is kept. A failed call is logged and counted (`failures`); its events are lost, as a heartbeat's would be.
+    """
+
+    def __init__(self, store: MetadataStore, instance_id: str) -> None:
+        self.store, self.instance_id = store, instance_id
+        self.calls = 0  # apply_kv_events calls made
+        self.puts = 0  # batches put (calls < puts: batches were coalesced under load)
+        self.failures = 0
+        self._queue: queue.SimpleQueue[list[KVEvent] | None] = queue.SimpleQueue()
+        self._done = threading.Condition()
+        self._outstanding = 0  # put and not yet applied (or failed)
+        self._thread = threading.Thread(target=self._run, name=f"kv-events-{instance_id}", daemon=True)
+        self._thread.start()
+
+    def put(self, events: list[KVEvent]) -> None:
+        with self._done:
+            self._outstanding += 1
+            self.puts += 1
+        self._queue.put(events)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything put so far is applied (or has failed). False on timeout."""
+        with self._done:
+            return self._done.wait_for(lambda: self._outstanding == 0, timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Apply what is queued, then stop the thread."""
+        with self._done:
+            self._outstanding += 1
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            batch = [self._queue.get()]
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = None in batch
+            events = [e for b in batch if b is not None for e in b]
+            failed = False
+            if events:
+                try:
+                    self.store.apply_kv_events(self.instance_id, events)
+                except redis.RedisError as e:
+                    failed = True
+                    log.warning("instance %s: could not publish %d KV events (%s)", self.instance_id, len(events),
+                                e)
+            with self._done:
+                self.calls += bool(events)
+                self.failures += failed
+                self._outstanding -= len(batch)
+                self._done.notify_all()
+
+
 class InstancePublisher:
-    """Call `tick()` regularly (every lease/3 or more often) from the thread that owns the engine."""
+    """Call `tick()` regularly (every lease/3 or more often), and `publish_events()` after steps, from the
+    thread that owns the engine. KV events reach Redis through a KVEventSender thread."""
 
     def __init__(self, store: MetadataStore, info: InstanceInfo, engine: LLMEngine) -> None:
         self.store, self.info, self.engine = store, info, engine
         self.reregistrations = 0
         self.failures = 0  # heartbeats that could not reach Redis (the lease then lapses: visible to the router)
+        self.sender = KVEventSender(store, info.instance_id)
 
     @classmethod
     def for_engine(cls, store: MetadataStore, instance_id: str, role: str, engine: LLMEngine,
@@ -39,6 +108,10 @@ class InstancePublisher:
         return publisher
 
     def register(self) -> None:
+        # NOTE: queued events first: one applied after the full snapshot below could re-add an evicted block.
+        if not self.sender.flush():
+            self.failures += 1
+            log.warning("instance %s: KV events still queued after 10 s; registering anyway", self.info.instance_id)
         self.store.register(self.info)
         self.engine.take_kv_events()  # what the cache holds is republished in full below
         cached = tuple(self.engine.kv.pool.cached)
@@ -69,22 +142,17 @@ class InstancePublisher:
             log.warning("instance %s was dropped from the registry; registering again", self.info.instance_id)
             self.register()
             return
-        self._publish_events()
+        self.publish_events()
 
     def publish_events(self) -> None:
-        """Push pending KV events now (after each engine step), so placement sees new blocks at once."""
-        try:
-            self._publish_events()
-        except redis.RedisError as e:
-            self.failures += 1
-            log.warning("instance %s: could not publish KV events (%s)", self.info.instance_id, e)
-
-    def _publish_events(self) -> None:
+        """Hand pending KV events to the sender now (after each engine step), so placement sees new blocks
+        within a Redis round trip. Never blocks."""
         events = self.engine.take_kv_events()
         if events:
-            self.store.apply_kv_events(self.info.instance_id, events)
+            self.sender.put(events)
 
     def close(self) -> None:
+        self.sender.close()
         try:
             self.store.deregister(self.info.instance_id)
         except redis.RedisError as e:
