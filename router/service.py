@@ -30,6 +30,11 @@ from router.placement import NoInstanceError, Placement, place
 
 log = logging.getLogger(__name__)
 
+# Stream items a decode actor may run ahead of this router per request. NOTE: beyond it the actor's generator
+# waits, its outputs queue up, and it sends them merged (decode_worker/stream.py): a router that falls behind
+# then receives fewer, larger items instead of an ever longer backlog of one-token items.
+STREAM_AHEAD_ITEMS = 8
+
 
 class RouterService(pb_grpc.PDServeServicer):
     def __init__(self, engine_config: EngineConfig, store: MetadataStore, policy: PlacementPolicy,
@@ -187,7 +192,8 @@ class RouterService(pb_grpc.PDServeServicer):
             if kv_handle is None:  # aborted on the prefill instance
                 yield self._final(rid, [], "", "abort", len(tokens), 0, placement, 0, 0)
                 return
-        stream = self._actor(placement.decode_instance).generate.options(num_returns="streaming").remote(
+        stream = self._actor(placement.decode_instance).generate.options(
+            num_returns="streaming", _generator_backpressure_num_objects=STREAM_AHEAD_ITEMS).remote(
             rid, tokens, wire, kv_handle)
         transferred = (await (await stream.__anext__()))["transferred_blocks"]
         completion = 0

@@ -49,8 +49,8 @@ def test_long_prompt_is_disaggregated_and_exact(server: Server, models: dict[str
     assert r.transferred_blocks == 7  # ceil(100 / 16)
     assert tokens_of(out) == hf_greedy(models["llama"], prompt, 12)
     assert out[-1].usage.prompt_tokens == 100 and out[-1].usage.completion_tokens == 12
-    # Streaming: one message per generated token (the first from the prefill-computed token).
-    assert len(out) == 12 and all(len(m.token_ids) == 1 for m in out)
+    # Streaming: a message per step while the client keeps up (several tokens when it lags), never empty.
+    assert all(m.token_ids for m in out) and len(out) <= 12
 
 
 def test_short_prompt_is_prefilled_locally(server: Server, models: dict[str, pathlib.Path]) -> None:
@@ -78,7 +78,7 @@ def test_cancel_and_deadline_abort_on_the_workers(server: Server) -> None:
     req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt),
                              sampling=pb.SamplingParams(max_tokens=900, temperature=0.0, ignore_eos=True))
     call = server.stub.Generate(req, timeout=60)
-    assert len(next(call).token_ids) == 1
+    assert next(call).token_ids
     next(call)
     call.cancel()
     server.wait_idle()

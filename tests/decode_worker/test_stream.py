@@ -1,0 +1,77 @@
+"""The decode actor's stream: outputs put on the engine loop thread reach the asyncio side with one wake-up per
+burst, and a consumer that lags receives the piled-up tokens merged, in order, with nothing lost."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import threading
+
+from decode_worker.actor import DecodeActor
+from decode_worker.stream import OutputQueue, StepMailbox, next_outputs
+from engine.outputs import RequestOutput
+from metastore import RedisServer
+from tests.model_factory import hf_greedy, random_prompts
+
+
+def output(rid: str, tokens: list[int], n_new: int, finished: bool = False) -> RequestOutput:
+    return RequestOutput(rid, [1], list(tokens), tokens[-n_new:], text="".join(f"<{t}>" for t in tokens),
+                         finished=finished, finish_reason="length" if finished else None)
+
+
+def test_a_step_burst_costs_one_wakeup_and_a_lagging_consumer_gets_it_merged() -> None:
+    async def main() -> None:
+        mailbox = StepMailbox(asyncio.get_running_loop())
+        a: OutputQueue = asyncio.Queue()
+        b: OutputQueue = asyncio.Queue()
+        put_a, put_b = mailbox.sink(a), mailbox.sink(b)
+
+        def engine_thread() -> None:  # three steps of two requests, put before the loop gets to run
+            for step in range(1, 4):
+                put_a(output("a", list(range(10, 10 + step)), 1, finished=step == 3))
+                put_b(output("b", list(range(20, 20 + step)), 1))
+
+        t = threading.Thread(target=engine_thread)
+        t.start()
+        t.join()
+        assert mailbox.wakeups == 1  # six outputs, one wake-up
+        await asyncio.sleep(0)
+        out, tokens, merged = await next_outputs(a)
+        assert (tokens, merged, out.finished, out.text) == ([10, 11, 12], 3, True, "<10><11><12>")
+        out, tokens, merged = await next_outputs(b)
+        assert (tokens, merged, out.finished) == ([20, 21, 22], 3, False)
+        put_b(output("b", [20, 21, 22, 23], 1, finished=True))
+        put_b(output("b", [20, 21, 22, 23, 24], 1))  # never merged past the final output
+        out, tokens, merged = await next_outputs(b)
+        assert (tokens, merged, out.finished) == ([23], 1, True) and mailbox.wakeups == 2
+
+    asyncio.run(main())
+
+
+def test_slow_stream_consumer_gets_every_token_in_fewer_items(models: dict[str, pathlib.Path]) -> None:
+    """The real actor class (called directly, without Ray) over a tiny model: a consumer that sleeps 50 ms per
+    item receives the greedy tokens exactly, in fewer items than tokens."""
+    prompt = random_prompts(1, [30], 512, seed=310)[0]
+    with RedisServer() as redis:
+        actor = DecodeActor("d-stream", {"model": str(models["llama"]), "dtype": "float32",
+                                         "kv_cache_memory_bytes": 16 << 20}, {}, redis.url, "stream", 5.0)
+
+        async def consume() -> list[dict]:
+            items = []
+            params = {"max_tokens": 24, "temperature": 0.0, "ignore_eos": True}
+            async for item in actor.generate("r", prompt, params):
+                items.append(item)
+                await asyncio.sleep(0.05)
+            return items
+
+        try:
+            items = asyncio.run(consume())
+            stats = actor.stats()
+        finally:
+            actor.shutdown()
+    assert items[0] == {"transferred_blocks": 0}
+    streamed = items[1:]
+    assert [t for it in streamed for t in it["token_ids"]] == hf_greedy(models["llama"], prompt, 24)
+    assert streamed[-1]["finished"] and not any(it["finished"] for it in streamed[:-1])
+    assert len(streamed) < 24 and all(it["token_ids"] for it in streamed)
+    assert stats["stream_outputs"] == 24 and stats["stream_items"] == len(streamed)
