@@ -16,6 +16,7 @@ source "$(dirname "$0")/serve_warm.sh"  # sets target and pid; stops the server 
 $pdserve bench --target "$target" --rates "$rates" --num-requests "${NUM_REQUESTS:-200}" \
   --duration "${DURATION:-25}" --input-len "${INPUT_LEN:-normal:3000:300}" --output-len "${OUTPUT_LEN:-fixed:150}" \
   --out "$out" --no-progress
+python3 "$(dirname "$0")/actor_stats.py" >"$out/actor_stats.json" || echo "actor stats not read" >&2
 # The actors log to Ray's session directory, not to serve.err: keep the KV transport lines (which UCX transport
 # each read used, TCP fallbacks) and the engines' start-up lines (attention backend, CUDA graphs).
 grep -rhi "transport\|fallback\|attention backend\|CUDA graphs" /tmp/ray/session_latest/logs "$out/serve.err" \
