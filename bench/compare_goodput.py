@@ -1,6 +1,11 @@
 """Compare two `pdserve bench` rate sweeps (results.json): disaggregated against aggregated.
 
     python bench/compare_goodput.py DISAGG/results.json AGGREGATED/results.json [--json out.json]
+        [--slo-ttft-ms T] [--slo-tpot-ms T]
+
+Results files may be gzipped (.json.gz). With --slo-*-ms, every run is re-scored against those SLOs from its
+per-request rows (what goodput the same requests would have had under other SLOs); without, the SLOs the sweep
+ran with are used.
 
 Per offered rate: goodput (requests/s meeting both SLOs, per request), p90 TTFT and p90 TPOT of each setup.
 Then two summary ratios:
@@ -12,13 +17,27 @@ and the p90 TPOT reduction (1 - disaggregated / aggregated) at every rate where 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 from typing import Any
 
 
-def _load(path: str) -> dict[float, dict[str, Any]]:
-    with open(path) as f:
-        return {run["rate"]: run["summary"] for run in json.load(f)["runs"]}
+def _load(path: str, slo_ttft_s: float | None = None, slo_tpot_s: float | None = None) -> dict[float, dict[str, Any]]:
+    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
+        runs = json.load(f)["runs"]
+    out = {}
+    for run in runs:
+        summary = dict(run["summary"])
+        if slo_ttft_s is not None or slo_tpot_s is not None:
+            if "requests" not in run:
+                raise SystemExit(f"{path}: rate {run['rate']} has no per-request rows to re-score against new SLOs")
+            slo = {"ttft_s": slo_ttft_s if slo_ttft_s is not None else summary["slo"]["ttft_s"],
+                   "tpot_s": slo_tpot_s if slo_tpot_s is not None else summary["slo"]["tpot_s"]}
+            good = sum(1 for r in run["requests"] if r["status"] == "OK" and r["ttft_s"] <= slo["ttft_s"]
+                       and (r["tpot_s"] is None or r["tpot_s"] <= slo["tpot_s"]))
+            summary.update(slo=slo, goodput=good / summary["elapsed_s"])
+        out[run["rate"]] = summary
+    return out
 
 
 def _capacity(runs: dict[float, dict[str, Any]]) -> float:
@@ -31,8 +50,12 @@ def main() -> None:
     ap.add_argument("disagg")
     ap.add_argument("aggregated")
     ap.add_argument("--json")
+    ap.add_argument("--slo-ttft-ms", type=float)
+    ap.add_argument("--slo-tpot-ms", type=float)
     args = ap.parse_args()
-    d, a = _load(args.disagg), _load(args.aggregated)
+    ttft = args.slo_ttft_ms / 1e3 if args.slo_ttft_ms is not None else None
+    tpot = args.slo_tpot_ms / 1e3 if args.slo_tpot_ms is not None else None
+    d, a = _load(args.disagg, ttft, tpot), _load(args.aggregated, ttft, tpot)
     rows, reductions = [], []
     print("| rate req/s | goodput D | goodput A | p90 TTFT D ms | p90 TTFT A ms | p90 TPOT D ms | p90 TPOT A ms |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
