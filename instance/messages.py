@@ -1,0 +1,41 @@
+"""The values that cross the router <-> role-actor boundary (Ray pickles them as they are).
+
+    router --prefill(request_id, prompt, SamplingParams)--> PrefillActor  --> PrefillDone
+    router --generate(request_id, prompt, SamplingParams, KVHandle | None)--> DecodeActor --> StreamDelta, ...
+
+NOTE: typed values, not dicts: a renamed field fails where it is built, not as a KeyError in another process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kv_transfer.handle import KVHandle
+
+
+@dataclass(frozen=True)
+class PrefillDone:
+    """A prefill instance ran the prompt to its first token and holds its KV for a reader."""
+
+    request_id: str
+    first_token: int | None  # None: aborted before the first token
+    finish_reason: str | None  # set when the first token already ended the request ("stop", "length", "abort")
+    cached_tokens: int  # prompt tokens the prefill instance served from its prefix cache
+    kv_handle: KVHandle | None  # where the prompt's KV is; None: aborted on the prefill instance
+
+    @property
+    def aborted(self) -> bool:
+        return self.kv_handle is None
+
+
+@dataclass(frozen=True)
+class StreamDelta:
+    """One item of a decode stream: the tokens of one or more engine steps, in order (several when the router
+    lagged and the actor merged its outputs: decode_worker/stream.py)."""
+
+    token_ids: list[int]
+    text: str  # the text these tokens added
+    finished: bool
+    finish_reason: str | None = None  # "stop" | "length" | "abort" on the final item
+    cached_tokens: int = 0  # prompt tokens the decode instance served from its prefix cache
+    transferred_blocks: int = 0  # KV blocks pulled from the prefill instance (set on the final item)
