@@ -2,53 +2,55 @@
 processes that receive each command by broadcast and run it on their own `Worker` (their all-reduces pair
 with the driver's).
 
-Two kinds of command: `execute(step_input)` (the forward; only rank 0's logits are used) and
-`collective_rpc(method, *args)`, which calls `Worker.<method>(*args)` on every rank and returns the results
-in rank order (used by the KV transfer, where each rank moves its own head slice of the cache)."""
+Commands are functions of the Worker, never names: `execute(step_input)` (the forward; only rank 0's logits
+are used), and the KV connector's worker parts, built on every rank by `attach_kv_workers` and called through
+the `KVRanks` it returns (each rank moves its own head slice of the cache)."""
 
 from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from engine.config import EngineConfig
+from engine.kv_connector import KVConnectorSpec, KVConnectorWorker
 from engine.model_runner import ModelRunner, StepInput
 from engine.parallel import destroy_tp, free_port, init_tp, tp
 
 log = logging.getLogger(__name__)
 
-_EXECUTE = "__execute__"
+R = TypeVar("R")
 
 
 class Worker:
-    """Everything one TP rank owns: the model runner (model + KV cache) and optional per-rank extensions
-    (e.g. the KV transfer agent), attached by name through `attach`."""
+    """Everything one TP rank owns: the model runner (model + KV cache) and the KV connector's worker part."""
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.rank = tp().rank
         self.runner = ModelRunner(config)
-        self.extensions: dict[str, Any] = {}
+        self.kv_worker: KVConnectorWorker | None = None
 
-    def attach(self, name: str, factory: Any, *args: Any) -> Any:
-        """Build `factory(worker, *args)` on this rank and keep it as extension `name`; returns what
-        `describe()` of it returns, if it has one (plain data, so it can travel back to rank 0)."""
-        ext = factory(self, *args)
-        self.extensions[name] = ext
-        return ext.describe() if hasattr(ext, "describe") else None
+    def execute(self, inp: StepInput) -> None:
+        self.runner.execute(inp)
 
-    def call(self, name: str, method: str, *args: Any) -> Any:
-        return getattr(self.extensions[name], method)(*args)
+    def attach_kv_worker(self, spec: KVConnectorSpec) -> Any:
+        """Build this rank's part of the KV connector; returns its `describe()` (plain data for rank 0)."""
+        self.kv_worker = spec.make_worker(self.runner.kv_cache, self.config, self.rank)
+        return self.kv_worker.describe()
+
+    def call_kv_worker(self, fn: Callable[..., R], *args: Any) -> R:
+        assert self.kv_worker is not None, "no KV connector attached"
+        return fn(self.kv_worker, *args)
 
     def shutdown(self) -> None:
-        for ext in self.extensions.values():
-            if hasattr(ext, "close"):
-                ext.close()
-        self.extensions.clear()
+        if self.kv_worker is not None:
+            self.kv_worker.close()
+            self.kv_worker = None
         self.runner.release()
 
 
@@ -66,14 +68,14 @@ def _worker_main(config: EngineConfig, rank: int, init_method: str) -> None:
     try:
         worker = Worker(config)
         while (cmd := _broadcast(None)) is not None:
-            method, args = cmd
-            if method == _EXECUTE:
-                worker.runner.execute(args)
+            fn, args = cmd
+            if fn is Worker.execute:  # NOTE: every rank's forward; no result travels back
+                worker.execute(*args)
                 continue
             try:
-                result: Any = getattr(worker, method)(*args)
+                result: Any = fn(worker, *args)
             except Exception as e:  # reported to the driver, which raises it there
-                log.exception("rank %d: %s failed", rank, method)
+                log.exception("rank %d: %s failed", rank, fn.__qualname__)
                 result = _RemoteError(f"rank {rank}: {type(e).__name__}: {e}")
             dist.gather_object(result, None, dst=0)
     finally:
@@ -88,7 +90,8 @@ class _RemoteError:
 
 
 class Executor:
-    """`execute(step_input) -> logits` and `collective_rpc(...)` over all TP ranks; `shutdown()` stops them."""
+    """`execute(step_input) -> logits` over all TP ranks, the KV connector's worker parts (`attach_kv_workers`), and
+    `shutdown()`."""
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -109,18 +112,22 @@ class Executor:
         if self.size > 1:
             assert inp.feed is None, "async scheduling runs at tensor_parallel_size 1 only"
             self._check_workers()
-            _broadcast((_EXECUTE, inp))
+            _broadcast((Worker.execute, (inp,)))
         return self.runner.execute(inp, prev_tokens)
 
-    def collective_rpc(self, method: str, *args: Any) -> list[Any]:
-        """Call `Worker.<method>(*args)` on every rank; results in rank order. A failure on any rank raises
-        RuntimeError here after every rank has answered (so the ranks stay in step)."""
+    def attach_kv_workers(self, spec: KVConnectorSpec) -> RankGroup:
+        """Build the KV connector's worker part on every rank; returns the handle that calls them."""
+        return RankGroup(self, self._on_every_rank(Worker.attach_kv_worker, spec))
+
+    def _on_every_rank(self, fn: Callable[..., R], *args: Any) -> list[R]:
+        """fn(worker, *args) on every rank; results in rank order. A failure on any rank raises RuntimeError
+        here after every rank has answered (so the ranks stay in step)."""
         if self.size == 1:
-            return [getattr(self.worker, method)(*args)]
+            return [fn(self.worker, *args)]
         self._check_workers()
-        _broadcast((method, args))
+        _broadcast((fn, args))
         try:
-            mine: Any = getattr(self.worker, method)(*args)
+            mine: Any = fn(self.worker, *args)
         except Exception as e:
             mine = _RemoteError(f"rank 0: {type(e).__name__}: {e}")
         results: list[Any] = [None] * self.size
@@ -148,3 +155,20 @@ class Executor:
         self.worker.shutdown()
         if self.size > 1:
             destroy_tp()
+
+
+class RankGroup:
+    """The KV connector's handle on every rank's worker part (engine.kv_connector.KVRanks)."""
+
+    def __init__(self, executor: Executor, descriptors: list[Any]) -> None:
+        self._executor = executor
+        self.descriptors = descriptors  # each rank's describe(), in rank order
+
+    @property
+    def local(self) -> KVConnectorWorker:
+        part = self._executor.worker.kv_worker
+        assert part is not None
+        return part
+
+    def call(self, fn: Callable[..., R], *args: Any) -> list[R]:
+        return self._executor._on_every_rank(Worker.call_kv_worker, fn, *args)

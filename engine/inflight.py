@@ -3,7 +3,7 @@
 Reading a step's tokens waits for the device; everything the host does between that wait and the next launch
 (postprocess, schedule, build inputs, launch) leaves the GPU idle: 5-8% of a decode step on an H200. With async
 scheduling the engine launches step n+1 first and reads step n's tokens after, so that host work overlaps the
-device's work on step n+1. `LLMEngine._step_async` runs it:
+device's work on step n+1. `AsyncStepper.run` (engine/async_stepper.py) runs it:
 
   1. schedule step n+1; a request whose step-n token is still in flight carries a PLACEHOLDER as its last token
      (so the scheduler sees one token to compute, as for any decode);
@@ -72,3 +72,4 @@ class InflightStep:
                     feed = np.full(int(query_start_loc[-1]), -1, dtype=np.int64)  # [T]
                 feed[query_start_loc[j + 1] - 1] = rows[id(r)]
         return feed
+

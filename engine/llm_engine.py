@@ -2,40 +2,41 @@
 
     step():  schedule -> run one batched forward -> postprocess (sample, append, stop, free)
 
-With async scheduling (engine/inflight.py; the default on one GPU) step() launches its forward before it reads
-the previous step's tokens, so a step's outputs come back from the next call.
+How the forward runs is a strategy (engine/stepper.py): synchronous, or with async scheduling (the default on
+one GPU) launching step n+1 before reading step n's tokens, so a step's outputs come back from the next call.
+A KV connector (engine/kv_connector.py) is called through one interface; engine/remote_kv.py keeps its
+bookkeeping.
 
 Contracts:
   - add_request validates everything and raises ValueError before touching any state, so a bad request never
     disturbs the others in flight.
-  - abort_request may be called at any time, for a waiting, running or preempted request; its blocks are freed
-    at once. Aborting an unknown or finished id is a no-op.
+  - abort_request may be called at any time, for a waiting, running, preempted, loading or held request; its
+    blocks are freed at once (or quarantined while a read may still write into them). Unknown ids are ignored.
   - every request that was added is reported finished exactly once by step() (aborts included).
 """
 
 from __future__ import annotations
 
 import itertools
-import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
-import torch
-
+from engine.async_stepper import AsyncStepper
 from engine.block_pool import BlockPoolStats, KVEvent
 from engine.config import EngineConfig
 from engine.executor import Executor
-from engine.inflight import InflightStep
 from engine.kv_cache_manager import KVCacheManager
-from engine.model_runner import build_step_input
+from engine.kv_connector import KVConnectorSpec
+from engine.metrics import EngineMetrics
 from engine.outputs import RequestOutput
+from engine.remote_kv import RemoteKV
 from engine.request import Request, RequestStatus
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerOutput
+from engine.scheduler import Scheduler
+from engine.stepper import SyncStepper
 from engine.tokenizer import IncrementalDetokenizer, load_tokenizer
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,32 +48,44 @@ class EngineStats:
     prefix_cache_queries: int  # prompt tokens looked up
     prefix_cache_hits: int  # of those, tokens served from cache
     num_preemptions: int
+    num_held: int  # finished requests whose blocks wait for a reader (prefill role)
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """O(1) figures for heartbeats (stats() walks the free queue)."""
+
+    waiting: int
+    running: int
+    kv_usage: float
+    queued_prefill_tokens: int  # tokens of waiting requests still to compute
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, kv_connector: KVConnectorSpec | None = None) -> None:
         self.config = config
         self.tokenizer = load_tokenizer(config.model)
         self.executor = Executor(config)
-        layout = self.executor.runner.layout
-        self.kv = KVCacheManager(layout.num_blocks, config.block_size, config.enable_prefix_caching,
+        self.kv = KVCacheManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching,
                                  config.hash_salt)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_chunked_prefill)
-        self.sampler = Sampler()
+        self.metrics = EngineMetrics()
+        stepper = AsyncStepper if config.async_scheduling else SyncStepper
+        self.stepper = stepper(self.executor, self.scheduler, Sampler(), config.block_size, self.metrics)
+        self.remote: RemoteKV | None = None
+        if kv_connector is not None:
+            ranks = self.executor.attach_kv_workers(kv_connector)
+            self.remote = RemoteKV(kv_connector.make_connector(ranks, ranks.descriptors), self.kv, self.scheduler,
+                                   self.metrics)
         self.requests: dict[str, Request] = {}
         self.detok: dict[str, IncrementalDetokenizer] = {}
-        self._aborted: list[Request] = []
-        self._pending: list[RequestOutput] = []  # produced outside step(), returned by the next step()
-        self.held: dict[str, Request] = {}  # finished prefill-role requests whose blocks await a reader
-        self.quarantined: dict[str, list[int]] = {}  # blocks a failed read may still write into
-        self.num_local_fallbacks = 0
+        self._outputs: list[RequestOutput] = []  # made outside step() (aborts), returned by the next step()
         self._arrival = itertools.count()
-        self._inflight: InflightStep | None = None
-        self.eos_token_ids = config.model_config.eos_token_ids
-        # Sampling steps: wall time, and the part the host spent outside waiting for the device (schedule,
-        # input building, launches, postprocess). Read by the benchmarks; reset freely.
-        self.timing: dict[str, float] = {"steps": 0, "host_s": 0.0, "total_s": 0.0}
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.executor.runner.layout.num_blocks
 
     # ---- requests ------------------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -101,184 +114,60 @@ class LLMEngine:
             raise ValueError("stop strings need a tokenizer.json in the model directory")
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    hold_kv: bool = False) -> None:
-        """Queue a request. With `hold_kv` (the prefill role), its blocks outlive it: the finished output
-        carries `kv_block_ids`, and the blocks stay allocated until `release_held(request_id)`."""
-        self._create(request_id, prompt, params, hold_kv)
-        self.scheduler.add(self.requests[request_id])
-
-    def _create(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                hold_kv: bool = False) -> Request:
-        if request_id in self.requests or request_id in self.held:
+                    kv_source: Any | None = None) -> int:
+        """Queue a request. With `kv_source` (the decode role: where a prefill instance holds the prompt's KV),
+        the KV connector loads the prompt instead of computing it. Returns the number of KV blocks being loaded
+        (0 without a source). Raises ValueError for bad input, NoKVSpaceError when a load finds no room."""
+        if request_id in self.requests or (self.remote is not None and request_id in self.remote.held):
             raise ValueError(f"request id {request_id!r} is already in flight")
         prompt_ids = self.encode(prompt)
         self.validate(prompt_ids, params)
-        request = Request(
-            request_id=request_id,
-            prompt_token_ids=[int(t) for t in prompt_ids],
-            sampling_params=params,
-            arrival=next(self._arrival),
-            eos_token_ids=self.eos_token_ids,
-            max_model_len=self.config.max_model_len or 0,
-            hold_kv=hold_kv,
-        )
+        request = Request(request_id, [int(t) for t in prompt_ids], params, next(self._arrival),
+                          self.config.model_config.eos_token_ids, self.config.max_model_len or 0)
+        if kv_source is None:
+            self.scheduler.add(request)
+            loading = 0
+        elif self.remote is None:
+            raise ValueError("this engine has no KV connector to load a prompt's KV with")
+        else:
+            loading = self.remote.start_load(request, kv_source)
         self.requests[request_id] = request
         self.detok[request_id] = IncrementalDetokenizer(self.tokenizer, params.stop)
-        return request
+        return loading
 
     def abort_request(self, request_id: str) -> None:
-        if self.release_held(request_id):
+        if self.remote is not None and self.remote.drop_held(request_id):
             return
         request = self.requests.get(request_id)
         if request is None or request.finished:
             return
-        self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
-        self._aborted.append(request)
-
-    def release_held(self, request_id: str) -> bool:
-        """Free the blocks of a finished hold_kv request. False if it holds none (unknown or released)."""
-        request = self.held.pop(request_id, None)
-        if request is None:
-            return False
-        self.kv.free(request)
-        return True
-
-    # ---- requests whose KV is computed elsewhere (the decode role) -----------------------------------------
-    def reserve_remote(self, request_id: str, prompt: list[int], params: SamplingParams) -> tuple[list[int], int]:
-        """Create a request whose prompt KV will be pulled from a prefill worker: look up the local prefix
-        cache and allocate blocks for the rest. Returns (block ids covering the prompt, number of leading
-        blocks already cached here). The request waits, outside the scheduler, for `commit_remote` or
-        `fallback_local`. Raises ValueError for bad input, RuntimeError when the cache has no room now."""
-        request = self._create(request_id, prompt, params)
-        hits = self.kv.get_computed_blocks(request)
-        if not self.kv.allocate_slots(request, request.num_prompt_tokens - len(hits) * self.config.block_size,
-                                      hits):
-            del self.requests[request_id], self.detok[request_id]
-            raise RuntimeError("no KV blocks free for the prompt right now")
-        request.status = RequestStatus.WAITING_FOR_KV
-        request.num_cached_tokens = len(hits) * self.config.block_size
-        request.num_cached_blocks = len(hits)
-        return list(request.block_ids), len(hits)
-
-    def commit_remote(self, request_id: str, first_token: int) -> None:
-        """The pulled KV is in place: the prompt counts as computed, `first_token` (sampled by the prefill
-        worker) is the first output, and the request joins the scheduler to decode."""
-        request = self.requests[request_id]
-        assert request.status is RequestStatus.WAITING_FOR_KV
-        request.num_computed_tokens = request.num_prompt_tokens
-        self.kv.cache_full_blocks(request)  # the pulled blocks are now valid prefix-cache entries
-        request.status = RequestStatus.WAITING
-        self._emit(request, first_token)
-        if not request.finished:
-            self.scheduler.add(request)
-
-    def fallback_local(self, request_id: str, quarantine: bool = False) -> None:
-        """Compute the prompt here instead (the pull failed). With `quarantine`, the request's blocks are set
-        aside (a failed read may still write into them) until `release_quarantine`; it gets fresh ones."""
-        request = self.requests[request_id]
-        assert request.status is RequestStatus.WAITING_FOR_KV
-        if quarantine:
-            self.quarantine_blocks(request_id)
+        if request.status is RequestStatus.WAITING_FOR_KV:
+            assert self.remote is not None
+            self.remote.cancel_load(request)
+            request.status = RequestStatus.FINISHED_ABORTED
         else:
-            self.kv.free(request)
-        request.num_computed_tokens = 0
-        request.status = RequestStatus.WAITING
-        self.num_local_fallbacks += 1
-        self.scheduler.add(request)
-
-    def quarantine_blocks(self, request_id: str) -> None:
-        """Set a waiting-for-KV request's blocks aside: still allocated, owned by nobody, until
-        `release_quarantine` (a read that failed or timed out may still be writing into them)."""
-        request = self.requests[request_id]
-        self.quarantined[request_id] = request.block_ids
-        request.block_ids, request.num_cached_blocks = [], 0
-
-    def release_quarantine(self, request_id: str) -> None:
-        blocks = self.quarantined.pop(request_id, None)
-        if blocks:
-            self.kv.pool.free(reversed(blocks))
+            self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+        self._outputs.append(self._finish_output(request))
 
     def has_unfinished_requests(self) -> bool:
-        """True while any request is queued, running or waiting for KV (held blocks do not count)."""
-        return bool(self.requests) or bool(self._pending)
+        """True while any request is queued, running or loading its KV, or a cancelled read is still in flight
+        (held blocks do not count: holding is not work)."""
+        return bool(self.requests) or bool(self._outputs) or (self.remote is not None and
+                                                              self.remote.connector.has_work())
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One iteration: schedule, run one batched forward, postprocess. Returns the outputs produced since the
-        last call: this step's, or with async scheduling the previous step's."""
-        if self.config.async_scheduling:
-            return self._step_async()
+        """schedule -> run -> postprocess. Returns the outputs produced since the last call: this step's, or
+        with async scheduling the previous step's."""
         t0 = time.perf_counter()
+        outputs, self._outputs = self._outputs, []
+        if self.remote is not None and (events := self.remote.connector.poll()):
+            outputs += self.remote.apply(events, self.requests, self._emit)
         out = self.scheduler.schedule()
-        logits = self.executor.execute(build_step_input(out, self.config.block_size)) if len(out) else None
-        return self._postprocess(out, logits, t0)
+        return outputs + self.stepper.run(out, self._emit, t0)
 
-    def _postprocess(self, out: SchedulerOutput, logits: torch.Tensor | None, t0: float) -> list[RequestOutput]:
-        self.scheduler.update_after_step(out)
-        results = self._pending + [self._finish_output(r) for r in self._aborted]
-        self._pending, self._aborted = [], []
-        sampling = [r for r in out.requests if r.num_computed_tokens == r.num_tokens]
-        if not sampling:
-            return results
-        t1 = time.perf_counter()
-        tokens = self.sampler(logits, sampling)  # NOTE: the step's one wait for the device
-        t2 = time.perf_counter()
-        self._pending = results
-        for request, token in zip(sampling, tokens, strict=True):
-            self._emit(request, token)
-        results, self._pending = self._pending, []
-        t3 = time.perf_counter()
-        timing = self.timing
-        timing["steps"] += 1
-        timing["host_s"] += (t1 - t0) + (t3 - t2)
-        timing["total_s"] += t3 - t0
-        return results
-
-    def _step_async(self) -> list[RequestOutput]:
-        """Launch this step, then resolve the previous one (the protocol is in engine/inflight.py)."""
-        t0 = time.perf_counter()
-        prev, self._inflight = self._inflight, None
-        out = self.scheduler.schedule()
-        sampling: list[Request] = []
-        tokens: torch.Tensor | None = None
-        if len(out):
-            inp = build_step_input(out, self.config.block_size)
-            inp.feed = prev.feed(out.requests, inp.query_start_loc) if prev is not None else None
-            logits = self.executor.execute(inp, prev.tokens if inp.feed is not None else None)
-            sampling = [r for r, n in zip(out.requests, out.num_scheduled_tokens, strict=True)
-                        if r.num_computed_tokens + n == r.num_tokens]
-            if sampling:
-                tokens = self.sampler.sample(logits, sampling)  # [N] on the device; nothing waits
-        results = self._pending + [self._finish_output(r) for r in self._aborted]
-        self._pending, self._aborted = [], []
-        wait_s = 0.0
-        if prev is not None:
-            t1 = time.perf_counter()
-            values = prev.wait()  # NOTE: the step's one wait for the device, while this step's forward runs
-            wait_s = time.perf_counter() - t1
-            self._pending = results
-            for request, pending, token in zip(prev.requests, prev.pending, values, strict=True):
-                if not request.finished:  # aborted since, or stopped: its row in this step is dropped
-                    self._emit(request, token, pending)
-            results, self._pending = self._pending, []
-        self.scheduler.update_after_step(out)
-        if tokens is not None:
-            pending = [not r.finished and not r.finishes_by_length_after_next() for r in sampling]
-            for request, p in zip(sampling, pending, strict=True):
-                if p:
-                    request.append_placeholder()
-            self._inflight = InflightStep.launch(sampling, pending, tokens)
-        if len(out) or prev is not None:
-            total = time.perf_counter() - t0
-            timing = self.timing
-            timing["steps"] += 1
-            timing["host_s"] += total - wait_s
-            timing["total_s"] += total
-        return results
-
-    def _emit(self, request: Request, token: int, pending: bool = False) -> None:
-        """Append a sampled token (or fill in its placeholder), apply the stop rules, and queue the request's
-        output for this step."""
+    def _emit(self, request: Request, token: int, pending: bool = False) -> RequestOutput:
+        """Append a sampled token (or fill in its placeholder), apply the stop rules; returns its output."""
         if pending:
             request.resolve_token(token)
         else:
@@ -288,18 +177,15 @@ class LLMEngine:
         matched = detok.add(token) if not (status and request.stop_reason == token) else None
         if matched is not None:
             status, request.stop_reason = RequestStatus.FINISHED_STOPPED, matched
-        if status is not None:
-            if matched is None:
-                detok.flush()
-            self.scheduler.finish(request, status, free_blocks=not request.hold_kv)
-            output = self._finish_output(request, [token])
-            if request.hold_kv:
-                self.held[request.request_id] = request
-                output.kv_block_ids = list(request.block_ids)
-        else:
-            output = self._output(request, [token])
-        output.metrics["time"] = time.monotonic()
-        self._pending.append(output)
+        if status is None:
+            return self._output(request, [token])
+        if matched is None:
+            detok.flush()
+        self.scheduler.finish(request, status, free_blocks=self.remote is None)
+        output = self._finish_output(request, [token])
+        if self.remote is not None:
+            output.kv_handoff = self.remote.finish(request)
+        return output
 
     def _output(self, request: Request, new: list[int]) -> RequestOutput:
         return RequestOutput(
@@ -316,14 +202,22 @@ class LLMEngine:
 
     def _finish_output(self, request: Request, new: list[int] | None = None) -> RequestOutput:
         output = self._output(request, new or [])
-        del self.requests[request.request_id]
-        del self.detok[request.request_id]
+        del self.requests[request.request_id], self.detok[request.request_id]
         return output
 
-    # ---- observability -------------------------------------------------------------------------------------
+    # ---- what the workers read -----------------------------------------------------------------------------
     def take_kv_events(self) -> list[KVEvent]:
         """KV events since the last call: blocks stored into / removed from the prefix cache, by hash."""
         return self.kv.take_events()
+
+    def cached_block_hashes(self) -> tuple[int, ...]:
+        """Every block hash the prefix cache holds now (to republish the index in full)."""
+        return tuple(self.kv.pool.cached)
+
+    def load(self) -> EngineLoad:
+        sched = self.scheduler
+        queued = sum(r.num_tokens - r.num_computed_tokens for r in sched.waiting)
+        return EngineLoad(len(sched.waiting), len(sched.running), self.kv.usage, queued)
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -334,7 +228,10 @@ class LLMEngine:
             prefix_cache_queries=self.kv.prefix_queries,
             prefix_cache_hits=self.kv.prefix_hits,
             num_preemptions=self.scheduler.num_preemptions,
+            num_held=len(self.remote.held) if self.remote is not None else 0,
         )
 
     def shutdown(self) -> None:
+        if self.remote is not None:
+            self.remote.connector.close()
         self.executor.shutdown()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -16,5 +17,6 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
-    kv_block_ids: list[int] | None = None  # prefill role (hold_kv): the blocks holding the prompt's KV
-    metrics: dict[str, float] = field(default_factory=dict)
+    # The KV connector's hand-off of a finished request whose blocks it holds for a reader (the prefill role:
+    # a kv_transfer.KVHandle); None otherwise. See engine/kv_connector.py.
+    kv_handoff: Any | None = None

@@ -50,7 +50,6 @@ class Request:
     num_cached_blocks: int = 0  # leading blocks already published to the prefix cache
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first schedule
     num_preemptions: int = 0
-    hold_kv: bool = False  # prefill role: keep the blocks after finishing, for a reader to pull
     generator: torch.Generator | None = None
     stop_reason: int | str | None = None
     # 1 while the last entry of all_token_ids is a placeholder for a token still being sampled on the device

@@ -17,11 +17,7 @@ from kv_transfer.handle import KVHandle
 class PrefillDone:
     """A prefill instance ran the prompt to its first token and holds its KV for a reader."""
 
-    request_id: str
-    first_token: int | None  # None: aborted before the first token
-    finish_reason: str | None  # set when the first token already ended the request ("stop", "length", "abort")
-    cached_tokens: int  # prompt tokens the prefill instance served from its prefix cache
-    kv_handle: KVHandle | None  # where the prompt's KV is; None: aborted on the prefill instance
+    kv_handle: KVHandle | None  # where the prompt's KV is, and the first token; None: aborted there
 
     @property
     def aborted(self) -> bool:

@@ -1,7 +1,8 @@
 """One NIXL agent per worker rank: registers the rank's KV allocation once and moves blocks by READ.
 
-Lives inside the rank's process (attached to engine.executor.Worker as extension "kv"), so every method takes
-and returns plain data: the driver reaches the other ranks through `Executor.collective_rpc`.
+It is the KV connector's worker part (engine.kv_connector.KVConnectorWorker): it lives inside the rank's
+process, so every method takes and returns picklable values; the connector reaches every rank's agent through
+the engine's `KVRanks.call(TransferAgent.<method>, ...)`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from typing import Any
 from engine.kv_cache import KVCache
 from kv_transfer.config import TransferConfig
 from kv_transfer.descriptor import PROTOCOL_VERSION, AgentDescriptor, check_compatible
+from kv_transfer.errors import IncompatibleKVError, KVTransferError, PeerGoneError, TransferTimeoutError
 from kv_transfer.plan import plan_reads
+from kv_transfer.read_state import DONE, IN_FLIGHT, ReadState, ReadStats, error_from
 from kv_transfer.transports import (
     disable_proto_report,
     enable_proto_report,
@@ -36,12 +39,10 @@ log = logging.getLogger(__name__)
 class _Read:
     handles: list[Any]
     deadline: float
-    started: float
     num_bytes: int
     num_descs: int
-    state: str = "PROC"  # PROC | DONE | ERR:<kind>:<message>
-    finished: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    state: ReadState = IN_FLIGHT
+    new_peers: list[AgentDescriptor] = field(default_factory=list)  # whose read transports get logged when done
 
 
 class TransferAgent:
@@ -93,17 +94,9 @@ class TransferAgent:
         self.reads: dict[str, _Read] = {}
         self.reported: set[str] = set()  # peers whose read transports were logged
 
-    @classmethod
-    def for_worker(cls, worker: Any, engine_id: str, cfg: TransferConfig) -> TransferAgent:
-        """The agent of one engine rank (an `engine.executor.Worker` extension factory)."""
-        config = worker.config
-        return cls(worker.runner.kv_cache, engine_id, worker.rank, config.tensor_parallel_size,
-                   config.model_config.num_key_value_heads, config.dtype_name, config.model_config.fingerprint(),
-                   cfg)
-
     # ---- identity ------------------------------------------------------------------------------------------
-    def describe(self) -> dict[str, Any]:
-        return self.descriptor.to_dict()
+    def describe(self) -> AgentDescriptor:
+        return self.descriptor
 
     def _peer(self, desc: AgentDescriptor) -> str:
         name = self.peers.get(desc.agent_name)
@@ -120,26 +113,25 @@ class TransferAgent:
             self.peers[agent_name] = raw.decode() if isinstance(raw, bytes) else str(raw)
 
     # ---- reads (decode side) -------------------------------------------------------------------------------
-    def start_read(self, xfer_id: str, remotes: list[dict[str, Any]], local_blocks: list[int],
-                   remote_blocks: list[int]) -> str | None:
-        """Post READs of remote_blocks into local_blocks for this rank's heads. Returns None, or an error
-        string "ERR:<kind>:<message>" (kinds: incompatible, peer, internal)."""
+    def start_read(self, xfer_id: str, remotes: list[AgentDescriptor], local_blocks: list[int],
+                   remote_blocks: list[int]) -> KVTransferError | None:
+        """Post READs of remote_blocks into local_blocks for this rank's heads. Returns None, or why not
+        (IncompatibleKVError, PeerGoneError, KVTransferError)."""
         try:
-            descs = [AgentDescriptor.from_dict(r) for r in remotes]
-            for d in descs:
+            for d in remotes:
                 check_compatible(self.descriptor, d)
-        except Exception as e:
-            return f"ERR:incompatible:{e}"
+        except IncompatibleKVError as e:
+            return e
         now = time.monotonic()
-        read = _Read([], now + self.cfg.transfer_timeout_s, now, 0, 0)
-        read.extra["peers"] = [d for d in descs if d.agent_name not in self.reported]
+        read = _Read([], now + self.cfg.transfer_timeout_s, 0, 0)
+        read.new_peers = [d for d in remotes if d.agent_name not in self.reported]
         self.reads[xfer_id] = read
         try:
-            with quiet_stdout() if read.extra["peers"] else _nothing():
-                self._post(read, descs, local_blocks, remote_blocks)
+            with quiet_stdout() if read.new_peers else _nothing():
+                self._post(read, remotes, local_blocks, remote_blocks)
         except Exception as e:
-            read.state = f"ERR:{_kind(e)}:{type(e).__name__}: {e}"
-            return read.state
+            read.state = ReadState.failed(error_from(e))
+            return read.state.error
         return None
 
     def _post(self, read: _Read, descs: list[AgentDescriptor], local_blocks: list[int],
@@ -162,32 +154,33 @@ class TransferAgent:
                 if self.agent.transfer(handle) == "ERR":
                     raise RuntimeError("transfer() returned ERR")
 
-    def poll(self, xfer_ids: list[str]) -> dict[str, str]:
-        """State of each read: "PROC", "DONE" or "ERR:<kind>:<message>" (kinds: peer, timeout, internal)."""
-        out: dict[str, str] = {}
+    def poll(self, xfer_ids: list[str]) -> dict[str, ReadState]:
+        """State of each read (a failure carries PeerGoneError, TransferTimeoutError or KVTransferError)."""
+        out: dict[str, ReadState] = {}
         now = time.monotonic()
         for xid in xfer_ids:
             read = self.reads.get(xid)
             if read is None:
-                out[xid] = "ERR:internal:unknown transfer"
+                out[xid] = ReadState.failed(KVTransferError(f"unknown transfer {xid}"))
                 continue
-            if read.state == "PROC":
+            if read.state is IN_FLIGHT:
                 try:
                     states = [self.agent.check_xfer_state(h) for h in read.handles]
                     if all(s == "DONE" for s in states):
-                        read.state, read.finished = "DONE", now
+                        read.state = DONE
                         self._report(read)
                     elif any(s == "ERR" for s in states):
-                        read.state = "ERR:peer:transfer failed"
+                        read.state = ReadState.failed(PeerGoneError("transfer failed"))
                     elif now > read.deadline:
-                        read.state = f"ERR:timeout:no completion within {self.cfg.transfer_timeout_s:g} s"
+                        read.state = ReadState.failed(TransferTimeoutError(
+                            f"no completion within {self.cfg.transfer_timeout_s:g} s"))
                 except Exception as e:
-                    read.state = f"ERR:{_kind(e)}:{type(e).__name__}: {e}"
+                    read.state = ReadState.failed(error_from(e))
             out[xid] = read.state
         return out
 
     def _report(self, read: _Read) -> None:
-        for desc in read.extra.get("peers", []):
+        for desc in read.new_peers:
             if desc.agent_name in self.reported:
                 continue
             self.reported.add(desc.agent_name)
@@ -208,18 +201,17 @@ class TransferAgent:
                 pass  # an errored handle writes nothing more
         return not pending
 
-    def finish(self, xfer_id: str) -> dict[str, float]:
-        """Release the read's handles; returns its stats (bytes, descriptors, seconds)."""
+    def finish(self, xfer_id: str) -> ReadStats:
+        """Release the read's handles; returns its stats."""
         read = self.reads.pop(xfer_id, None)
         if read is None:
-            return {}
+            return ReadStats()
         for h in read.handles:
             try:
                 self.agent.release_xfer_handle(h)
             except Exception as e:  # a handle still in flight cannot be released; NIXL frees it with the agent
                 log.warning("could not release transfer handle of %s: %s", xfer_id, e)
-        secs = (read.finished or time.monotonic()) - read.started
-        return {"bytes": float(read.num_bytes), "descs": float(read.num_descs), "seconds": secs}
+        return ReadStats(read.num_bytes, read.num_descs)
 
     # ---- notifications (control messages between rank-0 agents) --------------------------------------------
     def partial_metadata_b64(self) -> str:
@@ -253,7 +245,3 @@ class TransferAgent:
 def _nothing() -> Iterator[None]:
     yield
 
-
-def _kind(e: BaseException) -> str:
-    text = f"{type(e).__name__} {e}".lower()
-    return "peer" if "disconnect" in text or "remote" in text or "unreach" in text else "internal"

@@ -1,11 +1,10 @@
-"""KVHandle: what a prefill-only run hands to the decode side (plain JSON): where the prompt's KV is and the
-first token."""
+"""KVHandle: what a prefill-only run hands to the decode side: where the prompt's KV is, and the first token."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
+
+from kv_transfer.descriptor import AgentDescriptor
 
 
 @dataclass(frozen=True)
@@ -15,22 +14,9 @@ class KVHandle:
     block_ids: list[int]  # blocks covering the prompt, in token order
     num_tokens: int  # prompt tokens whose KV the blocks hold
     first_token: int  # sampled by the prefill worker
-    agents: list[dict[str, Any]]  # AgentDescriptor.to_dict() of every prefill TP rank
-    finished: bool = False  # the first token already ended the request (EOS, stop, max_tokens=1)
+    agents: list[AgentDescriptor]  # every prefill TP rank's transfer agent, in rank order
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @staticmethod
-    def from_json(text: str | bytes) -> KVHandle:
-        d = json.loads(text)
-        if not isinstance(d, dict):
-            raise ValueError("KV handle must be a JSON object")
-        try:
-            return KVHandle(
-                engine_id=str(d["engine_id"]), request_id=str(d["request_id"]),
-                block_ids=[int(b) for b in d["block_ids"]], num_tokens=int(d["num_tokens"]),
-                first_token=int(d["first_token"]), agents=list(d["agents"]), finished=bool(d.get("finished")),
-            )
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"malformed KV handle: {e}") from None
+    @property
+    def holder(self) -> str:
+        """The agent that serves control messages (rank 0's)."""
+        return self.agents[0].agent_name

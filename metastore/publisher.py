@@ -8,7 +8,6 @@ import os
 import queue
 import socket
 import threading
-from typing import Any
 
 import redis
 
@@ -96,13 +95,13 @@ class InstancePublisher:
 
     @classmethod
     def for_engine(cls, store: MetadataStore, instance_id: str, role: str, engine: LLMEngine,
-                   kv_agents: list[dict[str, Any]], address: str = "") -> InstancePublisher:
+                   address: str = "") -> InstancePublisher:
         """Describe `engine` as an instance of `role` and register it."""
         config = engine.config
         info = InstanceInfo(instance_id=instance_id, role=role, address=address or instance_id,
                             tp_size=config.tensor_parallel_size, block_size=config.block_size,
-                            num_blocks=engine.executor.runner.layout.num_blocks, max_num_seqs=config.max_num_seqs,
-                            kv_agents=kv_agents, model=config.hash_salt, host=socket.gethostname(), pid=os.getpid())
+                            num_blocks=engine.num_kv_blocks, max_num_seqs=config.max_num_seqs,
+                            model=config.hash_salt, host=socket.gethostname(), pid=os.getpid())
         publisher = cls(store, info, engine)
         publisher.register()
         return publisher
@@ -114,16 +113,15 @@ class InstancePublisher:
             log.warning("instance %s: KV events still queued after 10 s; registering anyway", self.info.instance_id)
         self.store.register(self.info)
         self.engine.take_kv_events()  # what the cache holds is republished in full below
-        cached = tuple(self.engine.kv.pool.cached)
+        cached = self.engine.cached_block_hashes()
         if cached:
             self.store.apply_kv_events(self.info.instance_id, [KVEvent("stored", cached)])
 
     def load(self) -> Load:
         # NOTE: not engine.stats(): that walks the whole free queue, and a heartbeat needs only O(1) numbers.
-        sched = self.engine.scheduler
-        queued = sum(r.num_tokens - r.num_computed_tokens for r in sched.waiting)
-        return Load(waiting=len(sched.waiting), running=len(sched.running), kv_usage=self.engine.kv.usage,
-                    queued_prefill_tokens=queued)
+        load = self.engine.load()
+        return Load(waiting=load.waiting, running=load.running, kv_usage=load.kv_usage,
+                    queued_prefill_tokens=load.queued_prefill_tokens)
 
     def tick(self) -> None:
         """Heartbeat with the load, then publish KV events. A Redis outage is logged and counted, never raised:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis
@@ -39,7 +39,6 @@ class InstanceInfo:
     block_size: int
     num_blocks: int  # KV capacity per rank
     max_num_seqs: int
-    kv_agents: list[dict[str, Any]] = field(default_factory=list)  # AgentDescriptor.to_dict() per TP rank
     model: str = ""
     host: str = ""  # where the instance's driver process runs, for operators
     pid: int = 0

@@ -9,7 +9,10 @@ import threading
 
 from decode_worker.actor import DecodeActor
 from decode_worker.stream import OutputQueue, StepMailbox, next_outputs
+from engine import EngineConfig, SamplingParams
 from engine.outputs import RequestOutput
+from instance.messages import StreamDelta
+from kv_transfer import TransferConfig
 from metastore import RedisServer
 from tests.model_factory import hf_greedy, random_prompts
 
@@ -53,12 +56,12 @@ def test_slow_stream_consumer_gets_every_token_in_fewer_items(models: dict[str, 
     item receives the greedy tokens exactly, in fewer items than tokens."""
     prompt = random_prompts(1, [30], 512, seed=310)[0]
     with RedisServer() as redis:
-        actor = DecodeActor("d-stream", {"model": str(models["llama"]), "dtype": "float32",
-                                         "kv_cache_memory_bytes": 16 << 20}, {}, redis.url, "stream", 5.0)
+        config = EngineConfig(model=str(models["llama"]), dtype="float32", kv_cache_memory_bytes=16 << 20)
+        actor = DecodeActor("d-stream", config, TransferConfig(), redis.url, "stream", 5.0)
 
-        async def consume() -> list[dict]:
+        async def consume() -> list[StreamDelta]:
             items = []
-            params = {"max_tokens": 24, "temperature": 0.0, "ignore_eos": True}
+            params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
             async for item in actor.generate("r", prompt, params):
                 items.append(item)
                 await asyncio.sleep(0.05)
@@ -69,9 +72,8 @@ def test_slow_stream_consumer_gets_every_token_in_fewer_items(models: dict[str, 
             stats = actor.stats()
         finally:
             actor.shutdown()
-    assert items[0] == {"transferred_blocks": 0}
-    streamed = items[1:]
-    assert [t for it in streamed for t in it["token_ids"]] == hf_greedy(models["llama"], prompt, 24)
-    assert streamed[-1]["finished"] and not any(it["finished"] for it in streamed[:-1])
-    assert len(streamed) < 24 and all(it["token_ids"] for it in streamed)
-    assert stats["stream_outputs"] == 24 and stats["stream_items"] == len(streamed)
+    assert [t for it in items for t in it.token_ids] == hf_greedy(models["llama"], prompt, 24)
+    assert items[-1].finished and not any(it.finished for it in items[:-1])
+    assert items[-1].transferred_blocks == 0 and items[-1].finish_reason == "length"
+    assert len(items) < 24 and all(it.token_ids for it in items)
+    assert stats.stream["stream_outputs"] == 24 and stats.stream["stream_items"] == len(items)

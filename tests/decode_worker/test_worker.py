@@ -13,8 +13,9 @@ import pytest
 from decode_worker.worker import DecodeWorker
 from engine import EngineConfig, SamplingParams
 from engine.block_hash import hash_blocks
+from engine.outputs import RequestOutput
 from metastore import MetadataStore, RedisServer
-from prefill_worker.worker import PrefillResult, PrefillWorker
+from prefill_worker.worker import PrefillWorker
 from tests.model_factory import hf_greedy, random_prompts
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -23,7 +24,7 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 @pytest.fixture
 def cluster(models: dict[str, pathlib.Path]) -> Iterator[tuple[PrefillWorker, DecodeWorker, MetadataStore]]:
     with RedisServer() as redis:
-        store = MetadataStore(redis.url, lease_s=2.0)
+        store = MetadataStore(redis.url, "pdserve", 2.0)
         cfg = EngineConfig(model=str(models["llama"]), dtype="float32", kv_cache_memory_bytes=32 << 20)
         prefill = PrefillWorker("p0", cfg, store=store)
         decode = DecodeWorker("d0", cfg, store=store)
@@ -58,12 +59,12 @@ def test_local_and_disaggregated_requests(cluster, models: dict[str, pathlib.Pat
     assert collect(q1) == hf_greedy(model, short, 12)
 
     long = random_prompts(1, [150], 512, seed=201)[0]
-    results: queue.Queue[PrefillResult] = queue.Queue()
+    results: queue.Queue[RequestOutput] = queue.Queue()
     prefill.prefill("l", long, GREEDY, results.put).result(10)
     res = results.get(timeout=30)
-    assert res.handle is not None and res.output.token_ids == hf_greedy(model, long, 1)
+    assert res.kv_handoff is not None and res.token_ids == hf_greedy(model, long, 1)
     q2: queue.Queue = queue.Queue()
-    assert decode.generate("l", long, GREEDY, q2.put, kv=res.handle).result(10) == 10  # ceil(150 / 16) blocks
+    assert decode.generate("l", long, GREEDY, q2.put, kv=res.kv_handoff).result(10) == 10  # ceil(150 / 16)
     assert collect(q2) == hf_greedy(model, long, 12)
 
     # Heartbeats publish both instances' KV events: the prompt's full blocks are indexed on both.

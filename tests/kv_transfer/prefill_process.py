@@ -15,44 +15,47 @@ def _serve(conn: Connection, model: str, engine_kwargs: dict[str, Any], cfg_kwar
     import torch
 
     from engine import EngineConfig, LLMEngine, SamplingParams
-    from kv_transfer import KVProducer, TransferConfig
+    from kv_transfer import KVProducer, NixlConnectorSpec, TransferConfig
 
     torch.set_num_threads(1)
-    producer = KVProducer(LLMEngine(EngineConfig(model=model, **engine_kwargs)), "prefill",
-                          TransferConfig(**cfg_kwargs))
+    engine = LLMEngine(EngineConfig(model=model, **engine_kwargs),
+                       NixlConnectorSpec("prefill", "prefill", TransferConfig(**cfg_kwargs)))
+    assert engine.remote is not None
+    producer = engine.remote.connector
+    assert isinstance(producer, KVProducer)
     conn.send("ready")
     while True:
         if not conn.poll(0.002):
-            producer.step()
+            engine.step()  # serves release messages, expires leases
             continue
         cmd, *args = conn.recv()
         if cmd == "exit":
-            producer.engine.shutdown()
+            engine.shutdown()
             conn.send("bye")
             return
-        if cmd == "prefill":
-            rid, prompt, max_tokens = args
-            producer.add_request(rid, prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0,
-                                                              ignore_eos=True))
+        if cmd == "prefill":  # the prefill role: one token, the blocks held for a reader
+            rid, prompt = args
+            engine.add_request(rid, prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
             handle = None
             while handle is None:
-                for out, h in producer.step():
+                for out in engine.step():
                     if out.request_id == rid:
-                        handle = h
-            conn.send(handle.to_json())
+                        assert out.finished
+                        handle = out.kv_handoff
+            conn.send(handle)
         elif cmd == "abort":
-            producer.abort(args[0])
+            engine.abort_request(args[0])
             conn.send("ok")
         elif cmd == "stats":
-            stats = producer.engine.kv.stats()
-            conn.send({"used": stats.num_used, "held": len(producer.engine.held),
-                       "leases": len(producer.leases), "counters": dict(producer.counters)})
+            stats = engine.stats()
+            conn.send({"used": stats.kv.num_used, "held": stats.num_held, "leases": len(producer.leases),
+                       "counters": dict(producer.counters)})
         elif cmd == "wait_released":
             deadline = time.monotonic() + args[0]
-            while producer.engine.held and time.monotonic() < deadline:
-                producer.step()
+            while engine.stats().num_held and time.monotonic() < deadline:
+                engine.step()
                 time.sleep(0.002)
-            conn.send(len(producer.engine.held))
+            conn.send(engine.stats().num_held)
 
 
 class PrefillProcess:

@@ -1,4 +1,5 @@
-"""Cross-process KV pull over real NIXL: prefill in one process, decode in another."""
+"""Cross-process KV pull over real NIXL: prefill in one process, decode in another. The decode side is an
+LLMEngine with the NIXL connector, driven only through the engine's own interface."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from engine import EngineConfig, LLMEngine, SamplingParams
-from kv_transfer import KVConsumer, KVHandle, KVReleasedError, PeerGoneError, TransferConfig, TransferTimeoutError
+from kv_transfer import KVConsumer, KVHandle, NixlConnectorSpec, TransferConfig
 from tests.conftest import assert_all_free, device_for_tp
 from tests.kv_transfer.prefill_process import PrefillProcess
 from tests.model_factory import hf_greedy, random_prompts
@@ -23,26 +24,31 @@ def greedy(n: int = NEW) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
 
 
+def connector(engine: LLMEngine) -> KVConsumer:
+    assert engine.remote is not None and isinstance(engine.remote.connector, KVConsumer)
+    return engine.remote.connector
+
+
 @pytest.fixture
 def consumer_factory() -> Iterator:
-    made: list[KVConsumer] = []
+    made: list[LLMEngine] = []
 
-    def make(model: pathlib.Path, cfg: TransferConfig | None = None, **kwargs: object) -> KVConsumer:
+    def make(model: pathlib.Path, cfg: TransferConfig | None = None, **kwargs: object) -> LLMEngine:
         kwargs.setdefault("dtype", "float32")
         kwargs.setdefault("kv_cache_memory_bytes", 64 << 20)
         kwargs.setdefault("device", device_for_tp(2))
-        engine = LLMEngine(EngineConfig(model=str(model), **kwargs))  # type: ignore[arg-type]
-        consumer = KVConsumer(engine, "decode", cfg)
-        made.append(consumer)
-        return consumer
+        engine = LLMEngine(EngineConfig(model=str(model), **kwargs),  # type: ignore[arg-type]
+                           NixlConnectorSpec("decode", "decode", cfg or TransferConfig()))
+        made.append(engine)
+        return engine
 
     yield make
-    for c in made:
+    for engine in made:
         try:
-            assert not c.unsettled
-            assert_all_free(c.engine)
+            assert not connector(engine).unsettled and engine.remote is not None and not engine.remote.quarantined
+            assert_all_free(engine)
         finally:
-            c.engine.shutdown()
+            engine.shutdown()
 
 
 @pytest.fixture
@@ -62,12 +68,12 @@ def prefill_factory() -> Iterator:
         p.close()
 
 
-def decode(consumer: KVConsumer, rid: str, prompt: list[int], handle: KVHandle, n: int = NEW,
-           prefill: PrefillProcess | None = None, timeout: float = 60) -> list[int]:
-    consumer.add_remote_request(rid, prompt, greedy(n), handle)
+def decode(engine: LLMEngine, rid: str, prompt: list[int], handle: KVHandle, n: int = NEW,
+           timeout: float = 60) -> list[int]:
+    engine.add_request(rid, prompt, greedy(n), kv_source=handle)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for out in consumer.step():
+        for out in engine.step():
             if out.request_id == rid and out.finished:
                 return out.token_ids
     raise AssertionError(f"request {rid} did not finish")
@@ -80,11 +86,11 @@ def test_cross_process_pull_equals_single_engine(models: dict[str, pathlib.Path]
     consumer = consumer_factory(model)
     for i, n in enumerate([1, 15, 16, 17, 64, 130, 200]):
         prompt = random_prompts(1, [n], 512, seed=100 + i)[0]
-        handle = KVHandle.from_json(prefill.call("prefill", f"p{i}", prompt, NEW))
+        handle = (prefill.call("prefill", f"p{i}", prompt))
         assert len(handle.block_ids) == -(-n // 16)
         tokens = decode(consumer, f"d{i}", prompt, handle)
         assert tokens == hf_greedy(model, prompt, NEW), f"prompt length {n}"
-    assert consumer.counters["fallbacks"] == 0 and consumer.counters["transfers"] == 7
+    assert connector(consumer).counters["fallbacks"] == 0 and connector(consumer).counters["transfers"] == 7
     assert prefill.call("wait_released", 10) == 0
     stats = prefill.call("stats")
     assert stats["used"] == 0 and stats["counters"]["released"] == 7
@@ -98,16 +104,16 @@ def test_partial_prefix_hit_transfers_only_missing_blocks(models: dict[str, path
     shared = random_prompts(1, [64], 512, seed=110)[0]  # 4 full blocks
     first = shared + random_prompts(1, [40], 512, seed=111)[0]  # 104 tokens: 7 blocks
     second = shared + random_prompts(1, [50], 512, seed=112)[0]  # 114 tokens: 8 blocks
-    h1 = KVHandle.from_json(prefill.call("prefill", "a", first, NEW))
+    h1 = (prefill.call("prefill", "a", first))
     assert decode(consumer, "a", first, h1) == hf_greedy(model, first, NEW)
-    assert consumer.counters["blocks_transferred"] == 7
-    h2 = KVHandle.from_json(prefill.call("prefill", "b", second, NEW))
+    assert connector(consumer).counters["blocks_transferred"] == 7
+    h2 = (prefill.call("prefill", "b", second))
     assert len(h2.block_ids) == 8
     tokens = decode(consumer, "b", second, h2)
     assert tokens == hf_greedy(model, second, NEW)
     # The 4 shared blocks were in b's prefix cache: only the other 4 crossed.
-    assert consumer.counters["blocks_cached_locally"] == 4
-    assert consumer.counters["blocks_transferred"] == 7 + 4
+    assert connector(consumer).counters["blocks_cached_locally"] == 4
+    assert connector(consumer).counters["blocks_transferred"] == 7 + 4
     assert prefill.call("wait_released", 10) == 0
 
 
@@ -119,30 +125,29 @@ def test_heterogeneous_tp(models: dict[str, pathlib.Path], prefill_factory, cons
     consumer = consumer_factory(model, tensor_parallel_size=decode_tp)
     for i, n in enumerate([7, 48, 150]):
         prompt = random_prompts(1, [n], 512, seed=120 + i)[0]
-        handle = KVHandle.from_json(prefill.call("prefill", f"h{i}", prompt, NEW))
+        handle = (prefill.call("prefill", f"h{i}", prompt))
         assert len(handle.agents) == prefill_tp
         assert decode(consumer, f"h{i}", prompt, handle) == hf_greedy(model, prompt, NEW), f"length {n}"
-    assert consumer.counters["fallbacks"] == 0
+    assert connector(consumer).counters["fallbacks"] == 0
     # TP 1 -> 2: each decode rank reads its head half of every block: one piece per block per rank.
     # TP 2 -> 1: the decode rank reads every block from both prefill ranks.
     blocks = sum(-(-n // 16) for n in (7, 48, 150))
-    assert consumer.counters["descriptors"] == 2 * blocks
+    assert connector(consumer).counters["descriptors"] == 2 * blocks
     assert prefill.call("wait_released", 10) == 0
 
 
 def test_lease_expiry_frees_blocks_and_a_late_reader_falls_back(models: dict[str, pathlib.Path],
                                                                 prefill_factory, consumer_factory) -> None:
     model = models["llama"]
-    prefill = prefill_factory(model, cfg_kwargs={"lease_s": 0.5})
+    prefill = prefill_factory(model, cfg_kwargs={"held_kv_lease_s": 0.5})
     consumer = consumer_factory(model)
     prompt = random_prompts(1, [90], 512, seed=130)[0]
-    handle = KVHandle.from_json(prefill.call("prefill", "late", prompt, NEW))
+    handle = (prefill.call("prefill", "late", prompt))
     time.sleep(1.0)
     stats = prefill.call("stats")
     assert stats["counters"].get("lease_expired") == 1 and stats["used"] == 0 and stats["held"] == 0
     tokens = decode(consumer, "late", prompt, handle)
-    assert isinstance(consumer.errors["late"], KVReleasedError)
-    assert consumer.counters["fallbacks"] == 1 and consumer.counters["fallback_released"] == 1
+    assert connector(consumer).counters["fallbacks"] == 1 and connector(consumer).counters["fallback_released"] == 1
     assert tokens == hf_greedy(model, prompt, NEW)  # computed locally instead
 
 
@@ -152,35 +157,35 @@ def test_abort_before_during_and_after_transfer(models: dict[str, pathlib.Path],
     prefill = prefill_factory(model)
     consumer = consumer_factory(model)
     prompts = random_prompts(4, [120, 200, 60, 33], 512, seed=140)
-    handles = [KVHandle.from_json(prefill.call("prefill", f"x{i}", p, NEW)) for i, p in enumerate(prompts)]
+    handles = [(prefill.call("prefill", f"x{i}", p)) for i, p in enumerate(prompts)]
 
     # Before: the prefill side aborts its held request; the reader's result is refused, it falls back.
     assert prefill.call("abort", "x0") == "ok"
     decode(consumer, "x0", prompts[0], handles[0])
-    assert isinstance(consumer.errors["x0"], KVReleasedError)
+    assert connector(consumer).counters["fallback_released"] == 1
 
     # During: the decode side aborts while its read is in flight; both sides free everything.
-    consumer.add_remote_request("x1", prompts[1], greedy(), handles[1])
-    consumer.abort("x1")
+    assert consumer.add_request("x1", prompts[1], greedy(), kv_source=handles[1]) == 13  # ceil(200 / 16)
+    consumer.abort_request("x1")
     deadline = time.monotonic() + 10
     finished = {}
-    while consumer.has_work() and time.monotonic() < deadline:
+    while consumer.has_unfinished_requests() and time.monotonic() < deadline:
         finished.update({o.request_id: o for o in consumer.step() if o.finished})
-    assert finished["x1"].finish_reason == "abort"
+    assert finished["x1"].finish_reason == "abort" and connector(consumer).counters["cancelled"] == 1
 
-    # After: committed and decoding, then aborted.
-    consumer.add_remote_request("x2", prompts[2], greedy(200), handles[2])
-    while consumer.engine.stats().num_running == 0:
+    # After: loaded and decoding, then aborted.
+    consumer.add_request("x2", prompts[2], greedy(200), kv_source=handles[2])
+    while consumer.stats().num_running == 0:
         consumer.step()
     consumer.step()
-    consumer.abort("x2")
-    while consumer.has_work():
+    consumer.abort_request("x2")
+    while consumer.has_unfinished_requests():
         consumer.step()
 
-    # A decode-side abort before any read: the holder is still told to release.
-    consumer.add_remote_request("x3", prompts[3], greedy(), handles[3])
-    consumer.abort("x3")
-    while consumer.has_work():
+    # A decode-side abort right after the reads were posted: the holder is still told to release.
+    consumer.add_request("x3", prompts[3], greedy(), kv_source=handles[3])
+    consumer.abort_request("x3")
+    while consumer.has_unfinished_requests():
         consumer.step()
     assert prefill.call("wait_released", 10) == 0
     assert prefill.call("stats")["used"] == 0
@@ -192,16 +197,16 @@ def test_killed_prefill_peer_gives_typed_error_within_bound(models: dict[str, pa
     prefill = prefill_factory(model)
     consumer = consumer_factory(model, cfg=TransferConfig(transfer_timeout_s=5.0, ack_timeout_s=2.0))
     warm = random_prompts(1, [20], 512, seed=150)[0]
-    decode(consumer, "warm", warm, KVHandle.from_json(prefill.call("prefill", "warm", warm, NEW)))
+    decode(consumer, "warm", warm, (prefill.call("prefill", "warm", warm)))
     prompt = random_prompts(1, [180], 512, seed=151)[0]
-    handle = KVHandle.from_json(prefill.call("prefill", "dead", prompt, NEW))
+    handle = (prefill.call("prefill", "dead", prompt))
     os.kill(prefill.proc.pid, signal.SIGKILL)
     prefill.proc.join(10)
     start = time.monotonic()
     tokens = decode(consumer, "dead", prompt, handle)
     assert time.monotonic() - start < 10
-    assert isinstance(consumer.errors["dead"], PeerGoneError)  # UCX reports the disconnect (~0.1 s here)
-    assert consumer.counters["fallbacks"] == 1 and consumer.counters["fallback_peer"] == 1
+    # UCX reports the disconnect (~0.1 s here) as a PeerGoneError (its counter is fallback_peer)
+    assert connector(consumer).counters["fallbacks"] == 1 and connector(consumer).counters["fallback_peer"] == 1
     assert tokens == hf_greedy(model, prompt, NEW)
 
 
@@ -213,7 +218,7 @@ def test_frozen_peer_times_out_and_blocks_stay_quarantined_until_settled(
     # NOTE: no warm-up read: the first read to a peer needs its side of the connection handshake, so against
     # a frozen peer the READ itself stays in flight (once connected, a shared-memory read would complete).
     prompt = random_prompts(1, [200], 512, seed=161)[0]
-    handle = KVHandle.from_json(prefill.call("prefill", "frozen", prompt, NEW))
+    handle = (prefill.call("prefill", "frozen", prompt))
     os.kill(prefill.proc.pid, signal.SIGSTOP)
     try:
         start = time.monotonic()
@@ -221,13 +226,14 @@ def test_frozen_peer_times_out_and_blocks_stay_quarantined_until_settled(
         elapsed = time.monotonic() - start
     finally:
         os.kill(prefill.proc.pid, signal.SIGCONT)
-    assert isinstance(consumer.errors["frozen"], TransferTimeoutError)
-    assert consumer.unsettled  # the stuck read may still write: its blocks are quarantined, not reused
+    assert connector(consumer).counters["fallback_timeout"] == 1  # a TransferTimeoutError
+    assert connector(consumer).unsettled  # the stuck read may still write: its blocks are quarantined, not reused
+    assert consumer.remote is not None and consumer.remote.quarantined
     assert 1.0 <= elapsed < 10
     assert tokens == hf_greedy(model, prompt, NEW)  # prefilled locally
     # Once the peer runs again the stuck read settles; only then are its blocks freed.
     deadline = time.monotonic() + 10
-    while consumer.has_work() and time.monotonic() < deadline:
+    while consumer.has_unfinished_requests() and time.monotonic() < deadline:
         consumer.step()
-    assert not consumer.unsettled and not consumer.engine.quarantined
+    assert not connector(consumer).unsettled and not consumer.remote.quarantined
     assert prefill.call("wait_released", 10) == 0

@@ -7,8 +7,8 @@ import pathlib
 
 import pytest
 
-from kv_transfer import KVHandle, TransferConfig, transports
-from tests.kv_transfer.test_pull import consumer_factory, decode, prefill_factory  # noqa: F401 - fixtures
+from kv_transfer import TransferConfig, transports
+from tests.kv_transfer.test_pull import connector, consumer_factory, decode, prefill_factory  # noqa: F401 - fixtures
 from tests.model_factory import hf_greedy, random_prompts
 
 
@@ -20,9 +20,9 @@ def test_shared_memory_path_is_logged(models: dict[str, pathlib.Path], prefill_f
     consumer = consumer_factory(models["llama"])
     before = transports.tcp_fallback_warnings
     prompt = random_prompts(1, [40], 512, seed=170)[0]
-    decode(consumer, "s", prompt, KVHandle.from_json(prefill.call("prefill", "s", prompt, 4)), n=4)
+    decode(consumer, "s", prompt, prefill.call("prefill", "s", prompt), n=4)
     selected = [r.getMessage() for r in caplog.records if "UCX selected" in r.getMessage()]
-    mem, transport = ("VRAM", "cuda_ipc") if consumer.agent.mem_type == "VRAM" else ("DRAM", "cma/memory")
+    mem, transport = ("VRAM", "cuda_ipc") if connector(consumer).agent.mem_type == "VRAM" else ("DRAM", "cma/memory")
     assert len(selected) == 1 and f"{mem}->{mem} (same host)" in selected[0] and transport in selected[0]
     assert transports.tcp_fallback_warnings == before
 
@@ -37,9 +37,9 @@ def test_tcp_fallback_is_warned_and_counted(models: dict[str, pathlib.Path], pre
     consumer = consumer_factory(models["llama"], cfg=TransferConfig(**tcp))
     before = transports.tcp_fallback_warnings
     prompt = random_prompts(1, [40], 512, seed=171)[0]
-    tokens = decode(consumer, "t", prompt, KVHandle.from_json(prefill.call("prefill", "t", prompt, 4)), n=4)
+    tokens = decode(consumer, "t", prompt, prefill.call("prefill", "t", prompt), n=4)
     assert tokens == hf_greedy(models["llama"], prompt, 4)  # slow, but correct
     assert transports.tcp_fallback_warnings == before + 1
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "runs over TCP" in r.getMessage()]
-    want = "cuda_ipc" if consumer.agent.mem_type == "VRAM" else "shared memory"
+    want = "cuda_ipc" if connector(consumer).agent.mem_type == "VRAM" else "shared memory"
     assert len(warnings) == 1 and want in warnings[0].getMessage()

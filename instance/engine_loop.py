@@ -1,4 +1,4 @@
-"""Drives an engine on a background thread, so a server (a Ray actor, the router) can talk to it concurrently.
+"""Drives an engine on a background thread, so a server (the role actors) can talk to it concurrently.
 
 The engine is not thread-safe: every command runs on the loop thread, between steps (`call` returns a
 Future). Outputs go to per-request sinks registered with `add`, called on the loop thread; a sink must not
@@ -12,32 +12,23 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Any, Protocol
+from typing import Any
+
+from engine.outputs import RequestOutput
 
 log = logging.getLogger(__name__)
 
-
-class Output(Protocol):
-    """What a step yields per request (a RequestOutput, or a role's richer result)."""
-
-    @property
-    def request_id(self) -> str: ...
-
-    @property
-    def finished(self) -> bool: ...
-
-
-Sink = Callable[[Any], None]
+Sink = Callable[[RequestOutput], None]
 
 
 class EngineLoop:
-    def __init__(self, step: Callable[[], Sequence[Output]], has_work: Callable[[], bool],
+    def __init__(self, step: Callable[[], Sequence[RequestOutput]], has_work: Callable[[], bool],
                  on_idle: Callable[[], None] | None = None, periodic: Callable[[], None] | None = None,
                  after_step: Callable[[], None] | None = None,
                  period_s: float = 0.5, idle_wait_s: float = 0.001, name: str = "engine-loop") -> None:
-        """`step` advances the engine one iteration; `on_idle` runs when there is no work (e.g. serving KV
-        release messages); `periodic` runs every `period_s` (e.g. heartbeats with the load); `after_step` runs
-        after every step (e.g. publishing KV events while they are fresh)."""
+        """`step` advances the engine one iteration; `on_idle` runs when there is no work (e.g. the prefill
+        role's engine step, which serves KV release messages); `periodic` runs every `period_s` (e.g. heartbeats
+        with the load); `after_step` runs after every step (e.g. publishing KV events while they are fresh)."""
         self._step, self._has_work, self._on_idle, self._periodic = step, has_work, on_idle, periodic
         self._after_step = after_step
         self.period_s, self.idle_wait_s = period_s, idle_wait_s

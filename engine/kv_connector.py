@@ -1,0 +1,131 @@
+"""The one interface through which the engine uses a KV connector. The engine owns it and calls it; a connector
+(kv_transfer/ implements the NIXL one) never calls into the engine.
+
+    engine (driver process)                               connector (scheduler side, same process)
+    add_request(..., kv_source=S): reserve blocks  ─────►  start_load(request, S, n_cached): post reads
+    every step, before scheduling                  ─────►  poll() -> KVConnectorEvents:
+        loaded: the prompt's KV is in place: it counts as computed, the first token goes out
+        failed: prefill it here instead (quarantine the blocks while a read may still write into them)
+        settled: quarantined blocks may be reused      released: held blocks may be freed
+    a request finishes                             ─────►  request_finished(request) -> hand-off or None
+        (a hand-off: the engine keeps the blocks for a reader, until `released` names the request)
+    abort of a loading request                     ─────►  cancel_load(id) -> True when nothing writes any more
+    abort of a held request                        ─────►  drop_held(id)
+
+Worker side: `KVConnectorSpec.make_worker` builds one worker part per TP rank, in the rank's own process (it
+owns that rank's slice of the KV cache); the scheduler side reaches all of them with `KVRanks.call(fn, ...)`,
+where fn is a function of the worker part (e.g. an unbound method), never a name.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from engine.config import EngineConfig
+    from engine.kv_cache import KVCache
+    from engine.request import Request
+
+W = TypeVar("W")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class LoadDone:
+    request_id: str
+    first_token: int  # sampled where the prompt was computed
+
+
+@dataclass(frozen=True)
+class LoadFailed:
+    request_id: str
+    error: Exception  # why (kv_transfer's typed errors); logged and counted by the connector
+    settled: bool  # False: a read may still write into the request's blocks, so they are quarantined
+
+
+@dataclass
+class KVConnectorEvents:
+    """What changed since the last poll. Empty lists when nothing did."""
+
+    loaded: list[LoadDone] = field(default_factory=list)
+    failed: list[LoadFailed] = field(default_factory=list)
+    settled: list[str] = field(default_factory=list)  # quarantined requests whose blocks may be reused now
+    released: list[str] = field(default_factory=list)  # held requests whose blocks may be freed now
+
+    def __bool__(self) -> bool:
+        return bool(self.loaded or self.failed or self.settled or self.released)
+
+
+class KVConnectorWorker(Protocol):
+    """One TP rank's part, living in that rank's process."""
+
+    def describe(self) -> Any:
+        """Plain data about this rank's part, sent to the driver (e.g. its transfer agent's descriptor)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class KVRanks(Protocol):
+    """The engine's handle on every rank's worker part."""
+
+    @property
+    def local(self) -> KVConnectorWorker:
+        """The driver rank's part, in this process (e.g. for control messages that only rank 0 exchanges)."""
+        ...
+
+    def call(self, fn: Callable[..., R], *args: Any) -> list[R]:
+        """fn(worker_part, *args) on every rank; results in rank order. A failure on any rank raises
+        RuntimeError after every rank has answered."""
+        ...
+
+
+class KVConnector(ABC):
+    """The scheduler side. The defaults are a connector that neither loads nor holds KV."""
+
+    counters: Counter[str]
+
+    def start_load(self, request: Request, source: Any, num_cached_blocks: int) -> int:
+        """Start loading the KV of `request`'s prompt, whose blocks are allocated (`request.block_ids`; the first
+        `num_cached_blocks` are already cached here) from `source`. Returns the number of blocks to load (0:
+        nothing to read; `poll` still reports the request). Raises ValueError for a source that cannot serve
+        this request (the engine then drops the request)."""
+        raise ValueError("this instance does not load KV computed elsewhere")
+
+    def cancel_load(self, request_id: str) -> bool:
+        """The request was aborted while loading. True when nothing can write its blocks any more; False: a read
+        is still in flight, and `poll` reports the request in `settled` once it is not."""
+        return True
+
+    def request_finished(self, request: Request) -> Any | None:
+        """A request finished (not aborted). Non-None: a hand-off for a reader of its KV (it reaches the caller
+        as RequestOutput.kv_handoff), and the engine keeps the blocks until `poll` reports it `released`."""
+        return None
+
+    def drop_held(self, request_id: str) -> None:
+        """A request whose blocks were held was aborted: the engine freed them; forget it."""
+        return None
+
+    @abstractmethod
+    def poll(self) -> KVConnectorEvents:
+        """Advance reads, serve control messages, expire leases; report what changed."""
+
+    @abstractmethod
+    def has_work(self) -> bool:
+        """True while reads are in flight (the engine keeps stepping instead of idling)."""
+
+    def close(self) -> None:
+        """Called once by the engine's shutdown, before the ranks stop."""
+        return None
+
+
+class KVConnectorSpec(Protocol):
+    """How to build both sides of a connector (picklable: it travels to the TP rank processes)."""
+
+    def make_worker(self, kv_cache: KVCache, config: EngineConfig, rank: int) -> KVConnectorWorker: ...
+
+    def make_connector(self, ranks: KVRanks, descriptors: list[Any]) -> KVConnector: ...

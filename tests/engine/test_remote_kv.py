@@ -1,0 +1,174 @@
+"""The engine's side of the KV connector interface (engine/remote_kv.py), driven by a scripted in-process
+connector: loads that succeed, fail (settled or not) and are cancelled; held blocks released or aborted. The
+block accounting is checked with exact block ids. (The NIXL connector itself: tests/kv_transfer/.)"""
+
+from __future__ import annotations
+
+import pathlib
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.errors import NoKVSpaceError
+from engine.kv_connector import KVConnector, KVConnectorEvents, KVRanks, LoadDone, LoadFailed
+from engine.request import Request
+from tests.conftest import assert_all_free, run_to_completion
+from tests.model_factory import hf_greedy, random_prompts
+
+
+class ScriptedConnector(KVConnector):
+    """Loads nothing itself: the test decides what each poll reports. Holds every finished request."""
+
+    def __init__(self, hold: bool) -> None:
+        self.hold = hold
+        self.counters: Counter[str] = Counter()
+        self.next = KVConnectorEvents()
+        self.loads: dict[str, tuple[list[int], int]] = {}  # request id -> (block ids, cached blocks)
+        self.in_flight: set[str] = set()  # cancel_load answers False for these
+
+    def start_load(self, request: Request, source: Any, num_cached_blocks: int) -> int:
+        if source == "refuse":
+            raise ValueError("refused")
+        self.loads[request.request_id] = (list(request.block_ids), num_cached_blocks)
+        return len(request.block_ids) - num_cached_blocks
+
+    def cancel_load(self, request_id: str) -> bool:
+        return request_id not in self.in_flight
+
+    def request_finished(self, request: Request) -> Any | None:
+        return ("handoff", list(request.block_ids)) if self.hold else None
+
+    def drop_held(self, request_id: str) -> None:
+        self.counters["dropped"] += 1
+
+    def poll(self) -> KVConnectorEvents:
+        events, self.next = self.next, KVConnectorEvents()
+        return events
+
+    def has_work(self) -> bool:
+        return False
+
+
+class ScriptedSpec:
+    def __init__(self, hold: bool) -> None:
+        self.connector = ScriptedConnector(hold)
+
+    def make_worker(self, kv_cache: Any, config: EngineConfig, rank: int) -> Any:
+        class Part:
+            def describe(self) -> str:
+                return f"rank{rank}"
+
+            def close(self) -> None:
+                pass
+
+        return Part()
+
+    def make_connector(self, ranks: KVRanks, descriptors: list[Any]) -> KVConnector:
+        assert descriptors == ["rank0"]
+        return self.connector
+
+
+@pytest.fixture
+def make(models: dict[str, pathlib.Path]):
+    made: list[LLMEngine] = []
+
+    def build(hold: bool, **kwargs: Any) -> tuple[LLMEngine, ScriptedConnector]:
+        spec = ScriptedSpec(hold)
+        engine = LLMEngine(EngineConfig(model=str(models["llama"]), dtype="float32", num_kv_blocks=16,
+                                        max_model_len=256, **kwargs), spec)
+        made.append(engine)
+        return engine, spec.connector
+
+    yield build
+    for engine in made:
+        try:
+            assert engine.remote is not None and not engine.remote.held and not engine.remote.quarantined
+            assert_all_free(engine)
+        finally:
+            engine.shutdown()
+
+
+GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+
+def test_held_blocks_stay_until_released_or_aborted(make) -> None:
+    engine, conn = make(hold=True)
+    engine.add_request("a", list(range(3, 40)), SamplingParams(max_tokens=1, temperature=0.0))  # 3 blocks
+    engine.add_request("b", list(range(50, 60)), SamplingParams(max_tokens=1, temperature=0.0))  # 1 block
+    outs = {o.request_id: o for o in run_to_completion_outputs(engine)}
+    assert outs["a"].kv_handoff == ("handoff", [0, 1, 2]) and outs["b"].kv_handoff == ("handoff", [3])
+    assert engine.stats().num_held == 2 and engine.kv.stats().num_used == 4
+    conn.next.released.append("a")  # a reader is done with a's blocks
+    engine.step()
+    assert engine.kv.stats().num_used == 1 and engine.stats().num_held == 1
+    engine.abort_request("b")  # an abort frees b's held blocks at once and tells the connector
+    assert engine.kv.stats().num_used == 0 and conn.counters["dropped"] == 1
+    assert engine.step() == []  # an aborted held request was already reported finished: nothing more
+
+
+def test_loaded_prompt_decodes_from_its_first_token(make, models: dict[str, pathlib.Path]) -> None:
+    engine, conn = make(hold=False)
+    prompt = random_prompts(1, [40], 512, seed=5)[0]
+    # Compute the prompt's KV into the cache first (a local run), so that "loading" it leaves valid KV in place.
+    engine.add_request("warm", prompt, SamplingParams(max_tokens=1, temperature=0.0))
+    first = run_to_completion(engine)["warm"][0]  # it used blocks 0, 1 (full, now cached) and 2 (freed)
+    assert engine.add_request("r", prompt, GREEDY, kv_source="src") == 1  # the 2 full blocks were cached here
+    blocks, cached = conn.loads["r"]
+    assert blocks[:2] == [0, 1] and cached == 2 and blocks[2] not in (0, 1)
+    kv = engine.executor.runner.kv_cache.tensor
+    kv[blocks[2]].copy_(kv[2])  # "load" the last block: what a transfer would have written
+    conn.next.loaded.append(LoadDone("r", first))
+    outs = run_to_completion(engine)
+    assert outs["r"] == hf_greedy(models["llama"], prompt, 4)
+
+
+def test_failed_load_prefills_locally_and_quarantines_unsettled_blocks(make, models: dict[str, pathlib.Path]) -> None:
+    engine, conn = make(hold=False)
+    prompt = random_prompts(1, [40], 512, seed=6)[0]
+    assert engine.add_request("r", prompt, GREEDY, kv_source="src") == 3
+    assert conn.loads["r"] == ([0, 1, 2], 0)
+    conn.next.failed.append(LoadFailed("r", RuntimeError("peer gone"), settled=False))
+    engine.step()  # the failure is applied, and the same step prefills the prompt here
+    assert engine.remote is not None and engine.remote.quarantined == {"r": [0, 1, 2]}
+    assert engine.metrics.snapshot().counters["kv_load_fallbacks"] == 1
+    done = run_to_completion(engine)
+    assert done["r"] == hf_greedy(models["llama"], prompt, 4)  # computed here, in fresh blocks
+    assert engine.kv.stats().num_used == 3  # the quarantined ones: a read may still write into them
+    conn.next.settled.append("r")
+    engine.step()
+    assert engine.kv.stats().num_used == 0
+
+
+def test_cancelled_load_frees_or_quarantines(make) -> None:
+    engine, conn = make(hold=False)
+    engine.add_request("settled", list(range(3, 20)), GREEDY, kv_source="src")
+    engine.add_request("inflight", list(range(30, 50)), GREEDY, kv_source="src")
+    conn.in_flight.add("inflight")
+    engine.abort_request("settled")
+    engine.abort_request("inflight")
+    outs = {o.request_id: o.finish_reason for o in engine.step()}
+    assert outs == {"settled": "abort", "inflight": "abort"}
+    assert engine.remote is not None and list(engine.remote.quarantined) == ["inflight"]
+    conn.next.settled.append("inflight")
+    engine.step()
+
+
+def test_refused_source_and_full_cache_leave_nothing_behind(make) -> None:
+    engine, _ = make(hold=False)
+    with pytest.raises(ValueError, match="refused"):
+        engine.add_request("x", list(range(3, 20)), GREEDY, kv_source="refuse")
+    with pytest.raises(NoKVSpaceError):
+        engine.add_request("y", list(range(3, 255)), GREEDY, kv_source="src")  # 16 blocks, needs 16...
+        engine.add_request("z", list(range(3, 100)), GREEDY, kv_source="src")  # ...so none is left for z
+    engine.abort_request("y")
+    engine.step()
+    assert "x" not in engine.requests and "z" not in engine.requests
+
+
+def run_to_completion_outputs(engine: LLMEngine) -> list:
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += [o for o in engine.step() if o.finished]
+    return outs
