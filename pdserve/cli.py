@@ -33,8 +33,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import grpc
 
-    from pdserve.v1 import pdserve_pb2 as pb
-    from pdserve.v1 import pdserve_pb2_grpc as pb_grpc
+    from api.v1 import pdserve_pb2 as pb
+    from api.v1 import pdserve_pb2_grpc as pb_grpc
 
     request = pb.GenerateRequest(sampling=pb.SamplingParams(max_tokens=args.max_tokens))
     if args.prompt is not None:

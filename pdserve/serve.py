@@ -17,10 +17,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from api.v1 import pdserve_pb2, pdserve_pb2_grpc
 from engine.config import EngineConfig
 from metastore import MetadataStore, RedisServer
 from pdserve.config import ServingConfig
-from pdserve.v1 import pdserve_pb2, pdserve_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -19,13 +19,13 @@ from typing import Any
 import grpc
 import ray
 
+from api.v1 import pdserve_pb2 as pb
+from api.v1 import pdserve_pb2_grpc as pb_grpc
 from engine.block_hash import hash_blocks
 from engine.config import EngineConfig
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import load_tokenizer
 from metastore import MetadataStore, PlacementPolicy
-from pdserve.v1 import pdserve_pb2 as pb
-from pdserve.v1 import pdserve_pb2_grpc as pb_grpc
 from router.placement import NoInstanceError, Placement, place
 
 log = logging.getLogger(__name__)

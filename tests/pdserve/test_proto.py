@@ -1,6 +1,6 @@
 """The v1 API messages: unset is distinct from zero, the prompt is text or token ids."""
 
-from pdserve.v1 import pdserve_pb2 as pb
+from api.v1 import pdserve_pb2 as pb
 
 
 def test_unset_sampling_fields_are_distinct_from_zero() -> None:
