@@ -58,7 +58,7 @@ def _generate(args: argparse.Namespace) -> int:
                     where = f"prefill {r.prefill_instance} -> decode {r.decode_instance}" if r.disaggregated \
                         else f"local on {r.decode_instance}"
                     print(f"\n[{response.finish_reason}; {response.usage.completion_tokens} tokens; {where}; "
-                          f"cached {r.cached_tokens}; transferred {r.transferred_blocks} blocks]")
+                          f"cached {r.cached_tokens}; transferred {r.transferred_blocks} blocks; {r.reason}]")
         except grpc.RpcError as e:
             print(f"\npdserve: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
