@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from engine.model_config import ModelConfig, dtype_name, parse_dtype
+from engine.model_config import ModelConfig, dtype_name
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 
@@ -44,7 +44,7 @@ class EngineConfig:
             raise ValueError(f"model: {self.model!r} is not a directory with a config.json")
         self.model_config = ModelConfig.from_dir(self.model)
         mc = self.model_config
-        self.torch_dtype = parse_dtype(mc.checkpoint_dtype if self.dtype == "auto" else self.dtype)
+        self.torch_dtype = mc.resolve_dtype(self.dtype)
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format: {self.load_format!r} is not one of {LOAD_FORMATS}")
         if self.device == "auto":
@@ -72,19 +72,8 @@ class EngineConfig:
                 raise ValueError(
                     f"tensor_parallel_size: {tp} does not divide the model's {name} ({count})"
                 )
-        limit = mc.max_position_embeddings
-        window = mc.extra.get("sliding_window")
-        if window is not None:
-            limit = min(limit, int(window))
-        if self.max_model_len is None:
-            self.max_model_len = limit
-        elif self.max_model_len > limit:
-            raise ValueError(
-                f"max_model_len: {self.max_model_len} exceeds the model's limit {limit} "
-                "(max_position_embeddings, or sliding_window, which is not implemented beyond full attention)"
-            )
-        if self.max_model_len < 2:
-            raise ValueError(f"max_model_len: {self.max_model_len} must be at least 2")
+        # NOTE: shared with engine/model_info.py (the router's model facts), so the two cannot drift.
+        self.max_model_len = mc.resolve_max_model_len(self.max_model_len)
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs: {self.max_num_seqs} must be >= 1")
         if self.max_num_batched_tokens < 1:
@@ -114,4 +103,4 @@ class EngineConfig:
     @property
     def hash_salt(self) -> str:
         """Salt of the prefix-cache block hashes: equal only for engines whose KV for equal tokens is equal."""
-        return f"{self.model_config.fingerprint()}:{self.dtype_name}:{self.cache_salt}"
+        return self.model_config.hash_salt(self.dtype_name, self.cache_salt)

@@ -120,7 +120,7 @@ class ModelConfig:
             raise ValueError("unsupported config field use_sliding_window=true; sliding-window attention is "
                              "not implemented")
         # NOTE: full attention equals sliding-window attention while every sequence is shorter than the window,
-        # so a Mistral window is accepted and EngineConfig caps max_model_len at it.
+        # so a Mistral window is accepted and `context_limit` caps max_model_len at it.
         window = raw.get("sliding_window")
         n_heads = int(raw["num_attention_heads"])
         hidden = int(raw["hidden_size"])
@@ -145,6 +145,36 @@ class ModelConfig:
             checkpoint_dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "float32"),
             extra={"sliding_window": window if arch == "MistralForCausalLM" else None},
         )
+
+    @property
+    def context_limit(self) -> int:
+        """The longest sequence this model serves: max_position_embeddings, capped at a (Mistral) sliding window.
+        NOTE: full attention equals windowed attention only for sequences shorter than the window."""
+        window = self.extra.get("sliding_window")
+        return self.max_position_embeddings if window is None else min(self.max_position_embeddings, int(window))
+
+    def resolve_max_model_len(self, requested: int | None) -> int:
+        """`requested` checked against the context limit; None: the limit itself."""
+        limit = self.context_limit
+        if requested is None:
+            requested = limit
+        elif requested > limit:
+            raise ValueError(
+                f"max_model_len: {requested} exceeds the model's limit {limit} "
+                "(max_position_embeddings, or sliding_window, which is not implemented beyond full attention)"
+            )
+        if requested < 2:
+            raise ValueError(f"max_model_len: {requested} must be at least 2")
+        return requested
+
+    def resolve_dtype(self, requested: str) -> torch.dtype:
+        """The compute dtype: the checkpoint's own for "auto", else `requested`."""
+        return parse_dtype(self.checkpoint_dtype if requested == "auto" else requested)
+
+    def hash_salt(self, dtype: str, cache_salt: str) -> str:
+        """Salt of the prefix-cache block hashes: equal only for engines whose KV for equal tokens is equal
+        (same model math, same dtype name, same user salt)."""
+        return f"{self.fingerprint()}:{dtype}:{cache_salt}"
 
     def fingerprint(self) -> str:
         """A stable digest of everything that determines the KV cache's contents for given tokens."""

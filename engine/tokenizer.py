@@ -1,4 +1,5 @@
-"""Tokenizer loading (tokenizer.json via the `tokenizers` library) and incremental detokenization."""
+"""Tokenizer loading (tokenizer.json via the `tokenizers` library), prompt encoding and incremental
+detokenization."""
 
 from __future__ import annotations
 
@@ -11,6 +12,16 @@ def load_tokenizer(model_dir: str) -> Tokenizer | None:
     """The checkpoint's tokenizer.json, or None for a token-ids-only model (e.g. dummy benchmark weights)."""
     path = Path(model_dir) / "tokenizer.json"
     return Tokenizer.from_file(str(path)) if path.is_file() else None
+
+
+def encode_prompt(tokenizer: Tokenizer | None, prompt: str | list[int]) -> list[int]:
+    """A prompt's token ids: text through the checkpoint's tokenizer (with its special tokens, e.g. BOS), ids
+    as they are. The engine and the router both call this, so a text prompt is the same ids on either side."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("this model has no tokenizer.json; pass prompt token ids instead of text")
+        return tokenizer.encode(prompt, add_special_tokens=True).ids
+    return list(prompt)
 
 
 class IncrementalDetokenizer:

@@ -33,8 +33,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import grpc
 
-    from pdserve.v1 import pdserve_pb2 as pb
-    from pdserve.v1 import pdserve_pb2_grpc as pb_grpc
+    from api.v1 import pdserve_pb2 as pb
+    from api.v1 import pdserve_pb2_grpc as pb_grpc
 
     request = pb.GenerateRequest(sampling=pb.SamplingParams(max_tokens=args.max_tokens))
     if args.prompt is not None:
@@ -58,7 +58,7 @@ def _generate(args: argparse.Namespace) -> int:
                     where = f"prefill {r.prefill_instance} -> decode {r.decode_instance}" if r.disaggregated \
                         else f"local on {r.decode_instance}"
                     print(f"\n[{response.finish_reason}; {response.usage.completion_tokens} tokens; {where}; "
-                          f"cached {r.cached_tokens}; transferred {r.transferred_blocks} blocks]")
+                          f"cached {r.cached_tokens}; transferred {r.transferred_blocks} blocks; {r.reason}]")
         except grpc.RpcError as e:
             print(f"\npdserve: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1

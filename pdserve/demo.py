@@ -12,11 +12,11 @@ from pathlib import Path
 
 import grpc
 
+from api.v1 import pdserve_pb2 as pb
+from api.v1 import pdserve_pb2_grpc as pb_grpc
 from pdserve.config import load_config
 from pdserve.dummy_model import write_dummy_model
 from pdserve.serve import serve
-from pdserve.v1 import pdserve_pb2 as pb
-from pdserve.v1 import pdserve_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 

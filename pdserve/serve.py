@@ -17,10 +17,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from engine.config import EngineConfig
+from api.v1 import pdserve_pb2, pdserve_pb2_grpc
+from engine.model_info import ModelInfo
+from engine.tokenizer import load_tokenizer
 from metastore import MetadataStore, RedisServer
 from pdserve.config import ServingConfig
-from pdserve.v1 import pdserve_pb2, pdserve_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -163,10 +164,11 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
     await server.start()  # health answers NOT_SERVING while the pools start
     try:
         await asyncio.to_thread(cluster.start_pools)
-        engine_config = EngineConfig(**engine_kwargs(cfg, 1) | {"device": "cpu", "load_format": "dummy",
-                                                                  "attention_backend": "auto"})
-        router.target = RouterService(engine_config, store, cfg.placement, cluster.ray_namespace,
-                                      cfg.server.max_inflight)
+        # The router's model facts, read from the model directory with the engines' settings (no weights).
+        info = ModelInfo.load(cfg.model, dtype=cfg.dtype, block_size=cfg.block_size,
+                              max_model_len=cfg.scheduler.max_model_len)
+        router.target = RouterService(info, load_tokenizer(info.model), store, cfg.placement,
+                                      cluster.ray_namespace, cfg.server.max_inflight)
         for name in ("", SERVICE):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         if on_ready is not None:

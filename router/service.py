@@ -1,5 +1,8 @@
 """The router's gRPC service: tokenize, place, run (prefill remotely or locally), stream.
 
+    router --prefill(request_id, prompt, SamplingParams)--> PrefillActor --> PrefillDone (instance/messages.py)
+    router --generate(request_id, prompt, SamplingParams, KVHandle | None)--> DecodeActor --> StreamDelta, ...
+
 Error mapping: INVALID_ARGUMENT for bad parameters or a prompt too long; RESOURCE_EXHAUSTED when a decode
 instance has no room; UNAVAILABLE when no healthy instance is registered or an instance died; DEADLINE_EXCEEDED
 when the client's deadline passes (the request is aborted on the workers); a cancelled call aborts the request
@@ -13,20 +16,21 @@ import logging
 import threading
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import asdict
 from typing import Any
 
 import grpc
 import ray
+from tokenizers import Tokenizer
 
+import api.v1.pdserve_pb2 as pb
+import api.v1.pdserve_pb2_grpc as pb_grpc
 from engine.block_hash import hash_blocks
-from engine.config import EngineConfig
+from engine.model_info import ModelInfo
 from engine.sampling_params import SamplingParams
-from engine.tokenizer import load_tokenizer
+from instance.messages import PrefillDone, StreamDelta
 from metastore import MetadataStore, PlacementPolicy
-from pdserve.v1 import pdserve_pb2 as pb
-from pdserve.v1 import pdserve_pb2_grpc as pb_grpc
 from router.placement import NoInstanceError, Placement, place
+from router.request import prompt_tokens, sampling_params, worker_error_status
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +38,14 @@ log = logging.getLogger(__name__)
 # waits, its outputs queue up, and it sends them merged (decode_worker/stream.py): a router that falls behind
 # then receives fewer, larger items instead of an ever longer backlog of one-token items.
 STREAM_AHEAD_ITEMS = 8
+ABORTED = StreamDelta(token_ids=[], text="", finished=True, finish_reason="abort")  # the final item of an abort
 
 
 class RouterService(pb_grpc.PDServeServicer):
-    def __init__(self, engine_config: EngineConfig, store: MetadataStore, policy: PlacementPolicy,
-                 ray_namespace: str, max_inflight: int = 256) -> None:
-        self.cfg = engine_config
-        self.mc = engine_config.model_config
-        self.tokenizer = load_tokenizer(engine_config.model)
+    def __init__(self, info: ModelInfo, tokenizer: Tokenizer | None, store: MetadataStore,
+                 policy: PlacementPolicy, ray_namespace: str, max_inflight: int = 256) -> None:
+        self.info = info
+        self.tokenizer = tokenizer  # None: the model has no tokenizer.json (token-id prompts only)
         self.store = store
         self.base_policy = policy
         self.ray_namespace = ray_namespace
@@ -59,48 +63,18 @@ class RouterService(pb_grpc.PDServeServicer):
             self._actors[instance_id] = ray.get_actor(instance_id, namespace=self.ray_namespace)
         return self._actors[instance_id]
 
-    def _tokens(self, request: pb.GenerateRequest) -> list[int]:
-        kind = request.WhichOneof("prompt")
-        if kind == "text":
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer: send token_ids instead of text")
-            return self.tokenizer.encode(request.text, add_special_tokens=True).ids
-        if kind == "token_ids":
-            return list(request.token_ids.ids)
-        raise ValueError("the request has neither text nor token_ids")
-
-    @staticmethod
-    def _params(sp: pb.SamplingParams) -> SamplingParams:
-        kwargs: dict[str, Any] = {}
-        for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos"):
-            if sp.HasField(name):
-                kwargs[name] = getattr(sp, name)
-        kwargs["stop"] = list(sp.stop)
-        kwargs["stop_token_ids"] = list(sp.stop_token_ids)
-        return SamplingParams(**kwargs)
-
-    def _validate(self, tokens: list[int]) -> None:
-        if not tokens:
-            raise ValueError("prompt is empty: at least one token is required")
-        bad = next((t for t in tokens if t >= self.mc.vocab_size), None)
-        if bad is not None:
-            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {self.mc.vocab_size})")
-        limit = self.cfg.max_model_len or 0
-        if len(tokens) >= limit:
-            raise ValueError(f"prompt has {len(tokens)} tokens but max_model_len is {limit}")
-
     def _place(self, rid: str, tokens: list[int]) -> Placement:
         """Decide and record (in `inflight` and `prefill_pending`) as one step under `_place_lock`: the requests
         of a burst are placed on worker threads at once, and each must count the ones placed before it."""
         decodes = self.store.live_instances("decode")
         prefills = self.store.live_instances("prefill")
-        hashes = hash_blocks(tokens, self.cfg.block_size, self.cfg.hash_salt)
+        bs, salt = self.info.block_size, self.info.hash_salt
+        hashes = hash_blocks(tokens, bs, salt)
         overlaps = self.store.prefix_overlap(hashes)
         loads = self.store.loads([i.instance_id for i in decodes + prefills])
         policy = self.store.policy(self.base_policy)
         # A prompt shorter than a block has no block hash: its tokens' hash serves as the affinity key.
-        key = hashes[0] if hashes else hash_blocks(tokens + [0] * self.cfg.block_size, self.cfg.block_size,
-                                                   self.cfg.hash_salt)[0]
+        key = hashes[0] if hashes else hash_blocks(tokens + [0] * bs, bs, salt)[0]
         with self._place_lock:
             inflight: dict[str, int] = {}
             for p in list(self.inflight.values()):  # NOTE: list() first: the event loop pops finished requests
@@ -117,6 +91,9 @@ class RouterService(pb_grpc.PDServeServicer):
                 self.inflight[rid] = placement
                 self.prefill_pending[rid] = (placement.prefill_instance or placement.decode_instance,
                                              placement.effective_prefill_tokens)
+        log.debug("request %s: decode on %s, prefill on %s, %d of %d tokens cached there: %s", rid,
+                  placement.decode_instance, placement.prefill_instance or "it", placement.cached_tokens,
+                  len(tokens), placement.reason)
         return placement
 
     async def _abort_everywhere(self, request_id: str, placement: Placement) -> None:
@@ -137,9 +114,8 @@ class RouterService(pb_grpc.PDServeServicer):
         if rid in self.inflight:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request id {rid!r} is already in flight")
         try:
-            tokens = self._tokens(request)
-            self._validate(tokens)
-            params = self._params(request.sampling)
+            tokens = prompt_tokens(request, self.tokenizer, self.info)
+            params = sampling_params(request.sampling)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         self.inflight[rid] = None  # NOTE: take the admission slot before any await, or a burst all gets in
@@ -154,7 +130,7 @@ class RouterService(pb_grpc.PDServeServicer):
         if rid in self.aborted_before_placement:  # an Abort came while the request was being placed
             self.aborted_before_placement.discard(rid)
             self._release(rid)
-            yield self._final(rid, [], "", "abort", len(tokens), 0, placement, 0, 0)
+            yield self._final(rid, ABORTED, len(tokens), 0, placement)
             return
         remaining = context.time_remaining()
         finished = False
@@ -167,11 +143,10 @@ class RouterService(pb_grpc.PDServeServicer):
             await self._abort_everywhere(rid, placement)
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded; the request was aborted")
         except ray.exceptions.RayTaskError as e:
-            cause = e.cause if hasattr(e, "cause") else None
-            if isinstance(cause, ValueError):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(cause))
-            if isinstance(cause, RuntimeError) and "no KV blocks" in str(cause):
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(cause))
+            cause = getattr(e, "cause", None)
+            status = worker_error_status(cause)
+            if status is not None:
+                await context.abort(*status)
             log.exception("request %s failed", rid)
             await context.abort(grpc.StatusCode.INTERNAL, f"worker error: {cause or e}")
         except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as e:
@@ -183,31 +158,27 @@ class RouterService(pb_grpc.PDServeServicer):
 
     async def _run(self, rid: str, tokens: list[int], params: SamplingParams,
                    placement: Placement) -> AsyncIterator[pb.GenerateResponse]:
-        wire = asdict(params)
         kv_handle = None
         if placement.prefill_instance is not None:
-            pre = await self._actor(placement.prefill_instance).prefill.remote(rid, tokens, wire)
+            done: PrefillDone = await self._actor(placement.prefill_instance).prefill.remote(rid, tokens, params)
             self.prefill_pending.pop(rid, None)
-            kv_handle = pre["kv_handle"]
-            if kv_handle is None:  # aborted on the prefill instance
-                yield self._final(rid, [], "", "abort", len(tokens), 0, placement, 0, 0)
+            if done.aborted:
+                yield self._final(rid, ABORTED, len(tokens), 0, placement)
                 return
+            kv_handle = done.kv_handle
         stream = self._actor(placement.decode_instance).generate.options(
             num_returns="streaming", _generator_backpressure_num_objects=STREAM_AHEAD_ITEMS).remote(
-            rid, tokens, wire, kv_handle)
-        transferred = (await (await stream.__anext__()))["transferred_blocks"]
+            rid, tokens, params, kv_handle)
         completion = 0
         async for ref in stream:
-            item = await ref
+            delta: StreamDelta = await ref
             if completion == 0:  # a local prefill: its first token is out
                 self.prefill_pending.pop(rid, None)
-            completion += len(item["token_ids"])
-            if item["finished"]:
-                # cached_tokens: what the decode instance really reused (the index the placement read may lag)
-                yield self._final(rid, item["token_ids"], item["text"], item["finish_reason"], len(tokens),
-                                  completion, placement, item["cached_tokens"], transferred)
+            completion += len(delta.token_ids)
+            if delta.finished:
+                yield self._final(rid, delta, len(tokens), completion, placement)
                 return
-            yield pb.GenerateResponse(request_id=rid, token_ids=item["token_ids"], text=item["text"])
+            yield pb.GenerateResponse(request_id=rid, token_ids=delta.token_ids, text=delta.text)
 
     def _release(self, rid: str) -> None:
         """The request is over (finished, failed, cancelled, refused): drop its slot and any pending prefill.
@@ -217,15 +188,18 @@ class RouterService(pb_grpc.PDServeServicer):
             self.prefill_pending.pop(rid, None)
 
     @staticmethod
-    def _final(rid: str, token_ids: list[int], text: str, reason: str, prompt_tokens: int, completion: int,
-               placement: Placement, cached: int, transferred: int) -> pb.GenerateResponse:
+    def _final(rid: str, last: StreamDelta, prompt_tokens: int, completion: int,
+               placement: Placement) -> pb.GenerateResponse:
+        """The request's last message: its last tokens, usage, and where and why it ran."""
         return pb.GenerateResponse(
-            request_id=rid, token_ids=token_ids, text=text, finished=True, finish_reason=reason,
+            request_id=rid, token_ids=last.token_ids, text=last.text, finished=True,
+            finish_reason=last.finish_reason or "",
             usage=pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion),
+            # cached_tokens: what the decode instance really reused (the index the placement read may lag)
             routing=pb.Routing(prefill_instance=placement.prefill_instance or "",
                                decode_instance=placement.decode_instance,
-                               disaggregated=placement.disaggregated, cached_tokens=cached,
-                               transferred_blocks=transferred))
+                               disaggregated=placement.disaggregated, cached_tokens=last.cached_tokens,
+                               transferred_blocks=last.transferred_blocks, reason=placement.reason))
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         found = request.request_id in self.inflight
@@ -238,9 +212,9 @@ class RouterService(pb_grpc.PDServeServicer):
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        return pb.ModelInfo(model=self.cfg.model, vocab_size=self.mc.vocab_size,
-                            max_model_len=self.cfg.max_model_len or 0, block_size=self.cfg.block_size,
-                            dtype=self.cfg.dtype_name, eos_token_ids=list(self.mc.eos_token_ids))
+        info = self.info
+        return pb.ModelInfo(model=info.model, vocab_size=info.vocab_size, max_model_len=info.max_model_len,
+                            block_size=info.block_size, dtype=info.dtype, eos_token_ids=list(info.eos_token_ids))
 
     async def GetLoads(self, request: pb.GetLoadsRequest,
                        context: grpc.aio.ServicerContext) -> pb.GetLoadsResponse:

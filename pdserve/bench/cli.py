@@ -8,9 +8,9 @@ from pathlib import Path
 
 import grpc
 
+from api.v1 import pdserve_pb2 as pb
+from api.v1 import pdserve_pb2_grpc as pb_grpc
 from pdserve.bench import report, runner, workload
-from pdserve.v1 import pdserve_pb2 as pb
-from pdserve.v1 import pdserve_pb2_grpc as pb_grpc
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from api.v1 import pdserve_pb2 as pb
+from api.v1 import pdserve_pb2_grpc as pb_grpc
 from pdserve.bench.workload import BenchRequest
-from pdserve.v1 import pdserve_pb2 as pb
-from pdserve.v1 import pdserve_pb2_grpc as pb_grpc
 
 
 @dataclass

@@ -19,8 +19,8 @@ import grpc
 import pytest
 import yaml
 
-from pdserve.v1 import pdserve_pb2 as pb
-from pdserve.v1 import pdserve_pb2_grpc as pb_grpc
+from api.v1 import pdserve_pb2 as pb
+from api.v1 import pdserve_pb2_grpc as pb_grpc
 from tests.model_factory import hf_greedy, random_prompts
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

@@ -16,9 +16,9 @@ from typing import Any
 import grpc
 import yaml
 
+from api.v1 import pdserve_pb2 as pb
+from api.v1 import pdserve_pb2_grpc as pb_grpc
 from metastore import MetadataStore, RedisServer
-from pdserve.v1 import pdserve_pb2 as pb
-from pdserve.v1 import pdserve_pb2_grpc as pb_grpc
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from pdserve.v1 import pdserve_pb2 as pdserve_dot_v1_dot_pdserve__pb2
+from api.v1 import pdserve_pb2 as api_dot_v1_dot_pdserve__pb2
 
 GRPC_GENERATED_VERSION = '1.66.2'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + f' but the generated code in pdserve/v1/pdserve_pb2_grpc.py depends on'
+        + f' but the generated code in api/v1/pdserve_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -39,23 +39,23 @@ class PDServeStub(object):
         """
         self.Generate = channel.unary_stream(
                 '/pdserve.v1.PDServe/Generate',
-                request_serializer=pdserve_dot_v1_dot_pdserve__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=pdserve_dot_v1_dot_pdserve__pb2.GenerateResponse.FromString,
+                request_serializer=api_dot_v1_dot_pdserve__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=api_dot_v1_dot_pdserve__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/pdserve.v1.PDServe/Abort',
-                request_serializer=pdserve_dot_v1_dot_pdserve__pb2.AbortRequest.SerializeToString,
-                response_deserializer=pdserve_dot_v1_dot_pdserve__pb2.AbortResponse.FromString,
+                request_serializer=api_dot_v1_dot_pdserve__pb2.AbortRequest.SerializeToString,
+                response_deserializer=api_dot_v1_dot_pdserve__pb2.AbortResponse.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/pdserve.v1.PDServe/GetModelInfo',
-                request_serializer=pdserve_dot_v1_dot_pdserve__pb2.GetModelInfoRequest.SerializeToString,
-                response_deserializer=pdserve_dot_v1_dot_pdserve__pb2.ModelInfo.FromString,
+                request_serializer=api_dot_v1_dot_pdserve__pb2.GetModelInfoRequest.SerializeToString,
+                response_deserializer=api_dot_v1_dot_pdserve__pb2.ModelInfo.FromString,
                 _registered_method=True)
         self.GetLoads = channel.unary_unary(
                 '/pdserve.v1.PDServe/GetLoads',
-                request_serializer=pdserve_dot_v1_dot_pdserve__pb2.GetLoadsRequest.SerializeToString,
-                response_deserializer=pdserve_dot_v1_dot_pdserve__pb2.GetLoadsResponse.FromString,
+                request_serializer=api_dot_v1_dot_pdserve__pb2.GetLoadsRequest.SerializeToString,
+                response_deserializer=api_dot_v1_dot_pdserve__pb2.GetLoadsResponse.FromString,
                 _registered_method=True)
 
 
@@ -97,23 +97,23 @@ def add_PDServeServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=pdserve_dot_v1_dot_pdserve__pb2.GenerateRequest.FromString,
-                    response_serializer=pdserve_dot_v1_dot_pdserve__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=api_dot_v1_dot_pdserve__pb2.GenerateRequest.FromString,
+                    response_serializer=api_dot_v1_dot_pdserve__pb2.GenerateResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
-                    request_deserializer=pdserve_dot_v1_dot_pdserve__pb2.AbortRequest.FromString,
-                    response_serializer=pdserve_dot_v1_dot_pdserve__pb2.AbortResponse.SerializeToString,
+                    request_deserializer=api_dot_v1_dot_pdserve__pb2.AbortRequest.FromString,
+                    response_serializer=api_dot_v1_dot_pdserve__pb2.AbortResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
-                    request_deserializer=pdserve_dot_v1_dot_pdserve__pb2.GetModelInfoRequest.FromString,
-                    response_serializer=pdserve_dot_v1_dot_pdserve__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=api_dot_v1_dot_pdserve__pb2.GetModelInfoRequest.FromString,
+                    response_serializer=api_dot_v1_dot_pdserve__pb2.ModelInfo.SerializeToString,
             ),
             'GetLoads': grpc.unary_unary_rpc_method_handler(
                     servicer.GetLoads,
-                    request_deserializer=pdserve_dot_v1_dot_pdserve__pb2.GetLoadsRequest.FromString,
-                    response_serializer=pdserve_dot_v1_dot_pdserve__pb2.GetLoadsResponse.SerializeToString,
+                    request_deserializer=api_dot_v1_dot_pdserve__pb2.GetLoadsRequest.FromString,
+                    response_serializer=api_dot_v1_dot_pdserve__pb2.GetLoadsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -144,8 +144,8 @@ class PDServe(object):
             request,
             target,
             '/pdserve.v1.PDServe/Generate',
-            pdserve_dot_v1_dot_pdserve__pb2.GenerateRequest.SerializeToString,
-            pdserve_dot_v1_dot_pdserve__pb2.GenerateResponse.FromString,
+            api_dot_v1_dot_pdserve__pb2.GenerateRequest.SerializeToString,
+            api_dot_v1_dot_pdserve__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -171,8 +171,8 @@ class PDServe(object):
             request,
             target,
             '/pdserve.v1.PDServe/Abort',
-            pdserve_dot_v1_dot_pdserve__pb2.AbortRequest.SerializeToString,
-            pdserve_dot_v1_dot_pdserve__pb2.AbortResponse.FromString,
+            api_dot_v1_dot_pdserve__pb2.AbortRequest.SerializeToString,
+            api_dot_v1_dot_pdserve__pb2.AbortResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -198,8 +198,8 @@ class PDServe(object):
             request,
             target,
             '/pdserve.v1.PDServe/GetModelInfo',
-            pdserve_dot_v1_dot_pdserve__pb2.GetModelInfoRequest.SerializeToString,
-            pdserve_dot_v1_dot_pdserve__pb2.ModelInfo.FromString,
+            api_dot_v1_dot_pdserve__pb2.GetModelInfoRequest.SerializeToString,
+            api_dot_v1_dot_pdserve__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -225,8 +225,8 @@ class PDServe(object):
             request,
             target,
             '/pdserve.v1.PDServe/GetLoads',
-            pdserve_dot_v1_dot_pdserve__pb2.GetLoadsRequest.SerializeToString,
-            pdserve_dot_v1_dot_pdserve__pb2.GetLoadsResponse.FromString,
+            api_dot_v1_dot_pdserve__pb2.GetLoadsRequest.SerializeToString,
+            api_dot_v1_dot_pdserve__pb2.GetLoadsResponse.FromString,
             options,
             channel_credentials,
             insecure,

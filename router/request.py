@@ -1,0 +1,47 @@
+"""From the wire to typed values: a GenerateRequest becomes validated prompt ids and SamplingParams, and a
+worker's error becomes a gRPC status. Pure functions, no Ray, no I/O: the service calls them per request."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from tokenizers import Tokenizer
+
+import api.v1.pdserve_pb2 as pb
+from engine.errors import NoKVSpaceError
+from engine.model_info import ModelInfo
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import encode_prompt
+
+# SamplingParams fields that are `optional` in the proto: unset takes SamplingParams' default, not zero.
+_OPTIONAL_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos")
+
+
+def prompt_tokens(request: pb.GenerateRequest, tokenizer: Tokenizer | None, info: ModelInfo) -> list[int]:
+    """The prompt's token ids, validated as the engine validates them (ValueError: INVALID_ARGUMENT)."""
+    kind = request.WhichOneof("prompt")
+    if kind == "text":
+        tokens = encode_prompt(tokenizer, request.text)
+    elif kind == "token_ids":
+        tokens = encode_prompt(tokenizer, list(request.token_ids.ids))
+    else:
+        raise ValueError("the request has neither text nor token_ids")
+    info.validate_prompt(tokens)
+    return tokens
+
+
+def sampling_params(sp: pb.SamplingParams) -> SamplingParams:
+    """Built once here; the actors receive this object as it is (ValueError names a bad field)."""
+    kwargs: dict[str, Any] = {name: getattr(sp, name) for name in _OPTIONAL_FIELDS if sp.HasField(name)}
+    return SamplingParams(**kwargs, stop=list(sp.stop), stop_token_ids=list(sp.stop_token_ids))
+
+
+def worker_error_status(cause: BaseException | None) -> tuple[grpc.StatusCode, str] | None:
+    """The status for a worker's error that is the client's to fix or retry; None: an internal error.
+    `cause` is RayTaskError.cause, which keeps the type the actor raised."""
+    if isinstance(cause, ValueError):  # the engine refused the request's input
+        return grpc.StatusCode.INVALID_ARGUMENT, str(cause)
+    if isinstance(cause, NoKVSpaceError):  # the decode instance's KV cache is full right now
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(cause)
+    return None

@@ -1,0 +1,202 @@
+"""RouterService without Ray or Redis: fake actors speak the typed contract (instance/messages.py), a fake
+store answers placement's reads. Checks what reaches the client: tokens, usage, routing (with the placement's
+reason), and the status a worker's typed error becomes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+import ray
+
+import api.v1.pdserve_pb2 as pb
+from engine.errors import NoKVSpaceError
+from engine.model_info import ModelInfo
+from engine.sampling_params import SamplingParams
+from instance.messages import PrefillDone, StreamDelta
+from metastore import InstanceInfo, Load, PlacementPolicy
+from router.placement import Placement
+from router.service import RouterService
+
+INFO = ModelInfo(model="/m", vocab_size=512, max_model_len=256, block_size=16, hash_salt="s",
+                 eos_token_ids=(2,), dtype="float32")
+POLICY = PlacementPolicy(max_local_prefill_tokens=64, prefill_queue_threshold=4)
+HANDLE = object()  # stands for a KVHandle: the router passes it on untouched
+
+
+def inst(i: str, role: str) -> InstanceInfo:
+    return InstanceInfo(instance_id=i, role=role, address=i, tp_size=1, block_size=16, num_blocks=100,
+                        max_num_seqs=8)
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self.instances = [inst("d0", "decode"), inst("p0", "prefill")]
+
+    def live_instances(self, role: str | None = None) -> list[InstanceInfo]:
+        return [i for i in self.instances if role in (None, i.role)]
+
+    def prefix_overlap(self, block_hashes: list[int]) -> dict[str, int]:
+        return {}
+
+    def loads(self, instance_ids: list[str]) -> dict[str, Load]:
+        return {i: Load() for i in instance_ids}
+
+    def policy(self, base: PlacementPolicy | None = None) -> PlacementPolicy:
+        assert base is not None
+        return base
+
+
+class Method:
+    """An actor method: .remote(...) returns an awaitable (here a coroutine, in Ray an ObjectRef)."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.calls: list[tuple[Any, ...]] = []
+
+    def options(self, **kwargs: Any) -> Method:
+        return self
+
+    def remote(self, *args: Any) -> Any:
+        self.calls.append(args)
+        return self.fn(*args)
+
+
+async def ready(value: Any) -> Any:
+    if isinstance(value, BaseException):
+        raise value
+    return value
+
+
+async def stream(items: list[Any]) -> AsyncIterator[Awaitable[Any]]:
+    for item in items:
+        yield ready(item)
+
+
+class FakeActor:
+    def __init__(self, done: PrefillDone | None = None, deltas: list[Any] | None = None) -> None:
+        self.prefill = Method(lambda rid, prompt, params: ready(done))
+        self.generate = Method(lambda rid, prompt, params, kv_handle: stream(deltas or []))
+        self.abort = Method(lambda rid: ready(None))
+
+
+class Aborted(Exception):
+    pass
+
+
+class FakeContext:
+    status: tuple[grpc.StatusCode, str] | None = None
+
+    def time_remaining(self) -> float:
+        return 30.0
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.status = (code, details)
+        raise Aborted
+
+
+def service(actors: dict[str, FakeActor]) -> RouterService:
+    svc = RouterService(INFO, None, FakeStore(), POLICY, "ns")  # type: ignore[arg-type]
+    svc._actors.update(actors)
+    return svc
+
+
+def generate(svc: RouterService, prompt: list[int], ctx: FakeContext | None = None,
+             **sampling: Any) -> list[pb.GenerateResponse]:
+    request = pb.GenerateRequest(request_id="r1", token_ids=pb.TokenIds(ids=prompt),
+                                 sampling=pb.SamplingParams(**sampling))
+
+    async def collect() -> list[pb.GenerateResponse]:
+        return [r async for r in svc.Generate(request, ctx or FakeContext())]  # type: ignore[arg-type]
+
+    return asyncio.run(collect())
+
+
+def test_final_message_carries_the_placement_reason() -> None:
+    placement = Placement("d0", "p0", cached_tokens=16, effective_prefill_tokens=84, reason="remote: because")
+    last = StreamDelta(token_ids=[7], text="x", finished=True, finish_reason="length", cached_tokens=32,
+                       transferred_blocks=5)
+    msg = RouterService._final("r1", last, prompt_tokens=100, completion=3, placement=placement)
+    assert msg.finished and msg.finish_reason == "length" and list(msg.token_ids) == [7]
+    assert (msg.usage.prompt_tokens, msg.usage.completion_tokens) == (100, 3)
+    r = msg.routing
+    assert (r.prefill_instance, r.decode_instance, r.disaggregated) == ("p0", "d0", True)
+    assert (r.cached_tokens, r.transferred_blocks, r.reason) == (32, 5, "remote: because")
+
+
+def test_remote_prefill_passes_typed_values_and_reports_why(caplog: pytest.LogCaptureFixture) -> None:
+    prefill = FakeActor(done=PrefillDone("r1", first_token=9, finish_reason=None, cached_tokens=0,
+                                         kv_handle=HANDLE))  # type: ignore[arg-type]
+    decode = FakeActor(deltas=[StreamDelta([9, 10], "ab", finished=False),
+                               StreamDelta([11], "c", finished=True, finish_reason="length",
+                                           transferred_blocks=6)])
+    svc = service({"p0": prefill, "d0": decode})
+    with caplog.at_level(logging.DEBUG, logger="router.service"):
+        out = generate(svc, list(range(3, 103)), max_tokens=3, temperature=0.0)
+    assert [list(m.token_ids) for m in out] == [[9, 10], [11]] and out[-1].usage.completion_tokens == 3
+    assert out[-1].routing.disaggregated and out[-1].routing.transferred_blocks == 6
+    assert out[-1].routing.reason.startswith("remote: 100 uncached tokens")
+    assert any("remote: 100 uncached tokens" in r.getMessage() for r in caplog.records)
+    (rid, prompt, params), = prefill.prefill.calls
+    assert rid == "r1" and prompt == list(range(3, 103))
+    assert isinstance(params, SamplingParams) and (params.max_tokens, params.temperature) == (3, 0.0)
+    assert params.top_p == 1.0  # unset on the wire: SamplingParams' default
+    (_, _, decode_params, kv_handle), = decode.generate.calls
+    assert decode_params is params and kv_handle is HANDLE
+    assert not svc.inflight and not svc.prefill_pending and not decode.abort.calls
+
+
+def test_aborted_prefill_ends_the_request_with_reason() -> None:
+    prefill = FakeActor(done=PrefillDone("r1", None, None, 0, kv_handle=None))
+    decode = FakeActor()
+    out = generate(service({"p0": prefill, "d0": decode}), list(range(3, 103)))
+    assert len(out) == 1 and out[0].finish_reason == "abort" and out[0].routing.reason.startswith("remote")
+    assert not decode.generate.calls
+
+
+def test_short_prompt_runs_locally() -> None:
+    decode = FakeActor(deltas=[StreamDelta([5], "", finished=True, finish_reason="stop", cached_tokens=16)])
+    out = generate(service({"d0": decode}), list(range(3, 23)))
+    assert not out[-1].routing.disaggregated and out[-1].routing.cached_tokens == 16
+    assert out[-1].routing.reason.startswith("local: 20 uncached tokens")
+    (_, _, _, kv_handle), = decode.generate.calls
+    assert kv_handle is None
+
+
+@pytest.mark.parametrize(("cause", "code"), [
+    (NoKVSpaceError("no KV blocks for 100 tokens"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ValueError("stop strings need a tokenizer.json"), grpc.StatusCode.INVALID_ARGUMENT),
+    (RuntimeError("no KV blocks, but not the typed error"), grpc.StatusCode.INTERNAL),
+])
+def test_worker_errors_map_by_type(cause: Exception, code: grpc.StatusCode) -> None:
+    decode = FakeActor(deltas=[ray.exceptions.RayTaskError("generate", "traceback", cause)])
+    ctx = FakeContext()
+    with pytest.raises(Aborted):
+        generate(service({"d0": decode}), list(range(3, 23)), ctx)
+    assert ctx.status is not None and ctx.status[0] == code and str(cause) in ctx.status[1]
+    assert decode.abort.calls == [("r1",)]  # not finished: the worker frees the request's blocks
+
+
+@pytest.mark.parametrize(("prompt", "message"), [
+    ([], "prompt is empty"),
+    ([5, 512], "outside the vocabulary"),
+    (list(range(256)), "max_model_len is 256"),
+])
+def test_bad_prompt_is_refused_before_placement(prompt: list[int], message: str) -> None:
+    decode = FakeActor()
+    ctx = FakeContext()
+    with pytest.raises(Aborted):
+        generate(service({"d0": decode}), prompt, ctx)
+    assert ctx.status is not None and ctx.status[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in ctx.status[1] and not decode.generate.calls
+
+
+def test_model_info_answers_from_model_info() -> None:
+    reply = asyncio.run(service({}).GetModelInfo(pb.GetModelInfoRequest(), None))  # type: ignore[arg-type]
+    assert (reply.model, reply.vocab_size, reply.max_model_len, reply.block_size, reply.dtype) == \
+        ("/m", 512, 256, 16, "float32")
+    assert list(reply.eos_token_ids) == [2]
