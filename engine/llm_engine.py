@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from engine.async_stepper import AsyncStepper
-from engine.block_pool import BlockPoolStats, KVEvent
+from engine.block_pool import KVEvent
 from engine.config import EngineConfig
+from engine.engine_stats import EngineLoad, EngineStats
 from engine.executor import Executor
 from engine.kv_cache_manager import KVCacheManager
 from engine.kv_connector import KVConnectorSpec
 from engine.metrics import EngineMetrics
+from engine.model_info import ModelInfo
 from engine.outputs import RequestOutput
 from engine.remote_kv import RemoteKV
 from engine.request import Request, RequestStatus
@@ -36,34 +37,13 @@ from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.stepper import SyncStepper
-from engine.tokenizer import IncrementalDetokenizer, load_tokenizer
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    num_waiting: int
-    num_running: int
-    kv: BlockPoolStats
-    kv_usage: float
-    prefix_cache_queries: int  # prompt tokens looked up
-    prefix_cache_hits: int  # of those, tokens served from cache
-    num_preemptions: int
-    num_held: int  # finished requests whose blocks wait for a reader (prefill role)
-
-
-@dataclass(frozen=True)
-class EngineLoad:
-    """O(1) figures for heartbeats (stats() walks the free queue)."""
-
-    waiting: int
-    running: int
-    kv_usage: float
-    queued_prefill_tokens: int  # tokens of waiting requests still to compute
+from engine.tokenizer import IncrementalDetokenizer, encode_prompt, load_tokenizer
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, kv_connector: KVConnectorSpec | None = None) -> None:
         self.config = config
+        self.info = ModelInfo.from_config(config)
         self.tokenizer = load_tokenizer(config.model)
         self.executor = Executor(config)
         self.kv = KVCacheManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching,
@@ -89,27 +69,12 @@ class LLMEngine:
 
     # ---- requests ------------------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer.json; pass prompt token ids instead of text")
-            return self.tokenizer.encode(prompt, add_special_tokens=True).ids
-        return list(prompt)
+        return encode_prompt(self.tokenizer, prompt)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError with a clear message for input the engine cannot serve."""
         params.validate()
-        vocab = self.config.model_config.vocab_size
-        max_len = self.config.max_model_len or 0
-        if not prompt_ids:
-            raise ValueError("prompt is empty: at least one token is required")
-        bad = [t for t in prompt_ids if not 0 <= int(t) < vocab]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        if len(prompt_ids) >= max_len:
-            raise ValueError(
-                f"prompt has {len(prompt_ids)} tokens but max_model_len is {max_len}: at most {max_len - 1} "
-                "prompt tokens fit, leaving room for one generated token"
-            )
+        self.info.validate_prompt(prompt_ids)  # NOTE: the same check the router makes before placing
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer.json in the model directory")
 
@@ -123,7 +88,7 @@ class LLMEngine:
         prompt_ids = self.encode(prompt)
         self.validate(prompt_ids, params)
         request = Request(request_id, [int(t) for t in prompt_ids], params, next(self._arrival),
-                          self.config.model_config.eos_token_ids, self.config.max_model_len or 0)
+                          self.info.eos_token_ids, self.info.max_model_len)
         if kv_source is None:
             self.scheduler.add(request)
             loading = 0
@@ -188,17 +153,10 @@ class LLMEngine:
         return output
 
     def _output(self, request: Request, new: list[int]) -> RequestOutput:
-        return RequestOutput(
-            request_id=request.request_id,
-            prompt_token_ids=request.prompt_token_ids,
-            token_ids=request.output_token_ids,
-            new_token_ids=new,
-            text=self.detok[request.request_id].text,
-            finished=request.finished,
-            finish_reason=request.status.value if request.finished else None,
-            stop_reason=request.stop_reason,
-            num_cached_tokens=request.num_cached_tokens,
-        )
+        return RequestOutput(request.request_id, request.prompt_token_ids, request.output_token_ids, new,
+                             text=self.detok[request.request_id].text, finished=request.finished,
+                             finish_reason=request.status.value if request.finished else None,
+                             stop_reason=request.stop_reason, num_cached_tokens=request.num_cached_tokens)
 
     def _finish_output(self, request: Request, new: list[int] | None = None) -> RequestOutput:
         output = self._output(request, new or [])

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from engine.config import EngineConfig
-from engine.llm_engine import EngineStats, LLMEngine
+from engine.engine_stats import EngineStats
+from engine.llm_engine import LLMEngine
 from engine.metrics import MetricsSnapshot
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
