@@ -5,7 +5,6 @@ everything it started on SIGINT/SIGTERM."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import signal
@@ -18,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from api.v1 import pdserve_pb2, pdserve_pb2_grpc
+from engine.config import EngineConfig
 from engine.model_info import ModelInfo
 from engine.tokenizer import load_tokenizer
 from metastore import MetadataStore, RedisServer
@@ -75,7 +75,6 @@ class Cluster:
         from prefill_worker.actor import PrefillActor
 
         cfg, url = self.cfg, self.redis_url
-        transfer = {k: v for k, v in dataclasses.asdict(cfg.kv_transfer).items()}
         gpu = cfg.device == "cuda" or (cfg.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
         for role, pool, cls in (("prefill", cfg.pools.prefill, PrefillActor), ("decode", cfg.pools.decode,
                                                                                   DecodeActor)):
@@ -86,7 +85,7 @@ class Cluster:
                 # reserves every rank's GPU (num_gpus=tp) and they land on one node.
                 actor_cls = ray.remote(cls).options(name=iid, namespace=self.ray_namespace, num_cpus=0,
                                                     num_gpus=tp if gpu else 0, max_concurrency=1000)
-                self.actors.append(actor_cls.remote(iid, engine_kwargs(cfg, tp), transfer, url,
+                self.actors.append(actor_cls.remote(iid, EngineConfig(**engine_kwargs(cfg, tp)), cfg.kv_transfer, url,
                                                     cfg.metastore.namespace, cfg.metastore.lease_s))
         ray.get([a.ready.remote() for a in self.actors])
 

@@ -129,8 +129,7 @@ def test_final_message_carries_the_placement_reason() -> None:
 
 
 def test_remote_prefill_passes_typed_values_and_reports_why(caplog: pytest.LogCaptureFixture) -> None:
-    prefill = FakeActor(done=PrefillDone("r1", first_token=9, finish_reason=None, cached_tokens=0,
-                                         kv_handle=HANDLE))  # type: ignore[arg-type]
+    prefill = FakeActor(done=PrefillDone(kv_handle=HANDLE))  # type: ignore[arg-type]
     decode = FakeActor(deltas=[StreamDelta([9, 10], "ab", finished=False),
                                StreamDelta([11], "c", finished=True, finish_reason="length",
                                            transferred_blocks=6)])
@@ -151,7 +150,7 @@ def test_remote_prefill_passes_typed_values_and_reports_why(caplog: pytest.LogCa
 
 
 def test_aborted_prefill_ends_the_request_with_reason() -> None:
-    prefill = FakeActor(done=PrefillDone("r1", None, None, 0, kv_handle=None))
+    prefill = FakeActor(done=PrefillDone(kv_handle=None))
     decode = FakeActor()
     out = generate(service({"p0": prefill, "d0": decode}), list(range(3, 103)))
     assert len(out) == 1 and out[0].finish_reason == "abort" and out[0].routing.reason.startswith("remote")
