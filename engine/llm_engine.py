@@ -51,6 +51,7 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
+        config = config.resolved()
         self.config = config
         self.tokenizer = load_tokenizer(config.model)
         self.executor = Executor(config)

@@ -84,6 +84,8 @@ class ModelRunner:
     same StepInput; only the driver's logits are used."""
 
     def __init__(self, config: EngineConfig) -> None:
+        if not config.is_resolved:
+            raise ValueError("ModelRunner needs a config resolved for this machine (EngineConfig.resolved())")
         self.config = config
         mc = config.model_config
         self.device = torch.device(config.device, torch.cuda.current_device()) if config.device == "cuda" \
