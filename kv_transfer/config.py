@@ -1,4 +1,4 @@
-"""KV-transfer settings: timeouts, the prefill-side lease, and the UCX/NIXL knobs."""
+"""KV-transfer settings: timeouts, the prefill side's lease on held KV blocks, and the UCX/NIXL knobs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 @dataclass
 class TransferConfig:
     transfer_timeout_s: float = 10.0  # a read not done by then fails with TransferTimeoutError
-    lease_s: float = 30.0  # prefill side frees held blocks if no reader releases them by then
+    held_kv_lease_s: float = 30.0  # prefill side frees held blocks if no reader releases them by then
     ack_timeout_s: float = 5.0  # reader waits this long for the holder to confirm it still held the blocks
     ucx_tls: str | None = None  # UCX_TLS, e.g. "rc,cuda_ipc,cuda_copy" or "shm,self"; None = UCX decides
     ucx_net_devices: str | None = None  # UCX_NET_DEVICES, e.g. "mlx5_0:1"
@@ -23,8 +23,8 @@ class TransferConfig:
     def __post_init__(self) -> None:
         if self.transfer_timeout_s <= 0:
             raise ValueError(f"transfer_timeout_s: {self.transfer_timeout_s} must be > 0")
-        if self.lease_s <= 0:
-            raise ValueError(f"lease_s: {self.lease_s} must be > 0")
+        if self.held_kv_lease_s <= 0:
+            raise ValueError(f"held_kv_lease_s: {self.held_kv_lease_s} must be > 0")
         if self.parallel_handles is not None and self.parallel_handles < 1:
             raise ValueError(f"parallel_handles: {self.parallel_handles} must be >= 1")
         if self.max_descriptor_bytes <= 0:

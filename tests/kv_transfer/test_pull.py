@@ -133,7 +133,7 @@ def test_heterogeneous_tp(models: dict[str, pathlib.Path], prefill_factory, cons
 def test_lease_expiry_frees_blocks_and_a_late_reader_falls_back(models: dict[str, pathlib.Path],
                                                                 prefill_factory, consumer_factory) -> None:
     model = models["llama"]
-    prefill = prefill_factory(model, cfg_kwargs={"lease_s": 0.5})
+    prefill = prefill_factory(model, cfg_kwargs={"held_kv_lease_s": 0.5})
     consumer = consumer_factory(model)
     prompt = random_prompts(1, [90], 512, seed=130)[0]
     handle = KVHandle.from_json(prefill.call("prefill", "late", prompt, NEW))
