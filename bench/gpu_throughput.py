@@ -85,7 +85,7 @@ def engine_decode(engine: LLMEngine, b: int, prompt_len: int, steps: int, seed: 
         engine.step()
     for _ in range(3):  # warm
         engine.step()
-    engine.timing.update(steps=0, host_s=0.0, total_s=0.0)
+    before = engine.metrics.snapshot()
     graphs = engine.executor.runner.graphs
     replays, replay_s = (graphs.replays, graphs.replay_host_s) if graphs else (0, 0.0)
     ctx = [r.num_tokens for r in engine.requests.values()]
@@ -97,10 +97,11 @@ def engine_decode(engine: LLMEngine, b: int, prompt_len: int, steps: int, seed: 
     for rid in list(engine.requests):
         engine.abort_request(rid)
     engine.step()
-    t = engine.timing
+    after = engine.metrics.snapshot()
+    host_s, steps_timed = after.host_s - before.host_s, after.steps - before.steps
     launch_us = 1e6 * (graphs.replay_host_s - replay_s) / max(1, graphs.replays - replays) if graphs else 0.0
     return {"graph_launch_us": launch_us, "tok_s": b * steps / elapsed, "step_ms": 1e3 * elapsed / steps,
-            "host_us_per_step": 1e6 * t["host_s"] / max(1, t["steps"]),
+            "host_us_per_step": 1e6 * host_s / max(1, steps_timed),
             "mean_context": statistics.mean(ctx) + steps / 2}
 
 
@@ -117,7 +118,7 @@ def engine_prefill(engine: LLMEngine, length: int, repeats: int) -> float:
             done = any(o.request_id == f"p{i}" and o.finished for o in engine.step())
             steps += 1
         times.append(time.perf_counter() - start)
-        assert engine.timing["steps"] and steps <= 2, "the prompt did not fit in one step"
+        assert engine.metrics.snapshot().steps and steps <= 2, "the prompt did not fit in one step"
     return statistics.median(times[1:])
 
 
@@ -187,7 +188,7 @@ def main() -> None:
             weight_bytes += params["embed_tokens.weight"].numel() * 2
         kv_per_token = mc.num_hidden_layers * 2 * mc.num_key_value_heads * mc.head_dim * 2
         res.update(attention_backend=runner.attn.name, cuda_graphs=runner.graphs is not None,
-                   async_scheduling=cfg.async_scheduling, pdl=pdl.enabled(), weight_GB=weight_bytes / 1e9,
+                   async_scheduling=engine.config.async_scheduling, pdl=pdl.enabled(), weight_GB=weight_bytes / 1e9,
                    skinny_gemm=[{**asdict(c), "of_copy_bw": c.gbps / res["copy_GBps"]} for c in skinny_gemm.choices])
         res["decode"] = {}
         for b in args.batches:
@@ -209,6 +210,7 @@ def main() -> None:
         print(f"prefill: {json.dumps(res['prefill'])}", flush=True)
         if args.profile:
             profile(engine, args.profile, args.prefill_len, max(args.batches))
+        res["counters"] = engine.metrics.snapshot().counters  # fallbacks (PDL, fused ops, CUDA graphs ...)
         engine.shutdown()
     report(res, args.json)
 

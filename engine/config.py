@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from engine.attention import BACKEND_NAMES
 from engine.model_config import ModelConfig, dtype_name
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -40,24 +43,24 @@ class EngineConfig:
     torch_dtype: torch.dtype = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        """Machine-independent checks only (the serving YAML is validated by building this on the router's
+        machine, which may have no GPU): what this machine has is checked by `resolved()`."""
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype: {self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format: {self.load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device: {self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.attention_backend not in (*BACKEND_NAMES, "auto"):
+            raise ValueError(f"attention_backend: {self.attention_backend!r} is not one of auto, "
+                             f"{', '.join(BACKEND_NAMES)}")
         if not Path(self.model).is_dir():
             raise ValueError(f"model: {self.model!r} is not a directory with a config.json")
         self.model_config = ModelConfig.from_dir(self.model)
         mc = self.model_config
         self.torch_dtype = mc.resolve_dtype(self.dtype)
-        if self.load_format not in LOAD_FORMATS:
-            raise ValueError(f"load_format: {self.load_format!r} is not one of {LOAD_FORMATS}")
-        if self.device == "auto":
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"device: {self.device!r} is not one of 'cpu', 'cuda', 'auto'")
-        if self.device == "cuda" and self.tensor_parallel_size > torch.cuda.device_count():
-            raise ValueError(f"tensor_parallel_size: {self.tensor_parallel_size} needs that many GPUs; "
-                             f"{torch.cuda.device_count()} visible (NCCL cannot put two ranks on one GPU)")
-        if self.async_scheduling is None:
-            self.async_scheduling = self.device == "cuda" and self.tensor_parallel_size == 1
-        elif self.async_scheduling and self.tensor_parallel_size > 1:
-            raise ValueError("async_scheduling needs tensor_parallel_size 1 (the other ranks would need the "
+        if self.async_scheduling and self.tensor_parallel_size > 1:
+            raise ValueError("async_scheduling: needs tensor_parallel_size 1 (the other ranks would need the "
                              "sampled tokens, which stay on the driver's device)")
         bs = self.block_size
         if bs <= 0 or bs & (bs - 1):
@@ -90,6 +93,26 @@ class EngineConfig:
             )
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization: {self.gpu_memory_utilization} must be in (0, 1]")
+
+    def resolved(self) -> EngineConfig:
+        """A copy made concrete for this machine: `device` "auto" becomes cuda or cpu, `async_scheduling` None
+        becomes on (CUDA at TP 1) or off, and the GPUs the TP size needs must be visible. Idempotent. The engine
+        calls it first thing, so everything below LLMEngine sees a resolved config."""
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        tp = self.tensor_parallel_size
+        if device == "cuda" and tp > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size: {tp} needs that many GPUs; {torch.cuda.device_count()} "
+                             "visible (NCCL cannot put two ranks on one GPU)")
+        async_scheduling = self.async_scheduling
+        if async_scheduling is None:
+            async_scheduling = device == "cuda" and tp == 1
+        return replace(self, device=device, async_scheduling=async_scheduling)
+
+    @property
+    def is_resolved(self) -> bool:
+        return self.device != "auto" and self.async_scheduling is not None
 
     @property
     def max_blocks_per_seq(self) -> int:

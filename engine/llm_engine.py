@@ -42,6 +42,7 @@ from engine.tokenizer import IncrementalDetokenizer, encode_prompt, load_tokeniz
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, kv_connector: KVConnectorSpec | None = None) -> None:
+        config = config.resolved()
         self.config = config
         self.info = ModelInfo.from_config(config)
         self.tokenizer = load_tokenizer(config.model)
@@ -51,6 +52,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_chunked_prefill)
         self.metrics = EngineMetrics()
+        self.metrics.watch(self.executor.runner.counters)
         stepper = AsyncStepper if config.async_scheduling else SyncStepper
         self.stepper = stepper(self.executor, self.scheduler, Sampler(), config.block_size, self.metrics)
         self.remote: RemoteKV | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +25,6 @@ from engine.scheduler import SchedulerOutput
 log = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_BYTES = 256 << 20
-counters: dict[str, int] = {"cuda_graph_capture_failures": 0, "cuda_graphs_off_for_tp": 0}
 
 
 @dataclass
@@ -81,10 +81,14 @@ def build_step_input(out: SchedulerOutput, block_size: int) -> StepInput:
 
 class ModelRunner:
     """Owns this rank's model, KV cache and attention backend. `execute` is called on every TP rank with the
-    same StepInput; only the driver's logits are used."""
+    same StepInput; only the driver's logits are used. `counters` counts this runner's fallbacks (CUDA graphs
+    off or failed); the engine folds them into its metrics (`EngineMetrics.watch`)."""
 
     def __init__(self, config: EngineConfig) -> None:
+        if not config.is_resolved:
+            raise ValueError("ModelRunner needs a config resolved for this machine (EngineConfig.resolved())")
         self.config = config
+        self.counters: Counter[str] = Counter()
         mc = config.model_config
         self.device = torch.device(config.device, torch.cuda.current_device()) if config.device == "cuda" \
             else torch.device("cpu")
@@ -116,7 +120,7 @@ class ModelRunner:
             if size > 1:
                 # NOTE: capturing torch.distributed's NCCL all-reduce in the decode graphs hung both ranks on
                 # nvidia-h200-x2 (2026-11-22); until a graph-safe all-reduce exists, TP > 1 decodes eagerly.
-                counters["cuda_graphs_off_for_tp"] += 1
+                self.counters["cuda_graphs_off_for_tp"] += 1
                 log.warning("CUDA graphs are off at tensor_parallel_size %d: decode steps run eagerly", size)
             elif self.attn.name == "triton":
                 self.graphs = DecodeGraphs(self, config.max_num_seqs, config.max_blocks_per_seq)
@@ -125,7 +129,7 @@ class ModelRunner:
                 except RuntimeError:
                     # NOTE: visible, counted, and the engine still serves (eagerly): a capture failure is a
                     # performance bug, not a reason to refuse traffic.
-                    counters["cuda_graph_capture_failures"] += 1
+                    self.counters["cuda_graph_capture_failures"] += 1
                     log.exception("CUDA graph capture failed; decode steps run eagerly")
                     self.graphs = None
             else:

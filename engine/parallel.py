@@ -15,10 +15,6 @@ class TPGroup:
     rank: int = 0
     size: int = 1
 
-    @property
-    def is_driver(self) -> bool:
-        return self.rank == 0
-
 
 _group = TPGroup()
 

@@ -12,7 +12,7 @@ and wait for their predecessor as usual, so mixing is safe.
 
 NOTE: `PDSERVE_PDL=0` turns it off (A/B measurement; a driver that mishandles PDL). It is on only where the
 GPU is sm_90+ and this Triton accepts `launch_pdl`; when CUDA is present but one of those is missing, that is
-logged once and counted.
+logged once and counted (`pdl_unsupported` in the engine's metrics).
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
-import os
 
 import torch
 
+from engine import envs
+from engine.metrics import count_fallback
+
 log = logging.getLogger(__name__)
-counters: dict[str, int] = {"unsupported": 0}
 _state: dict[str, bool] = {}
 
 
@@ -43,7 +44,7 @@ def _supported() -> bool:
         except Exception as e:  # a Triton without the NVIDIA backend layout we know
             why = f"cannot inspect Triton's CUDA options ({e})"
     if why:
-        counters["unsupported"] += 1
+        count_fallback("pdl_unsupported")
         log.info("programmatic dependent launch off: %s", why)
         return False
     return True
@@ -52,7 +53,7 @@ def _supported() -> bool:
 def enabled() -> bool:
     """Whether decode kernels are launched with PDL (decided once per process)."""
     if "on" not in _state:
-        _state["on"] = os.environ.get("PDSERVE_PDL", "1") != "0" and _supported()
+        _state["on"] = envs.PDSERVE_PDL.get() and _supported()
         if _state["on"]:
             log.info("programmatic dependent launch on for the Triton decode kernels")
     return _state["on"]

@@ -1,4 +1,4 @@
-"""KV-transfer settings: timeouts, the prefill-side lease, and the UCX/NIXL knobs."""
+"""KV-transfer settings: timeouts, the prefill side's lease on held KV blocks, and the UCX/NIXL knobs."""
 
 from __future__ import annotations
 

@@ -81,12 +81,12 @@ _SCRIPT_CHUNK = 4000  # block hashes per script call: Lua's unpack() is limited 
 
 
 class MetadataStore:
-    def __init__(self, url: str, namespace: str = "pdserve", lease_s: float = 10.0) -> None:
-        if lease_s <= 0:
-            raise ValueError(f"lease_s: {lease_s} must be > 0")
+    def __init__(self, url: str, namespace: str = "pdserve", registry_lease_s: float = 10.0) -> None:
+        if registry_lease_s <= 0:
+            raise ValueError(f"registry_lease_s: {registry_lease_s} must be > 0")
         self.r = redis.Redis.from_url(url)
         self.ns = namespace
-        self.lease_s = lease_s
+        self.registry_lease_s = registry_lease_s
         self._index_script = self.r.register_script(_INDEX_SCRIPT)
 
     # ---- keys ----------------------------------------------------------------------------------------------
@@ -104,20 +104,20 @@ class MetadataStore:
     # ---- registry ------------------------------------------------------------------------------------------
     def register(self, info: InstanceInfo) -> None:
         """Add (or replace) an instance; it stays live while heartbeats renew its lease."""
-        ttl = max(1, int(self.lease_s + 0.999))
+        ttl = max(1, int(self.registry_lease_s + 0.999))
         pipe = self.r.pipeline()
         pipe.set(self._k("inst", info.instance_id), info.to_json(), ex=ttl)
-        pipe.zadd(self._k("live"), {info.instance_id: self.now() + self.lease_s})
+        pipe.zadd(self._k("live"), {info.instance_id: self.now() + self.registry_lease_s})
         pipe.execute()
 
     def heartbeat(self, instance_id: str, load: Load | None = None) -> bool:
         """Renew the lease (and publish the load). False if the record is gone: the caller must re-register
         (and republish its blocks), e.g. after the lease lapsed or Redis restarted."""
-        ttl = max(1, int(self.lease_s + 0.999))
+        ttl = max(1, int(self.registry_lease_s + 0.999))
         if not self.r.expire(self._k("inst", instance_id), ttl):
             return False
         pipe = self.r.pipeline()
-        pipe.zadd(self._k("live"), {instance_id: self.now() + self.lease_s})
+        pipe.zadd(self._k("live"), {instance_id: self.now() + self.registry_lease_s})
         if load is not None:
             pipe.set(self._k("load", instance_id), load.to_json(), ex=ttl)
         pipe.execute()

@@ -19,7 +19,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     overrides: dict[str, object] = {}
     if args.model is not None:
-        overrides["model"] = args.model
+        overrides["engine.model"] = args.model
     if args.port is not None:
         overrides["server.port"] = args.port
     try:
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(func=_demo)
     serve = sub.add_parser("serve", help="start Redis (if needed), Ray, the pools and the gRPC router")
     serve.add_argument("--config", required=True, help="serving YAML (see deploy/ray/)")
-    serve.add_argument("--model", help="model directory (overrides the configuration)")
+    serve.add_argument("--model", help="model directory (overrides engine.model)")
     serve.add_argument("--port", type=int, help="listen port (0 picks a free one)")
     serve.set_defaults(func=_serve)
     gen = sub.add_parser("generate", help="send one request to a router and stream the output")

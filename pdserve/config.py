@@ -1,4 +1,10 @@
-"""The serving configuration: one YAML file, validated on load. Every error names the key it is about."""
+"""The serving configuration: one YAML file, validated once on load. Every error names the key it is about.
+
+The `engine:` section is `engine.config.EngineConfig` itself: its keys are EngineConfig's fields (read from the
+dataclass, never re-declared here) and its checks are EngineConfig's. Only `tensor_parallel_size` lives
+elsewhere, per pool (`pools.{prefill,decode}.tensor_parallel_size`); `ServingConfig.pool_engine(role)` is the
+engine configuration of one pool. A file may start from another with `base: other.yaml` (see `load_config`).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from engine.config import EngineConfig
 from kv_transfer.config import TransferConfig
 from metastore.policy import PlacementPolicy
 
@@ -22,13 +29,7 @@ class ConfigError(ValueError):
 @dataclass
 class PoolConfig:
     replicas: int = 1  # instances in this pool (prefill replicas : decode replicas is the P/D ratio)
-    tensor_parallel_size: int = 1
-
-    def check(self, path: str, min_replicas: int) -> None:
-        if self.replicas < min_replicas:
-            raise ConfigError(f"{path}.replicas: {self.replicas} must be >= {min_replicas}")
-        if self.tensor_parallel_size not in (1, 2, 4, 8):
-            raise ConfigError(f"{path}.tensor_parallel_size: {self.tensor_parallel_size} is not one of 1, 2, 4, 8")
+    tensor_parallel_size: int = 1  # checked by EngineConfig (ServingConfig.check builds each pool's engine)
 
 
 @dataclass
@@ -38,19 +39,14 @@ class PoolsConfig:
 
 
 @dataclass
-class SchedulerConfig:
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    kv_cache_memory_bytes: int | None = None  # per rank; default: the engine's (GPU: gpu_memory_utilization)
-    gpu_memory_utilization: float = 0.85
-
-
-@dataclass
 class MetastoreConfig:
     redis_url: str | None = None  # None: start a private redis-server on a free loopback port
     namespace: str = "pdserve"
-    lease_s: float = 10.0  # an instance without heartbeats leaves the registry after this long
+    registry_lease_s: float = 10.0  # an instance without heartbeats leaves the registry after this long
+
+    def __post_init__(self) -> None:
+        if self.registry_lease_s <= 0:
+            raise ValueError(f"registry_lease_s: {self.registry_lease_s} must be > 0")
 
 
 @dataclass
@@ -64,62 +60,65 @@ class ServerConfig:
     port: int = 50051  # 0 picks a free port
     max_inflight: int = 256  # requests the router serves at once; more are refused with RESOURCE_EXHAUSTED
 
+    def __post_init__(self) -> None:
+        if self.max_inflight < 1:
+            raise ValueError(f"max_inflight: {self.max_inflight} must be >= 1")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port: {self.port} is not a TCP port (0 picks a free one)")
+
 
 @dataclass
 class ServingConfig:
-    model: str
-    load_format: str = "auto"
-    dtype: str = "auto"
-    block_size: int = 16
-    device: str = "auto"
-    attention_backend: str = "auto"  # auto | torch | triton | flash-attn
-    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
+    engine: EngineConfig  # every instance's engine, at tensor_parallel_size 1 (see pool_engine)
     pools: PoolsConfig = field(default_factory=PoolsConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     placement: PlacementPolicy = field(default_factory=PlacementPolicy)
     kv_transfer: TransferConfig = field(default_factory=TransferConfig)
     metastore: MetastoreConfig = field(default_factory=MetastoreConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
 
-    def check(self) -> None:
-        bs = self.block_size
-        if bs <= 0 or bs & (bs - 1):
-            raise ConfigError(f"block_size: {bs} is not a positive power of two")
-        if self.load_format not in ("auto", "safetensors", "dummy"):
-            raise ConfigError(f"load_format: {self.load_format!r} is not one of auto, safetensors, dummy")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"dtype: {self.dtype!r} is not one of auto, float32, bfloat16, float16")
-        from engine.attention import BACKEND_NAMES
+    def pool_engine(self, role: str) -> EngineConfig:
+        """The engine configuration of every instance of pool `role` ("prefill" or "decode")."""
+        pool: PoolConfig = getattr(self.pools, role)
+        return dataclasses.replace(self.engine, tensor_parallel_size=pool.tensor_parallel_size)
 
-        if self.attention_backend not in (*BACKEND_NAMES, "auto"):
-            raise ConfigError(f"attention_backend: {self.attention_backend!r} is not one of auto, "
-                              f"{', '.join(BACKEND_NAMES)}")
-        self.pools.prefill.check("pools.prefill", 0)  # 0 prefill replicas = aggregated serving
-        self.pools.decode.check("pools.decode", 1)
-        for key, value in (("scheduler.max_num_seqs", self.scheduler.max_num_seqs),
-                           ("scheduler.max_num_batched_tokens", self.scheduler.max_num_batched_tokens)):
-            if value < 1:
-                raise ConfigError(f"{key}: {value} must be >= 1")
-        if self.server.max_inflight < 1:
-            raise ConfigError(f"server.max_inflight: {self.server.max_inflight} must be >= 1")
-        if not 0 <= self.server.port <= 65535:
-            raise ConfigError(f"server.port: {self.server.port} is not a TCP port (0 picks a free one)")
-        if self.metastore.lease_s <= 0:
-            raise ConfigError("metastore.lease_s: must be > 0")
+    def check(self) -> None:
+        for role, min_replicas in (("prefill", 0), ("decode", 1)):  # 0 prefill replicas = aggregated serving
+            pool: PoolConfig = getattr(self.pools, role)
+            if pool.replicas < min_replicas:
+                raise ConfigError(f"pools.{role}.replicas: {pool.replicas} must be >= {min_replicas}")
+            try:
+                self.pool_engine(role)
+            except ValueError as e:
+                msg = str(e)
+                if msg.startswith("tensor_parallel_size:"):
+                    raise ConfigError(f"pools.{role}.{msg}") from None
+                raise ConfigError(f"engine.{msg} (at pools.{role}.tensor_parallel_size "
+                                  f"{pool.tensor_parallel_size})") from None
+
+
+# Keys a section does not take although the dataclass has the field: key -> where it is set instead.
+_ELSEWHERE: dict[type, dict[str, str]] = {
+    EngineConfig: {"tensor_parallel_size": "set per pool: pools.prefill.tensor_parallel_size and "
+                                           "pools.decode.tensor_parallel_size"},
+}
+# Keys of earlier versions of this file: dotted key -> what replaced it.
+_RENAMED: dict[str, str] = {
+    "metastore.lease_s": "renamed to metastore.registry_lease_s",
+    "kv_transfer.lease_s": "renamed to kv_transfer.held_kv_lease_s",
+    "scheduler": "its keys moved into the engine section (engine.max_num_seqs, engine.max_num_batched_tokens, ...)",
+    **{f.name: _ELSEWHERE[EngineConfig].get(f.name, f"moved to engine.{f.name}")
+       for f in dataclasses.fields(EngineConfig) if f.init},
+}
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ServingConfig:
-    """Read and validate a serving YAML. `overrides` maps dotted keys to values (e.g. {"server.port": 0})."""
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except OSError as e:
-        raise ConfigError(f"cannot read configuration {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    """Read and validate a serving YAML. `overrides` maps dotted keys to values (e.g. {"engine.model": "/m"}).
+
+    A top-level `base: other.yaml` (relative to the including file) loads that file first and merges this one
+    over it: mappings merge key by key, any other value replaces the base's. Bases may chain; a cycle is an
+    error."""
+    data = _read(Path(path), ())
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
@@ -131,15 +130,48 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Se
     return config
 
 
+def _read(path: Path, including: tuple[Path, ...]) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read configuration {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"base: {base!r} is not a file name (in {path})")
+    chain = (*including, path.resolve())
+    base_path = path.parent / base
+    if base_path.resolve() in chain:
+        raise ConfigError(f"base: {base} includes itself ({' -> '.join(p.name for p in (*chain, base_path))})")
+    merged = _read(base_path, chain)
+    _merge(merged, data)
+    return merged
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> None:
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
 def _build(cls: type, data: Any, path: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{path or 'configuration'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        where = f"{path}." if path else ""
-        raise ConfigError(f"{where}{unknown[0]}: unknown key (known here: {', '.join(known)})")
+    elsewhere = _ELSEWHERE.get(cls, {})
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name not in elsewhere}
+    for name in sorted(set(data) - set(known)):
+        key = f"{path}.{name}" if path else name
+        why = elsewhere.get(name) or _RENAMED.get(key) or f"unknown key (known here: {', '.join(known)})"
+        raise ConfigError(f"{key}: {why}")
     values = {}
     for name, f in known.items():
         key = f"{path}.{name}" if path else name
@@ -149,14 +181,19 @@ def _build(cls: type, data: Any, path: str) -> Any:
             continue
         values[name] = _convert(hints[name], data[name], key)
     try:
-        return cls(**values)  # sections with their own validation (PlacementPolicy, TransferConfig) run it here
+        return cls(**values)  # each section validates itself here (EngineConfig, TransferConfig, ...)
     except ValueError as e:
-        raise ConfigError(f"{path or 'configuration'}: {e}") from None
+        # NOTE: the sections' messages start with their field name ("max_num_seqs: 0 must be >= 1"): prefix
+        # the section's path so the message names the YAML key.
+        msg = str(e)
+        if msg.split(":", 1)[0] in known:
+            raise ConfigError(f"{path}.{msg}" if path else msg) from None
+        raise ConfigError(f"{path or 'configuration'}: {msg}") from None
 
 
 def _convert(tp: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
+        return _build(tp, value, key)  # type: ignore[arg-type]
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:

@@ -44,7 +44,7 @@ def run(shape: str = "small", max_tokens: int = 16) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = write_dummy_model(tmp, shape)
         cfg = load_config(ROOT / "deploy/ray/serving-tiny-cpu.yaml",
-                          {"model": str(model), "load_format": "dummy", "server.port": 0})
+                          {"engine.model": str(model), "engine.load_format": "dummy", "server.port": 0})
         print(f"pdserve demo: starting Redis, Ray, 1 prefill + 1 decode instance ({shape} model, dummy weights) "
               "and the gRPC router ...", flush=True)
         ready = threading.Event()

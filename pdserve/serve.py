@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import sys
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from api.v1 import pdserve_pb2, pdserve_pb2_grpc
-from engine.config import EngineConfig
+from engine import envs
 from engine.model_info import ModelInfo
 from engine.tokenizer import load_tokenizer
 from metastore import MetadataStore, RedisServer
@@ -26,15 +25,6 @@ from pdserve.config import ServingConfig
 log = logging.getLogger(__name__)
 
 SERVICE = pdserve_pb2.DESCRIPTOR.services_by_name["PDServe"].full_name
-
-
-def engine_kwargs(cfg: ServingConfig, tp: int) -> dict[str, Any]:
-    s = cfg.scheduler
-    return {"model": cfg.model, "dtype": cfg.dtype, "load_format": cfg.load_format, "device": cfg.device,
-            "attention_backend": cfg.attention_backend, "enforce_eager": cfg.enforce_eager,
-            "block_size": cfg.block_size, "tensor_parallel_size": tp, "max_num_seqs": s.max_num_seqs,
-            "max_num_batched_tokens": s.max_num_batched_tokens, "max_model_len": s.max_model_len,
-            "kv_cache_memory_bytes": s.kv_cache_memory_bytes, "gpu_memory_utilization": s.gpu_memory_utilization}
 
 
 class Cluster:
@@ -60,12 +50,12 @@ class Cluster:
         self.redis_url = url
         # NOTE: "local" starts a private Ray; a bare ray.init() would attach to any cluster already running on
         # this machine (e.g. one a `ray start` left behind).
-        address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
+        address = cfg.ray.address or envs.RAY_ADDRESS.get() or "local"
         if not ray.is_initialized():
             ray.init(address=address, namespace=self.ray_namespace, include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
             self.ray_started = True
-        return MetadataStore(url, cfg.metastore.namespace, cfg.metastore.lease_s)
+        return MetadataStore(url, cfg.metastore.namespace, cfg.metastore.registry_lease_s)
 
     def start_pools(self) -> None:
         """The prefill and decode actors; returns once every instance is ready (registered in the store)."""
@@ -75,18 +65,19 @@ class Cluster:
         from prefill_worker.actor import PrefillActor
 
         cfg, url = self.cfg, self.redis_url
-        gpu = cfg.device == "cuda" or (cfg.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+        device = cfg.engine.device  # NOTE: "auto" is resolved by each engine on its own node; here, by the cluster
+        gpu = device == "cuda" or (device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
         for role, pool, cls in (("prefill", cfg.pools.prefill, PrefillActor), ("decode", cfg.pools.decode,
                                                                                   DecodeActor)):
-            tp = pool.tensor_parallel_size
+            engine_config, tp = cfg.pool_engine(role), pool.tensor_parallel_size
             for i in range(pool.replicas):
                 iid = f"{role}-{i}"
                 # NOTE: one actor per instance; its engine spawns the other TP ranks next to it, so the actor
                 # reserves every rank's GPU (num_gpus=tp) and they land on one node.
                 actor_cls = ray.remote(cls).options(name=iid, namespace=self.ray_namespace, num_cpus=0,
                                                     num_gpus=tp if gpu else 0, max_concurrency=1000)
-                self.actors.append(actor_cls.remote(iid, EngineConfig(**engine_kwargs(cfg, tp)), cfg.kv_transfer, url,
-                                                    cfg.metastore.namespace, cfg.metastore.lease_s))
+                self.actors.append(actor_cls.remote(iid, engine_config, cfg.kv_transfer, url,
+                                                    cfg.metastore.namespace, cfg.metastore.registry_lease_s))
         ray.get([a.ready.remote() for a in self.actors])
 
     def stop(self) -> None:
@@ -164,8 +155,7 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
     try:
         await asyncio.to_thread(cluster.start_pools)
         # The router's model facts, read from the model directory with the engines' settings (no weights).
-        info = ModelInfo.load(cfg.model, dtype=cfg.dtype, block_size=cfg.block_size,
-                              max_model_len=cfg.scheduler.max_model_len)
+        info = ModelInfo.from_config(cfg.engine)  # NOTE: the facts every engine will have; no engine built here
         router.target = RouterService(info, load_tokenizer(info.model), store, cfg.placement,
                                       cluster.ray_namespace, cfg.server.max_inflight)
         for name in ("", SERVICE):

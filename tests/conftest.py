@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from engine import LLMEngine
+from engine import LLMEngine, envs
 from tests.model_factory import make_tiny_model
 
 
@@ -23,7 +23,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
     if torch.cuda.is_available():
         return
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    interpret = envs.TRITON_INTERPRET.get()
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords and not (interpret and "interpretable" in item.keywords):

@@ -5,24 +5,23 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 
 import torch
 
+from engine import envs
 from engine.attention.backend import AttentionBackend, AttentionMetadata
 from engine.attention.torch_ref import TorchPagedAttention
+from engine.metrics import count_fallback
 
 log = logging.getLogger(__name__)
 
 BACKEND_NAMES = ("torch", "triton", "flash-attn")
-# Times "auto" wanted a GPU kernel and had to settle for the reference (logged each time).
-counters: dict[str, int] = {"auto_fallback_to_torch": 0}
 
 
 def _triton_unusable(device: str) -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
-    if device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device != "cuda" and not envs.TRITON_INTERPRET.get():
         return "the Triton kernels need a CUDA device (or TRITON_INTERPRET=1)"
     return None
 
@@ -45,7 +44,7 @@ def select_backend(name: str, device: str, block_size: int, head_dim: int,
             from engine.attention.triton_backend import TritonPagedAttention
 
             return TritonPagedAttention
-        counters["auto_fallback_to_torch"] += 1
+        count_fallback("attention_auto_fallback_to_torch")
         log.warning("attention_backend auto: using the PyTorch reference on CUDA because %s", why)
         return TorchPagedAttention
     if name == "torch":

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 
 import torch
 
-from engine import pdl
+from engine import envs, pdl
+from engine.metrics import count_fallback
 
 log = logging.getLogger(__name__)
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
-# NOTE: opt-out for A/B measurements (PDSERVE_FUSED_OPS=0), not a correctness switch.
-_WANTED = os.environ.get("PDSERVE_FUSED_OPS", "1") != "0"
+# NOTE: opt-out for A/B measurements (PDSERVE_FUSED_OPS=0), not a correctness switch; read once at import.
+_WANTED = envs.PDSERVE_FUSED_OPS.get()
+_warned = False
 
 if _HAS_TRITON:
     import triton
@@ -87,17 +88,16 @@ if _HAS_TRITON:
         tl.store(out_ptr + row * stride_o + i, act * up, mask=ok)
 
 
-# Times a CUDA tensor took the PyTorch path because Triton is missing (logged once per process).
-counters: dict[str, int] = {"cuda_without_triton": 0}
-
-
 def enabled(x: torch.Tensor) -> bool:
     if not x.is_cuda:
         return False
     if not _HAS_TRITON:
-        if counters["cuda_without_triton"] == 0:
+        # NOTE: counted per call (how much work took the slow path), logged once per process.
+        global _warned
+        if not _warned:
+            _warned = True
             log.warning("triton is not installed: the fused CUDA kernels fall back to the PyTorch reference ops")
-        counters["cuda_without_triton"] += 1
+        count_fallback("fused_ops_cuda_without_triton")
         return False
     return _WANTED
 

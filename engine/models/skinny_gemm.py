@@ -23,20 +23,20 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from engine import pdl
+from engine import envs, pdl
+from engine.metrics import count_fallback
 from engine.models import fused_ops
 
 log = logging.getLogger(__name__)
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
-# NOTE: opt-out for A/B measurements (PDSERVE_SKINNY_GEMM=0), not a correctness switch.
-_WANTED = os.environ.get("PDSERVE_SKINNY_GEMM", "1") != "0"
+# NOTE: opt-out for A/B measurements (PDSERVE_SKINNY_GEMM=0), not a correctness switch; read once at import.
+_WANTED = envs.PDSERVE_SKINNY_GEMM.get()
 MAX_ROWS = 64  # above this many rows a linear layer is no longer a pure weight stream: cuBLAS always
 
 if _HAS_TRITON:
@@ -197,7 +197,6 @@ class Choice:
 # rows >= m; more rows than the largest entry, or a shape never tuned, go to cuBLAS.
 _plans: dict[tuple[int, int, torch.dtype, bool], list[tuple[int, Tile | None]]] = {}
 choices: list[Choice] = []
-counters: dict[str, int] = {"tile_failures": 0}
 
 
 def _tile_for(x: torch.Tensor, weight: torch.Tensor, gated: bool) -> Tile | None:
@@ -305,7 +304,7 @@ def _tune_one(ws: list[torch.Tensor], m: int, key: tuple[int, int, torch.dtype, 
         except Exception as e:
             # NOTE: a tile that cannot run here (e.g. too much shared memory on a smaller GPU) is just not a
             # candidate; visible and counted, since every such tile narrows the search.
-            counters["tile_failures"] += 1
+            count_fallback("skinny_gemm_tile_failures")
             log.warning("skinny GEMM tile %s failed for rows %d N %d K %d: %s", tile, m, n, k, e)
             continue
         if t < best_t:

@@ -24,7 +24,7 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 @pytest.fixture
 def cluster(models: dict[str, pathlib.Path]) -> Iterator[tuple[PrefillWorker, DecodeWorker, MetadataStore]]:
     with RedisServer() as redis:
-        store = MetadataStore(redis.url, "pdserve", 2.0)
+        store = MetadataStore(redis.url, registry_lease_s=2.0)
         cfg = EngineConfig(model=str(models["llama"]), dtype="float32", kv_cache_memory_bytes=32 << 20)
         prefill = PrefillWorker("p0", cfg, store=store)
         decode = DecodeWorker("d0", cfg, store=store)

@@ -17,7 +17,7 @@ from metastore.publisher import KVEventSender
 @pytest.fixture
 def store() -> Iterator[MetadataStore]:
     with RedisServer() as server:
-        s = MetadataStore(server.url, namespace="pub", lease_s=5.0)
+        s = MetadataStore(server.url, namespace="pub", registry_lease_s=5.0)
         s.register(InstanceInfo(instance_id="i", role="decode", address="i", tp_size=1, block_size=16,
                                 num_blocks=100, max_num_seqs=8))
         yield s

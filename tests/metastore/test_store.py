@@ -19,7 +19,7 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture
 def store(redis_url: str, request: pytest.FixtureRequest) -> Iterator[MetadataStore]:
-    s = MetadataStore(redis_url, namespace=f"t-{request.node.name}", lease_s=1.0)
+    s = MetadataStore(redis_url, namespace=f"t-{request.node.name}", registry_lease_s=1.0)
     yield s
     s.close()
 

@@ -61,7 +61,7 @@ def serve(tmp: pathlib.Path, model: pathlib.Path, edits: dict[str, Any] | None =
     checking it exits 0 having printed exactly one line."""
     with RedisServer() as redis:
         cfg = yaml.safe_load((ROOT / "deploy/ray/serving-tiny-cpu.yaml").read_text())
-        _merge(cfg, {"metastore": {"redis_url": redis.url, "lease_s": 2}, **(edits or {})})
+        _merge(cfg, {"metastore": {"redis_url": redis.url, "registry_lease_s": 2}, **(edits or {})})
         (tmp / "serving.yaml").write_text(yaml.safe_dump(cfg))
         log = tmp / "serve.log"
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "RAY_AUTH_MODE": "disabled"}
@@ -71,7 +71,7 @@ def serve(tmp: pathlib.Path, model: pathlib.Path, edits: dict[str, Any] | None =
         try:
             line = proc.stdout.readline() if proc.stdout else ""
             assert line.startswith("pdserve: serving on "), f"no ready line; log:\n{log.read_text()[-3000:]}"
-            server = Server(proc, line.strip().rsplit(" ", 1)[1], MetadataStore(redis.url, lease_s=2))
+            server = Server(proc, line.strip().rsplit(" ", 1)[1], MetadataStore(redis.url, registry_lease_s=2))
             yield server
             server.channel.close()
             proc.send_signal(signal.SIGTERM)

@@ -1,0 +1,69 @@
+"""Every environment variable pdserve reads, declared once: name, type, default and what it does.
+
+Read a switch with `envs.PDSERVE_PDL.get()`; nothing else in the project calls `os.environ.get` for a switch.
+docs/configuration.md lists the same table (a test checks that every switch is documented there). Variables
+pdserve only *sets* (the UCX_* settings of kv_transfer) are not switches and are not declared here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"is not a boolean (use one of {', '.join(_TRUE + _FALSE)})")
+
+
+def parse_str(raw: str) -> str:
+    return raw
+
+
+@dataclass(frozen=True)
+class Switch(Generic[T]):
+    name: str
+    default: T
+    doc: str
+    parse: Callable[[str], T]
+
+    def get(self) -> T:
+        """The current value: the default when the variable is unset or empty. A value that does not parse
+        raises ValueError naming the variable (a typo must not silently mean the default)."""
+        raw = os.environ.get(self.name, "")
+        if raw == "":
+            return self.default
+        try:
+            return self.parse(raw)
+        except ValueError as e:
+            raise ValueError(f"{self.name}={raw!r}: {e}") from None
+
+    @property
+    def type_name(self) -> str:
+        return {parse_bool: "bool", parse_str: "str"}.get(self.parse, "?")  # type: ignore[call-overload]
+
+
+# NOTE: the three PDSERVE_* switches are opt-outs for A/B measurements on GPU, not correctness switches.
+PDSERVE_PDL = Switch("PDSERVE_PDL", True, "launch the Triton decode kernels with programmatic dependent launch "
+                     "(only where the GPU is sm_90+ and Triton accepts launch_pdl)", parse_bool)
+PDSERVE_FUSED_OPS = Switch("PDSERVE_FUSED_OPS", True, "fused Triton RMSNorm/RoPE/SiLU-and-mul kernels on CUDA "
+                           "(off: the PyTorch reference ops)", parse_bool)
+PDSERVE_SKINNY_GEMM = Switch("PDSERVE_SKINNY_GEMM", True, "tune the small-batch Triton GEMM against cuBLAS at "
+                             "start-up (off: cuBLAS for every linear layer)", parse_bool)
+TRITON_INTERPRET = Switch("TRITON_INTERPRET", False, "Triton's CPU interpreter: the Triton attention backend and "
+                          "the interpretable GPU tests run on CPU", parse_bool)
+RAY_ADDRESS: Switch[str | None] = Switch("RAY_ADDRESS", None, "the Ray cluster `pdserve serve` joins when "
+                                         "ray.address is null (unset: a private local Ray)", parse_str)
+
+SWITCHES: tuple[Switch, ...] = (PDSERVE_PDL, PDSERVE_FUSED_OPS, PDSERVE_SKINNY_GEMM, TRITON_INTERPRET, RAY_ADDRESS)

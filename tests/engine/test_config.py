@@ -1,0 +1,40 @@
+"""EngineConfig: machine-independent checks at construction, machine-dependent ones in resolved()."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import pytest
+import torch
+
+from engine.config import EngineConfig
+from engine.model_runner import ModelRunner
+
+
+def test_construction_leaves_machine_settings_open(models: dict[str, pathlib.Path]) -> None:
+    """A serving YAML is validated on the router's machine, which may have no GPU at all."""
+    cfg = EngineConfig(model=str(models["llama"]))
+    assert cfg.device == "auto" and cfg.async_scheduling is None and not cfg.is_resolved
+    assert EngineConfig(model=str(models["llama"]), device="cuda", tensor_parallel_size=2).device == "cuda"
+
+
+def test_resolved_is_concrete_and_idempotent(models: dict[str, pathlib.Path]) -> None:
+    cfg = EngineConfig(model=str(models["llama"]))
+    r = cfg.resolved()
+    cuda = torch.cuda.is_available()
+    assert r.device == ("cuda" if cuda else "cpu") and r.async_scheduling is cuda and r.is_resolved
+    assert r.resolved() == r and cfg.device == "auto"  # a copy: the original is unchanged
+    assert dataclasses.replace(r, device="cpu").resolved().async_scheduling is False
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="checks the refusal without 2 GPUs")
+def test_resolved_checks_the_gpus_of_this_machine(models: dict[str, pathlib.Path]) -> None:
+    cfg = EngineConfig(model=str(models["llama"]), device="cuda", tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="tensor_parallel_size: 2 needs that many GPUs"):
+        cfg.resolved()
+
+
+def test_the_runner_refuses_an_unresolved_config(models: dict[str, pathlib.Path]) -> None:
+    with pytest.raises(ValueError, match=r"EngineConfig\.resolved\(\)"):
+        ModelRunner(EngineConfig(model=str(models["llama"])))
