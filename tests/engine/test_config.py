@@ -25,7 +25,8 @@ def test_resolved_is_concrete_and_idempotent(models: dict[str, pathlib.Path]) ->
     cuda = torch.cuda.is_available()
     assert r.device == ("cuda" if cuda else "cpu") and r.async_scheduling is cuda and r.is_resolved
     assert r.resolved() == r and cfg.device == "auto"  # a copy: the original is unchanged
-    assert dataclasses.replace(r, device="cpu").resolved().async_scheduling is False
+    assert dataclasses.replace(cfg, device="cpu").resolved().async_scheduling is False  # auto: off on CPU
+    assert dataclasses.replace(r, device="cpu").resolved().async_scheduling is r.async_scheduling  # kept
 
 
 @pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="checks the refusal without 2 GPUs")
