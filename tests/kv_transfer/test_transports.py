@@ -8,6 +8,7 @@ import pathlib
 import pytest
 
 from kv_transfer import TransferConfig, transports
+from tests.conftest import device_for_tp
 from tests.kv_transfer.test_pull import connector, consumer_factory, decode, prefill_factory  # noqa: F401 - fixtures
 from tests.model_factory import hf_greedy, random_prompts
 
@@ -32,7 +33,8 @@ def test_tcp_fallback_is_warned_and_counted(models: dict[str, pathlib.Path], pre
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("UCX_TLS", raising=False)  # restored after the test: apply_env sets it process-wide
     caplog.set_level(logging.INFO, logger="kv_transfer.transports")
-    tcp = {"ucx_tls": "tcp"}
+    # NOTE: GPU memory needs cuda_copy beside tcp (UCX stages VRAM through host buffers), else no UCX backend.
+    tcp = {"ucx_tls": "tcp,cuda_copy" if device_for_tp(2) == "cuda" else "tcp"}
     prefill = prefill_factory(models["llama"], cfg_kwargs=tcp)
     consumer = consumer_factory(models["llama"], cfg=TransferConfig(**tcp))
     before = transports.tcp_fallback_warnings
