@@ -47,7 +47,7 @@ class Switch(Generic[T]):
         try:
             return self.parse(raw)
         except ValueError as e:
-            raise ValueError(f"{self.name}={raw!r}: {e}") from None
+            raise ValueError(f"{self.name}={raw!r}: {e} ({self.name}: {self.doc})") from None
 
     @property
     def type_name(self) -> str:

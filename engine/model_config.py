@@ -73,7 +73,6 @@ class ModelConfig:
     qkv_bias: bool
     rope: RopeConfig
     eos_token_ids: tuple[int, ...] = ()
-    bos_token_id: int | None = None
     checkpoint_dtype: str = "float32"
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
@@ -141,7 +140,6 @@ class ModelConfig:
             qkv_bias=qkv_bias,
             rope=_parse_rope(raw),
             eos_token_ids=_as_id_tuple(raw.get("eos_token_id")),
-            bos_token_id=raw.get("bos_token_id"),
             checkpoint_dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "float32"),
             extra={"sliding_window": window if arch == "MistralForCausalLM" else None},
         )

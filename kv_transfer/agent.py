@@ -53,7 +53,6 @@ class TransferAgent:
 
         cfg.apply_env()
         self.cfg = cfg
-        self.rank = tp_rank
         lo = kv.layout
         self.name = f"{engine_id}-tp{tp_rank}-{os.getpid()}"
         self.mem_type = "VRAM" if kv.tensor.is_cuda else "DRAM"
