@@ -81,6 +81,7 @@ def run(shape: str = "small", max_tokens: int = 16) -> int:
                              f"{r.transferred_blocks} KV blocks transferred" if r.disaggregated
                              else f"local prefill on {r.decode_instance}")
                     print(f"{title}\n  prompt {len(tokens)} tokens; {where}; cached {r.cached_tokens} tokens\n"
+                          f"  placement: {r.reason}\n"
                           f"  TTFT {ttft * 1e3:.0f} ms, TPOT {tpot * 1e3:.1f} ms (this machine, CPU)\n"
                           f"  output {out}\n", flush=True)
         finally:
