@@ -88,6 +88,9 @@ class KVConsumer(KVConnector):
         return request_id not in self.unsettled
 
     def poll(self) -> KVConnectorEvents:
+        if not self.pulls and not self.unsettled:  # NOTE: the decode step loop's common case: no NIXL call
+            events, self._events = self._events, KVConnectorEvents()
+            return events
         reading = {rid: p for rid, p in self.pulls.items() if p.state is PullState.READING}
         if reading:
             per_rank = self.ranks.call(TransferAgent.poll, [p.xfer_id for p in reading.values()])
