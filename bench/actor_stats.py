@@ -2,13 +2,15 @@
 
     python3 bench/actor_stats.py [--address auto] > OUT/actor_stats.json
 
-Used by bench/disagg_vs_aggregated.sh after a sweep: the decode actors' stream counters (engine outputs
-against stream items: how much merging happened) and KV-transfer fallbacks, the prefill actors' counters.
+Used by bench/disagg_vs_aggregated.sh after a sweep: each actor's InstanceStats (instance/worker.py): engine
+stats and metrics (step timings, fallbacks), the KV connector's counters (transfers, fallbacks, leases), and
+the decode actors' stream counters (engine outputs against stream items: how much merging happened).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -27,7 +29,8 @@ def main() -> None:
             continue
         try:
             actor = ray.get_actor(entry["name"], namespace=entry["namespace"])
-            out[entry["name"]] = ray.get(actor.stats.remote(), timeout=args.timeout_s)
+            stats = ray.get(actor.stats.remote(), timeout=args.timeout_s)  # instance.worker.InstanceStats
+            out[entry["name"]] = dataclasses.asdict(stats)
         except Exception as e:  # an actor that died or hangs: say so, keep the others
             out[entry["name"]] = {"error": repr(e)}
             print(f"actor_stats: {entry['name']}: {e!r}", file=sys.stderr)

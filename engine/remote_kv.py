@@ -100,6 +100,7 @@ class RemoteKV:
             request.num_computed_tokens = 0
             request.status = RequestStatus.WAITING
             self.metrics.count("kv_load_fallbacks")
+            self.metrics.count(f"kv_load_fallbacks_{type(failed.error).__name__}")
             self.scheduler.add(request)
         for request_id in events.settled:
             blocks = self.quarantined.pop(request_id, None)
