@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -12,6 +13,8 @@ class SamplingParams:
     temperature == 0 is greedy. top_k <= 0 and top_p == 1 disable those filters. `stop` strings cut the text
     before the first occurrence (the stop string itself is not returned); `stop_token_ids` and EOS stop after
     the token is produced (the stop token is returned in token_ids, but not rendered into text).
+    `max_tokens` may exceed what fits: generation then ends at the engine's max_model_len (prompt + output
+    tokens) with finish_reason "length", like any other length stop; it is never an error.
     """
 
     max_tokens: int = 16
@@ -32,11 +35,12 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field. Called on construction and again when a request is added."""
-        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens <= 0:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
+        if not isinstance(self.temperature, int | float) or not math.isfinite(self.temperature) \
+                or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_p, int | float) or not 0.0 < self.top_p <= 1.0:  # NOTE: NaN fails this too
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not isinstance(self.top_k, int) or self.top_k < -1:
             raise ValueError(f"top_k must be -1, 0 (disabled) or a positive integer, got {self.top_k!r}")

@@ -59,10 +59,14 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0 picks a free port
     max_inflight: int = 256  # requests the router serves at once; more are refused with RESOURCE_EXHAUSTED
+    # A text prompt over this many UTF-8 bytes is refused (INVALID_ARGUMENT) before it is tokenized.
+    max_prompt_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
         if self.max_inflight < 1:
             raise ValueError(f"max_inflight: {self.max_inflight} must be >= 1")
+        if self.max_prompt_bytes < 1:
+            raise ValueError(f"max_prompt_bytes: {self.max_prompt_bytes} must be >= 1")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: {self.port} is not a TCP port (0 picks a free one)")
 

@@ -15,16 +15,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from api.v1 import pdserve_pb2, pdserve_pb2_grpc
+from api.v1 import pdserve_pb2_grpc
 from engine import envs
 from engine.model_info import ModelInfo
 from engine.tokenizer import load_tokenizer
 from metastore import MetadataStore, RedisServer
 from pdserve.config import ServingConfig
+from router.wire import SERVICE, add_router_to_server
 
 log = logging.getLogger(__name__)
 
-SERVICE = pdserve_pb2.DESCRIPTOR.services_by_name["PDServe"].full_name
 
 
 class Cluster:
@@ -148,7 +148,7 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
     for name in ("", SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     router = StartingRouter()
-    pdserve_pb2_grpc.add_PDServeServicer_to_server(router, server)
+    add_router_to_server(router, server)
     reflection.enable_server_reflection((SERVICE, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
     port = server.add_insecure_port(f"{cfg.server.host}:{cfg.server.port}")
     await server.start()  # health answers NOT_SERVING while the pools start
@@ -157,7 +157,7 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
         # The router's model facts, read from the model directory with the engines' settings (no weights).
         info = ModelInfo.from_config(cfg.engine)  # NOTE: the facts every engine will have; no engine built here
         router.target = RouterService(info, load_tokenizer(info.model), store, cfg.placement,
-                                      cluster.ray_namespace, cfg.server.max_inflight)
+                                      cluster.ray_namespace, cfg.server.max_inflight, cfg.server.max_prompt_bytes)
         for name in ("", SERVICE):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         if on_ready is not None:

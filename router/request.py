@@ -18,10 +18,17 @@ from engine.tokenizer import encode_prompt
 _OPTIONAL_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos")
 
 
-def prompt_tokens(request: pb.GenerateRequest, tokenizer: Tokenizer | None, info: ModelInfo) -> list[int]:
-    """The prompt's token ids, validated as the engine validates them (ValueError: INVALID_ARGUMENT)."""
+def prompt_tokens(request: pb.GenerateRequest, tokenizer: Tokenizer | None, info: ModelInfo,
+                  max_prompt_bytes: int = 1 << 20) -> list[int]:
+    """The prompt's token ids, validated as the engine validates them (ValueError: INVALID_ARGUMENT). A text
+    prompt over `max_prompt_bytes` (UTF-8) is refused before it is tokenized. NOTE: CPU-bound for a long
+    prompt: the service runs it off its event loop."""
     kind = request.WhichOneof("prompt")
     if kind == "text":
+        size = len(request.text.encode())
+        if size > max_prompt_bytes:
+            raise ValueError(f"text prompt is {size} bytes; at most {max_prompt_bytes} are accepted "
+                             "(server.max_prompt_bytes)")
         tokens = encode_prompt(tokenizer, request.text)
     elif kind == "token_ids":
         tokens = encode_prompt(tokenizer, list(request.token_ids.ids))

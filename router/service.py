@@ -31,6 +31,7 @@ from instance.messages import PrefillDone, StreamDelta
 from metastore import MetadataStore, PlacementPolicy
 from router.placement import NoInstanceError, Placement, place
 from router.request import prompt_tokens, sampling_params, worker_error_status
+from router.wire import refuse_undecodable
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ ABORTED = StreamDelta(token_ids=[], text="", finished=True, finish_reason="abort
 
 class RouterService(pb_grpc.PDServeServicer):
     def __init__(self, info: ModelInfo, tokenizer: Tokenizer | None, store: MetadataStore,
-                 policy: PlacementPolicy, ray_namespace: str, max_inflight: int = 256) -> None:
+                 policy: PlacementPolicy, ray_namespace: str, max_inflight: int = 256,
+                 max_prompt_bytes: int = 1 << 20) -> None:
         self.info = info
         self.tokenizer = tokenizer  # None: the model has no tokenizer.json (token-id prompts only)
         self.store = store
@@ -54,6 +56,7 @@ class RouterService(pb_grpc.PDServeServicer):
         self.prefill_pending: dict[str, tuple[str, int]] = {}
         self._place_lock = threading.Lock()  # placement decisions and their records, one at a time
         self.max_inflight = max_inflight
+        self.max_prompt_bytes = max_prompt_bytes
         self.aborted_before_placement: set[str] = set()
         self._actors: dict[str, Any] = {}
 
@@ -107,18 +110,25 @@ class RouterService(pb_grpc.PDServeServicer):
     # ---- RPCs ----------------------------------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        await refuse_undecodable(request, context)
         rid = request.request_id or uuid.uuid4().hex
         if len(self.inflight) >= self.max_inflight:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"admission refused: {len(self.inflight)} requests in flight (server.max_inflight)")
         if rid in self.inflight:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request id {rid!r} is already in flight")
-        try:
-            tokens = prompt_tokens(request, self.tokenizer, self.info)
-            params = sampling_params(request.sampling)
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         self.inflight[rid] = None  # NOTE: take the admission slot before any await, or a burst all gets in
+        try:
+            params = sampling_params(request.sampling)
+            # NOTE: off the event loop: tokenizing a long text prompt would stall every stream of this router
+            tokens = await asyncio.to_thread(prompt_tokens, request, self.tokenizer, self.info,
+                                             self.max_prompt_bytes)
+        except ValueError as e:
+            self._release(rid)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except BaseException:  # cancelled while tokenizing
+            self._release(rid)
+            raise
         try:
             placement = await asyncio.to_thread(self._place, rid, tokens)
         except NoInstanceError as e:
@@ -202,6 +212,7 @@ class RouterService(pb_grpc.PDServeServicer):
                                transferred_blocks=last.transferred_blocks, reason=placement.reason))
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        await refuse_undecodable(request, context)
         found = request.request_id in self.inflight
         placement = self.inflight.get(request.request_id)
         if placement is not None:
@@ -212,12 +223,14 @@ class RouterService(pb_grpc.PDServeServicer):
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        await refuse_undecodable(request, context)
         info = self.info
         return pb.ModelInfo(model=info.model, vocab_size=info.vocab_size, max_model_len=info.max_model_len,
                             block_size=info.block_size, dtype=info.dtype, eos_token_ids=list(info.eos_token_ids))
 
     async def GetLoads(self, request: pb.GetLoadsRequest,
                        context: grpc.aio.ServicerContext) -> pb.GetLoadsResponse:
+        await refuse_undecodable(request, context)
         def read() -> pb.GetLoadsResponse:
             instances = self.store.live_instances()
             loads = self.store.loads([i.instance_id for i in instances])

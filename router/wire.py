@@ -1,0 +1,98 @@
+"""The router's gRPC handlers, registered with request parsers that never raise.
+
+NOTE: with the generated `add_PDServeServicer_to_server`, bytes that do not parse as the request message (or
+carry invalid UTF-8 in a string field) raise inside gRPC's deserializer: the client gets UNKNOWN and the server
+logs a traceback per request. Here such a request reaches the servicer as an `Undecodable` value, which it
+refuses with INVALID_ARGUMENT; the refusals are logged at WARNING at most once per interval, with a count.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+import api.v1.pdserve_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["PDServe"].full_name
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A request whose bytes did not parse."""
+
+    method: str
+    num_bytes: int
+    error: str
+
+
+class RateLimitedWarning:
+    """Logs the first event, then at most one line per `interval_s` saying how many came meanwhile."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 10.0) -> None:
+        self.logger, self.interval_s = logger, interval_s
+        self.count = 0  # events in all
+        self._lock = threading.Lock()
+        self._next = 0.0
+        self._suppressed = 0
+
+    def warn(self, message: str) -> None:
+        with self._lock:
+            self.count += 1
+            now = time.monotonic()
+            if now < self._next:
+                self._suppressed += 1
+                return
+            suppressed, self._suppressed, self._next = self._suppressed, 0, now + self.interval_s
+        more = f" ({suppressed} more since the last such line)" if suppressed else ""
+        self.logger.warning("%s%s", message, more)
+
+
+UNDECODABLE = RateLimitedWarning(log)
+
+
+def _parser(cls: type[Message], method: str) -> Callable[[bytes], Message | Undecodable]:
+    def parse(raw: bytes) -> Message | Undecodable:
+        try:
+            return cls.FromString(raw)
+        except (DecodeError, UnicodeDecodeError, ValueError) as e:
+            return Undecodable(method, len(raw), str(e) or type(e).__name__)
+
+    return parse
+
+
+async def refuse_undecodable(request: Any, context: grpc.aio.ServicerContext) -> None:
+    """Abort the call with INVALID_ARGUMENT if its request did not parse (call first in every RPC)."""
+    if isinstance(request, Undecodable):
+        UNDECODABLE.warn(f"refused {UNDECODABLE.count + 1} undecodable request(s); latest: {request.method}, "
+                         f"{request.num_bytes} bytes: {request.error}")
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"the request is not a valid {request.method} message: {request.error}")
+
+
+def add_router_to_server(servicer: Any, server: grpc.aio.Server) -> None:
+    """Register `servicer`'s four RPCs (the PDServe service) on `server`."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate, request_deserializer=_parser(pb.GenerateRequest, "GenerateRequest"),
+            response_serializer=pb.GenerateResponse.SerializeToString),
+        "Abort": grpc.unary_unary_rpc_method_handler(
+            servicer.Abort, request_deserializer=_parser(pb.AbortRequest, "AbortRequest"),
+            response_serializer=pb.AbortResponse.SerializeToString),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetModelInfo, request_deserializer=_parser(pb.GetModelInfoRequest, "GetModelInfoRequest"),
+            response_serializer=pb.ModelInfo.SerializeToString),
+        "GetLoads": grpc.unary_unary_rpc_method_handler(
+            servicer.GetLoads, request_deserializer=_parser(pb.GetLoadsRequest, "GetLoadsRequest"),
+            response_serializer=pb.GetLoadsResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
