@@ -9,7 +9,7 @@ import pytest
 
 from kv_transfer import TransferConfig, transports
 from tests.conftest import device_for_tp
-from tests.kv_transfer.test_pull import connector, consumer_factory, decode, prefill_factory  # noqa: F401 - fixtures
+from tests.kv_transfer.test_consumer import connector, consumer_factory, decode, prefill_factory  # noqa: F401 - fixtures
 from tests.model_factory import hf_greedy, random_prompts
 
 

@@ -12,7 +12,7 @@ import pytest
 from pdserve.bench import workload
 from pdserve.bench.cli import add_arguments
 from pdserve.bench.cli import main as bench_main
-from tests.router.serve_process import Server, serve
+from tests.e2e.serve_process import Server, serve
 
 _SHARED = pathlib.Path(__file__).resolve().parents[3] / "shared" / "workloads" / "mooncake_synthetic_trace.jsonl"
 # The full sample beside the checkout when present (as in CI), else its first 200 lines kept in tests/data.

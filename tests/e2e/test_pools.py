@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.model_factory import random_prompts
-from tests.router.serve_process import Server, serve
+from tests.e2e.serve_process import Server, serve
 
 pytestmark = pytest.mark.slow
 
