@@ -9,11 +9,11 @@ import pytest
 
 from kv_transfer import TransferConfig, transports
 from tests.conftest import device_for_tp
-from tests.kv_transfer.test_consumer import connector, consumer_factory, decode, prefill_factory  # noqa: F401 - fixtures
+from tests.kv_transfer.conftest import connector, decode
 from tests.model_factory import hf_greedy, random_prompts
 
 
-def test_shared_memory_path_is_logged(models: dict[str, pathlib.Path], prefill_factory, consumer_factory,  # noqa: F811
+def test_shared_memory_path_is_logged(models: dict[str, pathlib.Path], prefill_factory, consumer_factory,
                                       caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("UCX_TLS", raising=False)
     caplog.set_level(logging.INFO, logger="kv_transfer.transports")
@@ -28,7 +28,7 @@ def test_shared_memory_path_is_logged(models: dict[str, pathlib.Path], prefill_f
     assert transports.tcp_fallback_warnings == before
 
 
-def test_tcp_fallback_is_warned_and_counted(models: dict[str, pathlib.Path], prefill_factory, consumer_factory,  # noqa: F811
+def test_tcp_fallback_is_warned_and_counted(models: dict[str, pathlib.Path], prefill_factory, consumer_factory,
                                             caplog: pytest.LogCaptureFixture,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("UCX_TLS", raising=False)  # restored after the test: apply_env sets it process-wide
