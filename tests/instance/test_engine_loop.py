@@ -6,6 +6,7 @@ and every later one with RuntimeError; stop() ends the thread."""
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -132,7 +133,7 @@ def test_idle_and_after_step_hooks(make_loop, engine: ScriptedEngine) -> None:
     assert idle.wait(WAIT)  # the script ran out: the loop is idle
     assert after == [1, 2]
     wait_until(lambda: len(periodic) >= 3, "three periodic calls")
-    gaps = [b - a for a, b in zip(periodic, periodic[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(list(periodic))]
     assert all(g >= 0.045 for g in gaps), gaps
 
 

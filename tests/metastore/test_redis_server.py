@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import redis
 
 from metastore import InstanceInfo, MetadataStore, RedisServer
 
@@ -23,3 +24,32 @@ def test_private_redis_server_stops_cleanly() -> None:
 
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_url_serves_and_stop_removes_process_and_directory() -> None:
+    with RedisServer() as server:
+        assert server.url == f"redis://127.0.0.1:{server.port}/0" and server.port > 0
+        client = redis.Redis.from_url(server.url)
+        try:
+            client.set("k", "v")
+            assert client.get("k") == b"v"
+            assert client.config_get("save") == {"save": ""}  # no persistence
+        finally:
+            client.close()
+        assert server.proc is not None and server.dir is not None
+        pid, directory = server.proc.pid, server.dir
+        assert os.path.isdir(directory)
+    assert server.proc is None and server.dir is None and not os.path.exists(directory)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    server.stop()  # stopping again is harmless
+
+
+def test_two_servers_get_two_ports() -> None:
+    with RedisServer() as a, RedisServer() as b:
+        assert a.port != b.port
+
+
+def test_a_missing_executable_names_the_way_out() -> None:
+    with pytest.raises(RuntimeError, match="redis-server-nope not found on PATH: install redis-server"):
+        RedisServer("redis-server-nope")
