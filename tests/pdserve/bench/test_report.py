@@ -40,7 +40,8 @@ def test_summary_of_exact_results() -> None:
     lines = table(s, 4.0).splitlines()
     assert lines[0] == "== rate 4 req/s: 3/5 succeeded in 2.0 s; errors {'RESOURCE_EXHAUSTED': 1, 'NOT_SENT': 1}"
     assert lines[2] == "TTFT" + " " * 6 + "    100.0    260.0    296.0"
-    assert lines[6] == "prefix hit rate 50.0% of prompt tokens; disaggregated 33%; 4 KV blocks transferred"
+    assert lines[6] == "goodput    1.00 req/s meeting TTFT <= 500 ms and TPOT <= 20 ms (67% of requests)"
+    assert lines[7] == "prefix hit rate 50.0% of prompt tokens; disaggregated 33%; 4 KV blocks transferred"
 
 
 def test_nothing_succeeded_is_zero_not_a_division_error() -> None:
