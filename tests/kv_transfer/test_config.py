@@ -37,7 +37,9 @@ def test_env_has_exactly_the_ucx_variables_set() -> None:
 
 
 def test_apply_env_sets_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("UCX_TLS", raising=False)
-    monkeypatch.delenv("UCX_RNDV_THRESH", raising=False)
+    # NOTE: setenv, not delenv: monkeypatch records (and so undoes) only a variable it sets or deletes, and UCX
+    # settings leaking out of this test would change every later NIXL test in this process and its children.
+    monkeypatch.setenv("UCX_TLS", "before")
+    monkeypatch.setenv("UCX_RNDV_THRESH", "before")
     TransferConfig(ucx_tls="shm,self", ucx_env={"UCX_RNDV_THRESH": "8k"}).apply_env()
     assert os.environ["UCX_TLS"] == "shm,self" and os.environ["UCX_RNDV_THRESH"] == "8k"
