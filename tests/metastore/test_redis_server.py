@@ -21,7 +21,6 @@ def test_private_redis_server_stops_cleanly() -> None:
     pid = server.proc.pid if server.proc else 0
     MetadataStore(server.url).register(info("z"))
     server.stop()
-
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
 
