@@ -31,13 +31,13 @@ class RedisServer:
     """Start with `start()` (or a `with` block); `url` is then redis://127.0.0.1:PORT/0. `stop()` ends it."""
 
     def __init__(self, executable: str = "redis-server") -> None:
+        self.proc: subprocess.Popen[bytes] | None = None  # first: __del__ runs even when __init__ raises
         path = shutil.which(executable)
         if path is None:
             raise RuntimeError(f"{executable} not found on PATH: install redis-server (apt-get install "
                                "redis-server) or give a Redis URL in the configuration")
         self.executable = path
         self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
         self.dir: str | None = None
 
     @property

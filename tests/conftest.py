@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from engine import LLMEngine, envs
+from engine import LLM, LLMEngine, envs
 from tests.model_factory import make_tiny_model
 
 
@@ -98,3 +98,13 @@ def run_to_completion(engine: LLMEngine, max_steps: int = 10_000) -> dict[str, l
             if out.finished:
                 done[out.request_id] = list(out.token_ids)
     raise AssertionError("engine did not finish within max_steps")
+
+
+def generate_greedy(model: pathlib.Path, prompts: list[list[int]], n: int, **kwargs: object) -> tuple[list, LLM]:
+    """`n` greedy tokens per prompt from a fresh float32 LLM; returns (token ids per prompt, the LLM to shut
+    down). The GPU tests compare such runs across devices and settings."""
+    from engine import LLM, SamplingParams
+
+    llm = LLM(model=str(model), dtype="float32", **kwargs)  # type: ignore[arg-type]
+    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    return [o.token_ids for o in llm.generate(prompts, params)], llm

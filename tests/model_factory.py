@@ -184,6 +184,7 @@ def make_tiny_model(
 
 
 _MODEL_CACHE: dict[tuple[str, int], PreTrainedModel] = {}
+_GREEDY_CACHE: dict[tuple[str, int, tuple[int, ...], int], list[int]] = {}
 
 
 def _load(model_dir: pathlib.Path) -> PreTrainedModel:
@@ -217,8 +218,14 @@ def hf_greedy(model_dir: pathlib.Path, prompt_ids: list[int], max_new_tokens: in
     """Greedy-decode ``max_new_tokens`` tokens with transformers; return only the generated ids.
 
     Decoding is pure argmax for exactly ``max_new_tokens`` steps: EOS neither stops generation nor is
-    masked out (unlike ``min_new_tokens``), matching an engine run with ``ignore_eos``.
+    masked out (unlike ``min_new_tokens``), matching an engine run with ``ignore_eos``. Results are memoised
+    (keyed like the model cache), so test modules that check the same prompt share one transformers run.
     """
+    path = pathlib.Path(model_dir).resolve()
+    weights = path / "model.safetensors"
+    key = (str(path), weights.stat().st_mtime_ns if weights.exists() else 0, tuple(prompt_ids), max_new_tokens)
+    if key in _GREEDY_CACHE:
+        return list(_GREEDY_CACHE[key])
     model = _load(model_dir)
     input_ids = torch.tensor([prompt_ids], dtype=torch.long)
     with torch.no_grad():
@@ -227,7 +234,8 @@ def hf_greedy(model_dir: pathlib.Path, prompt_ids: list[int], max_new_tokens: in
             attention_mask=torch.ones_like(input_ids),
             generation_config=_greedy_config(max_new_tokens),
         )
-    return [int(t) for t in out[0, len(prompt_ids) :].tolist()]
+    _GREEDY_CACHE[key] = [int(t) for t in out[0, len(prompt_ids) :].tolist()]
+    return list(_GREEDY_CACHE[key])
 
 
 def hf_greedy_batch(

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from engine.config import EngineConfig
-from engine.model_runner import ModelRunner
 
 
 def test_construction_leaves_machine_settings_open(models: dict[str, pathlib.Path]) -> None:
@@ -36,6 +35,22 @@ def test_resolved_checks_the_gpus_of_this_machine(models: dict[str, pathlib.Path
         cfg.resolved()
 
 
-def test_the_runner_refuses_an_unresolved_config(models: dict[str, pathlib.Path]) -> None:
-    with pytest.raises(ValueError, match=r"EngineConfig\.resolved\(\)"):
-        ModelRunner(EngineConfig(model=str(models["llama"])))
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"block_size": 12}, "block_size"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"max_model_len": 4096}, "max_model_len"),
+        ({"num_kv_blocks": 2}, "num_kv_blocks"),
+        ({"load_format": "pickle"}, "load_format"),
+    ],
+)
+def test_bad_engine_config_is_named(models: dict[str, pathlib.Path], kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        EngineConfig(model=str(models["llama"]), **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("size", [3, 4, 16])
+def test_tp_size_the_heads_do_not_allow_is_refused(models: dict[str, pathlib.Path], size: int) -> None:
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        EngineConfig(model=str(models["llama"]), tensor_parallel_size=size)

@@ -10,7 +10,6 @@ import pytest
 
 from engine.config import EngineConfig
 from engine.model_info import ModelInfo
-from engine.tokenizer import encode_prompt, load_tokenizer
 from tests.model_factory import make_tiny_model
 
 
@@ -81,13 +80,3 @@ def test_validate_prompt_accepts_the_edges(model: pathlib.Path) -> None:
     info = ModelInfo.load(str(model), max_model_len=100)
     info.validate_prompt([0, 511])
     info.validate_prompt(list(range(99)))
-
-
-def test_encode_prompt(model: pathlib.Path) -> None:
-    tokenizer = load_tokenizer(str(model))
-    assert encode_prompt(tokenizer, [3, 4]) == [3, 4]
-    ids = encode_prompt(tokenizer, "hello world")
-    assert ids and ids == tokenizer.encode("hello world", add_special_tokens=True).ids
-    with pytest.raises(ValueError, match=r"no tokenizer\.json; pass prompt token ids"):
-        encode_prompt(None, "hello")
-    assert encode_prompt(None, (1, 2)) == [1, 2]  # type: ignore[arg-type]

@@ -1,27 +1,11 @@
-"""Descriptor rows for every TP pairing, exact addresses; the agent descriptor's wire format."""
+"""The read planner: descriptor rows for every TP pairing, with exact addresses."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
-
 import numpy as np
-import pytest
 
-from kv_transfer.descriptor import PROTOCOL_VERSION, AgentDescriptor, check_compatible
-from kv_transfer.errors import IncompatibleKVError
 from kv_transfer.plan import plan_reads
-
-HEAD = 1000  # head_bytes: one KV head of one block
-
-
-def desc(rank: int, size: int, base: int, heads: int = 4, name: str = "x") -> AgentDescriptor:
-    local = heads // size
-    return AgentDescriptor(
-        version=PROTOCOL_VERSION, engine_id=name, agent_name=f"{name}{rank}", agent_metadata=b"md",
-        mem_type="DRAM", device_id=0, base_addr=base, num_blocks=64, block_size=16, block_bytes=local * HEAD,
-        head_bytes=HEAD, num_kv_heads=local, total_kv_heads=heads, num_layers=2, head_dim=8, tp_rank=rank,
-        tp_size=size, dtype="float32", model_fingerprint="f")
+from tests.kv_transfer.conftest import HEAD, desc
 
 
 def rows(a: np.ndarray) -> list[tuple[int, int]]:
@@ -69,26 +53,3 @@ def test_tp2_to_tp4_picks_the_single_overlapping_rank() -> None:
     (plan,) = plan_reads(local, remotes, [1], [2])
     assert plan.remote.tp_rank == 1
     assert rows(plan.remote_rows) == [(10**7 + 2 * 4 * HEAD, 2 * HEAD)]
-
-
-def test_descriptor_json_round_trip_and_validation() -> None:
-    d = desc(0, 1, 123)
-    assert AgentDescriptor.from_json(d.to_json()) == d
-    assert "agent_metadata" in json.loads(d.to_json())
-    bad = json.loads(d.to_json())
-    bad["base_addr"] = "123"
-    with pytest.raises(ValueError, match="base_addr"):
-        AgentDescriptor.from_dict(bad)
-    bad = json.loads(d.to_json())
-    bad["version"] = 99
-    with pytest.raises(IncompatibleKVError, match="version"):
-        AgentDescriptor.from_dict(bad)
-
-
-@pytest.mark.parametrize(("field", "value"), [("model_fingerprint", "other"), ("dtype", "bfloat16"),
-                                              ("block_size", 32), ("layout", "layer,block")])
-def test_incompatible_pairs_are_refused_naming_the_field(field: str, value: object) -> None:
-    a = desc(0, 1, 0)
-    b = dataclasses.replace(desc(0, 1, 0, name="p"), **{field: value})
-    with pytest.raises(IncompatibleKVError, match=field):
-        check_compatible(a, b)

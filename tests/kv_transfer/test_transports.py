@@ -9,13 +9,14 @@ import pytest
 
 from kv_transfer import TransferConfig, transports
 from tests.conftest import device_for_tp
-from tests.kv_transfer.test_pull import connector, consumer_factory, decode, prefill_factory  # noqa: F401 - fixtures
+from tests.kv_transfer.conftest import connector, decode
 from tests.model_factory import hf_greedy, random_prompts
 
 
-def test_shared_memory_path_is_logged(models: dict[str, pathlib.Path], prefill_factory, consumer_factory,  # noqa: F811
+def test_shared_memory_path_is_logged(models: dict[str, pathlib.Path], prefill_factory, consumer_factory,
                                       caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("UCX_TLS", raising=False)
+    monkeypatch.setenv("UCX_TLS", "")  # then delenv: unset now, and unset again after the test (apply_env sets it)
+    monkeypatch.delenv("UCX_TLS")
     caplog.set_level(logging.INFO, logger="kv_transfer.transports")
     prefill = prefill_factory(models["llama"])
     consumer = consumer_factory(models["llama"])
@@ -28,10 +29,13 @@ def test_shared_memory_path_is_logged(models: dict[str, pathlib.Path], prefill_f
     assert transports.tcp_fallback_warnings == before
 
 
-def test_tcp_fallback_is_warned_and_counted(models: dict[str, pathlib.Path], prefill_factory, consumer_factory,  # noqa: F811
+def test_tcp_fallback_is_warned_and_counted(models: dict[str, pathlib.Path], prefill_factory, consumer_factory,
                                             caplog: pytest.LogCaptureFixture,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("UCX_TLS", raising=False)  # restored after the test: apply_env sets it process-wide
+    # apply_env sets UCX_TLS process-wide; setenv first so that monkeypatch restores it (delenv of an unset
+    # variable records nothing to undo)
+    monkeypatch.setenv("UCX_TLS", "")
+    monkeypatch.delenv("UCX_TLS")
     caplog.set_level(logging.INFO, logger="kv_transfer.transports")
     # NOTE: GPU memory needs cuda_copy beside tcp (UCX stages VRAM through host buffers), else no UCX backend.
     tcp = {"ucx_tls": "tcp,cuda_copy" if device_for_tp(2) == "cuda" else "tcp"}

@@ -89,14 +89,3 @@ def test_policy_changes_at_runtime_and_is_validated(store: MetadataStore) -> Non
     with pytest.raises(ValueError, match="unknown key 'nope'"):
         store.set_policy(nope=1)
     assert store.policy(base).max_local_prefill_tokens == 32  # a refused change leaves the policy as it was
-
-
-def test_private_redis_server_stops_cleanly() -> None:
-    server = RedisServer().start()
-    pid = server.proc.pid if server.proc else 0
-    MetadataStore(server.url).register(info("z"))
-    server.stop()
-    import os
-
-    with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)

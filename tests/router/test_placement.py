@@ -97,8 +97,3 @@ def test_token_queue_trigger_prefills_locally_when_every_prefill_queue_is_longer
     assert where({"p1": 6000, "d0": 6000}) == "p1"  # the local queue is no shorter: stay remote
     off = PlacementPolicy(max_local_prefill_tokens=64, prefill_queue_threshold=4)
     assert place(3000, D, P, {}, loads, off, affinity_key=key, pending_prefill={"p1": 9000}).prefill_instance == "p1"
-
-
-def test_policy_rejects_a_fractional_token_threshold() -> None:
-    with pytest.raises(ValueError, match="max_prefill_queue_tokens"):
-        PlacementPolicy(max_prefill_queue_tokens=1.5)  # type: ignore[arg-type]

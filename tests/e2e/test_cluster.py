@@ -11,8 +11,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from api.v1 import pdserve_pb2 as pb
+from tests.e2e.serve_process import Server, serve
 from tests.model_factory import hf_greedy, random_prompts
-from tests.router.serve_process import Server, serve
 
 pytestmark = pytest.mark.slow
 

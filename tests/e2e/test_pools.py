@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from tests.e2e.serve_process import Server, serve
 from tests.model_factory import random_prompts
-from tests.router.serve_process import Server, serve
 
 pytestmark = pytest.mark.slow
 

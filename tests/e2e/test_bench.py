@@ -12,7 +12,7 @@ import pytest
 from pdserve.bench import workload
 from pdserve.bench.cli import add_arguments
 from pdserve.bench.cli import main as bench_main
-from tests.router.serve_process import Server, serve
+from tests.e2e.serve_process import Server, serve
 
 _SHARED = pathlib.Path(__file__).resolve().parents[3] / "shared" / "workloads" / "mooncake_synthetic_trace.jsonl"
 # The full sample beside the checkout when present (as in CI), else its first 200 lines kept in tests/data.
@@ -93,8 +93,3 @@ def test_every_request_is_accounted_for_with_error_codes(tmp_path: pathlib.Path,
         reqs = data["runs"][0]["requests"]
         assert all((r["status"] == "OK") == bool(r["decode_instance"]) for r in reqs)
         srv.wait_idle()
-
-
-def test_bad_distribution_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match="uniform:LO:HI"):
-        workload.Distribution("uniform:5")

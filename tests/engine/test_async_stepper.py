@@ -1,7 +1,7 @@
-"""Async scheduling (engine/inflight.py) against the synchronous loop: same tokens, same prefix-cache hashes, no
-leaked blocks, and every request finished exactly once, through preemption, aborts, stops and shared prefixes.
-On CPU the forward is synchronous anyway, so these check the protocol's bookkeeping; the device overlap is
-measured by bench/gpu_throughput.py."""
+"""Async scheduling (engine/async_stepper.py, engine/inflight.py) against the synchronous loop: same tokens, same
+prefix-cache hashes, no leaked blocks, and every request finished exactly once, through preemption, aborts, stops
+and shared prefixes. On CPU the forward is synchronous anyway, so these check the protocol's bookkeeping; the
+device overlap is measured by bench/gpu_throughput.py."""
 
 from __future__ import annotations
 

@@ -1,14 +1,16 @@
-"""Tensor parallelism (NCCL on a machine with 2 GPUs, else gloo on CPU): TP=2 gives the same greedy tokens as
-TP=1 and as transformers."""
+"""Tensor parallelism through the executor (its rank processes; NCCL on a machine with 2 GPUs, else gloo on CPU):
+TP=2 gives the same greedy tokens as TP=1 and as transformers."""
 
 from __future__ import annotations
 
 import pathlib
 
 import pytest
+import torch
 
-from engine import LLM, EngineConfig, SamplingParams
+from engine import LLM, SamplingParams
 from tests.conftest import assert_all_free, device_for_tp
+from tests.conftest import generate_greedy as _generate
 from tests.model_factory import hf_greedy, random_prompts
 
 
@@ -38,7 +40,18 @@ def test_tp2_tied_embeddings(models: dict[str, pathlib.Path]) -> None:
     assert outs == [hf_greedy(model, p, 16) for p in prompts]
 
 
-@pytest.mark.parametrize("size", [3, 4, 16])
-def test_tp_size_the_heads_do_not_allow_is_refused(models: dict[str, pathlib.Path], size: int) -> None:
-    with pytest.raises(ValueError, match="tensor_parallel_size"):
-        EngineConfig(model=str(models["llama"]), tensor_parallel_size=size)
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_tp2_nccl_equals_tp1(models: dict[str, pathlib.Path]) -> None:
+    """TP 2 over NCCL (Triton attention, eager decode: graphs are off for TP > 1) against TP 1 with graphs."""
+    model = models["qwen2"]
+    prompts = random_prompts(5, [1, 17, 64, 130, 200], 512, seed=303)
+    tp1, llm = _generate(model, prompts, 24, device="cuda")
+    assert llm.engine.executor.runner.graphs is not None
+    llm.shutdown()
+    tp2, llm = _generate(model, prompts, 24, device="cuda", tensor_parallel_size=2)
+    assert llm.engine.executor.runner.graphs is None
+    assert llm.engine.executor.runner.attn.name == "triton"
+    assert_all_free(llm.engine)
+    llm.shutdown()
+    assert tp2 == tp1

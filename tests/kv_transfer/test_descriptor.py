@@ -1,0 +1,36 @@
+"""The agent descriptor: its JSON wire format round-trips and is validated; pairs whose KV caches are not
+interchangeable are refused naming the field."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from kv_transfer.descriptor import AgentDescriptor, check_compatible
+from kv_transfer.errors import IncompatibleKVError
+from tests.kv_transfer.conftest import desc
+
+
+def test_descriptor_json_round_trip_and_validation() -> None:
+    d = desc(0, 1, 123)
+    assert AgentDescriptor.from_json(d.to_json()) == d
+    assert "agent_metadata" in json.loads(d.to_json())
+    bad = json.loads(d.to_json())
+    bad["base_addr"] = "123"
+    with pytest.raises(ValueError, match="base_addr"):
+        AgentDescriptor.from_dict(bad)
+    bad = json.loads(d.to_json())
+    bad["version"] = 99
+    with pytest.raises(IncompatibleKVError, match="version"):
+        AgentDescriptor.from_dict(bad)
+
+
+@pytest.mark.parametrize(("field", "value"), [("model_fingerprint", "other"), ("dtype", "bfloat16"),
+                                              ("block_size", 32), ("layout", "layer,block")])
+def test_incompatible_pairs_are_refused_naming_the_field(field: str, value: object) -> None:
+    a = desc(0, 1, 0)
+    b = dataclasses.replace(desc(0, 1, 0, name="p"), **{field: value})
+    with pytest.raises(IncompatibleKVError, match=field):
+        check_compatible(a, b)
