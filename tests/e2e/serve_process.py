@@ -24,8 +24,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 class Server:
-    def __init__(self, proc: subprocess.Popen[str], target: str, store: MetadataStore) -> None:
-        self.proc, self.target, self.store = proc, target, store
+    def __init__(self, proc: subprocess.Popen[str], target: str, store: MetadataStore, log: pathlib.Path) -> None:
+        self.proc, self.target, self.store, self.log = proc, target, store, log
         self.channel = grpc.insecure_channel(target)
         self.stub = pb_grpc.PDServeStub(self.channel)
 
@@ -71,7 +71,7 @@ def serve(tmp: pathlib.Path, model: pathlib.Path, edits: dict[str, Any] | None =
         try:
             line = proc.stdout.readline() if proc.stdout else ""
             assert line.startswith("pdserve: serving on "), f"no ready line; log:\n{log.read_text()[-3000:]}"
-            server = Server(proc, line.strip().rsplit(" ", 1)[1], MetadataStore(redis.url, registry_lease_s=2))
+            server = Server(proc, line.strip().rsplit(" ", 1)[1], MetadataStore(redis.url, registry_lease_s=2), log)
             yield server
             server.channel.close()
             proc.send_signal(signal.SIGTERM)

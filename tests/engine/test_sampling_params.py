@@ -10,7 +10,11 @@ from engine.sampling_params import SamplingParams
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"max_tokens": 0}, "max_tokens must be a positive integer, got 0"),
     ({"max_tokens": 2.0}, "max_tokens must be a positive integer, got 2.0"),
-    ({"temperature": -0.1}, "temperature must be >= 0, got -0.1"),
+    ({"temperature": -0.1}, "temperature must be a finite number >= 0, got -0.1"),
+    ({"temperature": float("nan")}, "temperature must be a finite number >= 0, got nan"),
+    ({"temperature": float("inf")}, "temperature must be a finite number >= 0, got inf"),
+    ({"top_p": float("nan")}, r"top_p must be in \(0, 1\], got nan"),
+    ({"max_tokens": True}, "max_tokens must be a positive integer, got True"),
     ({"top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
     ({"top_p": 1.5}, r"top_p must be in \(0, 1\], got 1.5"),
     ({"top_k": -2}, r"top_k must be -1, 0 \(disabled\) or a positive integer, got -2"),
