@@ -49,3 +49,15 @@ def test_worker_errors_by_type_not_text() -> None:
     assert worker_error_status(ValueError("y")) == (grpc.StatusCode.INVALID_ARGUMENT, "y")
     assert worker_error_status(RuntimeError("no KV blocks")) is None
     assert worker_error_status(None) is None
+
+
+def test_text_over_the_byte_cap_is_refused_before_tokenizing() -> None:
+    class Refuses:  # a tokenizer that must not be reached
+        def encode(self, *a: object, **k: object) -> None:
+            raise AssertionError("tokenized a prompt over the cap")
+
+    text = "é" * 15  # 30 UTF-8 bytes: the cap counts bytes, not characters
+    with pytest.raises(ValueError, match=r"text prompt is 30 bytes; at most 29 .*server.max_prompt_bytes"):
+        prompt_tokens(pb.GenerateRequest(text=text), Refuses(), INFO, max_prompt_bytes=29)  # type: ignore[arg-type]
+    tokenizer = build_tokenizer()
+    assert prompt_tokens(pb.GenerateRequest(text=text), tokenizer, INFO, max_prompt_bytes=30)
