@@ -22,18 +22,21 @@ class DecodeActor(InstanceActor):
     stream_items = 0  # stream items they went out in (fewer: a consumer lagged, outputs were merged)
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
-                       kv_handle: KVHandle | None = None) -> AsyncIterator[StreamDelta]:
+                       kv_handle: KVHandle | None = None, resumed: list[int] = (),  # type: ignore[assignment]
+                       text_offset: int = 0) -> AsyncIterator[StreamDelta]:
         """Stream the request's tokens: one item per step while the consumer keeps up, else the tokens of every
         step since its last item, in order. The final item carries the routing counts. Cancelling the stream
-        aborts the request (blocks freed)."""
+        aborts the request (blocks freed). A stream that moved here from a lost instance passes the tokens it
+        already generated (`resumed`) and the characters of text already sent (`text_offset`): the text is a
+        function of the tokens, so the stream continues where the client's text ends."""
         if self._mailbox is None:
             self._mailbox = StepMailbox(asyncio.get_running_loop())
         outputs: OutputQueue = asyncio.Queue()
         transferred = await asyncio.wrap_future(
-            self.worker.generate(request_id, prompt, params, self._mailbox.sink(outputs), kv_handle))
+            self.worker.generate(request_id, prompt, params, self._mailbox.sink(outputs), kv_handle, resumed))
         finished = False
         try:
-            text_sent = 0
+            text_sent = text_offset
             while not finished:
                 out, token_ids, merged = await next_outputs(outputs)
                 self.stream_outputs += merged

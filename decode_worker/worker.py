@@ -16,7 +16,9 @@ class DecodeWorker(InstanceWorker):
     poll_when_idle = False
 
     def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
-                 sink: Callable[[RequestOutput], None], kv: KVHandle | None = None) -> Future[int]:
+                 sink: Callable[[RequestOutput], None], kv: KVHandle | None = None,
+                 resumed: list[int] = ()) -> Future[int]:  # type: ignore[assignment]
         """Queue a request: prefilled here when `kv` is None, else decoded over KV pulled from a prefill
-        instance. The Future gives the number of blocks being transferred; `sink` receives every output."""
-        return self.submit(request_id, prompt, params, sink, kv)
+        instance; `resumed` continues a stream that moved here (LLMEngine.add_request). The Future gives the
+        number of blocks being transferred; `sink` receives every output."""
+        return self.submit(request_id, prompt, params, sink, kv, resumed)

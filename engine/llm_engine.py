@@ -42,8 +42,7 @@ from engine.tokenizer import IncrementalDetokenizer, encode_prompt, load_tokeniz
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, kv_connector: KVConnectorSpec | None = None) -> None:
-        config = config.resolved()
-        self.config = config
+        self.config = config = config.resolved()
         self.info = ModelInfo.from_config(config)
         self.tokenizer = load_tokenizer(config.model)
         self.executor = Executor(config)
@@ -81,16 +80,24 @@ class LLMEngine:
             raise ValueError("stop strings need a tokenizer.json in the model directory")
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    kv_source: Any | None = None) -> int:
+                    kv_source: Any | None = None, resumed: list[int] = ()) -> int:  # type: ignore[assignment]
         """Queue a request. With `kv_source` (the decode role: where a prefill instance holds the prompt's KV),
-        the KV connector loads the prompt instead of computing it. Returns the number of KV blocks being loaded
-        (0 without a source). Raises ValueError for bad input, NoKVSpaceError when a load finds no room."""
+        the KV connector loads the prompt instead of computing it. `resumed`: tokens the request already
+        generated elsewhere (a migrated stream): they count as its output (max_tokens, stop rules, text) and are
+        computed here with the prompt. Returns the number of KV blocks being loaded (0 without a source). Raises
+        ValueError for bad input, NoKVSpaceError when a load finds no room."""
         if request_id in self.requests or (self.remote is not None and request_id in self.remote.held):
             raise ValueError(f"request id {request_id!r} is already in flight")
         prompt_ids = self.encode(prompt)
         self.validate(prompt_ids, params)
         request = Request(request_id, [int(t) for t in prompt_ids], params, next(self._arrival),
                           self.info.eos_token_ids, self.info.max_model_len)
+        detok = IncrementalDetokenizer(self.tokenizer, params.stop)
+        if resumed:
+            self.info.validate_resumed(prompt_ids, list(resumed), params.max_tokens, kv_source)
+            for token in resumed:
+                request.append_token(int(token))
+                detok.add(int(token))
         if kv_source is None:
             self.scheduler.add(request)
             loading = 0
@@ -99,7 +106,7 @@ class LLMEngine:
         else:
             loading = self.remote.start_load(request, kv_source)
         self.requests[request_id] = request
-        self.detok[request_id] = IncrementalDetokenizer(self.tokenizer, params.stop)
+        self.detok[request_id] = detok
         return loading
 
     def abort_request(self, request_id: str) -> None:
@@ -180,16 +187,9 @@ class LLMEngine:
         return EngineLoad(len(sched.waiting), len(sched.running), self.kv.usage, queued)
 
     def stats(self) -> EngineStats:
-        return EngineStats(
-            num_waiting=len(self.scheduler.waiting),
-            num_running=len(self.scheduler.running),
-            kv=self.kv.stats(),
-            kv_usage=self.kv.usage,
-            prefix_cache_queries=self.kv.prefix_queries,
-            prefix_cache_hits=self.kv.prefix_hits,
-            num_preemptions=self.scheduler.num_preemptions,
-            num_held=len(self.remote.held) if self.remote is not None else 0,
-        )
+        sched, kv = self.scheduler, self.kv
+        return EngineStats(len(sched.waiting), len(sched.running), kv.stats(), kv.usage, kv.prefix_queries,
+                           kv.prefix_hits, sched.num_preemptions, len(self.remote.held) if self.remote else 0)
 
     def shutdown(self) -> None:
         if self.remote is not None:

@@ -11,7 +11,7 @@ is the one prompt check: the engine runs it on every request and the router runs
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from engine.model_config import ModelConfig, dtype_name
 
@@ -55,6 +55,19 @@ class ModelInfo:
                 f"prompt has {len(prompt_ids)} tokens but max_model_len is {self.max_model_len}: at most "
                 f"{self.max_model_len - 1} prompt tokens fit, leaving room for one generated token"
             )
+
+    def validate_resumed(self, prompt_ids: list[int], resumed: list[int], max_tokens: int, kv_source: Any) -> None:
+        """Raise ValueError unless `resumed` (tokens a migrated request already generated) can continue here."""
+        if kv_source is not None:
+            raise ValueError("a resumed request computes its own prompt: it takes no KV source")
+        if len(resumed) >= max_tokens:
+            raise ValueError(f"{len(resumed)} tokens already generated, max_tokens is {max_tokens}: nothing left")
+        if len(prompt_ids) + len(resumed) >= self.max_model_len:
+            raise ValueError(f"prompt and resumed tokens ({len(prompt_ids) + len(resumed)}) leave no room under "
+                             f"max_model_len {self.max_model_len}")
+        bad = next((t for t in resumed if not 0 <= int(t) < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"resumed token id {bad} is outside the vocabulary [0, {self.vocab_size})")
 
 
 def _build(model: str, mc: ModelConfig, dtype: str, block_size: int, max_model_len: int,

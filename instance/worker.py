@@ -55,11 +55,13 @@ class InstanceWorker:
                                name=f"{self.role}-{instance_id}").start()
 
     def submit(self, request_id: str, prompt: list[int], params: SamplingParams,
-               sink: Callable[[RequestOutput], None], kv_source: Any | None = None) -> Future[int]:
-        """Queue a request; `sink` receives its outputs on the loop thread. The Future gives the number of KV
-        blocks being loaded (ValueError for bad input, NoKVSpaceError when a load finds no room)."""
-        return self.loop.add(request_id, lambda: self.engine.add_request(request_id, prompt, params, kv_source),
-                             sink)
+               sink: Callable[[RequestOutput], None], kv_source: Any | None = None,
+               resumed: list[int] = ()) -> Future[int]:  # type: ignore[assignment]
+        """Queue a request (LLMEngine.add_request); `sink` receives its outputs on the loop thread. The Future
+        gives the number of KV blocks being loaded (ValueError for bad input, NoKVSpaceError when a load finds
+        no room)."""
+        return self.loop.add(
+            request_id, lambda: self.engine.add_request(request_id, prompt, params, kv_source, resumed), sink)
 
     def abort(self, request_id: str) -> Future[None]:
         return self.loop.call(self.engine.abort_request, request_id)

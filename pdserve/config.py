@@ -61,12 +61,22 @@ class ServerConfig:
     max_inflight: int = 256  # requests the router serves at once; more are refused with RESOURCE_EXHAUSTED
     # A text prompt over this many UTF-8 bytes is refused (INVALID_ARGUMENT) before it is tokenized.
     max_prompt_bytes: int = 1 << 20
+    # A prefill call unanswered after this long goes to another prefill instance, else the decode instance.
+    prefill_timeout_s: float = 30.0
+    max_migrations: int = 2  # decode instances a stream may move off (each lost under it) before UNAVAILABLE
+    breaker_threshold: int = 3  # failures in a row that open an instance's circuit breaker (death: the first)
+    breaker_cooldown_s: float = 5.0  # an open breaker lets one probe request through after this long
 
     def __post_init__(self) -> None:
         if self.max_inflight < 1:
             raise ValueError(f"max_inflight: {self.max_inflight} must be >= 1")
         if self.max_prompt_bytes < 1:
             raise ValueError(f"max_prompt_bytes: {self.max_prompt_bytes} must be >= 1")
+        for name in ("prefill_timeout_s", "breaker_cooldown_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: {getattr(self, name)} must be > 0")
+        if self.max_migrations < 0 or self.breaker_threshold < 1:
+            raise ValueError("max_migrations must be >= 0 and breaker_threshold >= 1")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: {self.port} is not a TCP port (0 picks a free one)")
 

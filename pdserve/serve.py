@@ -74,8 +74,12 @@ class Cluster:
                 iid = f"{role}-{i}"
                 # NOTE: one actor per instance; its engine spawns the other TP ranks next to it, so the actor
                 # reserves every rank's GPU (num_gpus=tp) and they land on one node.
+                # NOTE: a lost instance comes back: Ray restarts its actor (the same arguments: it registers again
+                # and the router's breaker for it closes on the new pid). Calls in flight when it died fail;
+                # the router retries or moves them (router/recovery.py), so Ray must not retry them itself.
                 actor_cls = ray.remote(cls).options(name=iid, namespace=self.ray_namespace, num_cpus=0,
-                                                    num_gpus=tp if gpu else 0, max_concurrency=1000)
+                                                    num_gpus=tp if gpu else 0, max_concurrency=1000,
+                                                    max_restarts=-1, max_task_retries=0)
                 self.actors.append(actor_cls.remote(iid, engine_config, cfg.kv_transfer, url,
                                                     cfg.metastore.namespace, cfg.metastore.registry_lease_s))
         ray.get([a.ready.remote() for a in self.actors])
@@ -128,6 +132,7 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
                 on_ready: Callable[[str], None] | None = None) -> int:
     """Serve until SIGINT/SIGTERM, or until `stop` is set when one is given (then no signal handlers are
     installed: the caller owns shutdown). `on_ready("HOST:PORT")` replaces the ready line on stdout."""
+    from router.health import InstanceHealth
     from router.service import RouterService
 
     cluster = Cluster(cfg)
@@ -155,9 +160,12 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
     try:
         await asyncio.to_thread(cluster.start_pools)
         # The router's model facts, read from the model directory with the engines' settings (no weights).
+        srv = cfg.server
         info = ModelInfo.from_config(cfg.engine)  # NOTE: the facts every engine will have; no engine built here
         router.target = RouterService(info, load_tokenizer(info.model), store, cfg.placement,
-                                      cluster.ray_namespace, cfg.server.max_inflight, cfg.server.max_prompt_bytes)
+                                      cluster.ray_namespace, srv.max_inflight, srv.max_prompt_bytes,
+                                      srv.prefill_timeout_s, srv.max_migrations,
+                                      InstanceHealth(srv.breaker_threshold, srv.breaker_cooldown_s))
         for name in ("", SERVICE):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         if on_ready is not None:

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import threading
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,25 +28,25 @@ import api.v1.pdserve_pb2_grpc as pb_grpc
 from engine.block_hash import hash_blocks
 from engine.model_info import ModelInfo
 from engine.sampling_params import SamplingParams
-from instance.messages import PrefillDone, StreamDelta
-from metastore import MetadataStore, PlacementPolicy
+from instance.messages import StreamDelta
+from metastore import InstanceInfo, MetadataStore, PlacementPolicy
+from router import recovery
+from router.health import InstanceHealth
 from router.placement import NoInstanceError, Placement, place
 from router.request import prompt_tokens, sampling_params, worker_error_status
 from router.wire import refuse_undecodable
 
 log = logging.getLogger(__name__)
 
-# Stream items a decode actor may run ahead of this router per request. NOTE: beyond it the actor's generator
-# waits, its outputs queue up, and it sends them merged (decode_worker/stream.py): a router that falls behind
-# then receives fewer, larger items instead of an ever longer backlog of one-token items.
-STREAM_AHEAD_ITEMS = 8
+ABORT_TIMEOUT_S = 5.0
 ABORTED = StreamDelta(token_ids=[], text="", finished=True, finish_reason="abort")  # the final item of an abort
 
 
 class RouterService(pb_grpc.PDServeServicer):
     def __init__(self, info: ModelInfo, tokenizer: Tokenizer | None, store: MetadataStore,
                  policy: PlacementPolicy, ray_namespace: str, max_inflight: int = 256,
-                 max_prompt_bytes: int = 1 << 20) -> None:
+                 max_prompt_bytes: int = 1 << 20, prefill_timeout_s: float = 30.0, max_migrations: int = 2,
+                 health: InstanceHealth | None = None) -> None:
         self.info = info
         self.tokenizer = tokenizer  # None: the model has no tokenizer.json (token-id prompts only)
         self.store = store
@@ -57,20 +58,29 @@ class RouterService(pb_grpc.PDServeServicer):
         self._place_lock = threading.Lock()  # placement decisions and their records, one at a time
         self.max_inflight = max_inflight
         self.max_prompt_bytes = max_prompt_bytes
+        self.prefill_timeout_s, self.max_migrations = prefill_timeout_s, max_migrations
+        self.health = health or InstanceHealth()
+        self.known: dict[str, InstanceInfo] = {}  # the registry entries placement last saw (their pids)
+        self.counters: Counter[str] = Counter()  # recovery: prefill_retries, migrations, ... (router/recovery.py)
         self.aborted_before_placement: set[str] = set()
         self._actors: dict[str, Any] = {}
 
     # ---- helpers -------------------------------------------------------------------------------------------
-    def _actor(self, instance_id: str) -> Any:
+    def actor(self, instance_id: str) -> Any:
         if instance_id not in self._actors:
             self._actors[instance_id] = ray.get_actor(instance_id, namespace=self.ray_namespace)
         return self._actors[instance_id]
 
-    def _place(self, rid: str, tokens: list[int]) -> Placement:
+    def place(self, rid: str, tokens: list[int], keep_decode: str | None = None,
+               exclude: frozenset[str] = frozenset(), local_only: bool = False) -> Placement:
         """Decide and record (in `inflight` and `prefill_pending`) as one step under `_place_lock`: the requests
-        of a burst are placed on worker threads at once, and each must count the ones placed before it."""
-        decodes = self.store.live_instances("decode")
-        prefills = self.store.live_instances("prefill")
+        of a burst are placed on worker threads at once, and each must count the ones placed before it.
+        Re-placing after a failure (router/recovery.py): `keep_decode` keeps that decode instance, `exclude`
+        leaves out instances already tried, `local_only` prefills on the decode instance."""
+        usable = [i for i in self.store.live_instances() if i.instance_id not in exclude and self.health.usable(i)]
+        self.known.update({i.instance_id: i for i in usable})
+        decodes = [i for i in usable if i.role == "decode" and keep_decode in (None, i.instance_id)]
+        prefills = [] if local_only else [i for i in usable if i.role == "prefill"]
         bs, salt = self.info.block_size, self.info.hash_salt
         hashes = hash_blocks(tokens, bs, salt)
         overlaps = self.store.prefix_overlap(hashes)
@@ -94,6 +104,9 @@ class RouterService(pb_grpc.PDServeServicer):
                 self.inflight[rid] = placement
                 self.prefill_pending[rid] = (placement.prefill_instance or placement.decode_instance,
                                              placement.effective_prefill_tokens)
+                for iid in (placement.decode_instance, placement.prefill_instance):
+                    if iid:
+                        self.health.placed(iid)
         log.debug("request %s: decode on %s, prefill on %s, %d of %d tokens cached there: %s", rid,
                   placement.decode_instance, placement.prefill_instance or "it", placement.cached_tokens,
                   len(tokens), placement.reason)
@@ -102,10 +115,10 @@ class RouterService(pb_grpc.PDServeServicer):
     async def _abort_everywhere(self, request_id: str, placement: Placement) -> None:
         targets = [placement.decode_instance] + ([placement.prefill_instance] if placement.prefill_instance else [])
         for iid in targets:
-            try:
-                await self._actor(iid).abort.remote(request_id)
-            except Exception as e:  # the instance may be gone; its blocks went with it
-                log.warning("abort of %s on %s failed: %s", request_id, iid, e)
+            try:  # NOTE: bounded: a stalled instance (SIGSTOP) would hold the call forever
+                await asyncio.wait_for(self.actor(iid).abort.remote(request_id), ABORT_TIMEOUT_S)
+            except Exception as e:  # the instance may be gone (its blocks went with it) or stalled
+                log.warning("abort of %s on %s failed: %r", request_id, iid, e)
 
     # ---- RPCs ----------------------------------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest,
@@ -130,7 +143,7 @@ class RouterService(pb_grpc.PDServeServicer):
             self._release(rid)
             raise
         try:
-            placement = await asyncio.to_thread(self._place, rid, tokens)
+            placement = await asyncio.to_thread(self.place, rid, tokens)
         except NoInstanceError as e:
             self._release(rid)
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
@@ -159,7 +172,7 @@ class RouterService(pb_grpc.PDServeServicer):
                 await context.abort(*status)
             log.exception("request %s failed", rid)
             await context.abort(grpc.StatusCode.INTERNAL, f"worker error: {cause or e}")
-        except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as e:
+        except (*recovery.LOST, recovery.StreamLostError, NoInstanceError) as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"instance unavailable: {e}")
         finally:
             self._release(rid)
@@ -168,25 +181,17 @@ class RouterService(pb_grpc.PDServeServicer):
 
     async def _run(self, rid: str, tokens: list[int], params: SamplingParams,
                    placement: Placement) -> AsyncIterator[pb.GenerateResponse]:
-        kv_handle = None
-        if placement.prefill_instance is not None:
-            done: PrefillDone = await self._actor(placement.prefill_instance).prefill.remote(rid, tokens, params)
-            self.prefill_pending.pop(rid, None)
-            if done.aborted:
-                yield self._final(rid, ABORTED, len(tokens), 0, placement)
-                return
-            kv_handle = done.kv_handle
-        stream = self._actor(placement.decode_instance).generate.options(
-            num_returns="streaming", _generator_backpressure_num_objects=STREAM_AHEAD_ITEMS).remote(
-            rid, tokens, params, kv_handle)
+        kv_handle, placement, aborted = await recovery.prefill(self, rid, tokens, params, placement)
+        if aborted:  # aborted on the prefill instance
+            yield self._final(rid, ABORTED, len(tokens), 0, placement)
+            return
         completion = 0
-        async for ref in stream:
-            delta: StreamDelta = await ref
+        async for delta, where, moves in recovery.stream(self, rid, tokens, params, placement, kv_handle):
             if completion == 0:  # a local prefill: its first token is out
                 self.prefill_pending.pop(rid, None)
             completion += len(delta.token_ids)
             if delta.finished:
-                yield self._final(rid, delta, len(tokens), completion, placement)
+                yield self._final(rid, delta, len(tokens), completion, where, moves)
                 return
             yield pb.GenerateResponse(request_id=rid, token_ids=delta.token_ids, text=delta.text)
 
@@ -198,8 +203,8 @@ class RouterService(pb_grpc.PDServeServicer):
             self.prefill_pending.pop(rid, None)
 
     @staticmethod
-    def _final(rid: str, last: StreamDelta, prompt_tokens: int, completion: int,
-               placement: Placement) -> pb.GenerateResponse:
+    def _final(rid: str, last: StreamDelta, prompt_tokens: int, completion: int, placement: Placement,
+               migrations: int = 0) -> pb.GenerateResponse:
         """The request's last message: its last tokens, usage, and where and why it ran."""
         return pb.GenerateResponse(
             request_id=rid, token_ids=last.token_ids, text=last.text, finished=True,
@@ -209,7 +214,8 @@ class RouterService(pb_grpc.PDServeServicer):
             routing=pb.Routing(prefill_instance=placement.prefill_instance or "",
                                decode_instance=placement.decode_instance,
                                disaggregated=placement.disaggregated, cached_tokens=last.cached_tokens,
-                               transferred_blocks=last.transferred_blocks, reason=placement.reason))
+                               transferred_blocks=last.transferred_blocks, reason=placement.reason,
+                               migrations=migrations))
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         await refuse_undecodable(request, context)

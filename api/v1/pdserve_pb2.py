@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61pi/v1/pdserve.proto\x12\npdserve.v1\"\x88\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x17\n\nignore_eos\x18\x08 \x01(\x08H\x05\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_ignore_eos\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x98\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParamsB\x08\n\x06prompt\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\x96\x01\n\x07Routing\x12\x18\n\x10prefill_instance\x18\x01 \x01(\t\x12\x17\n\x0f\x64\x65\x63ode_instance\x18\x02 \x01(\t\x12\x15\n\rdisaggregated\x18\x03 \x01(\x08\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12\x1a\n\x12transferred_blocks\x18\x05 \x01(\r\x12\x0e\n\x06reason\x18\x06 \x01(\t\"\xb8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12$\n\x07routing\x18\x07 \x01(\x0b\x32\x13.pdserve.v1.Routing\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\x7f\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x15\n\reos_token_ids\x18\x06 \x03(\r\"\x11\n\x0fGetLoadsRequest\"\x83\x01\n\x0cInstanceLoad\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07waiting\x18\x03 \x01(\r\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x10\n\x08kv_usage\x18\x05 \x01(\x02\x12\x1c\n\x14tensor_parallel_size\x18\x06 \x01(\r\"?\n\x10GetLoadsResponse\x12+\n\tinstances\x18\x01 \x03(\x0b\x32\x18.pdserve.v1.InstanceLoad2\x9f\x02\n\x07PDServe\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.pdserve.v1.GetModelInfoRequest\x1a\x15.pdserve.v1.ModelInfo\x12\x45\n\x08GetLoads\x12\x1b.pdserve.v1.GetLoadsRequest\x1a\x1c.pdserve.v1.GetLoadsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61pi/v1/pdserve.proto\x12\npdserve.v1\"\x88\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x17\n\nignore_eos\x18\x08 \x01(\x08H\x05\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_ignore_eos\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x98\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParamsB\x08\n\x06prompt\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xaa\x01\n\x07Routing\x12\x18\n\x10prefill_instance\x18\x01 \x01(\t\x12\x17\n\x0f\x64\x65\x63ode_instance\x18\x02 \x01(\t\x12\x15\n\rdisaggregated\x18\x03 \x01(\x08\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12\x1a\n\x12transferred_blocks\x18\x05 \x01(\r\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x12\n\nmigrations\x18\x07 \x01(\r\"\xb8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12$\n\x07routing\x18\x07 \x01(\x0b\x32\x13.pdserve.v1.Routing\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\x7f\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x15\n\reos_token_ids\x18\x06 \x03(\r\"\x11\n\x0fGetLoadsRequest\"\x83\x01\n\x0cInstanceLoad\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07waiting\x18\x03 \x01(\r\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x10\n\x08kv_usage\x18\x05 \x01(\x02\x12\x1c\n\x14tensor_parallel_size\x18\x06 \x01(\r\"?\n\x10GetLoadsResponse\x12+\n\tinstances\x18\x01 \x03(\x0b\x32\x18.pdserve.v1.InstanceLoad2\x9f\x02\n\x07PDServe\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.pdserve.v1.GetModelInfoRequest\x1a\x15.pdserve.v1.ModelInfo\x12\x45\n\x08GetLoads\x12\x1b.pdserve.v1.GetLoadsRequest\x1a\x1c.pdserve.v1.GetLoadsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,23 +40,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGE']._serialized_start=483
   _globals['_USAGE']._serialized_end=540
   _globals['_ROUTING']._serialized_start=543
-  _globals['_ROUTING']._serialized_end=693
-  _globals['_GENERATERESPONSE']._serialized_start=696
-  _globals['_GENERATERESPONSE']._serialized_end=880
-  _globals['_ABORTREQUEST']._serialized_start=882
-  _globals['_ABORTREQUEST']._serialized_end=916
-  _globals['_ABORTRESPONSE']._serialized_start=918
-  _globals['_ABORTRESPONSE']._serialized_end=948
-  _globals['_GETMODELINFOREQUEST']._serialized_start=950
-  _globals['_GETMODELINFOREQUEST']._serialized_end=971
-  _globals['_MODELINFO']._serialized_start=973
-  _globals['_MODELINFO']._serialized_end=1100
-  _globals['_GETLOADSREQUEST']._serialized_start=1102
-  _globals['_GETLOADSREQUEST']._serialized_end=1119
-  _globals['_INSTANCELOAD']._serialized_start=1122
-  _globals['_INSTANCELOAD']._serialized_end=1253
-  _globals['_GETLOADSRESPONSE']._serialized_start=1255
-  _globals['_GETLOADSRESPONSE']._serialized_end=1318
-  _globals['_PDSERVE']._serialized_start=1321
-  _globals['_PDSERVE']._serialized_end=1608
+  _globals['_ROUTING']._serialized_end=713
+  _globals['_GENERATERESPONSE']._serialized_start=716
+  _globals['_GENERATERESPONSE']._serialized_end=900
+  _globals['_ABORTREQUEST']._serialized_start=902
+  _globals['_ABORTREQUEST']._serialized_end=936
+  _globals['_ABORTRESPONSE']._serialized_start=938
+  _globals['_ABORTRESPONSE']._serialized_end=968
+  _globals['_GETMODELINFOREQUEST']._serialized_start=970
+  _globals['_GETMODELINFOREQUEST']._serialized_end=991
+  _globals['_MODELINFO']._serialized_start=993
+  _globals['_MODELINFO']._serialized_end=1120
+  _globals['_GETLOADSREQUEST']._serialized_start=1122
+  _globals['_GETLOADSREQUEST']._serialized_end=1139
+  _globals['_INSTANCELOAD']._serialized_start=1142
+  _globals['_INSTANCELOAD']._serialized_end=1273
+  _globals['_GETLOADSRESPONSE']._serialized_start=1275
+  _globals['_GETLOADSRESPONSE']._serialized_end=1338
+  _globals['_PDSERVE']._serialized_start=1341
+  _globals['_PDSERVE']._serialized_end=1628
 # @@protoc_insertion_point(module_scope)

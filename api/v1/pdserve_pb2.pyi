@@ -52,20 +52,22 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class Routing(_message.Message):
-    __slots__ = ("prefill_instance", "decode_instance", "disaggregated", "cached_tokens", "transferred_blocks", "reason")
+    __slots__ = ("prefill_instance", "decode_instance", "disaggregated", "cached_tokens", "transferred_blocks", "reason", "migrations")
     PREFILL_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     DECODE_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     DISAGGREGATED_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRANSFERRED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
     prefill_instance: str
     decode_instance: str
     disaggregated: bool
     cached_tokens: int
     transferred_blocks: int
     reason: str
-    def __init__(self, prefill_instance: _Optional[str] = ..., decode_instance: _Optional[str] = ..., disaggregated: bool = ..., cached_tokens: _Optional[int] = ..., transferred_blocks: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    migrations: int
+    def __init__(self, prefill_instance: _Optional[str] = ..., decode_instance: _Optional[str] = ..., disaggregated: bool = ..., cached_tokens: _Optional[int] = ..., transferred_blocks: _Optional[int] = ..., reason: _Optional[str] = ..., migrations: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "token_ids", "text", "finished", "finish_reason", "usage", "routing")

@@ -36,6 +36,7 @@ def inst(i: str, role: str) -> InstanceInfo:
 class FakeStore:
     def __init__(self) -> None:
         self.instances = [inst("d0", "decode"), inst("p0", "prefill")]
+        self.busy: dict[str, Load] = {}
 
     def live_instances(self, role: str | None = None) -> list[InstanceInfo]:
         return [i for i in self.instances if role in (None, i.role)]
@@ -44,7 +45,7 @@ class FakeStore:
         return {}
 
     def loads(self, instance_ids: list[str]) -> dict[str, Load]:
-        return {i: Load() for i in instance_ids}
+        return {i: self.busy.get(i, Load()) for i in instance_ids}
 
     def policy(self, base: PlacementPolicy | None = None) -> PlacementPolicy:
         assert base is not None
@@ -80,7 +81,7 @@ async def stream(items: list[Any]) -> AsyncIterator[Awaitable[Any]]:
 class FakeActor:
     def __init__(self, done: PrefillDone | None = None, deltas: list[Any] | None = None) -> None:
         self.prefill = Method(lambda rid, prompt, params: ready(done))
-        self.generate = Method(lambda rid, prompt, params, kv_handle: stream(deltas or []))
+        self.generate = Method(lambda rid, prompt, params, kv_handle, resumed, text_offset: stream(deltas or []))
         self.abort = Method(lambda rid: ready(None))
 
 
@@ -144,8 +145,8 @@ def test_remote_prefill_passes_typed_values_and_reports_why(caplog: pytest.LogCa
     assert rid == "r1" and prompt == list(range(3, 103))
     assert isinstance(params, SamplingParams) and (params.max_tokens, params.temperature) == (3, 0.0)
     assert params.top_p == 1.0  # unset on the wire: SamplingParams' default
-    (_, _, decode_params, kv_handle), = decode.generate.calls
-    assert decode_params is params and kv_handle is HANDLE
+    (_, _, decode_params, kv_handle, resumed, text_offset), = decode.generate.calls
+    assert decode_params is params and kv_handle is HANDLE and (resumed, text_offset) == ([], 0)
     assert not svc.inflight and not svc.prefill_pending and not decode.abort.calls
 
 
@@ -162,7 +163,7 @@ def test_short_prompt_runs_locally() -> None:
     out = generate(service({"d0": decode}), list(range(3, 23)))
     assert not out[-1].routing.disaggregated and out[-1].routing.cached_tokens == 16
     assert out[-1].routing.reason.startswith("local: 20 uncached tokens")
-    (_, _, _, kv_handle), = decode.generate.calls
+    (_, _, _, kv_handle, _, _), = decode.generate.calls
     assert kv_handle is None
 
 
@@ -199,3 +200,50 @@ def test_model_info_answers_from_model_info() -> None:
     assert (reply.model, reply.vocab_size, reply.max_model_len, reply.block_size, reply.dtype) == \
         ("/m", 512, 256, 16, "float32")
     assert list(reply.eos_token_ids) == [2]
+
+
+def two_decodes(store: FakeStore) -> None:
+    """d0 and d1, with d1 busier: a request starts on d0."""
+    store.instances = [inst("d0", "decode"), inst("d1", "decode"), inst("p0", "prefill")]
+    store.busy = {"d1": Load(running=4)}
+
+
+def test_failed_prefill_is_retried_locally_and_the_instance_is_dropped_at_once() -> None:
+    prefill = FakeActor(done=ray.exceptions.ActorDiedError())  # type: ignore[arg-type]
+    decode = FakeActor(deltas=[StreamDelta([7, 8], "xy", finished=True, finish_reason="length")])
+    svc = service({"p0": prefill, "d0": decode})
+    out = generate(svc, list(range(3, 103)), max_tokens=2, temperature=0.0)
+    assert [list(m.token_ids) for m in out] == [[7, 8]] and out[-1].finish_reason == "length"
+    assert not out[-1].routing.disaggregated and out[-1].routing.prefill_instance == ""
+    (_, _, _, kv_handle, _, _), = decode.generate.calls
+    assert kv_handle is None  # the decode instance prefilled the prompt itself
+    assert svc.counters["prefill_retries"] == 1 and svc.counters["local_prefill_fallbacks"] == 1
+    assert not svc.health.usable(inst("p0", "prefill"))  # dead at once: its breaker is open
+    assert svc.health.usable(inst("d0", "decode"))
+
+
+def test_lost_decode_moves_the_stream_with_its_tokens_and_text() -> None:
+    lost = FakeActor(deltas=[StreamDelta([9], "a", finished=False), StreamDelta([10], "b", finished=False),
+                             ray.exceptions.ActorDiedError()])
+    other = FakeActor(deltas=[StreamDelta([11, 12], "cd", finished=True, finish_reason="length")])
+    svc = service({"d0": lost, "d1": other})
+    two_decodes(svc.store)  # type: ignore[arg-type]
+    out = generate(svc, list(range(3, 23)), max_tokens=4, temperature=0.0)
+    assert [list(m.token_ids) for m in out] == [[9], [10], [11, 12]]
+    assert out[-1].usage.completion_tokens == 4 and out[-1].routing.migrations == 1
+    assert out[-1].routing.decode_instance == "d1" and "moved from d0" in out[-1].routing.reason
+    (_, prompt, _, kv_handle, resumed, text_offset), = other.generate.calls
+    assert (prompt, kv_handle, resumed, text_offset) == (list(range(3, 23)), None, [9, 10], 2)
+    assert svc.counters["migrations"] == 1 and not svc.health.usable(inst("d0", "decode"))
+
+
+def test_a_stream_that_keeps_losing_instances_ends_unavailable() -> None:
+    died = [StreamDelta([9], "a", finished=False), ray.exceptions.ActorDiedError()]
+    svc = service({"d0": FakeActor(deltas=died), "d1": FakeActor(deltas=died)})
+    two_decodes(svc.store)  # type: ignore[arg-type]
+    svc.max_migrations = 1
+    ctx = FakeContext()
+    with pytest.raises(Aborted):
+        generate(svc, list(range(3, 23)), ctx, max_tokens=4, temperature=0.0)
+    assert ctx.status is not None and ctx.status[0] == grpc.StatusCode.UNAVAILABLE
+    assert "server.max_migrations 1" in ctx.status[1]
