@@ -172,6 +172,9 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
             on_ready(f"{cfg.server.host}:{port}")
         else:
             print(f"pdserve: serving on {cfg.server.host}:{port}", flush=True)
+            # NOTE: stdout carries that one line only. Ray's driver prints cluster events (e.g. "(raylet) A
+            # worker died ...", when an instance is lost and restarted) to whatever sys.stdout is: stderr, the log.
+            sys.stdout = sys.stderr
         await stop.wait()
         log.info("draining: health NOT_SERVING, finishing in-flight requests")
         for name in ("", SERVICE):

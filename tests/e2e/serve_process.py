@@ -76,7 +76,8 @@ def serve(tmp: pathlib.Path, model: pathlib.Path, edits: dict[str, Any] | None =
             server.channel.close()
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(60) == 0, log.read_text()[-3000:]
-            assert proc.stdout is not None and proc.stdout.read() == ""  # exactly one line on stdout
+            rest = proc.stdout.read() if proc.stdout else ""
+            assert rest == "", rest[-2000:]  # exactly one line on stdout
         finally:
             if proc.poll() is None:
                 proc.kill()
