@@ -39,21 +39,49 @@ class RedisServer:
         self.executable = path
         self.port = 0
         self.dir: str | None = None
+        self.restarts = 0  # times `restart_if_dead` brought it back
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
+        return self._launch(free_port(), timeout, threads_running=False)
+
+    def restart_if_dead(self, timeout: float = 10.0) -> bool:
+        """If the process died, start a new one on the same port (clients keep their URL and reconnect) and
+        return True. Its contents are gone: the instances re-register and republish when their heartbeat finds
+        them missing. Safe to call while other threads run (no Python code runs between fork and exec)."""
+        if self.proc is None or self.proc.poll() is None:
+            return False
+        code, port = self.proc.returncode, self.port
+        self.stop()
+        self.restarts += 1
+        log.warning("private redis-server on port %d exited (code %s): restarting it (restart %d)", port, code,
+                    self.restarts)
+        self._launch(port, timeout, threads_running=True)
+        return True
+
+    def _launch(self, port: int, timeout: float, threads_running: bool) -> RedisServer:
         import redis
 
-        self.port = free_port()
+        self.port = port
         self.dir = tempfile.mkdtemp(prefix="pdserve-redis-")
         # No persistence: the store is rebuilt from the live instances' heartbeats and KV events.
-        self.proc = subprocess.Popen(
-            [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir, "--protected-mode", "yes", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_child_setup)
+        cmd = [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+               "--dir", self.dir, "--protected-mode", "yes", "--loglevel", "warning"]
+        if not threads_running:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                         preexec_fn=_child_setup)
+        else:
+            # NOTE: a preexec_fn (Python code in the forked child) can deadlock when the parent runs threads (gRPC,
+            # Ray): setpriv sets the parent-death signal instead, and a new session keeps Ctrl-C away from it.
+            setpriv = shutil.which("setpriv")
+            if setpriv is None:
+                log.warning("setpriv not found: the restarted redis-server will outlive a killed pdserve")
+            prefix = [setpriv, "--pdeathsig", "TERM"] if setpriv else []
+            self.proc = subprocess.Popen(prefix + cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                         start_new_session=True)
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + timeout
         while True:

@@ -128,6 +128,20 @@ class StartingRouter(pdserve_pb2_grpc.PDServeServicer):
         return await (await self._ready(context)).GetLoads(request, context)
 
 
+REDIS_CHECK_S = 0.5
+
+
+async def supervise_redis(server: RedisServer) -> None:
+    """Restart the private redis-server whenever it dies (checked every REDIS_CHECK_S). NOTE: on the event loop's
+    thread, not a worker thread: the restarted process's parent-death signal follows the thread that forked it."""
+    while True:
+        await asyncio.sleep(REDIS_CHECK_S)
+        try:
+            server.restart_if_dead()
+        except RuntimeError as e:
+            log.error("could not restart the private redis-server (%s); trying again", e)
+
+
 async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
                 on_ready: Callable[[str], None] | None = None) -> int:
     """Serve until SIGINT/SIGTERM, or until `stop` is set when one is given (then no signal handlers are
@@ -147,6 +161,7 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+    watchdog = asyncio.create_task(supervise_redis(cluster.redis)) if cluster.redis is not None else None
     server = grpc.aio.server()
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -181,6 +196,8 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
             health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.stop(grace=10)
     finally:
+        if watchdog is not None:
+            watchdog.cancel()  # NOTE: before the cluster stops Redis on purpose
         await asyncio.to_thread(cluster.stop)
     return 0
 

@@ -34,6 +34,7 @@ from router import recovery
 from router.health import InstanceHealth
 from router.placement import NoInstanceError, Placement, place
 from router.request import prompt_tokens, sampling_params, worker_error_status
+from router.store_view import StoreView
 from router.wire import refuse_undecodable
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class RouterService(pb_grpc.PDServeServicer):
                  health: InstanceHealth | None = None) -> None:
         self.info = info
         self.tokenizer = tokenizer  # None: the model has no tokenizer.json (token-id prompts only)
-        self.store = store
+        self.store = StoreView(store)  # NOTE: serves from its last snapshot while Redis is down
         self.base_policy = policy
         self.ray_namespace = ray_namespace
         self.inflight: dict[str, Placement | None] = {}  # None: admitted, not yet placed

@@ -227,7 +227,7 @@ def test_lost_decode_moves_the_stream_with_its_tokens_and_text() -> None:
                              ray.exceptions.ActorDiedError()])
     other = FakeActor(deltas=[StreamDelta([11, 12], "cd", finished=True, finish_reason="length")])
     svc = service({"d0": lost, "d1": other})
-    two_decodes(svc.store)  # type: ignore[arg-type]
+    two_decodes(svc.store.store)  # type: ignore[arg-type]
     out = generate(svc, list(range(3, 23)), max_tokens=4, temperature=0.0)
     assert [list(m.token_ids) for m in out] == [[9], [10], [11, 12]]
     assert out[-1].usage.completion_tokens == 4 and out[-1].routing.migrations == 1
@@ -240,7 +240,7 @@ def test_lost_decode_moves_the_stream_with_its_tokens_and_text() -> None:
 def test_a_stream_that_keeps_losing_instances_ends_unavailable() -> None:
     died = [StreamDelta([9], "a", finished=False), ray.exceptions.ActorDiedError()]
     svc = service({"d0": FakeActor(deltas=died), "d1": FakeActor(deltas=died)})
-    two_decodes(svc.store)  # type: ignore[arg-type]
+    two_decodes(svc.store.store)  # type: ignore[arg-type]
     svc.max_migrations = 1
     ctx = FakeContext()
     with pytest.raises(Aborted):
