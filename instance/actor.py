@@ -34,5 +34,5 @@ class InstanceActor:
     def stats(self) -> InstanceStats:
         return self.worker.stats()
 
-    def shutdown(self) -> None:
-        self.worker.shutdown()
+    def shutdown(self, drain_s: float = 0.0) -> None:
+        self.worker.shutdown(drain_s)

@@ -7,6 +7,8 @@ any thread (it returns a Future, or reads counters that are only ever incremente
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -21,6 +23,8 @@ from engine.sampling_params import SamplingParams
 from instance.engine_loop import EngineLoop
 from kv_transfer import NixlConnectorSpec, TransferConfig
 from metastore import InstancePublisher, MetadataStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,20 @@ class InstanceWorker:
         return InstanceStats(self.instance_id, self.role, self.engine.stats(), self.engine.metrics.snapshot(),
                              dict(remote.connector.counters) if remote else {}, stream or {})
 
-    def shutdown(self) -> None:
+    def shutdown(self, drain_s: float = 0.0) -> None:
+        """Stop. With `drain_s`, first wait up to that long for the requests in flight to finish and for held KV
+        to be read by its decode instance (or its lease to expire); what is left then is logged."""
+        deadline = time.monotonic() + drain_s
+        while drain_s > 0:
+            busy, held = self.loop.call(lambda: (self.engine.has_unfinished_requests(),
+                                                 self.engine.stats().num_held)).result(10)
+            if not busy and not held:
+                break
+            if time.monotonic() > deadline:
+                log.warning("instance %s: drain timed out after %.0f s (requests in flight: %s, held KV: %d)",
+                            self.instance_id, drain_s, busy, held)
+                break
+            time.sleep(0.05)
         self.loop.stop()
         if self.publisher is not None:
             self.publisher.close()

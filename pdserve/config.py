@@ -66,13 +66,15 @@ class ServerConfig:
     max_migrations: int = 2  # decode instances a stream may move off (each lost under it) before UNAVAILABLE
     breaker_threshold: int = 3  # failures in a row that open an instance's circuit breaker (death: the first)
     breaker_cooldown_s: float = 5.0  # an open breaker lets one probe request through after this long
+    # On SIGTERM: new requests are refused at once; those in flight (and KV held for a reader) get this long.
+    drain_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.max_inflight < 1:
             raise ValueError(f"max_inflight: {self.max_inflight} must be >= 1")
         if self.max_prompt_bytes < 1:
             raise ValueError(f"max_prompt_bytes: {self.max_prompt_bytes} must be >= 1")
-        for name in ("prefill_timeout_s", "breaker_cooldown_s"):
+        for name in ("prefill_timeout_s", "breaker_cooldown_s", "drain_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: {getattr(self, name)} must be > 0")
         if self.max_migrations < 0 or self.breaker_threshold < 1:

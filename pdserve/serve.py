@@ -84,12 +84,14 @@ class Cluster:
                                                     cfg.metastore.namespace, cfg.metastore.registry_lease_s))
         ray.get([a.ready.remote() for a in self.actors])
 
-    def stop(self) -> None:
+    def stop(self, drain_s: float = 0.0) -> None:
+        """Stop everything; with `drain_s`, each instance first drains (InstanceWorker.shutdown): decode instances
+        before prefill instances, so a prefill instance's held KV is read or expires before it goes."""
         import ray
 
-        for actor in self.actors:
+        for actor in reversed(self.actors):
             try:
-                ray.get(actor.shutdown.remote(), timeout=30)
+                ray.get(actor.shutdown.remote(drain_s), timeout=drain_s + 30)
             except Exception as e:
                 log.warning("actor shutdown failed: %s", e)
             ray.kill(actor)
@@ -108,6 +110,7 @@ class StartingRouter(pdserve_pb2_grpc.PDServeServicer):
 
     def __init__(self) -> None:
         self.target: Any = None
+        self.draining = False  # set on SIGTERM: new calls are refused with UNAVAILABLE, running ones finish
 
     async def _ready(self, context: grpc.aio.ServicerContext) -> Any:
         if self.target is None:
@@ -115,6 +118,8 @@ class StartingRouter(pdserve_pb2_grpc.PDServeServicer):
         return self.target
 
     async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if self.draining:  # NOTE: only new requests: Abort, model info and loads still answer while draining
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "pdserve is draining (shutting down)")
         async for response in (await self._ready(context)).Generate(request, context):
             yield response
 
@@ -162,6 +167,7 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
     watchdog = asyncio.create_task(supervise_redis(cluster.redis)) if cluster.redis is not None else None
+    drain_s = 0.0  # until the pools are up and serving: an error on the way stops everything at once
     server = grpc.aio.server()
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -191,14 +197,17 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
             # worker died ...", when an instance is lost and restarted) to whatever sys.stdout is: stderr, the log.
             sys.stdout = sys.stderr
         await stop.wait()
-        log.info("draining: health NOT_SERVING, finishing in-flight requests")
+        log.warning("draining: health NOT_SERVING, new requests refused, up to %.0f s for those in flight",
+                    srv.drain_timeout_s)
+        router.draining = True
         for name in ("", SERVICE):
             health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await server.stop(grace=10)
+        await server.stop(grace=srv.drain_timeout_s)  # NOTE: refuses new calls at once, waits for running ones
+        drain_s = srv.drain_timeout_s
     finally:
         if watchdog is not None:
             watchdog.cancel()  # NOTE: before the cluster stops Redis on purpose
-        await asyncio.to_thread(cluster.stop)
+        await asyncio.to_thread(cluster.stop, drain_s)
     return 0
 
 
