@@ -110,6 +110,24 @@ def test_malformed_requests_get_clear_errors_and_no_traceback(server: Server,
             except grpc.RpcError as e:
                 by_kind[method][e.code()] += 1
 
+    # Duplicate ids: while one request streams under an id, others sent under the same id are refused.
+    first = threading.Event()
+    done = threading.Event()
+
+    def long_request() -> None:
+        request = pb.GenerateRequest(request_id="dup", token_ids=pb.TokenIds(ids=[5, 6, 7]),
+                                     sampling=pb.SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True))
+        for _ in server.stub.Generate(request, timeout=60):
+            first.set()
+            done.wait(30)  # hold the stream open until the duplicates were sent
+    holder = threading.Thread(target=long_request)
+    holder.start()
+    assert first.wait(30)
+    for _ in range(20):
+        by_kind["duplicate_id"][call(server.channel, _request(request_id="dup", token_ids=pb.TokenIds(ids=[9])))] += 1
+    done.set()
+    holder.join(60)
+
     total = sum(sum(c.values()) for c in by_kind.values())
     seen = {kind: dict(c) for kind, c in by_kind.items()}
     assert total >= 5000
