@@ -2,8 +2,9 @@
 
 Every successful read refreshes a snapshot (live instances, their loads, the policy). While Redis cannot be
 reached, placement uses that snapshot: the same instances (the circuit breakers still drop any that fail), their
-last loads, the last policy, and no prefix-cache overlap (affinity degrades; nothing fails). So does a Redis that
-came back empty, until the instances re-register (`empty_grace_s`). Each fallback is
+last loads, the last policy, and no prefix-cache overlap (affinity degrades; nothing fails). A Redis that comes
+back empty (restarted) holds only the instances that re-registered so far: for `recovery_s` after an outage the
+snapshot's missing instances are still used. Each fallback is
 counted (`counters["store_fallbacks"]`) and logged at WARNING at most once per 10 s. After a failure Redis is
 not asked again for a backoff that doubles from 0.25 s up to 5 s, then reset by the next success.
 """
@@ -34,8 +35,8 @@ class StoreView:
         self.store = store
         self.counters: Counter[str] = Counter()
         self._instances: list[InstanceInfo] = []
-        self._seen_at = 0.0  # when a read last returned live instances
-        self.empty_grace_s = 5.0  # how long an empty registry after a non-empty one is taken for a restarted Redis
+        self.recovery_s = 5.0  # after an outage, how long instances missing from the registry are still used
+        self._recovering_until = 0.0
         self._loads: dict[str, Load] = {}
         self._policy: PlacementPolicy | None = None
         self._lock = threading.Lock()  # NOTE: placement reads on worker threads
@@ -56,6 +57,7 @@ class StoreView:
                 return value
             except redis.RedisError as e:
                 with self._lock:
+                    self._recovering_until = time.monotonic() + self._backoff + self.recovery_s
                     self._retry_at = time.monotonic() + self._backoff
                     self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
                 self._warn.warn(f"metadata store unreachable ({e}); placing from the last snapshot "
@@ -68,14 +70,22 @@ class StoreView:
         def call() -> list[InstanceInfo]:
             instances = self.store.live_instances()
             now = time.monotonic()
+            if not instances and self._instances and now >= self._recovering_until:
+                self._recovering_until = now + self.recovery_s  # emptied: a restarted Redis (or the whole pool lost)
+            if now < self._recovering_until:
+                # NOTE: a Redis that just came back (restarted: empty) holds only the instances whose heartbeat
+                # re-registered them so far; the others follow within a heartbeat period. Until then, keep the
+                # snapshot's instances that are missing: they were serving a moment ago (the breakers still drop
+                # any that fail).
+                seen = {i.instance_id for i in instances}
+                missing = [i for i in self._instances if i.instance_id not in seen]
+                if missing:
+                    self.counters["store_partial_fallbacks"] += 1
+                    self._warn.warn(f"metadata store lacks {len(missing)} instance(s) it had before the outage; "
+                                    "placing on them until they re-register")
+                    return sorted(instances + missing, key=lambda i: i.instance_id)
             if instances:
-                self._instances, self._seen_at = instances, now
-            elif self._instances and now - self._seen_at < self.empty_grace_s:
-                # NOTE: a Redis that just restarted is empty until the instances' next heartbeats re-register
-                # them (within a heartbeat period): not a reason to refuse requests.
-                self.counters["store_empty_fallbacks"] += 1
-                self._warn.warn("metadata store has no live instance; placing from the last snapshot")
-                return list(self._instances)
+                self._instances = instances
             return instances
 
         return self._read("instances", call, lambda: list(self._instances))
