@@ -9,6 +9,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -45,6 +46,41 @@ class Server:
                 return
             time.sleep(0.2)
         raise AssertionError(f"instances not idle: {self.stub.GetLoads(pb.GetLoadsRequest())}")
+
+
+class SlowStreams:
+    """Greedy streams of `prompts` read by slow clients (one thread each, sleeping `delay_s` per message), so they
+    are still in flight when a test strikes; `wait_started` returns once every stream has its first tokens."""
+
+    def __init__(self, server: Server, prompts: list[list[int]], max_tokens: int, delay_s: float) -> None:
+        self.server, self.prompts, self.max_tokens, self.delay_s = server, prompts, max_tokens, delay_s
+        self.received: list[list[int]] = [[] for _ in prompts]
+        self.finals: list[pb.GenerateResponse | None] = [None] * len(prompts)
+        self.errors: list[str] = []
+        self.threads = [threading.Thread(target=self._read, args=(i,)) for i in range(len(prompts))]
+        for t in self.threads:
+            t.start()
+
+    def _read(self, i: int) -> None:
+        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=self.prompts[i]), sampling=pb.SamplingParams(
+            max_tokens=self.max_tokens, temperature=0.0, ignore_eos=True))
+        try:
+            for msg in self.server.stub.Generate(request, timeout=120):
+                self.received[i] += msg.token_ids
+                self.finals[i] = msg
+                time.sleep(self.delay_s)
+        except grpc.RpcError as e:
+            self.errors.append(f"{i}: {e.code().name}: {e.details()}")
+
+    def wait_started(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not all(self.received):
+            time.sleep(0.05)
+        assert all(self.received), "not every stream had started"
+
+    def join(self, timeout: float = 120.0) -> None:
+        for t in self.threads:
+            t.join(timeout)
 
 
 def _merge(base: dict[str, Any], edit: dict[str, Any]) -> None:

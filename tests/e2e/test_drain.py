@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import pathlib
 import signal
-import threading
 import time
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from api.v1 import pdserve_pb2 as pb
-from tests.e2e.serve_process import serve
+from tests.e2e.serve_process import SlowStreams, serve
 from tests.model_factory import hf_greedy, random_prompts
 
 pytestmark = pytest.mark.slow
@@ -23,26 +21,9 @@ def test_sigterm_drains_streams_in_flight_and_refuses_new_ones(tmp_path: pathlib
                                                              models: dict[str, pathlib.Path]) -> None:
     n = 40
     prompts = random_prompts(6, [20, 60, 24, 70, 28, 80], 512, seed=2100)  # local and remote prefills
-    received: list[list[int]] = [[] for _ in prompts]
-    errors: list[str] = []
     with serve(tmp_path, models["llama"], {"server": {"drain_timeout_s": 60}}) as server:
-        def stream(i: int) -> None:
-            request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompts[i]), sampling=pb.SamplingParams(
-                max_tokens=n, temperature=0.0, ignore_eos=True))
-            try:
-                for msg in server.stub.Generate(request, timeout=120):
-                    received[i] += msg.token_ids
-                    time.sleep(0.1)  # a slow client: still streaming when SIGTERM comes
-            except grpc.RpcError as e:
-                errors.append(f"{i}: {e.code().name}: {e.details()}")
-
-        threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not all(received):
-            time.sleep(0.05)
-        assert all(received)
+        streams = SlowStreams(server, prompts, n, delay_s=0.1)  # still streaming when SIGTERM comes
+        streams.wait_started()
         server.proc.send_signal(signal.SIGTERM)
         health = health_pb2_grpc.HealthStub(server.channel)
         deadline = time.monotonic() + 10
@@ -57,9 +38,8 @@ def test_sigterm_drains_streams_in_flight_and_refuses_new_ones(tmp_path: pathlib
         with pytest.raises(grpc.RpcError) as refused:  # admission is closed
             server.generate(prompts[0], max_tokens=2, timeout=10)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-        for t in threads:
-            t.join(120)
-        assert not errors, errors
+        streams.join()
+        assert not streams.errors, streams.errors
         for i, prompt in enumerate(prompts):
-            assert received[i] == hf_greedy(models["llama"], prompt, n), f"stream {i}"
+            assert streams.received[i] == hf_greedy(models["llama"], prompt, n), f"stream {i}"
         assert server.proc.wait(60) == 0

@@ -14,9 +14,8 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from api.v1 import pdserve_pb2 as pb
 from metastore.store import InstanceInfo
-from tests.e2e.serve_process import Server, serve
+from tests.e2e.serve_process import Server, SlowStreams, serve
 from tests.model_factory import hf_greedy, random_prompts
 
 pytestmark = pytest.mark.slow
@@ -119,36 +118,15 @@ def test_killed_decode_instance_moves_its_streams_with_exact_tokens(server: Serv
                                                                     models: dict[str, pathlib.Path]) -> None:
     n = 48
     prompts = random_prompts(32, [16 + (i % 8) * 4 for i in range(32)], 512, seed=1800)  # local and remote
-    received: list[list[int]] = [[] for _ in prompts]
-    finals: list[pb.GenerateResponse | None] = [None] * len(prompts)
-    errors: list[tuple[int, str]] = []
-
-    def stream(i: int) -> None:
-        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompts[i]), sampling=pb.SamplingParams(
-            max_tokens=n, temperature=0.0, ignore_eos=True))
-        try:
-            for msg in server.stub.Generate(request, timeout=120):
-                received[i] += msg.token_ids
-                finals[i] = msg
-                time.sleep(0.05)  # a slow client: streams are still in flight when the instance dies
-        except grpc.RpcError as e:
-            errors.append((i, f"{e.code().name}: {e.details()}"))
-
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not all(received):
-        time.sleep(0.05)
-    assert all(received), "not every stream had started"
+    streams = SlowStreams(server, prompts, n, delay_s=0.05)  # still in flight when the instance dies
+    streams.wait_started()
     victim = instance(server, "decode-0")
     os.kill(victim.pid, signal.SIGKILL)
-    for t in threads:
-        t.join(120)
-    assert not errors, errors[:5]
+    streams.join()
+    assert not streams.errors, streams.errors[:5]
     for i, prompt in enumerate(prompts):
-        assert received[i] == hf_greedy(models["llama"], prompt, n), f"stream {i}"
-    moved = [f.routing.migrations for f in finals if f is not None]
+        assert streams.received[i] == hf_greedy(models["llama"], prompt, n), f"stream {i}"
+    moved = [f.routing.migrations for f in streams.finals if f is not None]
     assert len(moved) == 32 and sum(moved) >= 1  # some streams were on the killed instance
-    assert all(f is not None and f.finished and f.usage.completion_tokens == n for f in finals)
+    assert all(f is not None and f.finished and f.usage.completion_tokens == n for f in streams.finals)
     wait_whole(server, "decode-0", victim.pid)
