@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -41,10 +42,11 @@ def run(*cmd: str, timeout: float = 300, check: bool = True) -> subprocess.Compl
 def ssh_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pathlib.Path]:
     if os.geteuid() != 0 or not shutil.which("rsync") or not os.path.exists("/usr/sbin/sshd"):
         pytest.fail("the ray up test needs root, openssh-server and rsync (scripts/setup.sh installs them)")
+    pidfile = tmp_path_factory.mktemp("sshd") / "sshd.pid"
     if subprocess.run(["pgrep", "-x", "sshd"], capture_output=True).returncode != 0:
         os.makedirs("/run/sshd", exist_ok=True)
         run("ssh-keygen", "-A")
-        run("/usr/sbin/sshd")
+        run("/usr/sbin/sshd", "-o", f"PidFile={pidfile}")  # ours: stopped after the test
     key = tmp_path_factory.mktemp("ssh") / "id_ed25519"
     run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "pdserve-ray-up-test", "-f", str(key))
     auth = pathlib.Path("/root/.ssh/authorized_keys")
@@ -61,6 +63,8 @@ def ssh_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pathlib.Path]:
             auth.unlink(missing_ok=True)
         else:
             auth.write_text(before)
+        if pidfile.exists():  # NOTE: an sshd this test started; one that ran before it is left alone
+            os.kill(int(pidfile.read_text().split()[0]), signal.SIGTERM)
 
 
 def test_ray_up_serve_request_down(ssh_key: pathlib.Path, tmp_path: pathlib.Path,
