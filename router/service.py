@@ -164,7 +164,7 @@ class RouterService(pb_grpc.PDServeServicer):
                     finished = response.finished
                     yield response
         except TimeoutError:
-            await self._abort_everywhere(rid, placement)
+            await self._abort_everywhere(rid, self.inflight.get(rid) or placement)
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded; the request was aborted")
         except ray.exceptions.RayTaskError as e:
             cause = getattr(e, "cause", None)
@@ -176,9 +176,11 @@ class RouterService(pb_grpc.PDServeServicer):
         except (*recovery.LOST, recovery.StreamLostError, NoInstanceError) as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"instance unavailable: {e}")
         finally:
+            # NOTE: where it runs now: a retried prefill or a moved stream re-placed it (recovery.py)
+            latest = self.inflight.get(rid) or placement
             self._release(rid)
             if not finished:  # cancelled by the client, deadline, or error: free the blocks on the workers
-                await asyncio.shield(self._abort_everywhere(rid, placement))
+                await asyncio.shield(self._abort_everywhere(rid, latest))
 
     async def _run(self, rid: str, tokens: list[int], params: SamplingParams,
                    placement: Placement) -> AsyncIterator[pb.GenerateResponse]:

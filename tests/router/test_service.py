@@ -247,3 +247,14 @@ def test_a_stream_that_keeps_losing_instances_ends_unavailable() -> None:
         generate(svc, list(range(3, 23)), ctx, max_tokens=4, temperature=0.0)
     assert ctx.status is not None and ctx.status[0] == grpc.StatusCode.UNAVAILABLE
     assert "server.max_migrations 1" in ctx.status[1]
+
+
+def test_a_failure_after_a_move_aborts_the_request_where_it_runs_now() -> None:
+    lost = FakeActor(deltas=[StreamDelta([9], "a", finished=False), ray.exceptions.ActorDiedError()])
+    other = FakeActor(deltas=[StreamDelta([10], "b", finished=False), RuntimeError("boom")])
+    svc = service({"d0": lost, "d1": other})
+    two_decodes(svc.store.store)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="boom"):
+        generate(svc, list(range(3, 23)), max_tokens=8, temperature=0.0)
+    assert other.abort.calls == [("r1",)]  # freed where it ran last, not on the instance it left
+    assert not svc.inflight
