@@ -46,7 +46,7 @@ class KVProducer(KVConnector):
                 if not isinstance(msg, ReleaseRequest):
                     raise ValueError(f"a holder expects ReleaseRequest, got {type(msg).__name__}")
                 self.agent.add_peer_metadata(msg.reader, msg.reader_metadata_b64)
-            except ValueError as e:
+            except Exception as e:  # NOTE: NIXL raises its own errors for metadata it cannot load: never fatal
                 log.warning("ignoring malformed KV notification %r: %s", raw[:80], e)
                 self.counters["bad_messages"] += 1
                 continue
