@@ -166,14 +166,15 @@ def _read(path: Path, including: tuple[Path, ...]) -> dict[str, Any]:
     if base_path.resolve() in chain:
         raise ConfigError(f"base: {base} includes itself ({' -> '.join(p.name for p in (*chain, base_path))})")
     merged = _read(base_path, chain)
-    _merge(merged, data)
+    merge_mappings(merged, data)
     return merged
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> None:
+def merge_mappings(base: dict[str, Any], over: dict[str, Any]) -> None:
+    """Deep-merge `over` into `base` in place: nested mappings merge, anything else replaces."""
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
+            merge_mappings(base[key], value)
         else:
             base[key] = value
 

@@ -80,19 +80,14 @@ async def refuse_undecodable(request: Any, context: grpc.aio.ServicerContext) ->
 
 def add_router_to_server(servicer: Any, server: grpc.aio.Server) -> None:
     """Register `servicer`'s four RPCs (the PDServe service) on `server`."""
-    handlers = {
-        "Generate": grpc.unary_stream_rpc_method_handler(
-            servicer.Generate, request_deserializer=_parser(pb.GenerateRequest, "GenerateRequest"),
-            response_serializer=pb.GenerateResponse.SerializeToString),
-        "Abort": grpc.unary_unary_rpc_method_handler(
-            servicer.Abort, request_deserializer=_parser(pb.AbortRequest, "AbortRequest"),
-            response_serializer=pb.AbortResponse.SerializeToString),
-        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
-            servicer.GetModelInfo, request_deserializer=_parser(pb.GetModelInfoRequest, "GetModelInfoRequest"),
-            response_serializer=pb.ModelInfo.SerializeToString),
-        "GetLoads": grpc.unary_unary_rpc_method_handler(
-            servicer.GetLoads, request_deserializer=_parser(pb.GetLoadsRequest, "GetLoadsRequest"),
-            response_serializer=pb.GetLoadsResponse.SerializeToString),
-    }
+    handlers = {}
+    for name, request, response, streams in (
+            ("Generate", pb.GenerateRequest, pb.GenerateResponse, True),
+            ("Abort", pb.AbortRequest, pb.AbortResponse, False),
+            ("GetModelInfo", pb.GetModelInfoRequest, pb.ModelInfo, False),
+            ("GetLoads", pb.GetLoadsRequest, pb.GetLoadsResponse, False)):
+        make = grpc.unary_stream_rpc_method_handler if streams else grpc.unary_unary_rpc_method_handler
+        handlers[name] = make(getattr(servicer, name), request_deserializer=_parser(request, request.__name__),
+                              response_serializer=response.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)

@@ -20,6 +20,7 @@ import yaml
 from api.v1 import pdserve_pb2 as pb
 from api.v1 import pdserve_pb2_grpc as pb_grpc
 from metastore import MetadataStore, RedisServer
+from pdserve.config import merge_mappings
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -83,21 +84,13 @@ class SlowStreams:
             t.join(timeout)
 
 
-def _merge(base: dict[str, Any], edit: dict[str, Any]) -> None:
-    for key, value in edit.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
-
-
 @contextlib.contextmanager
 def serve(tmp: pathlib.Path, model: pathlib.Path, edits: dict[str, Any] | None = None) -> Iterator[Server]:
     """Start `pdserve serve` on deploy/ray/serving-tiny-cpu.yaml (plus `edits`); stop it with SIGTERM after,
     checking it exits 0 having printed exactly one line."""
     with RedisServer() as redis:
         cfg = yaml.safe_load((ROOT / "deploy/ray/serving-tiny-cpu.yaml").read_text())
-        _merge(cfg, {"metastore": {"redis_url": redis.url, "registry_lease_s": 2}, **(edits or {})})
+        merge_mappings(cfg, {"metastore": {"redis_url": redis.url, "registry_lease_s": 2}, **(edits or {})})
         (tmp / "serving.yaml").write_text(yaml.safe_dump(cfg))
         log = tmp / "serve.log"
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "RAY_AUTH_MODE": "disabled"}
