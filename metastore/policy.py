@@ -21,13 +21,17 @@ class PlacementPolicy:
     load_weight: float = 1.0
     # Load of an instance = waiting + running requests (normalised by max_num_seqs) + kv_weight * KV usage.
     kv_weight: float = 0.5
+    # A block that prompts have continued with at least this many different next blocks is a shared prefix (a
+    # system prompt): its cached copies earn no affinity credit, so new conversations spread (0: off).
+    shared_prefix_fanout: int = 8
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 raise ValueError(f"placement policy {f.name}: {value!r} must be a number >= 0")
-        for name in ("max_local_prefill_tokens", "prefill_queue_threshold", "max_prefill_queue_tokens"):
+        for name in ("max_local_prefill_tokens", "prefill_queue_threshold", "max_prefill_queue_tokens",
+                     "shared_prefix_fanout"):
             if not isinstance(getattr(self, name), int):
                 raise ValueError(f"placement policy {name}: {getattr(self, name)!r} must be an integer")
 

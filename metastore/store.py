@@ -7,6 +7,8 @@ Key layout (docs/metastore.md), all under the namespace prefix `{ns}:`:
     {ns}:load:{id}          STR   Load JSON                                           (TTL = lease)
     {ns}:blk:{hash}         SET   instance ids holding the full block with this 128-bit hash (32 hex digits)
     {ns}:iblk:{id}          SET   block hashes an instance holds (to drop them when it leaves)
+    {ns}:kvev:{id}          STREAM the instance's KV events in order: n (sequence), k (s|r), h (hashes, hex)
+    {ns}:kvseq:{id}         STR   the sequence number of the instance's last KV event
     {ns}:policy             HASH  PlacementPolicy field -> JSON value
 
 Leases use the Redis server's clock (TIME), so instances on hosts with skewed clocks agree on expiry.
@@ -66,27 +68,62 @@ class Load:
         return json.dumps(asdict(self))
 
 
-# Applies one KV event: KEYS[1] = the instance's block set; ARGV = kind ("s" stored / "r" removed), instance id,
-# the block-key prefix, then block hashes. NOTE: it writes keys it derives from its arguments (blk:<hash>),
-# which a standalone Redis allows and Redis Cluster would not; the store targets one Redis.
+# Applies one KV event: KEYS = the instance's block set, its event stream, its event sequence counter; ARGV =
+# kind ("s" stored / "r" removed), instance id, the block-key prefix, the stream's approximate length cap, then
+# block hashes. The sets and the stream change in one atomic step, so a router that reads the block set and the
+# stream's last entry in one transaction has a snapshot and the exact point to follow the stream from.
+# NOTE: it writes keys it derives from its arguments (blk:<hash>), which a standalone Redis allows and Redis
+# Cluster would not; the store targets one Redis.
 _INDEX_SCRIPT = """
 local add = ARGV[1] == 's'
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   if add then redis.call('SADD', ARGV[3] .. ARGV[i], ARGV[2]) else redis.call('SREM', ARGV[3] .. ARGV[i], ARGV[2]) end
 end
-if add then redis.call('SADD', KEYS[1], unpack(ARGV, 4)) else redis.call('SREM', KEYS[1], unpack(ARGV, 4)) end
-return #ARGV - 3
+if add then redis.call('SADD', KEYS[1], unpack(ARGV, 5)) else redis.call('SREM', KEYS[1], unpack(ARGV, 5)) end
+local seq = redis.call('INCR', KEYS[3])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'n', seq, 'k', ARGV[1], 'h', table.concat(ARGV, '', 5))
+return seq
 """
 _SCRIPT_CHUNK = 4000  # block hashes per script call: Lua's unpack() is limited to a few thousand values
 
 
+@dataclass(frozen=True)
+class IndexEvent:
+    """One entry of an instance's KV event stream: its stream id, its sequence number (1, 2, ... per stream,
+    so a reader sees a gap or a restart), and the blocks it stored or removed."""
+
+    entry_id: str
+    seq: int
+    stored: bool
+    block_hashes: list[int]
+
+
+@dataclass(frozen=True)
+class IndexSnapshot:
+    """An instance's block set and the stream position it reflects (read in one transaction)."""
+
+    entry_id: str  # follow the stream from here ("0-0": from its start)
+    seq: int  # the sequence number of that entry (0: none yet)
+    block_hashes: list[int]
+
+
+def _hashes(hex_digits: bytes) -> list[int]:
+    return [int(hex_digits[i : i + 32], 16) for i in range(0, len(hex_digits), 32)]
+
+
 class MetadataStore:
-    def __init__(self, url: str, namespace: str = "pdserve", registry_lease_s: float = 10.0) -> None:
+    def __init__(self, url: str, namespace: str = "pdserve", registry_lease_s: float = 10.0,
+                 event_stream_len: int = 10_000, socket_timeout: float | None = None) -> None:
+        """`event_stream_len`: entries each instance's KV event stream keeps (about); a reader that falls
+        further behind re-reads the instance's block set. `socket_timeout`: seconds a Redis call may take."""
         if registry_lease_s <= 0:
             raise ValueError(f"registry_lease_s: {registry_lease_s} must be > 0")
-        self.r = redis.Redis.from_url(url)
+        if event_stream_len < 1:
+            raise ValueError(f"event_stream_len: {event_stream_len} must be >= 1")
+        self.r = redis.Redis.from_url(url, socket_timeout=socket_timeout)
         self.ns = namespace
         self.registry_lease_s = registry_lease_s
+        self.event_stream_len = event_stream_len
         self._index_script = self.r.register_script(_INDEX_SCRIPT)
 
     # ---- keys ----------------------------------------------------------------------------------------------
@@ -144,7 +181,8 @@ class MetadataStore:
         pipe = self.r.pipeline()
         for h in hashes:
             pipe.srem(self._k("blk", h), instance_id)
-        pipe.delete(self._k("iblk", instance_id), self._k("inst", instance_id), self._k("load", instance_id))
+        pipe.delete(self._k("iblk", instance_id), self._k("inst", instance_id), self._k("load", instance_id),
+                    self._k("kvev", instance_id), self._k("kvseq", instance_id))
         pipe.zrem(self._k("live"), instance_id)
         pipe.execute()
 
@@ -160,15 +198,42 @@ class MetadataStore:
             hashes = [self._h(h) for h in event.block_hashes]
             kind = "s" if event.kind == "stored" else "r"
             for at in range(0, len(hashes), _SCRIPT_CHUNK):
-                self._index_script(keys=[self._k("iblk", instance_id)],
-                                   args=[kind, instance_id, self._k("blk", ""), *hashes[at : at + _SCRIPT_CHUNK]],
-                                   client=pipe)
+                self._index_script(keys=[self._k("iblk", instance_id), self._k("kvev", instance_id),
+                                         self._k("kvseq", instance_id)],
+                                   args=[kind, instance_id, self._k("blk", ""), self.event_stream_len,
+                                         *hashes[at : at + _SCRIPT_CHUNK]], client=pipe)
                 n += 1
         if n:
             pipe.execute()
 
+    def index_snapshot(self, instance_id: str) -> IndexSnapshot:
+        """The blocks an instance holds and the position in its KV event stream they reflect: a reader applies
+        the stream's entries after `entry_id` on top (router/cluster_view.py)."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.xrevrange(self._k("kvev", instance_id), count=1)
+        pipe.smembers(self._k("iblk", instance_id))
+        last, members = pipe.execute()
+        entry_id, seq = (last[0][0].decode(), int(last[0][1][b"n"])) if last else ("0-0", 0)
+        return IndexSnapshot(entry_id, seq, [int(m, 16) for m in members])
+
+    def read_index_events(self, cursors: dict[str, str], block_ms: int | None = None,
+                          count: int = 1000) -> dict[str, list[IndexEvent]]:
+        """KV events after each instance's cursor (an entry id), in order; waits up to `block_ms` for the first
+        (None: returns at once)."""
+        if not cursors:
+            return {}
+        prefix = len(self._k("kvev", ""))
+        streams = {self._k("kvev", iid): cursor for iid, cursor in cursors.items()}
+        out: dict[str, list[IndexEvent]] = {}
+        for key, entries in self.r.xread(streams, count=count, block=block_ms) or []:
+            out[key.decode()[prefix:]] = [IndexEvent(eid.decode(), int(f[b"n"]), f[b"k"] == b"s", _hashes(f[b"h"]))
+                                          for eid, f in entries]
+        return out
+
     def prefix_overlap(self, block_hashes: list[int]) -> dict[str, int]:
-        """For every instance holding the first block: how many leading blocks of `block_hashes` it holds."""
+        """For every instance holding the first block: how many leading blocks of `block_hashes` it holds.
+        NOTE: one SMEMBERS per block; the router answers this from its own copy of the index
+        (router/prefix_index.py). This read is for tools and the baseline of bench/router_overhead.py."""
         if not block_hashes:
             return {}
         pipe = self.r.pipeline(transaction=False)

@@ -55,7 +55,7 @@ class Cluster:
             ray.init(address=address, namespace=self.ray_namespace, include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
             self.ray_started = True
-        return MetadataStore(url, cfg.metastore.namespace, cfg.metastore.registry_lease_s)
+        return MetadataStore(url, cfg.metastore.namespace, cfg.metastore.registry_lease_s, socket_timeout=5.0)
 
     def start_pools(self) -> None:
         """The prefill and decode actors; returns once every instance is ready (registered in the store)."""
@@ -151,6 +151,7 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
                 on_ready: Callable[[str], None] | None = None) -> int:
     """Serve until SIGINT/SIGTERM, or until `stop` is set when one is given (then no signal handlers are
     installed: the caller owns shutdown). `on_ready("HOST:PORT")` replaces the ready line on stdout."""
+    from router.cluster_view import ClusterView
     from router.health import InstanceHealth
     from router.service import RouterService
 
@@ -183,10 +184,11 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
         # The router's model facts, read from the model directory with the engines' settings (no weights).
         srv = cfg.server
         info = ModelInfo.from_config(cfg.engine)  # NOTE: the facts every engine will have; no engine built here
-        router.target = RouterService(info, load_tokenizer(info.model), store, cfg.placement,
-                                      cluster.ray_namespace, srv.max_inflight, srv.max_prompt_bytes,
-                                      srv.prefill_timeout_s, srv.max_migrations,
-                                      InstanceHealth(srv.breaker_threshold, srv.breaker_cooldown_s))
+        view = await asyncio.to_thread(ClusterView(store, cfg.placement).start)
+        router.target = RouterService(info, load_tokenizer(info.model), view, cluster.ray_namespace,
+                                      srv.max_inflight, srv.max_prompt_bytes, srv.prefill_timeout_s,
+                                      srv.max_migrations, InstanceHealth(srv.breaker_threshold,
+                                                                         srv.breaker_cooldown_s))
         for name in ("", SERVICE):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         if on_ready is not None:
@@ -207,6 +209,8 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
     finally:
         if watchdog is not None:
             watchdog.cancel()  # NOTE: before the cluster stops Redis on purpose
+        if router.target is not None:
+            router.target.view.close()
         await asyncio.to_thread(cluster.stop, drain_s)
     return 0
 

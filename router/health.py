@@ -52,6 +52,13 @@ class InstanceHealth:
                 return False
             return b.probe_since == 0.0 or now - b.probe_since > self.cooldown_s  # one probe at a time
 
+    def usable_of(self, instances: list[InstanceInfo]) -> list[InstanceInfo]:
+        """The instances that `usable` allows, in order. NOTE: all of them at once when no breaker is open
+        (the common case): a decision over 64 instances must not take 64 locks."""
+        if not self._breakers:
+            return instances
+        return [i for i in instances if self.usable(i)]
+
     def placed(self, instance_id: str) -> None:
         with self._lock:
             b = self._breakers.get(instance_id)

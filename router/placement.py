@@ -5,9 +5,15 @@ Cost of a candidate instance, lower is better:
     cost = load_weight · load − overlap_weight · (cached prompt tokens there / prompt tokens)
     load = (waiting + running) / max_num_seqs + kv_weight · KV usage
 
-Ties (idle instances, nothing cached) are broken by rendezvous hashing of the prompt's first block with the
-instance id: a new prefix gets a stable "home" instance, different prefixes spread over the pool, and the
-follow-ups of a prefix go where its blocks will be even before the block index shows them.
+Blocks of a shared prefix earn no credit: when the prompt's leading `shared_blocks` are a prefix that many
+conversations branch off (a common system prompt; router/shared_prefixes.py), the credit counts only the
+cached tokens past it. Otherwise the first instance to hold a system prompt would pull every new conversation,
+and an idle pool would serve them all on one instance.
+
+Ties (idle instances, nothing cached past the shared part) are broken by rendezvous hashing of the affinity key
+with the instance id: the prompt's first block past its shared prefix. A new conversation gets a stable "home"
+instance, different conversations spread over the pool, and the follow-ups of a conversation go where its
+blocks will be even before the block index shows them.
 
 Conditional disaggregation: the effective prefill length is the prompt minus the tokens already cached on the
 chosen decode instance. It is prefilled locally (on the decode instance) when that is at most
@@ -52,36 +58,47 @@ def cached_tokens(blocks: int, block_size: int, prompt_len: int) -> int:
     return min(blocks * block_size, prompt_len - 1)
 
 
-def load_of(info: InstanceInfo, load: Load, policy: PlacementPolicy, inflight: int = 0) -> float:
-    """`inflight`: requests this router sent there and not yet finished; it counts when it exceeds the reported
-    load (a burst arrives faster than heartbeats report it)."""
-    requests = max(load.waiting + load.running, inflight)
-    return requests / max(1, info.max_num_seqs) + policy.kv_weight * load.kv_usage
-
-
 def rendezvous(affinity_key: int, instance_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{affinity_key:x}:{instance_id}".encode(), digest_size=8).digest(), "big")
 
 
-def _cheapest(instances: list[InstanceInfo], overlaps: dict[str, int], loads: dict[str, Load], prompt_len: int,
-              policy: PlacementPolicy, inflight: dict[str, int], affinity_key: int) -> tuple[InstanceInfo, int]:
-    def cost(info: InstanceInfo) -> tuple[float, int]:
-        iid = info.instance_id
-        cached = cached_tokens(overlaps.get(iid, 0), info.block_size, prompt_len)
-        score = (policy.load_weight * load_of(info, loads.get(iid, Load()), policy, inflight.get(iid, 0))
-                 - policy.overlap_weight * cached / prompt_len)
-        return round(score, 9), rendezvous(affinity_key, iid)
+_IDLE = Load()
 
-    best = min(instances, key=cost)
-    return best, cached_tokens(overlaps.get(best.instance_id, 0), best.block_size, prompt_len)
+
+def _cheapest(instances: list[InstanceInfo], overlaps: dict[str, int], loads: dict[str, Load], prompt_len: int,
+              policy: PlacementPolicy, inflight: dict[str, int], affinity_key: int,
+              shared_blocks: int) -> tuple[InstanceInfo, int]:
+    """The candidate of least cost, and the prompt tokens cached there.
+    NOTE: one pass of plain arithmetic per candidate, rendezvous hashing only among exact ties: a decision over
+    64 instances must take well under a millisecond (bench/router_overhead.py)."""
+    best: list[InstanceInfo] = []
+    best_cost = float("inf")
+    lw, ow, kw = policy.load_weight, policy.overlap_weight, policy.kv_weight
+    for info in instances:
+        iid = info.instance_id
+        load = loads.get(iid, _IDLE)
+        requests = max(load.waiting + load.running, inflight.get(iid, 0))
+        cost = lw * (requests / max(1, info.max_num_seqs) + kw * load.kv_usage)
+        blocks = overlaps.get(iid, 0)
+        if blocks > shared_blocks:
+            credit = cached_tokens(blocks, info.block_size, prompt_len) - shared_blocks * info.block_size
+            cost -= ow * max(0, credit) / prompt_len
+        if cost < best_cost - 1e-9:  # NOTE: a tolerance, so that float noise does not break a tie
+            best, best_cost = [info], cost
+        elif cost <= best_cost + 1e-9:
+            best.append(info)
+    chosen = best[0] if len(best) == 1 else min(best, key=lambda i: rendezvous(affinity_key, i.instance_id))
+    return chosen, cached_tokens(overlaps.get(chosen.instance_id, 0), chosen.block_size, prompt_len)
 
 
 def place(prompt_len: int, decodes: list[InstanceInfo], prefills: list[InstanceInfo], overlaps: dict[str, int],
           loads: dict[str, Load], policy: PlacementPolicy, inflight: dict[str, int] | None = None,
-          affinity_key: int = 0, pending_prefill: dict[str, int] | None = None) -> Placement:
-    """Choose for a prompt of `prompt_len` tokens; `overlaps` is MetadataStore.prefix_overlap of its blocks,
-    `inflight` the router's unfinished requests per instance, `affinity_key` the prompt's first block hash,
-    `pending_prefill` the prompt tokens the router has sent each instance whose prefill has not finished."""
+          affinity_key: int = 0, pending_prefill: dict[str, int] | None = None,
+          shared_blocks: int = 0) -> Placement:
+    """Choose for a prompt of `prompt_len` tokens; `overlaps` is the prefix overlap of its blocks per instance
+    (PrefixIndex.overlap), `inflight` the router's unfinished requests per instance, `affinity_key` the hash of
+    its first block past the shared prefix, `pending_prefill` the prompt tokens the router has sent each
+    instance whose prefill has not finished, `shared_blocks` the leading blocks that are a shared prefix."""
     inflight = inflight or {}
     pending_prefill = pending_prefill or {}
 
@@ -92,7 +109,8 @@ def place(prompt_len: int, decodes: list[InstanceInfo], prefills: list[InstanceI
         raise ValueError("prompt is empty")
     if not decodes:
         raise NoInstanceError("no healthy decode instance")
-    decode, cached = _cheapest(decodes, overlaps, loads, prompt_len, policy, inflight, affinity_key)
+    decode, cached = _cheapest(decodes, overlaps, loads, prompt_len, policy, inflight, affinity_key,
+                               shared_blocks)
     effective = prompt_len - cached
     if effective <= policy.max_local_prefill_tokens:
         reason = f"local: {effective} uncached tokens <= max_local_prefill_tokens {policy.max_local_prefill_tokens}"
@@ -108,6 +126,6 @@ def place(prompt_len: int, decodes: list[InstanceInfo], prefills: list[InstanceI
             reason = (f"local: {shortest} tokens queued at the least loaded prefill instance (>= "
                       f"max_prefill_queue_tokens {policy.max_prefill_queue_tokens}), {queued(decode.instance_id)} here")
             return Placement(decode.instance_id, None, cached, effective, reason)
-    prefill, _ = _cheapest(prefills, overlaps, loads, prompt_len, policy, inflight, affinity_key)
+    prefill, _ = _cheapest(prefills, overlaps, loads, prompt_len, policy, inflight, affinity_key, shared_blocks)
     return Placement(decode.instance_id, prefill.instance_id, cached, effective,
                      f"remote: {effective} uncached tokens on {decode.instance_id}")

@@ -79,7 +79,7 @@ async def prefill(svc: RouterService, rid: str, tokens: list[int], params: Sampl
             _forget(svc, iid, rid)
         else:
             svc.health.succeeded(iid)
-            svc.prefill_pending.pop(rid, None)
+            svc.prefill_finished(rid)
             return done.kv_handle, placement, done.aborted
         _failure(svc, iid, dead, why)
         tried.add(iid)

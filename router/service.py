@@ -29,33 +29,40 @@ from engine.block_hash import hash_blocks
 from engine.model_info import ModelInfo
 from engine.sampling_params import SamplingParams
 from instance.messages import StreamDelta
-from metastore import InstanceInfo, MetadataStore, PlacementPolicy
+from metastore import InstanceInfo, Load
 from router import recovery
+from router.cluster_view import ClusterState, ClusterView
 from router.health import InstanceHealth
 from router.placement import NoInstanceError, Placement, place
 from router.request import prompt_tokens, sampling_params, worker_error_status
-from router.store_view import StoreView
+from router.shared_prefixes import SharedPrefixes
 from router.wire import refuse_undecodable
 
 log = logging.getLogger(__name__)
 
 ABORT_TIMEOUT_S = 5.0
+# Token-id prompts up to this long are validated and hashed on the event loop (~0.1 ms for 2,048 tokens); longer
+# ones, and every text prompt, on a worker thread. NOTE: a hop to a worker thread and back waits for the GIL,
+# which another busy thread holds for up to the 5 ms switch interval: inline is faster where it is short.
+INLINE_PROMPT_TOKENS = 4096
 ABORTED = StreamDelta(token_ids=[], text="", finished=True, finish_reason="abort")  # the final item of an abort
 
 
 class RouterService(pb_grpc.PDServeServicer):
-    def __init__(self, info: ModelInfo, tokenizer: Tokenizer | None, store: MetadataStore,
-                 policy: PlacementPolicy, ray_namespace: str, max_inflight: int = 256,
-                 max_prompt_bytes: int = 1 << 20, prefill_timeout_s: float = 30.0, max_migrations: int = 2,
-                 health: InstanceHealth | None = None) -> None:
+    def __init__(self, info: ModelInfo, tokenizer: Tokenizer | None, view: ClusterView, ray_namespace: str,
+                 max_inflight: int = 256, max_prompt_bytes: int = 1 << 20, prefill_timeout_s: float = 30.0,
+                 max_migrations: int = 2, health: InstanceHealth | None = None) -> None:
         self.info = info
         self.tokenizer = tokenizer  # None: the model has no tokenizer.json (token-id prompts only)
-        self.store = StoreView(store)  # NOTE: serves from its last snapshot while Redis is down
-        self.base_policy = policy
+        self.view = view  # NOTE: placement reads only this memory; its thread follows Redis
         self.ray_namespace = ray_namespace
         self.inflight: dict[str, Placement | None] = {}  # None: admitted, not yet placed
         # request id -> (instance, prompt tokens) until its prefill finishes: placement's queue estimate
         self.prefill_pending: dict[str, tuple[str, int]] = {}
+        self._requests_on: dict[str, int] = {}  # instance -> requests in `inflight` placed there
+        self._pending_on: dict[str, int] = {}  # instance -> prompt tokens in `prefill_pending` sent there
+        self.shared_prefixes = SharedPrefixes()
+        self._known_state: ClusterState | None = None
         self._place_lock = threading.Lock()  # placement decisions and their records, one at a time
         self.max_inflight = max_inflight
         self.max_prompt_bytes = max_prompt_bytes
@@ -72,39 +79,45 @@ class RouterService(pb_grpc.PDServeServicer):
             self._actors[instance_id] = ray.get_actor(instance_id, namespace=self.ray_namespace)
         return self._actors[instance_id]
 
+    @staticmethod
+    def hash_prompt_of(info: ModelInfo, tokens: list[int]) -> list[int]:
+        """The prompt's block hashes (the engines' prefix-cache keys); a prompt shorter than a block gets one
+        of its tokens padded, as its affinity key."""
+        bs, salt = info.block_size, info.hash_salt
+        return hash_blocks(tokens, bs, salt) or hash_blocks(tokens + [0] * bs, bs, salt)[:1]
+
+    def hash_prompt(self, tokens: list[int]) -> list[int]:
+        return self.hash_prompt_of(self.info, tokens)
+
     def place(self, rid: str, tokens: list[int], keep_decode: str | None = None,
-               exclude: frozenset[str] = frozenset(), local_only: bool = False) -> Placement:
-        """Decide and record (in `inflight` and `prefill_pending`) as one step under `_place_lock`: the requests
-        of a burst are placed on worker threads at once, and each must count the ones placed before it.
-        Re-placing after a failure (router/recovery.py): `keep_decode` keeps that decode instance, `exclude`
-        leaves out instances already tried, `local_only` prefills on the decode instance."""
-        usable = [i for i in self.store.live_instances() if i.instance_id not in exclude and self.health.usable(i)]
-        self.known.update({i.instance_id: i for i in usable})
+              exclude: frozenset[str] = frozenset(), local_only: bool = False,
+              hashes: list[int] | None = None) -> Placement:
+        """Decide and record (in `inflight` and `prefill_pending`) as one step under `_place_lock`: each decision
+        must count the ones placed before it. Reads only memory (the cluster view): `hashes` are the prompt's
+        (hash_prompt), computed here when not given. Re-placing after a failure (router/recovery.py):
+        `keep_decode` keeps that decode instance, `exclude` leaves out instances already tried, `local_only`
+        prefills on the decode instance."""
+        if hashes is None:
+            hashes = self.hash_prompt(tokens)
+        state = self.view.state
+        if state is not self._known_state:  # NOTE: for the breakers' pids after an instance left the registry
+            self.known.update({i.instance_id: i for i in state.instances})
+            self._known_state = state
+        usable = self.health.usable_of([i for i in state.instances if i.instance_id not in exclude])
         decodes = [i for i in usable if i.role == "decode" and keep_decode in (None, i.instance_id)]
         prefills = [] if local_only else [i for i in usable if i.role == "prefill"]
-        bs, salt = self.info.block_size, self.info.hash_salt
-        hashes = hash_blocks(tokens, bs, salt)
-        overlaps = self.store.prefix_overlap(hashes)
-        loads = self.store.loads([i.instance_id for i in decodes + prefills])
-        policy = self.store.policy(self.base_policy)
-        # A prompt shorter than a block has no block hash: its tokens' hash serves as the affinity key.
-        key = hashes[0] if hashes else hash_blocks(tokens + [0] * bs, bs, salt)[0]
+        full = hashes if len(tokens) >= self.info.block_size else []  # a short prompt's key is not a block
+        overlaps = self.view.index.overlap(full)
+        depth = max(overlaps.values(), default=0)
+        policy, fanout = state.policy, state.policy.shared_prefix_fanout
         with self._place_lock:
-            inflight: dict[str, int] = {}
-            for p in list(self.inflight.values()):  # NOTE: list() first: the event loop pops finished requests
-                if p is None:
-                    continue
-                for iid in (p.decode_instance, p.prefill_instance):
-                    if iid:
-                        inflight[iid] = inflight.get(iid, 0) + 1
-            pending: dict[str, int] = {}
-            for iid, n in list(self.prefill_pending.values()):
-                pending[iid] = pending.get(iid, 0) + n
-            placement = place(len(tokens), decodes, prefills, overlaps, loads, policy, inflight, key, pending)
+            self.shared_prefixes.observe(full, depth, fanout)
+            shared = self.shared_prefixes.shared_blocks(full, depth, fanout)
+            key = hashes[shared] if shared < len(hashes) else hashes[0]
+            placement = place(len(tokens), decodes, prefills, overlaps, state.loads, policy, self._requests_on,
+                              key, self._pending_on, shared)
             if rid in self.inflight:  # else cancelled while this thread read the store: record nothing
-                self.inflight[rid] = placement
-                self.prefill_pending[rid] = (placement.prefill_instance or placement.decode_instance,
-                                             placement.effective_prefill_tokens)
+                self._record(rid, placement)
                 for iid in (placement.decode_instance, placement.prefill_instance):
                     if iid:
                         self.health.placed(iid)
@@ -112,6 +125,43 @@ class RouterService(pb_grpc.PDServeServicer):
                   placement.decode_instance, placement.prefill_instance or "it", placement.cached_tokens,
                   len(tokens), placement.reason)
         return placement
+
+    # ---- the router's own load records (under _place_lock) --------------------------------------------------
+    @staticmethod
+    def _add(counts: dict[str, int], iid: str, n: int) -> None:
+        left = counts.get(iid, 0) + n
+        if left:
+            counts[iid] = left
+        else:
+            counts.pop(iid, None)
+
+    def _record(self, rid: str, placement: Placement) -> None:
+        self._unrecord(rid)
+        self.inflight[rid] = placement
+        for iid in (placement.decode_instance, placement.prefill_instance):
+            if iid:
+                self._add(self._requests_on, iid, 1)
+        target = placement.prefill_instance or placement.decode_instance
+        self.prefill_pending[rid] = (target, placement.effective_prefill_tokens)
+        self._add(self._pending_on, target, placement.effective_prefill_tokens)
+
+    def _unrecord(self, rid: str) -> None:
+        old = self.inflight.get(rid)
+        if old is not None:
+            for iid in (old.decode_instance, old.prefill_instance):
+                if iid:
+                    self._add(self._requests_on, iid, -1)
+        self._prefill_done(rid)
+
+    def _prefill_done(self, rid: str) -> None:
+        pending = self.prefill_pending.pop(rid, None)
+        if pending is not None:
+            self._add(self._pending_on, pending[0], -pending[1])
+
+    def prefill_finished(self, rid: str) -> None:
+        """The request's prompt is computed: it no longer counts in its instance's prefill queue."""
+        with self._place_lock:
+            self._prefill_done(rid)
 
     async def _abort_everywhere(self, request_id: str, placement: Placement) -> None:
         targets = [placement.decode_instance] + ([placement.prefill_instance] if placement.prefill_instance else [])
@@ -134,9 +184,10 @@ class RouterService(pb_grpc.PDServeServicer):
         self.inflight[rid] = None  # NOTE: take the admission slot before any await, or a burst all gets in
         try:
             params = sampling_params(request.sampling)
-            # NOTE: off the event loop: tokenizing a long text prompt would stall every stream of this router
-            tokens = await asyncio.to_thread(prompt_tokens, request, self.tokenizer, self.info,
-                                             self.max_prompt_bytes)
+            if request.WhichOneof("prompt") == "token_ids" and len(request.token_ids.ids) <= INLINE_PROMPT_TOKENS:
+                tokens, hashes = self._prepare(request)  # NOTE: ~0.1 ms: a thread hop would cost more
+            else:  # NOTE: off the event loop: tokenizing or hashing a long prompt would stall every stream
+                tokens, hashes = await asyncio.to_thread(self._prepare, request)
         except ValueError as e:
             self._release(rid)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -144,7 +195,7 @@ class RouterService(pb_grpc.PDServeServicer):
             self._release(rid)
             raise
         try:
-            placement = await asyncio.to_thread(self.place, rid, tokens)
+            placement = self.place(rid, tokens, hashes=hashes)  # NOTE: from memory, ~0.1 ms: on the loop
         except NoInstanceError as e:
             self._release(rid)
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
@@ -191,19 +242,23 @@ class RouterService(pb_grpc.PDServeServicer):
         completion = 0
         async for delta, where, moves in recovery.stream(self, rid, tokens, params, placement, kv_handle):
             if completion == 0:  # a local prefill: its first token is out
-                self.prefill_pending.pop(rid, None)
+                self.prefill_finished(rid)
             completion += len(delta.token_ids)
             if delta.finished:
                 yield self._final(rid, delta, len(tokens), completion, where, moves)
                 return
             yield pb.GenerateResponse(request_id=rid, token_ids=delta.token_ids, text=delta.text)
 
+    def _prepare(self, request: pb.GenerateRequest) -> tuple[list[int], list[int]]:
+        tokens = prompt_tokens(request, self.tokenizer, self.info, self.max_prompt_bytes)
+        return tokens, self.hash_prompt(tokens)
+
     def _release(self, rid: str) -> None:
         """The request is over (finished, failed, cancelled, refused): drop its slot and any pending prefill.
         NOTE: under the lock, so a placement thread still running for it sees it gone and records nothing."""
         with self._place_lock:
+            self._unrecord(rid)
             self.inflight.pop(rid, None)
-            self.prefill_pending.pop(rid, None)
 
     @staticmethod
     def _final(rid: str, last: StreamDelta, prompt_tokens: int, completion: int, placement: Placement,
@@ -240,12 +295,8 @@ class RouterService(pb_grpc.PDServeServicer):
     async def GetLoads(self, request: pb.GetLoadsRequest,
                        context: grpc.aio.ServicerContext) -> pb.GetLoadsResponse:
         await refuse_undecodable(request, context)
-        def read() -> pb.GetLoadsResponse:
-            instances = self.store.live_instances()
-            loads = self.store.loads([i.instance_id for i in instances])
-            return pb.GetLoadsResponse(instances=[
-                pb.InstanceLoad(instance_id=i.instance_id, role=i.role, waiting=loads[i.instance_id].waiting,
-                                running=loads[i.instance_id].running, kv_usage=loads[i.instance_id].kv_usage,
-                                tensor_parallel_size=i.tp_size) for i in instances])
-
-        return await asyncio.to_thread(read)
+        state = self.view.state  # NOTE: as placement sees it (refreshed every view.refresh_s)
+        loads = [(i, state.loads.get(i.instance_id, Load())) for i in state.instances]
+        return pb.GetLoadsResponse(instances=[
+            pb.InstanceLoad(instance_id=i.instance_id, role=i.role, waiting=load.waiting, running=load.running,
+                            kv_usage=load.kv_usage, tensor_parallel_size=i.tp_size) for i, load in loads])

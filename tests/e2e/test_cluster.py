@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -96,15 +97,21 @@ def test_bad_requests_get_invalid_argument(server: Server) -> None:
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
 
 
-def test_runtime_tuning_changes_the_next_decision(server: Server) -> None:
+def tune(server: Server, **policy: int) -> None:
+    """Change the placement policy in Redis, and give the router the time it takes to re-read it."""
+    server.store.set_policy(**policy)
+    time.sleep(0.5)  # NOTE: the router re-reads the policy with the registry every 0.2 s (router/cluster_view.py)
+
+
+def test_runtime_tuning_changes_the_decisions_within_a_refresh(server: Server) -> None:
     prompt = random_prompts(1, [80], 512, seed=306)[0]
     assert routing(server.generate(prompt, max_tokens=2)).disaggregated
-    server.store.set_policy(max_local_prefill_tokens=1000)
+    tune(server, max_local_prefill_tokens=1000)
     try:
         other = random_prompts(1, [80], 512, seed=307)[0]
         assert not routing(server.generate(other, max_tokens=2)).disaggregated
     finally:
-        server.store.set_policy(max_local_prefill_tokens=32)
+        tune(server, max_local_prefill_tokens=32)
 
 
 def test_admission_beyond_max_inflight_is_resource_exhausted(server: Server) -> None:
@@ -141,9 +148,9 @@ def test_pending_prefill_tokens_drain_after_cancels_and_aborts(server: Server) -
     any token the router still counted as pending at the idle prefill instance (a leak) would send a long prompt
     local; drained, it goes remote. (When the trigger fires is test_placement's subject, on exact inputs.)"""
     server.wait_idle()
-    server.store.set_policy(max_prefill_queue_tokens=1)
+    tune(server, max_prefill_queue_tokens=1)
     try:
         out = server.generate(random_prompts(1, [90], 512, seed=960)[0], max_tokens=2)
         assert routing(out).disaggregated, routing(out)
     finally:
-        server.store.set_policy(max_prefill_queue_tokens=0)
+        tune(server, max_prefill_queue_tokens=0)

@@ -19,7 +19,7 @@ def test_redis_form_round_trips_exactly() -> None:
     stored = policy.to_redis()
     assert stored == {"max_local_prefill_tokens": "64", "prefill_queue_threshold": "3",
                       "max_prefill_queue_tokens": "900", "overlap_weight": "2.5", "load_weight": "0.0",
-                      "kv_weight": "1.0"}
+                      "kv_weight": "1.0", "shared_prefix_fanout": "8"}
     as_redis_returns_it = {k.encode(): v.encode() for k, v in stored.items()}  # a client without decode_responses
     assert PlacementPolicy.from_redis(as_redis_returns_it) == policy
     assert PlacementPolicy.from_redis(stored) == policy

@@ -1,5 +1,5 @@
 """RouterService without Ray or Redis: fake actors speak the typed contract (instance/messages.py), a fake
-store answers placement's reads. Checks what reaches the client: tokens, usage, routing (with the placement's
+store answers the cluster view's reads. Checks what reaches the client: tokens, usage, routing (with the placement's
 reason), and the status a worker's typed error becomes."""
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from engine.model_info import ModelInfo
 from engine.sampling_params import SamplingParams
 from instance.messages import PrefillDone, StreamDelta
 from metastore import InstanceInfo, Load, PlacementPolicy
+from metastore.store import IndexSnapshot
+from router.cluster_view import ClusterView
 from router.placement import Placement
 from router.service import RouterService
 
@@ -41,8 +43,8 @@ class FakeStore:
     def live_instances(self, role: str | None = None) -> list[InstanceInfo]:
         return [i for i in self.instances if role in (None, i.role)]
 
-    def prefix_overlap(self, block_hashes: list[int]) -> dict[str, int]:
-        return {}
+    def index_snapshot(self, instance_id: str) -> IndexSnapshot:
+        return IndexSnapshot("0-0", 0, [])
 
     def loads(self, instance_ids: list[str]) -> dict[str, Load]:
         return {i: self.busy.get(i, Load()) for i in instance_ids}
@@ -101,7 +103,9 @@ class FakeContext:
 
 
 def service(actors: dict[str, FakeActor]) -> RouterService:
-    svc = RouterService(INFO, None, FakeStore(), POLICY, "ns")  # type: ignore[arg-type]
+    view = ClusterView(FakeStore(), POLICY)  # type: ignore[arg-type]
+    view.refresh()  # NOTE: by hand, without its thread
+    svc = RouterService(INFO, None, view, "ns")
     svc._actors.update(actors)
     return svc
 
@@ -202,10 +206,12 @@ def test_model_info_answers_from_model_info() -> None:
     assert list(reply.eos_token_ids) == [2]
 
 
-def two_decodes(store: FakeStore) -> None:
+def two_decodes(view: ClusterView) -> None:
     """d0 and d1, with d1 busier: a request starts on d0."""
+    store: FakeStore = view.store  # type: ignore[assignment]
     store.instances = [inst("d0", "decode"), inst("d1", "decode"), inst("p0", "prefill")]
     store.busy = {"d1": Load(running=4)}
+    view.refresh()
 
 
 def test_failed_prefill_is_retried_locally_and_the_instance_is_dropped_at_once() -> None:
@@ -227,7 +233,7 @@ def test_lost_decode_moves_the_stream_with_its_tokens_and_text() -> None:
                              ray.exceptions.ActorDiedError()])
     other = FakeActor(deltas=[StreamDelta([11, 12], "cd", finished=True, finish_reason="length")])
     svc = service({"d0": lost, "d1": other})
-    two_decodes(svc.store.store)  # type: ignore[arg-type]
+    two_decodes(svc.view)
     out = generate(svc, list(range(3, 23)), max_tokens=4, temperature=0.0)
     assert [list(m.token_ids) for m in out] == [[9], [10], [11, 12]]
     assert out[-1].usage.completion_tokens == 4 and out[-1].routing.migrations == 1
@@ -240,7 +246,7 @@ def test_lost_decode_moves_the_stream_with_its_tokens_and_text() -> None:
 def test_a_stream_that_keeps_losing_instances_ends_unavailable() -> None:
     died = [StreamDelta([9], "a", finished=False), ray.exceptions.ActorDiedError()]
     svc = service({"d0": FakeActor(deltas=died), "d1": FakeActor(deltas=died)})
-    two_decodes(svc.store.store)  # type: ignore[arg-type]
+    two_decodes(svc.view)
     svc.max_migrations = 1
     ctx = FakeContext()
     with pytest.raises(Aborted):
@@ -253,7 +259,7 @@ def test_a_failure_after_a_move_aborts_the_request_where_it_runs_now() -> None:
     lost = FakeActor(deltas=[StreamDelta([9], "a", finished=False), ray.exceptions.ActorDiedError()])
     other = FakeActor(deltas=[StreamDelta([10], "b", finished=False), RuntimeError("boom")])
     svc = service({"d0": lost, "d1": other})
-    two_decodes(svc.store.store)  # type: ignore[arg-type]
+    two_decodes(svc.view)
     with pytest.raises(RuntimeError, match="boom"):
         generate(svc, list(range(3, 23)), max_tokens=8, temperature=0.0)
     assert other.abort.calls == [("r1",)]  # freed where it ran last, not on the instance it left
