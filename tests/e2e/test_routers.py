@@ -195,3 +195,31 @@ def test_a_round_robin_channel_over_both_routers_survives_one(server: Server) ->
         wait_restarted(server, 1, b_pid)
     finally:
         channel.close()
+
+
+def test_sigterm_drains_every_router_then_stops_the_cluster(server: Server) -> None:
+    """Last in this module: it stops the cluster (the fixture's teardown then checks exit 0 and one stdout line)."""
+    n = 30
+    a, b = server, server.router(1)
+    prompts = random_prompts(4, [20, 60, 24, 70], 512, seed=1504)
+    streams = [SlowStreams(a, prompts[:2], n, delay_s=0.1), SlowStreams(b, prompts[2:], n, delay_s=0.1)]
+    try:
+        for s in streams:
+            s.wait_started()
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)  # the controller forwards SIGTERM to both routers: admission closes on each
+        for r in (a, b):
+            with pytest.raises(grpc.RpcError) as refused:
+                r.generate(prompts[0], max_tokens=2, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        for s in streams:
+            s.join(60)
+    finally:
+        for s in streams:
+            s.join(1)
+    for s in streams:
+        assert not s.errors, s.errors
+        assert all(f is not None and f.usage.completion_tokens == n for f in s.finals)
+        assert [len(r) for r in s.received] == [n] * len(s.prompts)
+    assert server.proc.wait(60) == 0
+    b.channel.close()
