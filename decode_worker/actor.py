@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 from decode_worker.stream import OutputQueue, StepMailbox, next_outputs
@@ -13,6 +14,8 @@ from instance.messages import StreamDelta
 from instance.worker import InstanceStats
 from kv_transfer import KVHandle
 
+log = logging.getLogger(__name__)
+
 
 class DecodeActor(InstanceActor):
     worker_cls = DecodeWorker
@@ -20,6 +23,7 @@ class DecodeActor(InstanceActor):
     _mailbox: StepMailbox | None = None  # made on the first call, on the actor's event loop
     stream_outputs = 0  # engine outputs streamed
     stream_items = 0  # stream items they went out in (fewer: a consumer lagged, outputs were merged)
+    streams_abandoned = 0  # streams whose consumer went away before the final item (the request was aborted)
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
                        kv_handle: KVHandle | None = None, resumed: list[int] = (),  # type: ignore[assignment]
@@ -34,22 +38,34 @@ class DecodeActor(InstanceActor):
         outputs: OutputQueue = asyncio.Queue()
         transferred = await asyncio.wrap_future(
             self.worker.generate(request_id, prompt, params, self._mailbox.sink(outputs), kv_handle, resumed))
-        finished = False
+        finished, items = False, 0
         try:
             text_sent = text_offset
             while not finished:
                 out, token_ids, merged = await next_outputs(outputs)
                 self.stream_outputs += merged
                 self.stream_items += 1
+                items += 1
                 finished = out.finished
                 yield StreamDelta(token_ids, out.text[text_sent:], finished, out.finish_reason,
                                   out.num_cached_tokens, transferred if finished else 0)
                 text_sent = len(out.text)
+        except (GeneratorExit, asyncio.CancelledError) as e:
+            # NOTE: how a stream ends without its consumer: the router cancelled it, or the router process died
+            # (kill -9). Ray does not cancel a streaming call whose caller died; it closes the generator
+            # (GeneratorExit) at its next yield, when reporting the item to the dead caller fails, whether it
+            # was streaming or blocked at the backpressure wait (docs/reliability.md). Either way the request
+            # must go now, or it would decode on to max_tokens holding its KV blocks for nobody.
+            self.streams_abandoned += 1
+            log.info("request %s: its stream's consumer went away (%s) after %d items; aborted here, its KV "
+                     "blocks freed (streams abandoned so far: %d)", request_id, type(e).__name__, items,
+                     self.streams_abandoned)
+            raise
         finally:
-            if not finished:  # the consumer went away (cancel, deadline): free the request's blocks now
+            if not finished:  # the consumer went away (cancel, deadline, its router died): free the blocks now
                 self.worker.abort(request_id)
 
     def stats(self) -> InstanceStats:
         wakeups = self._mailbox.wakeups if self._mailbox is not None else 0
         return self.worker.stats({"stream_outputs": self.stream_outputs, "stream_items": self.stream_items,
-                                  "stream_wakeups": wakeups})
+                                  "stream_wakeups": wakeups, "streams_abandoned": self.streams_abandoned})

@@ -66,4 +66,9 @@ TRITON_INTERPRET = Switch("TRITON_INTERPRET", False, "Triton's CPU interpreter: 
 RAY_ADDRESS: Switch[str | None] = Switch("RAY_ADDRESS", None, "the Ray cluster `pdserve serve` joins when "
                                          "ray.address is null (unset: a private local Ray)", parse_str)
 
-SWITCHES: tuple[Switch, ...] = (PDSERVE_PDL, PDSERVE_FUSED_OPS, PDSERVE_SKINNY_GEMM, TRITON_INTERPRET, RAY_ADDRESS)
+PDSERVE_RUNTIME_DIR: Switch[str | None] = Switch(
+    "PDSERVE_RUNTIME_DIR", None, "where `pdserve serve` writes its cluster file (Redis URL, Ray GCS address, Ray "
+    "namespace) for `pdserve router` to attach (unset: /tmp/pdserve)", parse_str)
+
+SWITCHES: tuple[Switch, ...] = (PDSERVE_PDL, PDSERVE_FUSED_OPS, PDSERVE_SKINNY_GEMM, TRITON_INTERPRET, RAY_ADDRESS,
+                                PDSERVE_RUNTIME_DIR)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -27,7 +28,21 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"pdserve: {e}", file=sys.stderr)
         return 2
-    return serve_main(cfg)
+    # NOTE: what router processes (server.routers >= 2) need to read the same configuration; each gets its port
+    router_args = ["--config", os.path.abspath(args.config)] + (["--model", args.model] if args.model else [])
+    return serve_main(cfg, router_args)
+
+
+def _router(args: argparse.Namespace) -> int:
+    from pdserve.config import ConfigError, load_config
+    from pdserve.router_process import main as router_main
+
+    try:
+        cfg = load_config(args.config, {"engine.model": args.model} if args.model is not None else {})
+    except ConfigError as e:
+        print(f"pdserve: {e}", file=sys.stderr)
+        return 2
+    return router_main(cfg, args.port, args.parent_pid)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -87,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--model", help="model directory (overrides engine.model)")
     serve.add_argument("--port", type=int, help="listen port (0 picks a free one)")
     serve.set_defaults(func=_serve)
+    router = sub.add_parser("router", help="attach one more gRPC router to a running pdserve cluster")
+    router.add_argument("--config", required=True, help="the serving YAML the cluster runs")
+    router.add_argument("--model", help="model directory (overrides engine.model)")
+    router.add_argument("--port", type=int, default=0,
+                        help="listen port (default 0: a free one, printed in the ready line)")
+    router.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # set by the controller: exit with it
+    router.set_defaults(func=_router)
     gen = sub.add_parser("generate", help="send one request to a router and stream the output")
     gen.add_argument("--target", required=True, help="HOST:PORT of a pdserve router")
     what = gen.add_mutually_exclusive_group(required=True)

@@ -57,7 +57,10 @@ class RayConfig:
 @dataclass
 class ServerConfig:
     host: str = "127.0.0.1"
-    port: int = 50051  # 0 picks a free port
+    port: int = 50051  # 0 picks a free port; router i of `routers` listens on port + i
+    # gRPC routers. 1: in the `pdserve serve` process. N >= 2: `pdserve serve` is the controller (Redis, Ray, the
+    # pools) and supervises N router processes, each attached to the same Ray cluster and Redis.
+    routers: int = 1
     max_inflight: int = 256  # requests the router serves at once; more are refused with RESOURCE_EXHAUSTED
     # A text prompt over this many UTF-8 bytes is refused (INVALID_ARGUMENT) before it is tokenized.
     max_prompt_bytes: int = 1 << 20
@@ -81,6 +84,10 @@ class ServerConfig:
             raise ValueError("max_migrations must be >= 0 and breaker_threshold >= 1")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: {self.port} is not a TCP port (0 picks a free one)")
+        if self.routers < 1:
+            raise ValueError(f"routers: {self.routers} must be >= 1")
+        if self.port and self.port + self.routers - 1 > 65535:
+            raise ValueError(f"routers: {self.routers} routers from port {self.port} go past port 65535")
 
 
 @dataclass

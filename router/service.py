@@ -73,6 +73,10 @@ class RouterService(pb_grpc.PDServeServicer):
         self.aborted_before_placement: set[str] = set()
         self._actors: dict[str, Any] = {}
 
+    def close(self) -> None:
+        """Stop following Redis (the view's thread)."""
+        self.view.close()
+
     # ---- helpers -------------------------------------------------------------------------------------------
     def actor(self, instance_id: str) -> Any:
         if instance_id not in self._actors:

@@ -26,10 +26,22 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 class Server:
-    def __init__(self, proc: subprocess.Popen[str], target: str, store: MetadataStore, log: pathlib.Path) -> None:
+    def __init__(self, proc: subprocess.Popen[str], target: str, store: MetadataStore, log: pathlib.Path,
+                 targets: list[str] | None = None) -> None:
+        """`target`: the router this object's stub talks to; `targets`: every router of the cluster (the ready
+        line's addresses, `server.routers` of them)."""
         self.proc, self.target, self.store, self.log = proc, target, store, log
+        self.targets = targets or [target]
         self.channel = grpc.insecure_channel(target)
         self.stub = pb_grpc.PDServeStub(self.channel)
+        self.config: pathlib.Path | None = None  # the serving YAML it runs (`pdserve router --config` reads it)
+        self.env: dict[str, str] = {}  # the environment it runs in (its cluster file's directory)
+
+    def router(self, i: int) -> Server:
+        """The same cluster through its router `i` (a new channel; close it after)."""
+        other = Server(self.proc, self.targets[i], self.store, self.log, self.targets)
+        other.config, other.env = self.config, self.env
+        return other
 
     def generate(self, tokens: list[int], max_tokens: int = 12, timeout: float = 60,
                  **sampling: object) -> list[pb.GenerateResponse]:
@@ -87,20 +99,25 @@ class SlowStreams:
 @contextlib.contextmanager
 def serve(tmp: pathlib.Path, model: pathlib.Path, edits: dict[str, Any] | None = None) -> Iterator[Server]:
     """Start `pdserve serve` on deploy/ray/serving-tiny-cpu.yaml (plus `edits`); stop it with SIGTERM after,
-    checking it exits 0 having printed exactly one line."""
+    checking it exits 0 having printed exactly one line. With `server.routers` N >= 2 in `edits` the ready line
+    lists N addresses: the Server talks to the first, `Server.router(i)` to the others."""
     with RedisServer() as redis:
         cfg = yaml.safe_load((ROOT / "deploy/ray/serving-tiny-cpu.yaml").read_text())
         merge_mappings(cfg, {"metastore": {"redis_url": redis.url, "registry_lease_s": 2}, **(edits or {})})
         (tmp / "serving.yaml").write_text(yaml.safe_dump(cfg))
         log = tmp / "serve.log"
-        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "RAY_AUTH_MODE": "disabled"}
+        # NOTE: its own runtime dir, so that `pdserve router` finds this cluster's file and no other's
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "RAY_AUTH_MODE": "disabled",
+               "PDSERVE_RUNTIME_DIR": str(tmp / "run")}
         proc = subprocess.Popen(
             [sys.executable, "-m", "pdserve.cli", "serve", "--config", str(tmp / "serving.yaml"), "--model",
              str(model), "--port", "0"], stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, env=env, cwd=ROOT)
         try:
             line = proc.stdout.readline() if proc.stdout else ""
             assert line.startswith("pdserve: serving on "), f"no ready line; log:\n{log.read_text()[-3000:]}"
-            server = Server(proc, line.strip().rsplit(" ", 1)[1], MetadataStore(redis.url, registry_lease_s=2), log)
+            targets = line.strip().rsplit(" ", 1)[1].split(",")
+            server = Server(proc, targets[0], MetadataStore(redis.url, registry_lease_s=2), log, targets)
+            server.config, server.env = tmp / "serving.yaml", env
             yield server
             server.channel.close()
             proc.send_signal(signal.SIGTERM)

@@ -113,6 +113,8 @@ def edit(data: dict, dotted: str, value: object) -> None:
                                           r"at pools\.decode\.tensor_parallel_size 2"),
         ("placement.kv_weight", -1, r"^placement: .*kv_weight"),
         ("server.port", 70000, r"^server\.port: 70000 is not a TCP port"),
+        ("server.routers", 0, r"^server\.routers: 0 must be >= 1$"),
+        ("server.routers", "two", r"^server\.routers: 'two' is not a int"),
         ("metastore", "redis://x", r"^metastore: expected a mapping"),
         ("metastore.registry_lease_s", 0, r"^metastore\.registry_lease_s: 0\.0 must be > 0"),
         ("kv_transfer.held_kv_lease_s", -1, r"^kv_transfer\.held_kv_lease_s: -1\.0 must be > 0"),
@@ -148,3 +150,11 @@ def test_missing_model_and_bad_yaml(tmp_path: pathlib.Path) -> None:
         load_config(tmp_path / "b.yaml")
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_routers_must_fit_below_port_65536(model: str) -> None:
+    cfg = load_config(DEPLOY / "serving-tiny-cpu.yaml", {"engine.model": model, "server.routers": 3})
+    assert cfg.server.routers == 3
+    with pytest.raises(ConfigError, match=r"^server\.routers: 3 routers from port 65534 go past port 65535$"):
+        load_config(DEPLOY / "serving-tiny-cpu.yaml", {"engine.model": model, "server.routers": 3,
+                                                        "server.port": 65534})

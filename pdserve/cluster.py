@@ -1,0 +1,120 @@
+"""What `pdserve serve` starts and owns, whatever the number of routers: Redis (private unless configured), Ray
+(configured, RAY_ADDRESS, or local) and the prefill and decode pools as named Ray actors; and the cluster file
+that lets `pdserve router` attach to them (pdserve/runtime.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+from engine import envs
+from metastore import MetadataStore, RedisServer
+from pdserve.config import ServingConfig
+from pdserve.runtime import ClusterInfo, ray_namespace, remove_cluster_file, write_cluster_file
+
+log = logging.getLogger(__name__)
+
+STORE_TIMEOUT_S = 5.0  # NOTE: a Redis call that hangs (a stopped server) must not hang the router's view thread
+
+
+class Cluster:
+    """Everything `pdserve serve` starts, in start order; `stop()` undoes it in reverse."""
+
+    def __init__(self, cfg: ServingConfig) -> None:
+        self.cfg = cfg
+        self.redis: RedisServer | None = None
+        self.ray_started = False
+        self.actors: list[Any] = []
+        self.ray_namespace = ray_namespace(cfg)
+        self.cluster_file_written = False
+
+    def start_infra(self) -> MetadataStore:
+        """Redis and Ray. NOTE: call before any gRPC thread exists: both fork processes, and a child forked
+        while gRPC's threads run can hang before exec (seen here: Ray's GCS never wrote its port file)."""
+        import ray
+
+        cfg = self.cfg
+        url = cfg.metastore.redis_url
+        if url is None:
+            self.redis = RedisServer().start()
+            url = self.redis.url
+        self.redis_url = url
+        # NOTE: "local" starts a private Ray; a bare ray.init() would attach to any cluster already running on
+        # this machine (e.g. one a `ray start` left behind).
+        address = cfg.ray.address or envs.RAY_ADDRESS.get() or "local"
+        if not ray.is_initialized():
+            ray.init(address=address, namespace=self.ray_namespace, include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
+            self.ray_started = True
+        # NOTE: the GCS address, not `address` ("local" or "auto" mean nothing to another process)
+        gcs = ray.get_runtime_context().gcs_address
+        path = write_cluster_file(cfg, ClusterInfo(url, gcs, self.ray_namespace, os.getpid()))
+        self.cluster_file_written = True
+        log.info("cluster file %s: redis %s, ray %s, namespace %s", path, url, gcs, self.ray_namespace)
+        return MetadataStore(url, cfg.metastore.namespace, cfg.metastore.registry_lease_s,
+                             socket_timeout=STORE_TIMEOUT_S)
+
+    def start_pools(self) -> None:
+        """The prefill and decode actors; returns once every instance is ready (registered in the store)."""
+        import ray
+
+        from decode_worker.actor import DecodeActor
+        from prefill_worker.actor import PrefillActor
+
+        cfg, url = self.cfg, self.redis_url
+        device = cfg.engine.device  # NOTE: "auto" is resolved by each engine on its own node; here, by the cluster
+        gpu = device == "cuda" or (device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+        for role, pool, cls in (("prefill", cfg.pools.prefill, PrefillActor), ("decode", cfg.pools.decode,
+                                                                                  DecodeActor)):
+            engine_config, tp = cfg.pool_engine(role), pool.tensor_parallel_size
+            for i in range(pool.replicas):
+                iid = f"{role}-{i}"
+                # NOTE: one actor per instance; its engine spawns the other TP ranks next to it, so the actor
+                # reserves every rank's GPU (num_gpus=tp) and they land on one node.
+                # NOTE: a lost instance comes back: Ray restarts its actor (the same arguments: it registers again
+                # and the router's breaker for it closes on the new pid). Calls in flight when it died fail;
+                # the router retries or moves them (router/recovery.py), so Ray must not retry them itself.
+                actor_cls = ray.remote(cls).options(name=iid, namespace=self.ray_namespace, num_cpus=0,
+                                                    num_gpus=tp if gpu else 0, max_concurrency=1000,
+                                                    max_restarts=-1, max_task_retries=0)
+                self.actors.append(actor_cls.remote(iid, engine_config, cfg.kv_transfer, url,
+                                                    cfg.metastore.namespace, cfg.metastore.registry_lease_s))
+        ray.get([a.ready.remote() for a in self.actors])
+
+    def stop(self, drain_s: float = 0.0) -> None:
+        """Stop everything; with `drain_s`, each instance first drains (InstanceWorker.shutdown): decode instances
+        before prefill instances, so a prefill instance's held KV is read or expires before it goes."""
+        import ray
+
+        for actor in reversed(self.actors):
+            try:
+                ray.get(actor.shutdown.remote(drain_s), timeout=drain_s + 30)
+            except Exception as e:
+                log.warning("actor shutdown failed: %s", e)
+            ray.kill(actor)
+        self.actors = []
+        if self.cluster_file_written:
+            remove_cluster_file(self.cfg, os.getpid())
+            self.cluster_file_written = False
+        if self.ray_started:
+            ray.shutdown()
+            self.ray_started = False
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+
+REDIS_CHECK_S = 0.5
+
+
+async def supervise_redis(server: RedisServer) -> None:
+    """Restart the private redis-server whenever it dies (checked every REDIS_CHECK_S). NOTE: on the event loop's
+    thread, not a worker thread: the restarted process's parent-death signal follows the thread that forked it."""
+    while True:
+        await asyncio.sleep(REDIS_CHECK_S)
+        try:
+            server.restart_if_dead()
+        except RuntimeError as e:
+            log.error("could not restart the private redis-server (%s); trying again", e)
