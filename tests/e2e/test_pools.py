@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from api.v1 import pdserve_pb2 as pb
 from tests.e2e.serve_process import Server, serve
 from tests.model_factory import random_prompts
 
@@ -51,9 +52,14 @@ def test_silent_instance_leaves_the_registry_and_gets_no_requests(server: Server
     os.kill(victim.pid, signal.SIGSTOP)  # alive but silent: no heartbeats
     try:
         deadline = time.monotonic() + 2 * 2 + 1  # lease 2 s, plus margin for the expiry check
-        while time.monotonic() < deadline and any(i.instance_id == "decode-1" for i in server.store.live_instances()):
-            time.sleep(0.2)
+
+        def routed() -> list[str]:  # the instances in the router's view (it re-reads the registry every 0.2 s)
+            return [i.instance_id for i in server.stub.GetLoads(pb.GetLoadsRequest()).instances]
+
+        while time.monotonic() < deadline and "decode-1" in routed():
+            time.sleep(0.1)
         assert [i.instance_id for i in server.store.live_instances("decode")] == ["decode-0"]
+        assert "decode-1" not in routed()
         for k in range(6):
             prompt = random_prompts(1, [20], 512, seed=700 + k)[0]
             assert server.generate(prompt, max_tokens=2)[-1].routing.decode_instance == "decode-0"
