@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from engine.model_info import ModelInfo  # noqa: E402
 from metastore import InstanceInfo, PlacementPolicy  # noqa: E402
-from metastore.store import IndexSnapshot, Load  # noqa: E402
+from metastore.store import IndexSnapshot, Load, block_key  # noqa: E402
 from pdserve.bench import workload  # noqa: E402
 from router.cluster_view import ClusterView  # noqa: E402
 from router.placement import cached_tokens  # noqa: E402
@@ -95,7 +95,7 @@ def replay(reqs: list[workload.BenchRequest], instances: int, fanout: int | None
             svc.inflight[rid] = None
             placement = svc.place(rid, req.tokens, hashes=hashes)
             where, hit = placement.decode_instance, placement.cached_tokens
-        view.index.store(where, hashes)
+        view.index.store(where, [block_key(h) for h in hashes])
         served[where] += 1
         cached, total = cached + hit, total + len(req.tokens)
         busy_s = req.max_tokens * tpot_ms / 1e3 + (len(req.tokens) - hit) * prefill_us / 1e6
@@ -110,7 +110,7 @@ def ideal(reqs: list[workload.BenchRequest]) -> float:
         hashes = RouterService.hash_prompt_of(INFO, req.tokens)
         cached += cached_tokens(index.overlap(hashes).get("all", 0), BLOCK, len(req.tokens))
         total += len(req.tokens)
-        index.store("all", hashes)
+        index.store("all", [block_key(h) for h in hashes])
     return cached / total
 
 

@@ -160,7 +160,7 @@ class ClusterView:
 
     def _resync(self, instance_id: str) -> None:
         snap = self.store.index_snapshot(instance_id)
-        self.index.replace(instance_id, snap.block_hashes)
+        self.index.replace(instance_id, snap.block_keys)
         self._cursors[instance_id] = (snap.entry_id, snap.seq)
 
     # ---- KV events ------------------------------------------------------------------------------------------
@@ -182,9 +182,9 @@ class ClusterView:
                     self._resync(iid)
                     break
                 if event.stored:
-                    self.index.store(iid, event.block_hashes)
+                    self.index.store(iid, event.block_keys)
                 else:
-                    self.index.remove(iid, event.block_hashes)
+                    self.index.remove(iid, event.block_keys)
                 seq = event.seq
                 self._cursors[iid] = (event.entry_id, seq)
             self.counters["index_events"] += len(entries)

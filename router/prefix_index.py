@@ -1,7 +1,10 @@
 """The router's own copy of the prefix-block index: which instances hold each block, answered from memory.
 
-    block hash -> bit mask of instance slots   (one int per block: a decision is a walk of dict lookups)
-    instance   -> its block hashes             (so that all of an instance's entries leave with it)
+    block key -> bit mask of instance slots   (one int per block: a decision is a walk of dict lookups)
+    instance  -> its block keys               (so that all of an instance's entries leave with it)
+
+A block's key is the low 64 bits of its hash (metastore.store.block_key): updates take keys, `overlap` takes a
+prompt's full block hashes.
 
 `ClusterView` (router/cluster_view.py) fills it from the instances' KV event streams in Redis. A decision reads
 it while that thread writes it; every read and write here is a single dict or set operation, so a reader sees
@@ -12,11 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from metastore.store import BLOCK_KEY_MASK
+
+BULK = 256  # keys per update from which `store` works with set operations in C instead of a Python loop
+
 
 class PrefixIndex:
     def __init__(self) -> None:
-        self._holders: dict[int, int] = {}  # block hash -> mask of the slots of the instances holding it
-        # instance id -> the block hashes it holds. NOTE: dicts of ints to None, not sets: CPython stops tracking
+        self._holders: dict[int, int] = {}  # block key -> mask of the slots of the instances holding it
+        # instance id -> the block keys it holds. NOTE: dicts of ints to None, not sets: CPython stops tracking
         # such a dict in the garbage collector, where a set of millions of ints would be walked by every full
         # collection (tens of milliseconds, in the middle of someone's placement decision).
         self._blocks: dict[str, dict[int, None]] = {}
@@ -36,18 +43,27 @@ class PrefixIndex:
         return 1 << slot
 
     # ---- updates (one writer: the view's thread) ------------------------------------------------------------
-    def store(self, instance_id: str, block_hashes: Iterable[int]) -> None:
+    def store(self, instance_id: str, block_keys: Iterable[int]) -> None:
         bit, holders = self._bit(instance_id), self._holders
         held = self._blocks[instance_id]
-        for h in block_hashes:
-            holders[h] = holders.get(h, 0) | bit
-            held[h] = None
+        keys = block_keys if isinstance(block_keys, list) else list(block_keys)
+        if len(keys) >= BULK:
+            # NOTE: a snapshot brings 100,000 keys or more: keys nobody holds yet (most of them) go in with one
+            # C-level update; only the shared ones take the Python loop below.
+            fresh = dict.fromkeys(keys)
+            shared = fresh.keys() & holders.keys()
+            holders.update(dict.fromkeys(fresh.keys() - shared if shared else fresh, bit))
+            held.update(fresh)
+            keys = list(shared)
+        for k in keys:
+            holders[k] = holders.get(k, 0) | bit
+            held[k] = None
 
-    def remove(self, instance_id: str, block_hashes: Iterable[int]) -> None:
+    def remove(self, instance_id: str, block_keys: Iterable[int]) -> None:
         if instance_id not in self._slot:
             return
         bit, held, holders = 1 << self._slot[instance_id], self._blocks[instance_id], self._holders
-        for h in block_hashes:
+        for h in block_keys:
             if h in held:
                 del held[h]
                 mask = holders.get(h, 0) & ~bit
@@ -65,10 +81,10 @@ class PrefixIndex:
         del self._blocks[instance_id]
         self._ids[slot] = None
 
-    def replace(self, instance_id: str, block_hashes: Iterable[int]) -> None:
+    def replace(self, instance_id: str, block_keys: Iterable[int]) -> None:
         """The instance holds exactly these blocks (a snapshot read from Redis)."""
         self.drop(instance_id)
-        self.store(instance_id, block_hashes)
+        self.store(instance_id, block_keys)
 
     # ---- reads ----------------------------------------------------------------------------------------------
     def instances(self) -> list[str]:
@@ -78,19 +94,19 @@ class PrefixIndex:
         return len(self._blocks.get(instance_id, ()))
 
     def holds(self, instance_id: str, block_hash: int) -> bool:
-        return block_hash in self._blocks.get(instance_id, ())
+        return block_hash & BLOCK_KEY_MASK in self._blocks.get(instance_id, ())
 
     def overlap(self, block_hashes: list[int]) -> dict[str, int]:
         """For every instance holding the first block: how many leading blocks of `block_hashes` it holds."""
-        holders, ids = self._holders, self._ids
-        alive = holders.get(block_hashes[0], 0) if block_hashes else 0
+        holders, ids, mask = self._holders, self._ids, BLOCK_KEY_MASK
+        alive = holders.get(block_hashes[0] & mask, 0) if block_hashes else 0
         out: dict[str, int] = {}
         depth = 0
         while alive:
             if depth == len(block_hashes):
                 ended = alive
             else:
-                still = alive & holders.get(block_hashes[depth], 0)
+                still = alive & holders.get(block_hashes[depth] & mask, 0)
                 ended, alive = alive & ~still, still
             while ended:  # the instances whose run of held blocks stops at `depth`
                 low = ended & -ended

@@ -30,3 +30,16 @@ def test_a_dropped_instance_leaves_no_entry_and_its_slot_is_reused() -> None:
     index.replace("c", [2])
     assert index.overlap([1, 2]) == {"b": 1} and index.overlap([2]) == {"c": 1}
     index.drop("zz")  # unknown: nothing to do
+
+
+def test_a_bulk_store_matches_one_by_one_and_overlap_masks_full_hashes() -> None:
+    bulk, single = PrefixIndex(), PrefixIndex()
+    for index in (bulk, single):
+        index.store("a", list(range(0, 600, 2)))
+    bulk.store("b", list(range(0, 600, 3)))  # >= BULK keys: the set-operation path, 100 of them shared with a
+    for k in range(0, 600, 3):
+        single.store("b", [k])
+    assert bulk._holders == single._holders and bulk._blocks == single._blocks
+    assert bulk.overlap([0, 6, 12, 1]) == {"a": 3, "b": 3}
+    big = (0xABCD << 64) | 6  # a 128-bit hash: its key is its low 64 bits
+    assert bulk.overlap([(7 << 64) | 0, big]) == {"a": 2, "b": 2} and bulk.holds("b", big)

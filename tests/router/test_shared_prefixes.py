@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 
 from metastore import PlacementPolicy
+from metastore.store import block_key
 from router.cluster_view import ClusterView
 from router.service import RouterService
 from router.shared_prefixes import SharedPrefixes
@@ -32,7 +33,7 @@ def run(svc: RouterService, rid: str, tokens: list[int]) -> str:
     svc.inflight[rid] = None
     placement = svc.place(rid, tokens)
     svc._release(rid)
-    svc.view.index.store(placement.decode_instance, svc.hash_prompt(tokens))
+    svc.view.index.store(placement.decode_instance, [block_key(h) for h in svc.hash_prompt(tokens)])
     return placement.decode_instance
 
 
