@@ -121,7 +121,8 @@ def measure(rounds: int, streams: int, max_tokens: int) -> dict[str, object]:
                 proc.kill()
     return {"rounds": rounds, "streams": streams, "max_tokens": max_tokens, "tokens_per_s_off": off,
             "tokens_per_s_on": on, "ratio_on_to_off": statistics.mean(on) / statistics.mean(off),
-            "pair_ratios": [b / a for a, b in zip(off, on, strict=True)], "scrapes": scrapes,
+            "pair_ratios": [b / a for a, b in zip(off, on, strict=True)],
+            "median_pair_ratio": statistics.median(b / a for a, b in zip(off, on, strict=True)), "scrapes": scrapes,
             "mean_scrape_and_status_ms": 1e3 * scrape_s / max(scrapes, 1)}
 
 
