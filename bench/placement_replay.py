@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine.model_info import ModelInfo  # noqa: E402
-from metastore import InstanceInfo, PlacementPolicy  # noqa: E402
+from metastore import InstanceInfo, InstanceStatsRecord, PlacementPolicy  # noqa: E402
 from metastore.store import IndexSnapshot, Load, block_key  # noqa: E402
 from pdserve.bench import workload  # noqa: E402
 from router.cluster_view import ClusterView  # noqa: E402
@@ -60,6 +60,9 @@ class _Registry:
 
     def loads(self, ids: list[str]) -> dict[str, Load]:
         return {i: Load() for i in ids}
+
+    def instance_stats(self, ids: list[str]) -> dict[str, InstanceStatsRecord]:
+        return {}  # no instance runs: no stats records
 
     def policy(self, base: PlacementPolicy | None = None) -> PlacementPolicy:
         return base or PlacementPolicy()

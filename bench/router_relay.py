@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from api.v1 import pdserve_pb2 as pb  # noqa: E402
 from api.v1 import pdserve_pb2_grpc as pb_grpc  # noqa: E402
 from pdserve.dummy_model import write_dummy_model  # noqa: E402
+from pdserve.ready_line import ReadyLine  # noqa: E402
 
 
 def cpu_seconds(pid: int) -> float:
@@ -53,7 +54,7 @@ def measure_relay(streams: int = 32, max_tokens: int = 256) -> dict[str, float]:
             line = proc.stdout.readline() if proc.stdout else ""
             if not line.startswith("pdserve: serving on "):
                 raise RuntimeError(f"pdserve serve did not start: {(Path(tmp) / 'serve.log').read_text()[-2000:]}")
-            target = line.strip().rsplit(" ", 1)[1]
+            target = ReadyLine.parse(line).targets[0]
             return _relay(target, proc.pid, streams, max_tokens)
         finally:
             proc.terminate()

@@ -12,7 +12,8 @@ for _ in $(seq 1 900); do
   if ! kill -0 $pid 2>/dev/null; then echo "serve exited:" >&2; tail -40 "$out/serve.err" >&2; exit 1; fi
   sleep 1
 done
-target=$(sed -n 's/^pdserve: serving on //p' "$out/serve.out")
+# the ready line: "pdserve: serving on HOST:PORT metrics http://HOST:MPORT/metrics"
+target=$(sed -n 's/^pdserve: serving on \([^ ]*\) metrics .*/\1/p' "$out/serve.out")
 echo "serving $cfg on $target" >&2
 $pdserve bench --target "$target" --rate 1 --num-requests 4 --input-len "${INPUT_LEN:-normal:3000:300}" \
   --output-len fixed:16 --seed 1000 --out "$out/warmup" --no-progress >/dev/null

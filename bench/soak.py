@@ -37,6 +37,7 @@ from api.v1 import pdserve_pb2_grpc as pb_grpc  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from metastore import MetadataStore  # noqa: E402
 from pdserve.dummy_model import write_dummy_model  # noqa: E402
+from pdserve.ready_line import ReadyLine  # noqa: E402
 
 
 def private_redis(serve_pid: int) -> tuple[str, int]:
@@ -187,7 +188,7 @@ def main() -> int:
             line = proc.stdout.readline() if proc.stdout else ""
             if not line.startswith("pdserve: serving on "):
                 raise RuntimeError("pdserve serve did not start: " + (Path(tmp) / "serve.log").read_text()[-3000:])
-            summary = Soak(args, line.strip().rsplit(" ", 1)[1], proc.pid, prompts, reference).run()
+            summary = Soak(args, ReadyLine.parse(line).targets[0], proc.pid, prompts, reference).run()
         finally:
             proc.send_signal(signal.SIGTERM)
             try:

@@ -27,3 +27,17 @@ class EngineLoad:
     running: int
     kv_usage: float
     queued_prefill_tokens: int  # tokens of waiting requests still to compute
+
+
+@dataclass(frozen=True)
+class EngineCounters:
+    """O(1) running totals and gauges for the stats record a heartbeat carries (metastore/instance_stats.py)."""
+
+    kv_blocks_used: int
+    kv_blocks_total: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    preemptions: int
+    steps: int
+    step_s: float
+    kv_load_fallbacks: int  # KV loads that failed, each request then prefilled locally

@@ -24,7 +24,7 @@ from typing import Any
 from engine.async_stepper import AsyncStepper
 from engine.block_pool import KVEvent
 from engine.config import EngineConfig
-from engine.engine_stats import EngineLoad, EngineStats
+from engine.engine_stats import EngineCounters, EngineLoad, EngineStats
 from engine.executor import Executor
 from engine.kv_cache_manager import KVCacheManager
 from engine.kv_connector import KVConnectorSpec
@@ -185,6 +185,13 @@ class LLMEngine:
         sched = self.scheduler
         queued = sum(r.num_tokens - r.num_computed_tokens for r in sched.waiting)
         return EngineLoad(len(sched.waiting), len(sched.running), self.kv.usage, queued)
+
+    def counters(self) -> EngineCounters:
+        """O(1), unlike stats(): what a heartbeat publishes."""
+        kv, pool, m = self.kv, self.kv.pool, self.metrics
+        return EngineCounters(pool.num_blocks - pool.num_free_blocks, pool.num_blocks, kv.prefix_queries,
+                              kv.prefix_hits, self.scheduler.num_preemptions, m.steps, m.total_s,
+                              m.counters.get("kv_load_fallbacks", 0))
 
     def stats(self) -> EngineStats:
         sched, kv = self.scheduler, self.kv

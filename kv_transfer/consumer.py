@@ -37,6 +37,7 @@ class _Pull:
     num_blocks: int  # blocks being read (the rest were cached here)
     state: PullState = PullState.READING
     deadline: float = 0.0  # of the ack, once AWAITING_ACK
+    started: float = 0.0  # when its READs were posted (monotonic): `transfer_us` counts until they are done
 
 
 class KVConsumer(KVConnector):
@@ -63,7 +64,8 @@ class KVConsumer(KVConnector):
             raise ValueError(f"KV handle has {len(source.block_ids)} blocks, the prompt needs {n_blocks}")
         self.counters["blocks_cached_locally"] += num_cached_blocks
         self._seq += 1
-        pull = _Pull(source, f"{self.engine_id}:{rid}:{self._seq}", n_blocks - num_cached_blocks)
+        pull = _Pull(source, f"{self.engine_id}:{rid}:{self._seq}", n_blocks - num_cached_blocks,
+                     started=time.monotonic())
         self.pulls[rid] = pull
         self.by_holder[(source.engine_id, source.request_id)] = rid
         if pull.num_blocks == 0:
@@ -104,6 +106,7 @@ class KVConsumer(KVConnector):
                     for stats in self.ranks.call(TransferAgent.finish, pull.xfer_id):
                         self.counters["bytes_transferred"] += stats.num_bytes
                         self.counters["descriptors"] += stats.num_descriptors
+                    self.counters["transfer_us"] += int((time.monotonic() - pull.started) * 1e6)
                     self._await_ack(rid, pull)
         for _sender, raw in self.agent.receive():
             self._on_message(raw)

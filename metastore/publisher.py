@@ -13,6 +13,7 @@ import redis
 
 from engine.block_pool import KVEvent
 from engine.llm_engine import LLMEngine
+from metastore.instance_stats import InstanceStatsRecord
 from metastore.store import InstanceInfo, Load, MetadataStore
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class InstancePublisher:
         self.store, self.info, self.engine = store, info, engine
         self.reregistrations = 0
         self.failures = 0  # heartbeats that could not reach Redis (the lease then lapses: visible to the router)
+        self.heartbeats = 0  # heartbeats attempted: the stats record's heartbeat_seq
         self.sender = KVEventSender(store, info.instance_id)
 
     @classmethod
@@ -123,6 +125,21 @@ class InstancePublisher:
         return Load(waiting=load.waiting, running=load.running, kv_usage=load.kv_usage,
                     queued_prefill_tokens=load.queued_prefill_tokens)
 
+    def stats_record(self, load: Load) -> InstanceStatsRecord:
+        """The counters the router exports for this instance. O(1): the engine's running totals and its KV
+        connector's counters (a dict of a few keys), read on the thread that owns both."""
+        c = self.engine.counters()
+        remote = self.engine.remote
+        kv: dict[str, int] = remote.connector.counters if remote is not None else {}
+        return InstanceStatsRecord(
+            heartbeat_seq=self.heartbeats, waiting=load.waiting, running=load.running,
+            kv_blocks_used=c.kv_blocks_used, kv_blocks_total=c.kv_blocks_total,
+            prefix_cache_queries=c.prefix_cache_queries, prefix_cache_hits=c.prefix_cache_hits,
+            preemptions=c.preemptions, steps=c.steps, step_seconds=c.step_s,
+            kv_transfer_bytes=kv.get("bytes_transferred", 0), kv_transfer_seconds=kv.get("transfer_us", 0) / 1e6,
+            kv_transfers=kv.get("transfers", 0), kv_transfer_failures=kv.get("fallbacks", 0),
+            kv_local_fallbacks=c.kv_load_fallbacks, kv_lease_expiries=kv.get("lease_expired", 0))
+
     def tick(self) -> None:
         """Heartbeat with the load, then publish KV events. A Redis outage is logged and counted, never raised:
         the engine keeps serving what it has, and the registry drops it if the outage outlasts the lease."""
@@ -134,7 +151,9 @@ class InstancePublisher:
                         e, self.failures)
 
     def _tick(self) -> None:
-        if not self.store.heartbeat(self.info.instance_id, self.load()):
+        self.heartbeats += 1
+        load = self.load()
+        if not self.store.heartbeat(self.info.instance_id, load, self.stats_record(load)):
             # The lease lapsed (a long stall) or Redis restarted: come back with everything we hold.
             self.reregistrations += 1
             log.warning("instance %s was dropped from the registry; registering again", self.info.instance_id)

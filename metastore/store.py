@@ -5,6 +5,7 @@ Key layout (docs/metastore.md), all under the namespace prefix `{ns}:`:
     {ns}:live               ZSET  instance id -> lease expiry (Redis server time, seconds)
     {ns}:inst:{id}          STR   InstanceInfo JSON                                   (TTL = lease)
     {ns}:load:{id}          STR   Load JSON                                           (TTL = lease)
+    {ns}:stats:{id}         STR   InstanceStatsRecord JSON (metastore/instance_stats.py) (TTL = lease)
     {ns}:blk:{hash}         SET   instance ids holding the full block with this 128-bit hash (32 hex digits)
     {ns}:iblk:{id}          SET   block hashes an instance holds (to drop them when it leaves)
     {ns}:kvev:{id}          STREAM the instance's KV events in order: n (sequence), k (s|r), h (hashes, hex)
@@ -27,6 +28,7 @@ import numpy as np
 import redis
 
 from engine.block_pool import KVEvent
+from metastore.instance_stats import InstanceStatsRecord
 from metastore.policy import PlacementPolicy
 
 log = logging.getLogger(__name__)
@@ -166,9 +168,11 @@ class MetadataStore:
         pipe.zadd(self._k("live"), {info.instance_id: self.now() + self.registry_lease_s})
         pipe.execute()
 
-    def heartbeat(self, instance_id: str, load: Load | None = None) -> bool:
-        """Renew the lease (and publish the load). False if the record is gone: the caller must re-register
-        (and republish its blocks), e.g. after the lease lapsed or Redis restarted."""
+    def heartbeat(self, instance_id: str, load: Load | None = None,
+                  stats: InstanceStatsRecord | None = None) -> bool:
+        """Renew the lease (and publish the load and the stats record, in the same round trip). False if the
+        record is gone: the caller must re-register (and republish its blocks), e.g. after the lease lapsed or
+        Redis restarted."""
         ttl = max(1, int(self.registry_lease_s + 0.999))
         if not self.r.expire(self._k("inst", instance_id), ttl):
             return False
@@ -176,6 +180,8 @@ class MetadataStore:
         pipe.zadd(self._k("live"), {instance_id: self.now() + self.registry_lease_s})
         if load is not None:
             pipe.set(self._k("load", instance_id), load.to_json(), ex=ttl)
+        if stats is not None:
+            pipe.set(self._k("stats", instance_id), stats.to_json(), ex=ttl)
         pipe.execute()
         return True
 
@@ -201,7 +207,7 @@ class MetadataStore:
         for h in hashes:
             pipe.srem(self._k("blk", h), instance_id)
         pipe.delete(self._k("iblk", instance_id), self._k("inst", instance_id), self._k("load", instance_id),
-                    self._k("kvev", instance_id), self._k("kvseq", instance_id))
+                    self._k("stats", instance_id), self._k("kvev", instance_id), self._k("kvseq", instance_id))
         pipe.zrem(self._k("live"), instance_id)
         pipe.execute()
 
@@ -275,6 +281,13 @@ class MetadataStore:
             return {}
         raw = self.r.mget([self._k("load", i) for i in instance_ids])
         return {i: Load(**json.loads(r)) if r is not None else Load() for i, r in zip(instance_ids, raw, strict=True)}
+
+    def instance_stats(self, instance_ids: list[str]) -> dict[str, InstanceStatsRecord]:
+        """The last stats record of each instance that has one (one MGET)."""
+        if not instance_ids:
+            return {}
+        raw = self.r.mget([self._k("stats", i) for i in instance_ids])
+        return {i: InstanceStatsRecord.from_json(r) for i, r in zip(instance_ids, raw, strict=True) if r is not None}
 
     # ---- policy --------------------------------------------------------------------------------------------
     def policy(self, base: PlacementPolicy | None = None) -> PlacementPolicy:

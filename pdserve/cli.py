@@ -1,4 +1,4 @@
-"""`pdserve` command line: serve, generate, demo."""
+"""`pdserve` command line: serve, router, generate, status, bench, demo."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def _router(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"pdserve: {e}", file=sys.stderr)
         return 2
-    return router_main(cfg, args.port, args.parent_pid)
+    return router_main(cfg, args.port, args.parent_pid, args.metrics_port)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -80,6 +80,12 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    from pdserve.status import main as status_main
+
+    return status_main(args.target, args.timeout)
+
+
 def _bench(args: argparse.Namespace) -> int:
     from pdserve.bench.cli import main as bench_main
 
@@ -107,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     router.add_argument("--model", help="model directory (overrides engine.model)")
     router.add_argument("--port", type=int, default=0,
                         help="listen port (default 0: a free one, printed in the ready line)")
+    router.add_argument("--metrics-port", type=int,
+                        help="Prometheus /metrics port (default: server.metrics_port; 0 picks a free one)")
     router.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # set by the controller: exit with it
     router.set_defaults(func=_router)
     gen = sub.add_parser("generate", help="send one request to a router and stream the output")
@@ -118,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--temperature", type=float)
     gen.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
     gen.set_defaults(func=_generate)
+    status = sub.add_parser("status", help="one table of the instances a router sees, and the active policy")
+    status.add_argument("--target", required=True, help="HOST:PORT of a pdserve router")
+    status.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
+    status.set_defaults(func=_status)
     from pdserve.bench.cli import add_arguments
 
     bench = sub.add_parser("bench", help="load-test a router: Poisson or trace replay; TTFT, TPOT, goodput")

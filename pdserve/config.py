@@ -58,6 +58,8 @@ class RayConfig:
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0 picks a free port; router i of `routers` listens on port + i
+    # Prometheus /metrics of each router (HTTP). 0 picks a free port per router; else router i uses metrics_port + i.
+    metrics_port: int = 0
     # gRPC routers. 1: in the `pdserve serve` process. N >= 2: `pdserve serve` is the controller (Redis, Ray, the
     # pools) and supervises N router processes, each attached to the same Ray cluster and Redis.
     routers: int = 1
@@ -84,6 +86,10 @@ class ServerConfig:
             raise ValueError("max_migrations must be >= 0 and breaker_threshold >= 1")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: {self.port} is not a TCP port (0 picks a free one)")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port: {self.metrics_port} is not a TCP port (0 picks a free one)")
+        if self.metrics_port and self.metrics_port + self.routers - 1 > 65535:
+            raise ValueError(f"metrics_port: {self.routers} routers from port {self.metrics_port} go past 65535")
         if self.routers < 1:
             raise ValueError(f"routers: {self.routers} must be >= 1")
         if self.port and self.port + self.routers - 1 > 65535:

@@ -23,7 +23,7 @@ from concurrent.futures import Future
 
 from pdserve.cluster import Cluster, supervise_redis
 from pdserve.config import ServingConfig
-from pdserve.router_process import READY_PREFIX
+from pdserve.ready_line import READY_PREFIX, ReadyLine
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +35,13 @@ STABLE_S = 30.0  # a router that served this long before dying restarts after th
 
 
 class RouterProcess:
-    """One supervised router: its index, its port (known once it first came up, when server.port is 0) and its
-    current process."""
+    """One supervised router: its index, its ports (gRPC and metrics; known once it first came up, when
+    server.port or server.metrics_port is 0) and its current process."""
 
-    def __init__(self, index: int, port: int) -> None:
-        self.index, self.port = index, port
+    def __init__(self, index: int, port: int, metrics_port: int = 0) -> None:
+        self.index, self.port, self.metrics_port = index, port, metrics_port
         self.proc: subprocess.Popen[str] | None = None
-        self.ready: Future[str] = Future()  # "HOST:PORT", once the current process printed its ready line
+        self.ready: Future[ReadyLine] = Future()  # once the current process printed its ready line
         self.started_at = 0.0
         self.quick_deaths = 0  # deaths in a row, each before STABLE_S: the backoff's exponent
         self.restart_at: float | None = None  # when a dead router is due to be started again
@@ -52,13 +52,14 @@ class RouterSupervisor:
         """`router_args`: what `pdserve router` needs besides the port (--config FILE, --model DIR)."""
         self.cfg, self.router_args = cfg, router_args
         srv = cfg.server
-        self.routers = [RouterProcess(i, srv.port + i if srv.port else 0) for i in range(srv.routers)]
+        self.routers = [RouterProcess(i, srv.port + i if srv.port else 0, srv.metrics_port + i if srv.metrics_port
+                                      else 0) for i in range(srv.routers)]
         self.counters: Counter[str] = Counter()  # router_deaths, router_restarts, router_start_failures
         self.stopping = False
 
     def _spawn(self, r: RouterProcess) -> None:
         argv = [sys.executable, "-m", "pdserve.cli", "router", *self.router_args, "--port", str(r.port),
-                "--parent-pid", str(os.getpid())]
+                "--metrics-port", str(r.metrics_port), "--parent-pid", str(os.getpid())]
         # NOTE: stderr is inherited (the routers log into the controller's log); stdout is a pipe read for the
         # ready line. close_fds: the router must not hold the controller's sockets (Redis, Ray) open. This
         # process runs no gRPC server, so forking here is safe (see Cluster.start_infra).
@@ -67,24 +68,26 @@ class RouterSupervisor:
         threading.Thread(target=self._read_stdout, args=(r, r.proc, r.ready), daemon=True,
                          name=f"router-{r.index}-stdout").start()
 
-    def _read_stdout(self, r: RouterProcess, proc: subprocess.Popen[str], ready: Future[str]) -> None:
+    def _read_stdout(self, r: RouterProcess, proc: subprocess.Popen[str], ready: Future[ReadyLine]) -> None:
         """The first line is the ready line; anything after it goes to the log (a router prints nothing more, but
         a full pipe would block it)."""
         assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip("\n")
             if not ready.done() and line.startswith(READY_PREFIX):
-                address = line[len(READY_PREFIX):]
-                r.port = int(address.rsplit(":", 1)[1])  # NOTE: a restart comes back on this same port
-                log.info("router %d pid %d port %d", r.index, proc.pid, r.port)
-                ready.set_result(address)
+                parsed = ReadyLine.parse(line)
+                # NOTE: a restart comes back on these same ports
+                r.port = int(parsed.targets[0].rsplit(":", 1)[1])
+                r.metrics_port = int(parsed.metrics_urls[0].rsplit(":", 1)[1].split("/", 1)[0])
+                log.info("router %d pid %d port %d metrics port %d", r.index, proc.pid, r.port, r.metrics_port)
+                ready.set_result(parsed)
             else:
                 log.info("router %d stdout: %s", r.index, line)
         if not ready.done():
             ready.set_exception(RuntimeError(f"router {r.index} (pid {proc.pid}) exited before it was ready"))
 
-    async def start(self) -> list[str]:
-        """Start every router; returns their addresses once all are ready (raises if one is not)."""
+    async def start(self) -> list[ReadyLine]:
+        """Start every router; returns their ready lines once all are ready (raises if one is not)."""
         for r in self.routers:
             self._spawn(r)
         return [await asyncio.wait_for(asyncio.wrap_future(r.ready), READY_TIMEOUT_S) for r in self.routers]
@@ -137,7 +140,7 @@ class RouterSupervisor:
 
 
 async def run_controller(cfg: ServingConfig, router_args: list[str], stop: asyncio.Event | None = None,
-                         on_ready: Callable[[str], None] | None = None) -> int:
+                         on_ready: Callable[[ReadyLine], None] | None = None) -> int:
     """Serve through `server.routers` router processes until SIGINT/SIGTERM (or `stop`)."""
     from pdserve.router_process import announce
 
@@ -158,12 +161,12 @@ async def run_controller(cfg: ServingConfig, router_args: list[str], stop: async
     drain_s = 0.0  # until the routers are up: an error on the way stops everything at once
     try:
         await asyncio.to_thread(cluster.start_pools)
-        addresses = await routers.start()
+        ready = ReadyLine.join(await routers.start())
         supervisor = asyncio.create_task(routers.supervise())
         if on_ready is not None:
-            on_ready(",".join(addresses))
+            on_ready(ready)
         else:
-            announce(",".join(addresses))
+            announce(ready)
         await stop.wait()
         drain_s = cfg.server.drain_timeout_s
         log.warning("draining: SIGTERM to %d routers (up to %.0f s for their requests in flight)",

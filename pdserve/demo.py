@@ -16,6 +16,7 @@ from api.v1 import pdserve_pb2 as pb
 from api.v1 import pdserve_pb2_grpc as pb_grpc
 from pdserve.config import load_config
 from pdserve.dummy_model import write_dummy_model
+from pdserve.ready_line import ReadyLine
 from pdserve.serve import serve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,8 +53,8 @@ def run(shape: str = "small", max_tokens: int = 16) -> int:
         loop = asyncio.new_event_loop()
         stop = asyncio.Event()
 
-        def on_ready(address: str) -> None:
-            target.append(address)
+        def on_ready(line: ReadyLine) -> None:
+            target.extend([line.targets[0], line.metrics_urls[0]])
             ready.set()
 
         thread = threading.Thread(target=lambda: loop.run_until_complete(serve(cfg, stop, on_ready)), daemon=True)
@@ -62,7 +63,7 @@ def run(shape: str = "small", max_tokens: int = 16) -> int:
             if not thread.is_alive():
                 print("pdserve demo: the cluster failed to start (see the log above)")
                 return 1
-        print(f"pdserve demo: router on {target[0]}\n", flush=True)
+        print(f"pdserve demo: router on {target[0]}, metrics on {target[1]}\n", flush=True)
         rng = random.Random(0)
         system = [rng.randrange(3, 4000) for _ in range(160)]  # a shared "system prompt"
         requests = [

@@ -25,13 +25,14 @@ from engine.tokenizer import load_tokenizer
 from metastore import MetadataStore
 from pdserve.cluster import STORE_TIMEOUT_S
 from pdserve.config import ServerConfig, ServingConfig
+from pdserve.metrics_server import MetricsServer
+from pdserve.ready_line import ReadyLine
 from pdserve.runtime import ClusterInfo
 from router.service import RouterService
 from router.wire import SERVICE, add_router_to_server
 
 log = logging.getLogger(__name__)
 
-READY_PREFIX = "pdserve: serving on "
 PARENT_CHECK_S = 1.0
 
 
@@ -116,11 +117,11 @@ class RouterServer:
         await self.server.stop(grace=self.srv.drain_timeout_s)  # NOTE: refuses new calls, waits for running ones
 
 
-def announce(address: str) -> None:
-    """The ready line: stdout carries this one line only. NOTE: Ray's driver prints cluster events (e.g.
-    "(raylet) A worker died ...", when an instance is lost and restarted) to whatever sys.stdout is: after the
-    line, that is stderr, the log."""
-    print(f"{READY_PREFIX}{address}", flush=True)
+def announce(ready: ReadyLine) -> None:
+    """The ready line (pdserve/ready_line.py): stdout carries this one line only. NOTE: Ray's driver prints
+    cluster events (e.g. "(raylet) A worker died ...", when an instance is lost and restarted) to whatever
+    sys.stdout is: after the line, that is stderr, the log."""
+    print(ready.format(), flush=True)
     sys.stdout = sys.stderr
 
 
@@ -132,9 +133,11 @@ async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
     stop.set()
 
 
-async def serve_router(cfg: ServingConfig, cluster: ClusterInfo, port: int, parent_pid: int | None = None) -> int:
+async def serve_router(cfg: ServingConfig, cluster: ClusterInfo, port: int, parent_pid: int | None = None,
+                       metrics_port: int = 0) -> int:
     """Serve as one more router of a running cluster until SIGINT/SIGTERM (or, with `parent_pid`, until that
-    process is no longer this one's parent), then drain as `pdserve serve` does."""
+    process is no longer this one's parent), then drain as `pdserve serve` does. Its Prometheus endpoint listens
+    on `metrics_port` (0: a free one)."""
     import ray
 
     # NOTE: attach to Ray before any gRPC thread exists in this process (see pdserve/controller.py's Cluster).
@@ -151,20 +154,23 @@ async def serve_router(cfg: ServingConfig, cluster: ClusterInfo, port: int, pare
         bound = await server.start(port)
         router = await asyncio.to_thread(build_router, cfg, store, cluster.ray_namespace)
         server.attach(router)
-        log.info("router pid %d serving on %s:%d", os.getpid(), cfg.server.host, bound)
-        announce(f"{cfg.server.host}:{bound}")
+        metrics = MetricsServer(router.metrics.registry, cfg.server.host, metrics_port)
+        log.info("router pid %d serving on %s:%d, metrics on %s", os.getpid(), cfg.server.host, bound, metrics.url)
+        announce(ReadyLine((f"{cfg.server.host}:{bound}",), (metrics.url,)))
         watcher = asyncio.create_task(_watch_parent(parent_pid, stop)) if parent_pid else None
         await stop.wait()
         if watcher is not None:
             watcher.cancel()
         await server.drain()
+        metrics.close()
         router.close()
     finally:
         ray.shutdown()
     return 0
 
 
-def main(cfg: ServingConfig, port: int | None = None, parent_pid: int | None = None) -> int:
+def main(cfg: ServingConfig, port: int | None = None, parent_pid: int | None = None,
+         metrics_port: int | None = None) -> int:
     """`pdserve router`: 2 with one line on stderr when no cluster is found."""
     from pdserve.runtime import ClusterNotFoundError, find_cluster
 
@@ -177,4 +183,5 @@ def main(cfg: ServingConfig, port: int | None = None, parent_pid: int | None = N
     except ClusterNotFoundError as e:
         print(f"pdserve router: {e}", file=sys.stderr)
         return 2
-    return asyncio.run(serve_router(cfg, cluster, cfg.server.port if port is None else port, parent_pid))
+    return asyncio.run(serve_router(cfg, cluster, cfg.server.port if port is None else port, parent_pid,
+                                    cfg.server.metrics_port if metrics_port is None else metrics_port))

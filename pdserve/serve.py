@@ -14,15 +14,17 @@ from collections.abc import Callable
 from pdserve.cluster import Cluster, supervise_redis
 from pdserve.config import ServingConfig
 from pdserve.controller import run_controller
+from pdserve.metrics_server import MetricsServer
+from pdserve.ready_line import ReadyLine
 from pdserve.router_process import RouterServer, announce, build_router
 
 log = logging.getLogger(__name__)
 
 
-async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None, on_ready: Callable[[str], None] | None = None,
-                router_args: list[str] | None = None) -> int:
+async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
+                on_ready: Callable[[ReadyLine], None] | None = None, router_args: list[str] | None = None) -> int:
     """Serve until SIGINT/SIGTERM, or until `stop` is set when one is given (then no signal handlers are
-    installed: the caller owns shutdown). `on_ready("HOST:PORT")` replaces the ready line on stdout. With
+    installed: the caller owns shutdown). `on_ready(ReadyLine)` replaces the ready line on stdout. With
     `server.routers` >= 2 this process is the controller of that many router processes (pdserve/controller.py),
     started as `pdserve router` with `router_args` (--config FILE, ...) and the ready line lists every router."""
     if cfg.server.routers > 1:
@@ -45,21 +47,25 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None, on_ready:
     drain_s = 0.0  # until the pools are up and serving: an error on the way stops everything at once
     server = RouterServer(cfg.server)
     port = await server.start(cfg.server.port)  # health answers NOT_SERVING while the pools start
-    router = None
+    router = metrics = None
     try:
         await asyncio.to_thread(cluster.start_pools)
         router = await asyncio.to_thread(build_router, cfg, store, cluster.ray_namespace)
         server.attach(router)
+        metrics = MetricsServer(router.metrics.registry, cfg.server.host, cfg.server.metrics_port)
+        ready = ReadyLine((f"{cfg.server.host}:{port}",), (metrics.url,))
         if on_ready is not None:
-            on_ready(f"{cfg.server.host}:{port}")
+            on_ready(ready)
         else:
-            announce(f"{cfg.server.host}:{port}")
+            announce(ready)
         await stop.wait()
         await server.drain()
         drain_s = cfg.server.drain_timeout_s
     finally:
         if watchdog is not None:
             watchdog.cancel()  # NOTE: before the cluster stops Redis on purpose
+        if metrics is not None:
+            metrics.close()
         if router is not None:
             router.close()
         await asyncio.to_thread(cluster.stop, drain_s)

@@ -2,6 +2,7 @@
 from Redis by one background thread, so that a placement decision reads no Redis at all.
 
     thread "cluster-view":  every refresh_s: live instances, their loads, the policy   (3 pipelined reads)
+                            every stats_refresh_s: their stats records (one MGET; exported as metrics)
                             in between:     XREAD BLOCK on every instance's KV event stream -> PrefixIndex
 
 Redis stays the source of truth. An instance the view has not seen yet (a cold start, a new instance, another
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 
 import redis
 
+from metastore.instance_stats import InstanceStatsRecord
 from metastore.policy import PlacementPolicy
 from metastore.store import InstanceInfo, Load, MetadataStore
 from router.prefix_index import PrefixIndex
@@ -36,6 +38,8 @@ log = logging.getLogger(__name__)
 
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.25, 5.0  # seconds without asking Redis after a failure
 EVENT_BATCH = 1000  # stream entries read per instance per call
+STATS_REFRESH_S = 1.0  # how often the instances' stats records are read (metrics and `pdserve status`)
+HEARTBEAT_STALE_S = 2.5  # a stats record whose heartbeat_seq stood still this long: heartbeats are missing
 
 
 @dataclass(frozen=True)
@@ -49,9 +53,16 @@ class ClusterState:
 
 class ClusterView:
     def __init__(self, store: MetadataStore, base_policy: PlacementPolicy, refresh_s: float = 0.2,
-                 recovery_s: float = 5.0) -> None:
+                 recovery_s: float = 5.0, stats_refresh_s: float = STATS_REFRESH_S) -> None:
         self.store, self.base_policy = store, base_policy
-        self.refresh_s, self.recovery_s = refresh_s, recovery_s
+        self.refresh_s, self.recovery_s, self.stats_refresh_s = refresh_s, recovery_s, stats_refresh_s
+        # The instances' last stats records (replaced whole) and, per instance, (heartbeat_seq, when it last
+        # changed): read by the metrics collector and GetLoads, never by placement.
+        self.instance_stats: dict[str, InstanceStatsRecord] = {}
+        self._heartbeat_seen: dict[str, tuple[int, float]] = {}
+        self.restarts: Counter[str] = Counter()  # instance -> re-registrations with a new pid seen here
+        self._pids: dict[str, int] = {}
+        self._next_stats = 0.0
         self.state = ClusterState(policy=base_policy)
         self.index = PrefixIndex()
         self.counters: Counter[str] = Counter()
@@ -156,7 +167,34 @@ class ClusterView:
             if iid not in self._cursors:
                 self._resync(iid)
         self.state = ClusterState(tuple(instances), {**self.state.loads, **loads}, policy)
+        self._track_pids(instances)
+        if now >= self._next_stats:
+            self._next_stats = now + self.stats_refresh_s
+            self._read_stats(ids, now)
         self.synced.set()
+
+    # ---- what operators see: restarts and stats records ------------------------------------------------------
+    def _track_pids(self, instances: list[InstanceInfo]) -> None:
+        for info in instances:
+            old = self._pids.get(info.instance_id)
+            if old is not None and old != info.pid:
+                self.restarts[info.instance_id] += 1
+                log.info("instance %s re-registered with a new pid (%d -> %d)", info.instance_id, old, info.pid)
+            self._pids[info.instance_id] = info.pid
+
+    def _read_stats(self, ids: list[str], now: float) -> None:
+        stats = self.store.instance_stats(ids)
+        seen = {}
+        for iid, record in stats.items():
+            last = self._heartbeat_seen.get(iid)
+            seen[iid] = last if last is not None and last[0] == record.heartbeat_seq else (record.heartbeat_seq, now)
+        self._heartbeat_seen, self.instance_stats = seen, stats
+
+    def heartbeats_missing(self, instance_id: str) -> bool:
+        """No stats record, or its heartbeat sequence stood still for HEARTBEAT_STALE_S (an instance kept through
+        a Redis outage, or a stalled one whose lease has not lapsed yet)."""
+        seen = self._heartbeat_seen.get(instance_id)
+        return seen is None or time.monotonic() - seen[1] > HEARTBEAT_STALE_S
 
     def _resync(self, instance_id: str) -> None:
         snap = self.store.index_snapshot(instance_id)

@@ -59,6 +59,11 @@ class InstanceHealth:
             return instances
         return [i for i in instances if self.usable(i)]
 
+    def is_open(self, instance_id: str) -> bool:
+        """Is the instance's breaker open or half-open (for operators: `pdserve status`, metrics)?"""
+        b = self._breakers.get(instance_id)
+        return b is not None and b.open_until != 0.0
+
     def placed(self, instance_id: str) -> None:
         with self._lock:
             b = self._breakers.get(instance_id)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -33,6 +34,8 @@ from metastore import InstanceInfo, Load
 from router import recovery
 from router.cluster_view import ClusterState, ClusterView
 from router.health import InstanceHealth
+from router.instance_metrics import InstanceCollector, instance_rows
+from router.metrics import RequestTimer, RouterMetrics
 from router.placement import NoInstanceError, Placement, place
 from router.request import prompt_tokens, sampling_params, worker_error_status
 from router.shared_prefixes import SharedPrefixes
@@ -72,6 +75,14 @@ class RouterService(pb_grpc.PDServeServicer):
         self.counters: Counter[str] = Counter()  # recovery: prefill_retries, migrations, ... (router/recovery.py)
         self.aborted_before_placement: set[str] = set()
         self._actors: dict[str, Any] = {}
+        self.metrics = RouterMetrics(lambda: len(self.inflight), self._queued)  # its own registry
+        self.metrics.registry.register(InstanceCollector(view, self.health, {
+            "recovery": self.counters, "breakers": self.health.counters, "cluster_view": view.counters}))
+
+    def _queued(self) -> int:
+        """Requests admitted whose first token is not out yet: not placed, or their prefill still pending."""
+        with self._place_lock:
+            return sum(p is None for p in self.inflight.values()) + len(self.prefill_pending)
 
     def close(self) -> None:
         """Stop following Redis (the view's thread)."""
@@ -101,6 +112,7 @@ class RouterService(pb_grpc.PDServeServicer):
         (hash_prompt), computed here when not given. Re-placing after a failure (router/recovery.py):
         `keep_decode` keeps that decode instance, `exclude` leaves out instances already tried, `local_only`
         prefills on the decode instance."""
+        t0 = time.perf_counter()
         if hashes is None:
             hashes = self.hash_prompt(tokens)
         state = self.view.state
@@ -125,6 +137,7 @@ class RouterService(pb_grpc.PDServeServicer):
                 for iid in (placement.decode_instance, placement.prefill_instance):
                     if iid:
                         self.health.placed(iid)
+        self.metrics.decision.observe(time.perf_counter() - t0)
         log.debug("request %s: decode on %s, prefill on %s, %d of %d tokens cached there: %s", rid,
                   placement.decode_instance, placement.prefill_instance or "it", placement.cached_tokens,
                   len(tokens), placement.reason)
@@ -178,6 +191,26 @@ class RouterService(pb_grpc.PDServeServicer):
     # ---- RPCs ----------------------------------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        """_generate, timed: TTFT, inter-token latency and end-to-end, and the request's final status code."""
+        timer, status = RequestTimer(self.metrics), "CANCELLED"
+        try:
+            async for response in self._generate(request, context):
+                timer.sent()
+                yield response
+            status = "OK"
+            timer.finished()
+        except BaseException as e:
+            code = context.code()  # set by context.abort
+            if isinstance(code, grpc.StatusCode):
+                status = code.name
+            elif not isinstance(e, asyncio.CancelledError | GeneratorExit):
+                status = "UNKNOWN"  # NOTE: what gRPC answers for an exception a handler raises
+            raise
+        finally:  # NOTE: a cancelled call (client gone) keeps "CANCELLED"
+            self.metrics.requests.labels(status).inc()
+
+    async def _generate(self, request: pb.GenerateRequest,
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         await refuse_undecodable(request, context)
         rid = request.request_id or uuid.uuid4().hex
         if len(self.inflight) >= self.max_inflight:
@@ -249,9 +282,18 @@ class RouterService(pb_grpc.PDServeServicer):
                 self.prefill_finished(rid)
             completion += len(delta.token_ids)
             if delta.finished:
+                self._count_finished(len(tokens), completion, delta.cached_tokens, where, moves)
                 yield self._final(rid, delta, len(tokens), completion, where, moves)
                 return
             yield pb.GenerateResponse(request_id=rid, token_ids=delta.token_ids, text=delta.text)
+
+    def _count_finished(self, prompt: int, completion: int, cached: int, placement: Placement, moves: int) -> None:
+        m = self.metrics
+        m.prompt_tokens.inc(prompt)
+        m.generation_tokens.inc(completion)
+        m.cached_tokens.inc(cached)
+        route = "migrated" if moves else "remote_prefill" if placement.disaggregated else "local_prefill"
+        m.requests_by_route.labels(route).inc()
 
     def _prepare(self, request: pb.GenerateRequest) -> tuple[list[int], list[int]]:
         tokens = prompt_tokens(request, self.tokenizer, self.info, self.max_prompt_bytes)
@@ -300,7 +342,12 @@ class RouterService(pb_grpc.PDServeServicer):
                        context: grpc.aio.ServicerContext) -> pb.GetLoadsResponse:
         await refuse_undecodable(request, context)
         state = self.view.state  # NOTE: as placement sees it (refreshed every view.refresh_s)
-        loads = [(i, state.loads.get(i.instance_id, Load())) for i in state.instances]
-        return pb.GetLoadsResponse(instances=[
-            pb.InstanceLoad(instance_id=i.instance_id, role=i.role, waiting=load.waiting, running=load.running,
-                            kv_usage=load.kv_usage, tensor_parallel_size=i.tp_size) for i, load in loads])
+        rows = []
+        for row in instance_rows(self.view, self.health):
+            i, st, load = row.info, row.stats, state.loads.get(row.info.instance_id, Load())
+            rows.append(pb.InstanceLoad(
+                instance_id=i.instance_id, role=i.role, waiting=load.waiting, running=load.running,
+                kv_usage=load.kv_usage, tensor_parallel_size=i.tp_size, host=i.host, pid=i.pid, state=row.state,
+                prefix_cache_hit_rate=st.prefix_cache_hit_rate, restarts=row.restarts,
+                kv_blocks_used=st.kv_blocks_used, kv_blocks_total=st.kv_blocks_total))
+        return pb.GetLoadsResponse(instances=rows, policy=state.policy.to_redis())

@@ -8,9 +8,10 @@
 # module path from the file's path under its include root, so the include root maps proto/pdserve/v1 onto the
 # virtual directory api/v1: the grpc module then imports `from api.v1 import pdserve_pb2`, with no rewriting.
 # (A package named `proto` is impossible: proto-plus is installed under that name.)
+# PDSERVE_PROTO_VENV=DIR uses an existing virtualenv that has grpcio-tools 1.66.2 (offline), instead of .venv-proto.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-tools=.venv-proto
+tools=${PDSERVE_PROTO_VENV:-.venv-proto}
 if [ ! -x "$tools/bin/python" ]; then
   python3 -m venv "$tools"
   "$tools/bin/python" -m pip install -q "grpcio-tools==1.66.2"

@@ -124,23 +124,46 @@ class GetLoadsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InstanceLoad(_message.Message):
-    __slots__ = ("instance_id", "role", "waiting", "running", "kv_usage", "tensor_parallel_size")
+    __slots__ = ("instance_id", "role", "waiting", "running", "kv_usage", "tensor_parallel_size", "host", "pid", "state", "prefix_cache_hit_rate", "restarts", "kv_blocks_used", "kv_blocks_total")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     KV_USAGE_FIELD_NUMBER: _ClassVar[int]
     TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     role: str
     waiting: int
     running: int
     kv_usage: float
     tensor_parallel_size: int
-    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[str] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., kv_usage: _Optional[float] = ..., tensor_parallel_size: _Optional[int] = ...) -> None: ...
+    host: str
+    pid: int
+    state: str
+    prefix_cache_hit_rate: float
+    restarts: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[str] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., kv_usage: _Optional[float] = ..., tensor_parallel_size: _Optional[int] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., prefix_cache_hit_rate: _Optional[float] = ..., restarts: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ...) -> None: ...
 
 class GetLoadsResponse(_message.Message):
-    __slots__ = ("instances",)
+    __slots__ = ("instances", "policy")
+    class PolicyEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
     instances: _containers.RepeatedCompositeFieldContainer[InstanceLoad]
-    def __init__(self, instances: _Optional[_Iterable[_Union[InstanceLoad, _Mapping]]] = ...) -> None: ...
+    policy: _containers.ScalarMap[str, str]
+    def __init__(self, instances: _Optional[_Iterable[_Union[InstanceLoad, _Mapping]]] = ..., policy: _Optional[_Mapping[str, str]] = ...) -> None: ...

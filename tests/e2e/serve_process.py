@@ -21,6 +21,7 @@ from api.v1 import pdserve_pb2 as pb
 from api.v1 import pdserve_pb2_grpc as pb_grpc
 from metastore import MetadataStore, RedisServer
 from pdserve.config import merge_mappings
+from pdserve.ready_line import READY_PREFIX, ReadyLine
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -36,11 +37,17 @@ class Server:
         self.stub = pb_grpc.PDServeStub(self.channel)
         self.config: pathlib.Path | None = None  # the serving YAML it runs (`pdserve router --config` reads it)
         self.env: dict[str, str] = {}  # the environment it runs in (its cluster file's directory)
+        self.metrics_urls: list[str] = []  # router i's Prometheus endpoint (the ready line's)
+
+    @property
+    def metrics_url(self) -> str:
+        """The Prometheus endpoint of the router this object talks to."""
+        return self.metrics_urls[self.targets.index(self.target)]
 
     def router(self, i: int) -> Server:
         """The same cluster through its router `i` (a new channel; close it after)."""
         other = Server(self.proc, self.targets[i], self.store, self.log, self.targets)
-        other.config, other.env = self.config, self.env
+        other.config, other.env, other.metrics_urls = self.config, self.env, self.metrics_urls
         return other
 
     def generate(self, tokens: list[int], max_tokens: int = 12, timeout: float = 60,
@@ -114,9 +121,11 @@ def serve(tmp: pathlib.Path, model: pathlib.Path, edits: dict[str, Any] | None =
              str(model), "--port", "0"], stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, env=env, cwd=ROOT)
         try:
             line = proc.stdout.readline() if proc.stdout else ""
-            assert line.startswith("pdserve: serving on "), f"no ready line; log:\n{log.read_text()[-3000:]}"
-            targets = line.strip().rsplit(" ", 1)[1].split(",")
+            assert line.startswith(READY_PREFIX), f"no ready line; log:\n{log.read_text()[-3000:]}"
+            ready = ReadyLine.parse(line)
+            targets = list(ready.targets)
             server = Server(proc, targets[0], MetadataStore(redis.url, registry_lease_s=2), log, targets)
+            server.metrics_urls = list(ready.metrics_urls)
             server.config, server.env = tmp / "serving.yaml", env
             yield server
             server.channel.close()

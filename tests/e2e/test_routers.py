@@ -23,6 +23,7 @@ import pytest
 
 from api.v1 import pdserve_pb2 as pb
 from api.v1 import pdserve_pb2_grpc as pb_grpc
+from pdserve.ready_line import ReadyLine
 from tests.e2e.serve_process import ROOT, Server, SlowStreams, serve
 from tests.model_factory import make_tiny_model, random_prompts
 
@@ -155,7 +156,7 @@ def test_pdserve_router_attaches_one_more_router(server: Server, model: pathlib.
         if not line.startswith("pdserve: serving on "):
             proc.kill()
             raise AssertionError(f"no ready line (exit {proc.wait(10)}): {proc.stderr.read()[-3000:]}")
-        third = Server(server.proc, line.strip().rsplit(" ", 1)[1], server.store, server.log)
+        third = Server(server.proc, ReadyLine.parse(line).targets[0], server.store, server.log)
         assert third.target not in server.targets
         assert third.generate(random_prompts(1, [40], 512, seed=1502)[0], max_tokens=6)[-1].finished
         third.channel.close()

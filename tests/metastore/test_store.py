@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from engine.block_pool import KVEvent
-from metastore import InstanceInfo, Load, MetadataStore, PlacementPolicy, RedisServer
+from metastore import InstanceInfo, InstanceStatsRecord, Load, MetadataStore, PlacementPolicy, RedisServer
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,18 @@ def test_registry_lease_expires_without_heartbeats(store: MetadataStore) -> None
     assert [i.instance_id for i in store.live_instances()] == ["d0"]
     assert not store.heartbeat("p0")  # its record is gone: it must re-register
     assert store.loads(["d0"])["d0"] == Load(waiting=1, running=2, kv_usage=0.25)
+
+
+def test_stats_record_rides_the_heartbeat_and_leaves_with_the_instance(store: MetadataStore) -> None:
+    store.register(info("d0"))
+    record = InstanceStatsRecord(heartbeat_seq=7, kv_blocks_used=3, kv_blocks_total=100, kv_transfer_bytes=1 << 20,
+                                 kv_transfer_seconds=0.5)
+    assert store.heartbeat("d0", Load(), record)
+    assert store.instance_stats(["d0", "p9"]) == {"d0": record}
+    assert store.r.ttl(f"{store.ns}:stats:d0") > 0  # lapses with the lease
+    assert InstanceStatsRecord.from_json('{"waiting": 2, "from_a_newer_instance": 1}').waiting == 2
+    store.deregister("d0")
+    assert store.instance_stats(["d0"]) == {}
 
 
 def test_block_index_follows_kv_events_and_prefix_overlap(store: MetadataStore) -> None:

@@ -24,7 +24,7 @@ def pdserve(*argv: str) -> subprocess.CompletedProcess[str]:
 def test_help_lists_every_command() -> None:
     done = pdserve("--help")
     assert done.returncode == 0 and done.stderr == ""
-    assert done.stdout.startswith("usage: pdserve [-h] {demo,serve,router,generate,bench} ...")
+    assert done.stdout.startswith("usage: pdserve [-h] {demo,serve,router,generate,status,bench} ...")
     for command in ("demo", "serve", "router", "generate", "bench"):
         assert f"    {command} " in done.stdout
 

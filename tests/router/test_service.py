@@ -18,7 +18,7 @@ from engine.errors import NoKVSpaceError
 from engine.model_info import ModelInfo
 from engine.sampling_params import SamplingParams
 from instance.messages import PrefillDone, StreamDelta
-from metastore import InstanceInfo, Load, PlacementPolicy
+from metastore import InstanceInfo, InstanceStatsRecord, Load, PlacementPolicy
 from metastore.store import IndexSnapshot
 from router.cluster_view import ClusterView
 from router.placement import Placement
@@ -39,6 +39,7 @@ class FakeStore:
     def __init__(self) -> None:
         self.instances = [inst("d0", "decode"), inst("p0", "prefill")]
         self.busy: dict[str, Load] = {}
+        self.stats: dict[str, InstanceStatsRecord] = {}
 
     def live_instances(self, role: str | None = None) -> list[InstanceInfo]:
         return [i for i in self.instances if role in (None, i.role)]
@@ -48,6 +49,9 @@ class FakeStore:
 
     def loads(self, instance_ids: list[str]) -> dict[str, Load]:
         return {i: self.busy.get(i, Load()) for i in instance_ids}
+
+    def instance_stats(self, instance_ids: list[str]) -> dict[str, InstanceStatsRecord]:
+        return {i: self.stats[i] for i in instance_ids if i in self.stats}
 
     def policy(self, base: PlacementPolicy | None = None) -> PlacementPolicy:
         assert base is not None
@@ -101,6 +105,9 @@ class FakeContext:
         self.status = (code, details)
         raise Aborted
 
+    def code(self) -> grpc.StatusCode | None:
+        return self.status[0] if self.status else None
+
 
 def service(actors: dict[str, FakeActor]) -> RouterService:
     view = ClusterView(FakeStore(), POLICY)  # type: ignore[arg-type]
@@ -152,6 +159,49 @@ def test_remote_prefill_passes_typed_values_and_reports_why(caplog: pytest.LogCa
     (_, _, decode_params, kv_handle, resumed, text_offset), = decode.generate.calls
     assert decode_params is params and kv_handle is HANDLE and (resumed, text_offset) == ([], 0)
     assert not svc.inflight and not svc.prefill_pending and not decode.abort.calls
+
+
+def sample(svc: RouterService, name: str, **labels: str) -> float | None:
+    return svc.metrics.registry.get_sample_value(name, labels)
+
+
+def test_metrics_record_status_route_latencies_tokens_and_instances() -> None:
+    prefill = FakeActor(done=PrefillDone(kv_handle=HANDLE))  # type: ignore[arg-type]
+    decode = FakeActor(deltas=[StreamDelta([9, 10], "", finished=False),
+                               StreamDelta([11], "", finished=True, finish_reason="length", cached_tokens=32)])
+    svc = service({"p0": prefill, "d0": decode})
+    svc.view.store.stats["d0"] = InstanceStatsRecord(heartbeat_seq=1, kv_blocks_used=3, kv_blocks_total=12,
+                                                     prefix_cache_queries=100, prefix_cache_hits=25,
+                                                     kv_transfer_bytes=4096)
+    svc.view._next_stats = 0.0
+    svc.view.refresh()
+    generate(svc, list(range(3, 103)), max_tokens=3)
+    ctx = FakeContext()
+    with pytest.raises(Aborted):
+        generate(svc, [], ctx)
+    assert sample(svc, "pdserve:requests_total", status="OK") == 1
+    assert sample(svc, "pdserve:requests_total", status="INVALID_ARGUMENT") == 1
+    assert sample(svc, "pdserve:requests_by_route_total", route="remote_prefill") == 1
+    assert sample(svc, "pdserve:requests_by_route_total", route="local_prefill") == 0
+    assert sample(svc, "pdserve:time_to_first_token_seconds_count") == 1
+    assert sample(svc, "pdserve:inter_token_latency_seconds_count") == 1
+    assert sample(svc, "pdserve:e2e_request_latency_seconds_count") == 1
+    assert sample(svc, "pdserve:placement_decision_seconds_count") == 1
+    assert (sample(svc, "pdserve:prompt_tokens_total"), sample(svc, "pdserve:generation_tokens_total"),
+            sample(svc, "pdserve:cached_prompt_tokens_total")) == (100, 3, 32)
+    assert sample(svc, "pdserve:requests_in_flight") == 0 and sample(svc, "pdserve:requests_queued") == 0
+    d0 = {"instance": "d0", "role": "decode"}
+    assert sample(svc, "pdserve:kv_cache_usage_perc", **d0) == 0.25
+    assert sample(svc, "pdserve:prefix_cache_hit_rate", **d0) == 0.25
+    assert sample(svc, "pdserve:kv_transfer_bytes_total", **d0) == 4096
+    assert sample(svc, "pdserve:instance_state", **d0, state="serving") == 1
+    # p0 published no stats record: present, at zero, with its heartbeats missing
+    p0 = {"instance": "p0", "role": "prefill"}
+    assert sample(svc, "pdserve:kv_cache_used_blocks", **p0) == 0
+    assert sample(svc, "pdserve:instance_state", **p0, state="missing heartbeats") == 1
+    svc.view.store.instances = svc.view.store.instances[:1]  # p0 left: gone from the next scrape
+    svc.view.refresh()
+    assert sample(svc, "pdserve:kv_cache_used_blocks", **p0) is None
 
 
 def test_aborted_prefill_ends_the_request_with_reason() -> None:

@@ -1,0 +1,42 @@
+"""The stats record an instance publishes with every heartbeat (`{ns}:stats:{id}`, TTL = lease): the counters
+and gauges the router exports per instance (router/instance_metrics.py). O(1) to build: no walk of any queue.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass(frozen=True)
+class InstanceStatsRecord:
+    heartbeat_seq: int = 0  # 1, 2, ... per publisher: a reader that sees it stand still knows heartbeats stopped
+    waiting: int = 0
+    running: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (counter)
+    prefix_cache_hits: int = 0  # of those, tokens found (counter)
+    preemptions: int = 0  # counter
+    steps: int = 0  # engine steps (counter)
+    step_seconds: float = 0.0  # wall time of those steps (counter)
+    kv_transfer_bytes: int = 0  # bytes pulled over NIXL (decode; counter)
+    kv_transfer_seconds: float = 0.0  # time from posting the READs to their completion (decode; counter)
+    kv_transfers: int = 0  # pulls completed (decode; counter)
+    kv_transfer_failures: int = 0  # pulls that failed, each then prefilled locally (decode; counter)
+    kv_local_fallbacks: int = 0  # requests prefilled locally after a failed pull (decode; counter)
+    kv_lease_expiries: int = 0  # held KV freed because no reader came within its lease (prefill; counter)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @staticmethod
+    def from_json(text: str | bytes) -> InstanceStatsRecord:
+        """Unknown keys (a newer instance) are ignored, missing ones (an older one) default."""
+        raw = json.loads(text)
+        names = {f.name for f in fields(InstanceStatsRecord)}
+        return InstanceStatsRecord(**{k: v for k, v in raw.items() if k in names})
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0

@@ -1,0 +1,48 @@
+"""`pdserve status --target HOST:PORT`: one table of the cluster's instances as that router sees them (role, TP,
+host, state, waiting/running, KV use, prefix-cache hit rate, restarts) and the active placement policy, from
+the router's GetLoads (its memory: no Redis, no instance is asked)."""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+import grpc
+
+from api.v1 import pdserve_pb2 as pb
+from api.v1 import pdserve_pb2_grpc as pb_grpc
+
+COLUMNS = ("INSTANCE", "ROLE", "TP", "HOST", "PID", "STATE", "WAIT/RUN", "KV USE", "HIT RATE", "RESTARTS")
+
+
+def rows_of(loads: pb.GetLoadsResponse) -> list[tuple[str, ...]]:
+    out = []
+    for i in loads.instances:
+        kv = f"{i.kv_usage:.0%}" + (f" ({i.kv_blocks_used}/{i.kv_blocks_total})" if i.kv_blocks_total else "")
+        out.append((i.instance_id, i.role, str(i.tensor_parallel_size), i.host or "-", str(i.pid or "-"),
+                    i.state or "-", f"{i.waiting}/{i.running}", kv, f"{i.prefix_cache_hit_rate:.1%}",
+                    str(i.restarts)))
+    return out
+
+
+def render(loads: pb.GetLoadsResponse, out: TextIO) -> None:
+    """The table, then the policy, one `field=value` per item in a line."""
+    table = [COLUMNS, *rows_of(loads)]
+    widths = [max(len(r[c]) for r in table) for c in range(len(COLUMNS))]
+    for r in table:
+        out.write("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() + "\n")
+    if not loads.instances:
+        out.write("(no instance registered)\n")
+    policy = " ".join(f"{k}={v}" for k, v in sorted(loads.policy.items()))
+    out.write(f"policy: {policy}\n")
+
+
+def main(target: str, timeout: float = 10.0, out: TextIO = sys.stdout) -> int:
+    with grpc.insecure_channel(target) as channel:
+        try:
+            loads = pb_grpc.PDServeStub(channel).GetLoads(pb.GetLoadsRequest(), timeout=timeout)
+        except grpc.RpcError as e:
+            print(f"pdserve status: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    render(loads, out)
+    return 0

@@ -1,0 +1,105 @@
+"""What the router knows about each instance, for operators: one typed row per live instance (its registry
+entry, its state as this router sees it, its last stats record), and the Prometheus collector that exports
+those rows with `instance` and `role` labels at scrape time, from memory. Instances that left the registry
+disappear from the next scrape. The rows come from the cluster view (router/cluster_view.py), which reads the
+instances' stats records from Redis every second: nothing here touches Redis or an instance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from metastore import InstanceInfo, InstanceStatsRecord
+from router.cluster_view import ClusterView
+from router.health import InstanceHealth
+
+SERVING, BREAKER_OPEN, MISSING_HEARTBEATS = "serving", "breaker open", "missing heartbeats"
+STATES = (SERVING, BREAKER_OPEN, MISSING_HEARTBEATS)
+
+
+@dataclass(frozen=True)
+class InstanceRow:
+    info: InstanceInfo
+    state: str  # one of STATES
+    restarts: int  # re-registrations with a new pid this router saw
+    stats: InstanceStatsRecord  # all zero until its first stats record was read
+
+
+def instance_rows(view: ClusterView, health: InstanceHealth) -> list[InstanceRow]:
+    stats, rows = view.instance_stats, []
+    for info in view.state.instances:
+        iid = info.instance_id
+        state = BREAKER_OPEN if health.is_open(iid) else MISSING_HEARTBEATS if view.heartbeats_missing(iid) \
+            else SERVING
+        rows.append(InstanceRow(info, state, view.restarts[iid], stats.get(iid, InstanceStatsRecord())))
+    return rows
+
+
+# (metric name, help, field of InstanceStatsRecord) for each gauge and counter exported per instance
+_GAUGES = (
+    ("pdserve:num_requests_waiting", "Requests waiting to be scheduled on the instance", "waiting"),
+    ("pdserve:num_requests_running", "Requests running on the instance", "running"),
+    ("pdserve:kv_cache_used_blocks", "KV blocks in use (per rank)", "kv_blocks_used"),
+    ("pdserve:kv_cache_total_blocks", "KV blocks of the instance's cache (per rank)", "kv_blocks_total"),
+)
+_COUNTERS = (
+    ("pdserve:prefix_cache_queries_tokens", "Prompt tokens looked up in the prefix cache", "prefix_cache_queries"),
+    ("pdserve:prefix_cache_hits_tokens", "Prompt tokens found in the prefix cache", "prefix_cache_hits"),
+    ("pdserve:num_preemptions", "Requests preempted (recomputed later)", "preemptions"),
+    ("pdserve:engine_steps", "Engine steps", "steps"),
+    ("pdserve:engine_step_seconds", "Wall time of the engine steps", "step_seconds"),
+    ("pdserve:kv_transfer_bytes", "KV bytes pulled over NIXL (decode instances)", "kv_transfer_bytes"),
+    ("pdserve:kv_transfer_seconds", "Time from posting a pull's READs to their completion", "kv_transfer_seconds"),
+    ("pdserve:kv_transfers", "KV pulls completed", "kv_transfers"),
+    ("pdserve:kv_transfer_failures", "KV pulls that failed", "kv_transfer_failures"),
+    ("pdserve:kv_local_fallbacks", "Requests prefilled locally after their KV pull failed", "kv_local_fallbacks"),
+    ("pdserve:kv_lease_expiries", "Held KV freed with no reader after its lease (prefill instances)",
+     "kv_lease_expiries"),
+)
+
+
+class InstanceCollector(Collector):
+    """Per-instance metrics and the router's own event counters (recovery, breakers, the view's fallbacks)."""
+
+    def __init__(self, view: ClusterView, health: InstanceHealth, events: Mapping[str, Mapping[str, int]]) -> None:
+        """`events`: component -> its counters (e.g. "recovery" -> RouterService.counters)."""
+        self.view, self.health, self.events = view, health, events
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        rows = instance_rows(self.view, self.health)
+        labels = ["instance", "role"]
+        for name, doc, attr in _GAUGES:
+            g = GaugeMetricFamily(name, doc, labels=labels)
+            for row in rows:
+                g.add_metric([row.info.instance_id, row.info.role], getattr(row.stats, attr))
+            yield g
+        usage = GaugeMetricFamily("pdserve:kv_cache_usage_perc", "Fraction of KV blocks in use (0-1)", labels=labels)
+        hit = GaugeMetricFamily("pdserve:prefix_cache_hit_rate", "Prompt tokens found / looked up, since start",
+                                labels=labels)
+        state = GaugeMetricFamily("pdserve:instance_state", "1 for the instance's state as this router sees it",
+                                  labels=[*labels, "state"])
+        restarts = CounterMetricFamily("pdserve:instance_restarts", "Re-registrations with a new pid seen by this "
+                                       "router", labels=labels)
+        for row in rows:
+            key, s = [row.info.instance_id, row.info.role], row.stats
+            usage.add_metric(key, s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0)
+            hit.add_metric(key, s.prefix_cache_hit_rate)
+            for st in STATES:
+                state.add_metric([*key, st], float(row.state == st))
+            restarts.add_metric(key, row.restarts)
+        yield from (usage, hit, state, restarts)
+        for name, doc, attr in _COUNTERS:
+            c = CounterMetricFamily(name, doc, labels=labels)
+            for row in rows:
+                c.add_metric([row.info.instance_id, row.info.role], getattr(row.stats, attr))
+            yield c
+        ev = CounterMetricFamily("pdserve:router_events", "The router's recovery, breaker and metadata-store "
+                                 "fallback events", labels=["component", "event"])
+        for component, counters in self.events.items():
+            for event, n in sorted(dict(counters).items()):
+                ev.add_metric([component, event], n)
+        yield ev

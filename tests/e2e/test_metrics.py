@@ -1,0 +1,92 @@
+"""Prometheus metrics and `pdserve status` against the tiny CPU cluster (real Ray, Redis, NIXL, gRPC): a
+`pdserve bench` run of N requests, then a scrape of the router's /metrics parsed with prometheus_client's own
+text parser."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from api.v1 import pdserve_pb2 as pb
+from tests.e2e.serve_process import ROOT, serve
+from tests.e2e.test_bench import bench
+
+pytestmark = pytest.mark.slow
+N = 8
+
+
+def scrape(url: str) -> dict[str, list[tuple[str, dict[str, str], float]]]:
+    """family name -> its samples (name, labels, value)."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    return {f.name: [(s.name, s.labels, s.value) for s in f.samples] for f in text_string_to_metric_families(text)}
+
+
+def value(families: dict, family: str, sample: str, **labels: str) -> float | None:
+    for name, have, v in families.get(family, []):
+        if name == sample and all(have.get(k) == want for k, want in labels.items()):
+            return v
+    return None
+
+
+def test_bench_run_shows_in_the_scrape_and_in_status(tmp_path: pathlib.Path,
+                                                     models: dict[str, pathlib.Path]) -> None:
+    with serve(tmp_path, models["llama"]) as srv:
+        assert srv.metrics_url.startswith("http://127.0.0.1:") and srv.metrics_url.endswith("/metrics")
+        before = scrape(srv.metrics_url)
+        assert value(before, "pdserve:time_to_first_token_seconds", "pdserve:time_to_first_token_seconds_count") == 0
+        # prompts over placement.max_local_prefill_tokens (32): prefilled on the prefill instance, KV pulled
+        run = bench(srv.target, tmp_path / "bench", "--num-requests", str(N), "--rate", "8", "--input-len",
+                    "fixed:64", "--output-len", "fixed:8")["runs"][0]
+        assert run["summary"]["succeeded"] == N
+        disaggregated = sum(r["disaggregated"] for r in run["requests"])
+        assert disaggregated >= 1
+        instances = {i.instance_id: i.role for i in srv.stub.GetLoads(pb.GetLoadsRequest()).instances}
+        assert set(instances.values()) == {"prefill", "decode"}
+        deadline = time.monotonic() + 15  # stats records: a heartbeat (0.5 s), then the router's read (1 s)
+        while True:
+            m = scrape(srv.metrics_url)
+            moved = [value(m, "pdserve:kv_transfer_bytes", "pdserve:kv_transfer_bytes_total", instance=i)
+                     for i, role in instances.items() if role == "decode"]
+            if sum(v or 0 for v in moved) > 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert sum(v or 0 for v in moved) > 0, m.get("pdserve:kv_transfer_bytes")
+        ttft = "pdserve:time_to_first_token_seconds"
+        assert value(m, ttft, f"{ttft}_count") == N
+        assert value(m, "pdserve:e2e_request_latency_seconds", "pdserve:e2e_request_latency_seconds_count") == N
+        assert value(m, "pdserve:inter_token_latency_seconds", "pdserve:inter_token_latency_seconds_count") > 0
+        assert value(m, "pdserve:requests", "pdserve:requests_total", status="OK") == N
+        assert value(m, "pdserve:requests_by_route", "pdserve:requests_by_route_total",
+                     route="remote_prefill") == disaggregated
+        decisions = value(m, "pdserve:placement_decision_seconds", "pdserve:placement_decision_seconds_count")
+        assert decisions is not None and decisions >= N
+        assert value(m, "pdserve:prompt_tokens", "pdserve:prompt_tokens_total") == 64 * N
+        assert value(m, "pdserve:generation_tokens", "pdserve:generation_tokens_total") == 8 * N
+        for iid, role in instances.items():  # every instance's KV use, with its role
+            usage = value(m, "pdserve:kv_cache_usage_perc", "pdserve:kv_cache_usage_perc", instance=iid, role=role)
+            total = value(m, "pdserve:kv_cache_total_blocks", "pdserve:kv_cache_total_blocks", instance=iid)
+            assert usage is not None and 0 <= usage <= 1 and total and total > 0
+            assert value(m, "pdserve:instance_state", "pdserve:instance_state", instance=iid, state="serving") == 1
+        steps = value(m, "pdserve:engine_steps", "pdserve:engine_steps_total", instance="decode-0")
+        assert steps and steps > 0
+
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        done = subprocess.run([sys.executable, "-m", "pdserve.cli", "status", "--target", srv.target],
+                              capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert lines[0].startswith("INSTANCE") and "HIT RATE" in lines[0]
+        for iid, role in instances.items():
+            row = next(line for line in lines if line.startswith(iid))
+            assert role in row and "serving" in row
+        assert lines[-1].startswith("policy: ") and "max_local_prefill_tokens=32" in lines[-1]
+        srv.wait_idle()

@@ -1,0 +1,45 @@
+"""`pdserve status`'s table (the live cluster: tests/e2e/test_metrics.py) and the ready line's format."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from api.v1 import pdserve_pb2 as pb
+from pdserve.ready_line import ReadyLine
+from pdserve.status import main, render
+
+
+def test_table_has_one_row_per_instance_and_the_policy() -> None:
+    loads = pb.GetLoadsResponse(instances=[
+        pb.InstanceLoad(instance_id="decode-0", role="decode", tensor_parallel_size=2, host="h1", pid=42,
+                        state="serving", waiting=1, running=3, kv_usage=0.25, kv_blocks_used=3, kv_blocks_total=12,
+                        prefix_cache_hit_rate=0.5, restarts=1),
+        pb.InstanceLoad(instance_id="prefill-0", role="prefill", tensor_parallel_size=1, state="breaker open"),
+    ], policy={"kv_weight": "0.5", "overlap_weight": "1.0"})
+    out = io.StringIO()
+    render(loads, out)
+    lines = out.getvalue().splitlines()
+    assert lines[0].split() == ["INSTANCE", "ROLE", "TP", "HOST", "PID", "STATE", "WAIT/RUN", "KV", "USE", "HIT",
+                                "RATE", "RESTARTS"]
+    assert lines[1].split() == ["decode-0", "decode", "2", "h1", "42", "serving", "1/3", "25%", "(3/12)", "50.0%",
+                                "1"]
+    assert "breaker open" in lines[2] and lines[2].startswith("prefill-0")
+    assert lines[3] == "policy: kv_weight=0.5 overlap_weight=1.0"
+
+
+def test_unreachable_router_exits_1() -> None:
+    assert main("127.0.0.1:1", timeout=2.0) == 1
+
+
+def test_ready_line_round_trips_and_refuses_other_lines() -> None:
+    line = "pdserve: serving on 127.0.0.1:5 metrics http://127.0.0.1:6/metrics"
+    ready = ReadyLine.parse(line + "\n")
+    assert ready == ReadyLine(("127.0.0.1:5",), ("http://127.0.0.1:6/metrics",)) and ready.format() == line
+    two = ReadyLine.join([ready, ReadyLine(("127.0.0.1:7",), ("http://127.0.0.1:8/metrics",))])
+    assert two.format() == ("pdserve: serving on 127.0.0.1:5,127.0.0.1:7 metrics "
+                            "http://127.0.0.1:6/metrics,http://127.0.0.1:8/metrics")
+    assert ReadyLine.parse(two.format()) == two
+    with pytest.raises(ValueError):
+        ReadyLine.parse("pdserve: serving on 127.0.0.1:5")
