@@ -36,6 +36,7 @@ from router.cluster_view import ClusterState, ClusterView
 from router.health import InstanceHealth
 from router.instance_metrics import InstanceCollector, instance_rows
 from router.metrics import RequestTimer, RouterMetrics
+from router.placed_load import PlacedLoad
 from router.placement import NoInstanceError, Placement, place
 from router.request import prompt_tokens, sampling_params, worker_error_status
 from router.shared_prefixes import SharedPrefixes
@@ -61,9 +62,7 @@ class RouterService(pb_grpc.PDServeServicer):
         self.ray_namespace = ray_namespace
         self.inflight: dict[str, Placement | None] = {}  # None: admitted, not yet placed
         # request id -> (instance, prompt tokens) until its prefill finishes: placement's queue estimate
-        self.prefill_pending: dict[str, tuple[str, int]] = {}
-        self._requests_on: dict[str, int] = {}  # instance -> requests in `inflight` placed there
-        self._pending_on: dict[str, int] = {}  # instance -> prompt tokens in `prefill_pending` sent there
+        self.load = PlacedLoad()  # what this router placed and has not seen finish, per instance
         self.shared_prefixes = SharedPrefixes()
         self._known_state: ClusterState | None = None
         self._place_lock = threading.Lock()  # placement decisions and their records, one at a time
@@ -82,7 +81,7 @@ class RouterService(pb_grpc.PDServeServicer):
     def _queued(self) -> int:
         """Requests admitted whose first token is not out yet: not placed, or their prefill still pending."""
         with self._place_lock:
-            return sum(p is None for p in self.inflight.values()) + len(self.prefill_pending)
+            return sum(p is None for p in self.inflight.values()) + len(self.load.prefill_pending)
 
     def close(self) -> None:
         """Stop following Redis (the view's thread)."""
@@ -107,7 +106,7 @@ class RouterService(pb_grpc.PDServeServicer):
     def place(self, rid: str, tokens: list[int], keep_decode: str | None = None,
               exclude: frozenset[str] = frozenset(), local_only: bool = False,
               hashes: list[int] | None = None) -> Placement:
-        """Decide and record (in `inflight` and `prefill_pending`) as one step under `_place_lock`: each decision
+        """Decide and record (in `inflight` and `load`) as one step under `_place_lock`: each decision
         must count the ones placed before it. Reads only memory (the cluster view): `hashes` are the prompt's
         (hash_prompt), computed here when not given. Re-placing after a failure (router/recovery.py):
         `keep_decode` keeps that decode instance, `exclude` leaves out instances already tried, `local_only`
@@ -130,10 +129,11 @@ class RouterService(pb_grpc.PDServeServicer):
             self.shared_prefixes.observe(full, depth, fanout)
             shared = self.shared_prefixes.shared_blocks(full, depth, fanout)
             key = hashes[shared] if shared < len(hashes) else hashes[0]
-            placement = place(len(tokens), decodes, prefills, overlaps, state.loads, policy, self._requests_on,
-                              key, self._pending_on, shared)
+            placement = place(len(tokens), decodes, prefills, overlaps, state.loads, policy,
+                              self.load.requests_on, key, self.load.pending_on, shared)
             if rid in self.inflight:  # else cancelled while this thread read the store: record nothing
-                self._record(rid, placement)
+                self.load.placed(rid, placement, self.inflight.get(rid))
+                self.inflight[rid] = placement
                 for iid in (placement.decode_instance, placement.prefill_instance):
                     if iid:
                         self.health.placed(iid)
@@ -143,42 +143,10 @@ class RouterService(pb_grpc.PDServeServicer):
                   len(tokens), placement.reason)
         return placement
 
-    # ---- the router's own load records (under _place_lock) --------------------------------------------------
-    @staticmethod
-    def _add(counts: dict[str, int], iid: str, n: int) -> None:
-        left = counts.get(iid, 0) + n
-        if left:
-            counts[iid] = left
-        else:
-            counts.pop(iid, None)
-
-    def _record(self, rid: str, placement: Placement) -> None:
-        self._unrecord(rid)
-        self.inflight[rid] = placement
-        for iid in (placement.decode_instance, placement.prefill_instance):
-            if iid:
-                self._add(self._requests_on, iid, 1)
-        target = placement.prefill_instance or placement.decode_instance
-        self.prefill_pending[rid] = (target, placement.effective_prefill_tokens)
-        self._add(self._pending_on, target, placement.effective_prefill_tokens)
-
-    def _unrecord(self, rid: str) -> None:
-        old = self.inflight.get(rid)
-        if old is not None:
-            for iid in (old.decode_instance, old.prefill_instance):
-                if iid:
-                    self._add(self._requests_on, iid, -1)
-        self._prefill_done(rid)
-
-    def _prefill_done(self, rid: str) -> None:
-        pending = self.prefill_pending.pop(rid, None)
-        if pending is not None:
-            self._add(self._pending_on, pending[0], -pending[1])
-
     def prefill_finished(self, rid: str) -> None:
         """The request's prompt is computed: it no longer counts in its instance's prefill queue."""
         with self._place_lock:
-            self._prefill_done(rid)
+            self.load.prefill_finished(rid)
 
     async def _abort_everywhere(self, request_id: str, placement: Placement) -> None:
         targets = [placement.decode_instance] + ([placement.prefill_instance] if placement.prefill_instance else [])
@@ -303,8 +271,7 @@ class RouterService(pb_grpc.PDServeServicer):
         """The request is over (finished, failed, cancelled, refused): drop its slot and any pending prefill.
         NOTE: under the lock, so a placement thread still running for it sees it gone and records nothing."""
         with self._place_lock:
-            self._unrecord(rid)
-            self.inflight.pop(rid, None)
+            self.load.finished(rid, self.inflight.pop(rid, None))
 
     @staticmethod
     def _final(rid: str, last: StreamDelta, prompt_tokens: int, completion: int, placement: Placement,

@@ -158,7 +158,7 @@ def test_remote_prefill_passes_typed_values_and_reports_why(caplog: pytest.LogCa
     assert params.top_p == 1.0  # unset on the wire: SamplingParams' default
     (_, _, decode_params, kv_handle, resumed, text_offset), = decode.generate.calls
     assert decode_params is params and kv_handle is HANDLE and (resumed, text_offset) == ([], 0)
-    assert not svc.inflight and not svc.prefill_pending and not decode.abort.calls
+    assert not svc.inflight and not svc.load.prefill_pending and not svc.load.requests_on and not decode.abort.calls
 
 
 def sample(svc: RouterService, name: str, **labels: str) -> float | None:
