@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from engine.attention import BACKEND_NAMES
+from engine.kv_heads import check_kv_head_split
 from engine.model_config import ModelConfig, dtype_name
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
@@ -69,12 +70,14 @@ class EngineConfig:
         if tp not in (1, 2, 4, 8):
             raise ValueError(f"tensor_parallel_size: {tp} is not one of 1, 2, 4, 8")
         for name, count in (("num_attention_heads", mc.num_attention_heads),
-                            ("num_key_value_heads", mc.num_key_value_heads),
                             ("intermediate_size", mc.intermediate_size)):
             if count % tp:
                 raise ValueError(
                     f"tensor_parallel_size: {tp} does not divide the model's {name} ({count})"
                 )
+        # NOTE: KV heads split over ranks when tp divides them, and are replicated when tp is a multiple of them
+        # (engine/kv_heads.py); each rank's query heads then all share the one KV head it holds.
+        check_kv_head_split(mc.num_key_value_heads, tp)
         # NOTE: shared with engine/model_info.py (the router's model facts), so the two cannot drift.
         self.max_model_len = mc.resolve_max_model_len(self.max_model_len)
         if self.max_num_seqs < 1:

@@ -14,6 +14,7 @@ from engine.config import EngineConfig
 from engine.cuda_graph import DecodeGraphs, batch_buckets
 from engine.inflight import feed_tokens
 from engine.kv_cache import KVCache, KVLayout
+from engine.kv_heads import KVHeadSplit
 from engine.models import skinny_gemm
 from engine.models.layers import RowParallelLinear
 from engine.models.llama import StepContext
@@ -99,7 +100,8 @@ class ModelRunner:
             skinny_gemm.tune((p for p in self.model.parameters() if p.dim() == 2), batch_buckets(config.max_num_seqs),
                              gated=gated)
         size = tp().size
-        self.num_kv_heads = mc.num_key_value_heads // size
+        self.kv_heads = KVHeadSplit(mc.num_key_value_heads, size, tp().rank)  # this rank's KV heads
+        self.num_kv_heads = self.kv_heads.count
         self.layout = KVLayout(
             num_blocks=self._plan_num_blocks(),
             num_kv_heads=self.num_kv_heads,

@@ -22,7 +22,7 @@ from engine.kv_cache import KVCache
 from kv_transfer.config import TransferConfig
 from kv_transfer.descriptor import PROTOCOL_VERSION, AgentDescriptor, check_compatible
 from kv_transfer.errors import IncompatibleKVError, KVTransferError, PeerGoneError, TransferTimeoutError
-from kv_transfer.plan import plan_reads
+from kv_transfer.plan import plan_reads, sources
 from kv_transfer.read_state import DONE, IN_FLIGHT, ReadState, ReadStats, error_from
 from kv_transfer.transports import (
     disable_proto_report,
@@ -123,7 +123,8 @@ class TransferAgent:
             return e
         now = time.monotonic()
         read = _Read([], now + self.cfg.transfer_timeout_s, 0, 0)
-        read.new_peers = [d for d in remotes if d.agent_name not in self.reported]
+        # NOTE: only the ranks this one reads from (a replicated head is read from one replica).
+        read.new_peers = [d for d in sources(self.descriptor, remotes) if d.agent_name not in self.reported]
         self.reads[xfer_id] = read
         try:
             with quiet_stdout() if read.new_peers else _nothing():

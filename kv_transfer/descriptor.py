@@ -11,6 +11,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from engine.kv_heads import KVHeadSplit
 from kv_transfer.errors import IncompatibleKVError
 
 PROTOCOL_VERSION = 1
@@ -88,6 +89,10 @@ def check_compatible(local: AgentDescriptor, remote: AgentDescriptor) -> None:
         raise IncompatibleKVError(f"cannot pair KV caches: head_bytes differs ({local.head_bytes} vs "
                                   f"{remote.head_bytes})")
     for side in (local, remote):
-        if side.total_kv_heads % side.tp_size or side.num_kv_heads * side.tp_size != side.total_kv_heads:
-            raise IncompatibleKVError(f"{side.agent_name}: {side.total_kv_heads} KV heads do not split evenly "
-                                      f"over TP {side.tp_size}")
+        try:
+            heads = KVHeadSplit(side.total_kv_heads, side.tp_size, side.tp_rank)
+        except ValueError as e:
+            raise IncompatibleKVError(f"{side.agent_name}: {e}") from None
+        if side.num_kv_heads != heads.count:
+            raise IncompatibleKVError(f"{side.agent_name}: holds {side.num_kv_heads} KV heads; {heads.count} expected "
+                                      f"of {side.total_kv_heads} over TP {side.tp_size}")

@@ -1,9 +1,12 @@
 """Which bytes to read: from (remote block ids, local block ids) to NIXL descriptor rows per remote rank.
 
-Rank r of a TP-d reader holds global KV heads [r·H/d, (r+1)·H/d); rank q of a TP-p writer holds
-[q·H/p, (q+1)·H/p). The reader pulls the intersection from every writer rank that overlaps it. In the cache
-layout (docs/kv-layout.md) a head range inside a block is one contiguous piece, and when the piece is the whole
-block on both sides, runs of consecutive block ids on both sides coalesce into one descriptor.
+Rank r of a TP-t side with H KV heads holds the global heads `engine.kv_heads.KVHeadSplit(H, t, r).heads`:
+[r·H/t, (r+1)·H/t) when t divides H, or the single head r // (t/H) when t is a multiple of H (then t/H ranks
+hold identical replicas of it). The reader pulls each of its heads exactly once: from the one remote rank that
+holds it, or, when the remote side replicates it, from one replica only, chosen by the reader's rank (readers
+spread over the replicas). In the cache layout (docs/kv-layout.md) a head range inside a block is one
+contiguous piece, and when the piece is the whole block on both sides, runs of consecutive block ids on both
+sides coalesce into one descriptor.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.kv_heads import KVHeadSplit
 from kv_transfer.descriptor import AgentDescriptor
 
 
@@ -27,7 +31,24 @@ class RankRead:
 
 
 def head_range(desc: AgentDescriptor) -> tuple[int, int]:
-    return desc.tp_rank * desc.num_kv_heads, (desc.tp_rank + 1) * desc.num_kv_heads
+    """[first, end) of the global KV heads the rank of `desc` holds."""
+    heads = KVHeadSplit(desc.total_kv_heads, desc.tp_size, desc.tp_rank).heads
+    return heads.start, heads.stop
+
+
+def sources(local: AgentDescriptor, remotes: list[AgentDescriptor]) -> list[AgentDescriptor]:
+    """The remote ranks this rank reads from, in rank order: one holder per distinct head range that overlaps
+    its own. Replicas of a range (a remote side at TP > its KV heads) are interchangeable; reader rank r takes
+    replica r mod (number of replicas), so the readers of one head spread over its copies, and no head is read
+    twice into one rank."""
+    lo, hi = head_range(local)
+    holders: dict[tuple[int, int], list[AgentDescriptor]] = {}
+    for remote in sorted(remotes, key=lambda d: d.tp_rank):
+        r_lo, r_hi = head_range(remote)
+        if max(lo, r_lo) < min(hi, r_hi):
+            holders.setdefault((r_lo, r_hi), []).append(remote)
+    chosen = [replicas[local.tp_rank % len(replicas)] for replicas in holders.values()]
+    return sorted(chosen, key=lambda d: d.tp_rank)
 
 
 def plan_reads(local: AgentDescriptor, remotes: list[AgentDescriptor], local_blocks: list[int],
@@ -37,11 +58,9 @@ def plan_reads(local: AgentDescriptor, remotes: list[AgentDescriptor], local_blo
     assert len(local_blocks) == len(remote_blocks)
     lo, hi = head_range(local)
     plans: list[RankRead] = []
-    for remote in remotes:
+    for remote in sources(local, remotes):
         r_lo, r_hi = head_range(remote)
         g0, g1 = max(lo, r_lo), min(hi, r_hi)
-        if g0 >= g1:
-            continue
         piece = (g1 - g0) * local.head_bytes
         l_off = (g0 - lo) * local.head_bytes
         r_off = (g0 - r_lo) * remote.head_bytes
@@ -49,7 +68,7 @@ def plan_reads(local: AgentDescriptor, remotes: list[AgentDescriptor], local_blo
         max_run = max(1, max_descriptor_bytes // local.block_bytes) if whole else 1
         runs = _runs(local_blocks, remote_blocks, max_run)
         n = len(runs)
-        arr = np.asarray(runs, dtype=np.uint64).reshape(n, 3)
+        arr = np.asarray(runs, dtype=np.uint64).reshape(n, 3)  # [n, 3]: (local block, remote block, length)
         local_rows = np.empty((n, 3), dtype=np.uint64)
         remote_rows = np.empty((n, 3), dtype=np.uint64)
         local_rows[:, 0] = np.uint64(local.base_addr + l_off) + arr[:, 0] * np.uint64(local.block_bytes)

@@ -32,7 +32,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.Path]:
-    """Tiny GQA checkpoints: llama, qwen2 (q/k/v bias), mistral, llama with tied embeddings + llama3 rope."""
+    """Tiny GQA checkpoints (4 query heads, 2 KV heads): llama, qwen2 (q/k/v bias), mistral, llama with tied
+    embeddings + llama3 rope; and llama_mqa, a llama with one KV head (multi-query attention)."""
     root = tmp_path_factory.mktemp("models")
     return {
         "llama": make_tiny_model(root / "llama", "llama", seed=0),
@@ -43,6 +44,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.Path]:
             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
         ),
+        "llama_mqa": make_tiny_model(root / "llama_mqa", "llama", seed=4, num_key_value_heads=1),
     }
 
 

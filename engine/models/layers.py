@@ -18,12 +18,19 @@ def _set_loader(param: nn.Parameter, loader: object) -> nn.Parameter:
 
 class MergedColumnParallelLinear(nn.Module):
     """y = x W^T (+ b) with W's rows split over ranks; several logical weights (q/k/v, gate/up) are stacked in
-    one matrix so one matmul serves them. `output_sizes` are the full (unsharded) row counts of each."""
+    one matrix so one matmul serves them. `output_sizes` are the full (unsharded) row counts of each.
 
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool, dtype: torch.dtype) -> None:
+    `replicas[i]` (default 1) ranks share one slice of weight i: its rows are cut into size / replicas slices
+    and rank r holds slice r // replicas[i]. K and V use it when the TP size exceeds the KV heads
+    (engine/kv_heads.py): every rank then holds the whole rows of its one KV head, a copy of its neighbours'."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool, dtype: torch.dtype,
+                 replicas: list[int] | None = None) -> None:
         super().__init__()
         g = tp()
-        self.local_sizes = [s // g.size for s in output_sizes]
+        self.replicas = replicas or [1] * len(output_sizes)
+        assert len(self.replicas) == len(output_sizes) and all(g.size % r == 0 for r in self.replicas)
+        self.local_sizes = [s // (g.size // r) for s, r in zip(output_sizes, self.replicas, strict=True)]
         out = sum(self.local_sizes)
         self.weight = _set_loader(nn.Parameter(torch.empty(out, in_features, dtype=dtype), False), self._load)
         self.bias = (
@@ -33,7 +40,7 @@ class MergedColumnParallelLinear(nn.Module):
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int) -> None:
         size = self.local_sizes[shard_id]
         offset = sum(self.local_sizes[:shard_id])
-        part = loaded.narrow(0, tp().rank * size, size)
+        part = loaded.narrow(0, (tp().rank // self.replicas[shard_id]) * size, size)
         param.data.narrow(0, offset, size).copy_(part)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out_local]

@@ -9,6 +9,7 @@ from torch import nn
 
 from engine.attention import AttentionBackend, AttentionMetadata
 from engine.kv_cache import KVCache
+from engine.kv_heads import KVHeadSplit
 from engine.model_config import ModelConfig
 from engine.models.layers import (
     MergedColumnParallelLinear,
@@ -35,13 +36,18 @@ class StepContext:
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype) -> None:
         super().__init__()
-        size = tp().size
+        g = tp()
+        kv_heads = KVHeadSplit(cfg.num_key_value_heads, g.size, g.rank)
         self.layer = layer
         self.head_dim = cfg.head_dim
-        self.num_heads = cfg.num_attention_heads // size
-        self.num_kv_heads = cfg.num_key_value_heads // size
+        self.num_heads = cfg.num_attention_heads // g.size
+        # NOTE: at TP > num_key_value_heads each rank holds one whole KV head (replicated over kv_heads.replicas
+        # ranks); its query heads are a slice of that head's GQA group, so attention stays rank-local.
+        self.num_kv_heads = kv_heads.count
         q_out, kv_out = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-        self.qkv_proj = MergedColumnParallelLinear(cfg.hidden_size, [q_out, kv_out, kv_out], cfg.qkv_bias, dtype)
+        r = kv_heads.replicas
+        self.qkv_proj = MergedColumnParallelLinear(cfg.hidden_size, [q_out, kv_out, kv_out], cfg.qkv_bias, dtype,
+                                                   replicas=[1, r, r])
         self.o_proj = RowParallelLinear(q_out, cfg.hidden_size, dtype)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim

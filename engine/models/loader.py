@@ -11,6 +11,7 @@ from safetensors import safe_open
 from torch import nn
 
 from engine.model_config import ModelConfig
+from engine.models.layers import MergedColumnParallelLinear
 from engine.models.llama import LlamaForCausalLM
 from engine.parallel import tp
 
@@ -68,12 +69,27 @@ def _is_tied_alias(model: LlamaForCausalLM, name: str) -> bool:
 
 def _fill_dummy(model: nn.Module) -> None:
     """Deterministic random weights of the real shapes: each tensor seeded from its name and the TP rank, so
-    every run (and every machine) gets the same model without reading a checkpoint."""
+    every run (and every machine) gets the same model without reading a checkpoint. Replicated rows (K/V at
+    TP > KV heads) are seeded from the slice they copy instead, so replicas stay identical."""
     for name, param in model.named_parameters():
-        seed = int.from_bytes(hashlib.blake2b(f"{name}:{tp().rank}".encode(), digest_size=8).digest(), "big")
-        gen = torch.Generator(device=param.device).manual_seed(seed & ((1 << 63) - 1))
         if name.endswith("norm.weight"):
             param.data.fill_(1.0)
         else:
-            param.data.normal_(0.0, 0.02, generator=gen)
+            param.data.normal_(0.0, 0.02, generator=_generator(f"{name}:{tp().rank}", param.device))
+    for mod_name, module in model.named_modules():
+        if not isinstance(module, MergedColumnParallelLinear):
+            continue
+        for p_name, param in module.named_parameters(recurse=False):
+            offset = 0
+            for shard, (size, replicas) in enumerate(zip(module.local_sizes, module.replicas, strict=True)):
+                if replicas > 1:
+                    # NOTE: keyed by the slice (rank // replicas), not the rank: every replica draws the same rows.
+                    key = f"{mod_name}.{p_name}:shard{shard}:slice{tp().rank // replicas}"
+                    param.data.narrow(0, offset, size).normal_(0.0, 0.02, generator=_generator(key, param.device))
+                offset += size
     log.info("filled model with dummy weights")
+
+
+def _generator(key: str, device: torch.device) -> torch.Generator:
+    seed = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+    return torch.Generator(device=device).manual_seed(seed & ((1 << 63) - 1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 
 import pytest
@@ -50,7 +51,28 @@ def test_bad_engine_config_is_named(models: dict[str, pathlib.Path], kwargs: dic
         EngineConfig(model=str(models["llama"]), **kwargs)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("size", [3, 4, 16])
-def test_tp_size_the_heads_do_not_allow_is_refused(models: dict[str, pathlib.Path], size: int) -> None:
-    with pytest.raises(ValueError, match="tensor_parallel_size"):
+@pytest.mark.parametrize(("size", "message"), [
+    (3, "tensor_parallel_size: 3 is not one of 1, 2, 4, 8"),
+    (16, "tensor_parallel_size: 16 is not one of 1, 2, 4, 8"),
+    (8, r"tensor_parallel_size: 8 does not divide the model's num_attention_heads \(4\)"),
+])
+def test_tp_size_the_heads_do_not_allow_is_refused(models: dict[str, pathlib.Path], size: int,
+                                                   message: str) -> None:
+    with pytest.raises(ValueError, match=message):
         EngineConfig(model=str(models["llama"]), tensor_parallel_size=size)
+
+
+@pytest.mark.parametrize(("model", "size"), [("llama_mqa", 2), ("llama_mqa", 4), ("llama", 4)])
+def test_tp_above_the_kv_heads_is_accepted(models: dict[str, pathlib.Path], model: str, size: int) -> None:
+    """1 KV head at TP 2 or 4, 2 KV heads at TP 4: the KV heads are replicated (engine/kv_heads.py)."""
+    assert EngineConfig(model=str(models[model]), tensor_parallel_size=size).tensor_parallel_size == size
+
+
+def test_tp_neither_dividing_nor_a_multiple_of_the_kv_heads_is_refused(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 1, "num_attention_heads": 12, "num_key_value_heads": 6, "head_dim": 16}))
+    with pytest.raises(ValueError, match=r"tensor_parallel_size: 4 neither divides nor is a multiple of the "
+                                         r"model's num_key_value_heads \(6\)"):
+        EngineConfig(model=str(tmp_path), tensor_parallel_size=4)
+    assert EngineConfig(model=str(tmp_path), tensor_parallel_size=2).tensor_parallel_size == 2

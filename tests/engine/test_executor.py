@@ -1,5 +1,6 @@
 """Tensor parallelism through the executor (its rank processes; NCCL on a machine with 2 GPUs, else gloo on CPU):
-TP=2 gives the same greedy tokens as TP=1 and as transformers."""
+TP=2 gives the same greedy tokens as TP=1 and as transformers; so do replicated KV heads (1 KV head at TP 2, 2 KV
+heads at TP 4), whose replicas hold identical KV."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
+from engine.executor import Worker
 from tests.conftest import assert_all_free, device_for_tp
 from tests.conftest import generate_greedy as _generate
 from tests.model_factory import hf_greedy, random_prompts
@@ -55,3 +57,55 @@ def test_tp2_nccl_equals_tp1(models: dict[str, pathlib.Path]) -> None:
     assert_all_free(llm.engine)
     llm.shutdown()
     assert tp2 == tp1
+
+
+def _kv_blocks(worker: Worker, n: int) -> torch.Tensor:
+    """The first n blocks of a rank's KV cache: [n, H_local, L, 2, block_size, D] (runs on every rank)."""
+    return worker.runner.kv_cache.tensor[:n].clone()
+
+
+@pytest.mark.parametrize(("model", "size", "replicas"), [("llama_mqa", 2, 2), ("llama", 4, 2)])
+def test_tp_above_kv_heads_replicates_them(models: dict[str, pathlib.Path], model: str, size: int,
+                                           replicas: int) -> None:
+    """1 KV head at TP 2 and 2 KV heads at TP 4: each rank holds the one KV head of its query heads; the tokens
+    equal TP 1's and transformers', and replicas of a head hold the same KV as each other and as TP 1."""
+    path = models[model]
+    # NOTE: no prefix caching: both runs then write the same KV into the same block ids, starting at block 0.
+    prompts = random_prompts(3, [1, 33, 70], 512, seed=22)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    with LLM(model=str(path), dtype="float32", tensor_parallel_size=1, device="cpu",
+             enable_prefix_caching=False) as llm:
+        tp1 = [o.token_ids for o in llm.generate(prompts, params)]
+        kv1 = _kv_blocks(llm.engine.executor.worker, 9)  # [9, H, L, 2, bs, D]
+    with LLM(model=str(path), dtype="float32", tensor_parallel_size=size, device=device_for_tp(size),
+             enable_prefix_caching=False) as llm:
+        tpn = [o.token_ids for o in llm.generate(prompts, params)]
+        assert_all_free(llm.engine)
+        runner = llm.engine.executor.runner
+        assert (runner.layout.num_kv_heads, runner.kv_heads.replicas) == (1, replicas)
+        # NOTE: the test reads every rank's cache through the executor's own fan-out (no NIXL involved).
+        per_rank = [t.cpu() for t in llm.engine.executor._on_every_rank(_kv_blocks, 9)]  # each [9, 1, L, 2, bs, D]
+    assert tpn == tp1
+    assert tp1 == [hf_greedy(path, p, 16) for p in prompts]
+    for rank, kv in enumerate(per_rank):
+        head = rank // replicas
+        assert torch.equal(kv, per_rank[head * replicas]), f"rank {rank} differs from its head's first replica"
+        torch.testing.assert_close(kv[:, 0], kv1[:, head], rtol=1e-4, atol=1e-4)
+    assert kv1.abs().sum() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_tp2_nccl_mqa_equals_tp1_and_transformers(models: dict[str, pathlib.Path]) -> None:
+    """One KV head at TP 2 over NCCL (Triton attention, each rank's 2 query heads on its replica of the head)."""
+    model = models["llama_mqa"]
+    prompts = random_prompts(5, [1, 17, 64, 130, 200], 512, seed=304)
+    tp1, llm = _generate(model, prompts, 24, device="cuda")
+    llm.shutdown()
+    tp2, llm = _generate(model, prompts, 24, device="cuda", tensor_parallel_size=2)
+    runner = llm.engine.executor.runner
+    assert runner.attn.name == "triton" and (runner.layout.num_kv_heads, runner.kv_heads.replicas) == (1, 2)
+    assert_all_free(llm.engine)
+    llm.shutdown()
+    assert tp2 == tp1
+    assert tp1 == [hf_greedy(model, p, 24) for p in prompts]

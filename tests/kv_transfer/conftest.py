@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.kv_heads import KVHeadSplit
 from kv_transfer import KVConsumer, KVHandle, NixlConnectorSpec, TransferConfig
 from kv_transfer.descriptor import PROTOCOL_VERSION, AgentDescriptor
 from tests.conftest import assert_all_free, device_for_tp
@@ -80,7 +81,9 @@ def decode(engine: LLMEngine, rid: str, prompt: list[int], handle: KVHandle, n: 
 
 
 def desc(rank: int, size: int, base: int, heads: int = 4, name: str = "x") -> AgentDescriptor:
-    local = heads // size
+    """Rank `rank` of a TP-`size` agent over `heads` KV heads (replicated when size > heads), allocation at
+    `base`, each KV head of each block HEAD bytes."""
+    local = KVHeadSplit(heads, size, rank).count
     return AgentDescriptor(
         version=PROTOCOL_VERSION, engine_id=name, agent_name=f"{name}{rank}", agent_metadata=b"md",
         mem_type="DRAM", device_id=0, base_addr=base, num_blocks=64, block_size=16, block_bytes=local * HEAD,

@@ -1,5 +1,6 @@
 """KVConsumer (the decode side) pulling over real NIXL from a prefill worker in another process: equal tokens to a
-single engine, only the blocks the local prefix cache lacks, heterogeneous TP, aborts, a killed or frozen peer."""
+single engine, only the blocks the local prefix cache lacks, heterogeneous TP (split and replicated KV heads), aborts,
+a killed or frozen peer."""
 
 from __future__ import annotations
 
@@ -69,6 +70,32 @@ def test_heterogeneous_tp(models: dict[str, pathlib.Path], prefill_factory, cons
     # TP 2 -> 1: the decode rank reads every block from both prefill ranks.
     blocks = sum(-(-n // 16) for n in (7, 48, 150))
     assert connector(consumer).counters["descriptors"] == 2 * blocks
+    assert prefill.call("wait_released", 10) == 0
+
+
+@pytest.mark.parametrize(("prefill_tp", "decode_tp"), [(1, 2), (2, 1)])
+def test_heterogeneous_tp_with_replicated_kv_heads(models: dict[str, pathlib.Path], prefill_factory,
+                                                   consumer_factory, prefill_tp: int, decode_tp: int) -> None:
+    """One KV head (MQA): TP 2 holds it on both ranks. 1 -> 2: each decode rank reads the head into its own
+    cache; 2 -> 1: the decode rank reads it from one prefill replica, not from both."""
+    model = models["llama_mqa"]
+    prefill = prefill_factory(model, tensor_parallel_size=prefill_tp)
+    consumer = consumer_factory(model, tensor_parallel_size=decode_tp)
+    lengths = [7, 48, 150]
+    for i, n in enumerate(lengths):
+        prompt = random_prompts(1, [n], 512, seed=170 + i)[0]
+        handle = prefill.call("prefill", f"m{i}", prompt)
+        assert len(handle.agents) == prefill_tp and {a.num_kv_heads for a in handle.agents} == {1}
+        assert decode(consumer, f"m{i}", prompt, handle) == hf_greedy(model, prompt, NEW), f"length {n}"
+    counters = connector(consumer).counters
+    assert counters["fallbacks"] == 0 and counters["transfers"] == len(lengths)
+    blocks = sum(-(-n // 16) for n in lengths)
+    head_bytes = 2 * 2 * 16 * 16 * 4  # layers · K/V · block_size · head_dim · float32
+    # Every decode rank gets every block of the one head exactly once (a second replica would double this).
+    assert counters["bytes_transferred"] == decode_tp * blocks * head_bytes
+    # Whole 1-head blocks on both sides coalesce: both fresh engines give each request a run of adjacent block
+    # ids, so each request is one descriptor per decode rank.
+    assert counters["descriptors"] == decode_tp * len(lengths)
     assert prefill.call("wait_released", 10) == 0
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from kv_transfer.descriptor import AgentDescriptor, check_compatible
 from kv_transfer.errors import IncompatibleKVError
-from tests.kv_transfer.conftest import desc
+from tests.kv_transfer.conftest import HEAD, desc
 
 
 def test_descriptor_json_round_trip_and_validation() -> None:
@@ -34,3 +34,15 @@ def test_incompatible_pairs_are_refused_naming_the_field(field: str, value: obje
     b = dataclasses.replace(desc(0, 1, 0, name="p"), **{field: value})
     with pytest.raises(IncompatibleKVError, match=field):
         check_compatible(a, b)
+
+
+def test_replicated_heads_pair_and_a_wrong_head_count_is_refused() -> None:
+    """A side at TP above its KV heads holds one head per rank (replicated); anything else is refused."""
+    check_compatible(desc(1, 2, 0, heads=1), desc(0, 1, 0, heads=1, name="p"))  # MQA: TP 2 reads TP 1
+    check_compatible(desc(3, 4, 0, heads=2), desc(1, 2, 0, heads=2, name="p"))
+    two_heads = dataclasses.replace(desc(1, 2, 0, heads=1), num_kv_heads=2, block_bytes=2 * HEAD)
+    with pytest.raises(IncompatibleKVError, match="holds 2 KV heads; 1 expected of 1 over TP 2"):
+        check_compatible(two_heads, desc(0, 1, 0, heads=1, name="p"))
+    uneven = dataclasses.replace(desc(0, 1, 0, heads=6, name="p"), tp_size=4, num_kv_heads=1)
+    with pytest.raises(IncompatibleKVError, match="neither divides nor is a multiple"):
+        check_compatible(desc(0, 1, 0, heads=6), uneven)

@@ -1,10 +1,11 @@
-"""The read planner: descriptor rows for every TP pairing, with exact addresses."""
+"""The read planner: descriptor rows for every TP pairing, with exact addresses, split and replicated KV heads."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from kv_transfer.plan import plan_reads
+from kv_transfer.plan import head_range, plan_reads
 from tests.kv_transfer.conftest import HEAD, desc
 
 
@@ -53,3 +54,84 @@ def test_tp2_to_tp4_picks_the_single_overlapping_rank() -> None:
     (plan,) = plan_reads(local, remotes, [1], [2])
     assert plan.remote.tp_rank == 1
     assert rows(plan.remote_rows) == [(10**7 + 2 * 4 * HEAD, 2 * HEAD)]
+
+
+# ---- replicated KV heads (TP > KV heads): one replica is read, every local rank that needs a head reads it ----
+
+def test_tp1_to_tp2_mqa_both_ranks_read_the_one_head_as_whole_blocks() -> None:
+    remote = desc(0, 1, 0, heads=1, name="p")
+    for rank, base in ((0, 10**6), (1, 2 * 10**6)):
+        (plan,) = plan_reads(desc(rank, 2, base, heads=1), [remote], [0, 1, 5], [5, 6, 9])
+        assert plan.remote.tp_rank == 0
+        # A 1-head block is the whole block on both sides: adjacent ids coalesce.
+        assert rows(plan.remote_rows) == [(5 * HEAD, 2 * HEAD), (9 * HEAD, HEAD)]
+        assert rows(plan.local_rows) == [(base, 2 * HEAD), (base + 5 * HEAD, HEAD)]
+
+
+def test_tp2_to_tp1_mqa_reads_one_replica_not_both() -> None:
+    remotes = [desc(0, 2, 0, heads=1, name="p"), desc(1, 2, 10**7, heads=1, name="p")]
+    (plan,) = plan_reads(desc(0, 1, 10**6, heads=1), remotes, [3, 4], [9, 10])
+    assert plan.remote.tp_rank == 0
+    assert rows(plan.remote_rows) == [(9 * HEAD, 2 * HEAD)]
+    assert rows(plan.local_rows) == [(10**6 + 3 * HEAD, 2 * HEAD)]
+    assert plan.num_bytes == 2 * HEAD  # two blocks of one head, once
+
+
+def test_tp2_to_tp2_mqa_readers_spread_over_the_replicas() -> None:
+    remotes = [desc(0, 2, 0, heads=1, name="p"), desc(1, 2, 10**7, heads=1, name="p")]
+    (p0,) = plan_reads(desc(0, 2, 10**6, heads=1), remotes, [1], [2])
+    (p1,) = plan_reads(desc(1, 2, 2 * 10**6, heads=1), remotes, [1], [2])
+    assert (p0.remote.tp_rank, p1.remote.tp_rank) == (0, 1)
+    assert rows(p0.remote_rows) == [(2 * HEAD, HEAD)] and rows(p1.remote_rows) == [(10**7 + 2 * HEAD, HEAD)]
+    assert rows(p0.local_rows) == [(10**6 + HEAD, HEAD)] and rows(p1.local_rows) == [(2 * 10**6 + HEAD, HEAD)]
+
+
+def test_tp2_to_tp4_with_two_kv_heads_each_pair_of_ranks_reads_its_heads_holder() -> None:
+    remotes = [desc(0, 2, 0, heads=2, name="p"), desc(1, 2, 10**7, heads=2, name="p")]
+    bases = [10**6, 2 * 10**6, 3 * 10**6, 4 * 10**6]
+    got = []
+    for rank, base in enumerate(bases):  # decode ranks 0, 1 hold head 0; ranks 2, 3 head 1
+        (plan,) = plan_reads(desc(rank, 4, base, heads=2), remotes, [4, 5], [10, 11])
+        got.append((plan.remote.tp_rank, rows(plan.remote_rows), rows(plan.local_rows)))
+    assert got == [
+        (0, [(10 * HEAD, 2 * HEAD)], [(10**6 + 4 * HEAD, 2 * HEAD)]),
+        (0, [(10 * HEAD, 2 * HEAD)], [(2 * 10**6 + 4 * HEAD, 2 * HEAD)]),
+        (1, [(10**7 + 10 * HEAD, 2 * HEAD)], [(3 * 10**6 + 4 * HEAD, 2 * HEAD)]),
+        (1, [(10**7 + 10 * HEAD, 2 * HEAD)], [(4 * 10**6 + 4 * HEAD, 2 * HEAD)]),
+    ]
+
+
+def test_tp4_with_two_kv_heads_to_tp1_reads_each_head_from_one_replica() -> None:
+    remotes = [desc(r, 4, r * 10**7, heads=2, name="p") for r in range(4)]  # heads 0, 0, 1, 1
+    plans = plan_reads(desc(0, 1, 10**6, heads=2), remotes, [3], [9])
+    assert [p.remote.tp_rank for p in plans] == [0, 2]
+    assert rows(plans[0].remote_rows) == [(9 * HEAD, HEAD)]
+    assert rows(plans[0].local_rows) == [(10**6 + 3 * 2 * HEAD, HEAD)]
+    assert rows(plans[1].remote_rows) == [(2 * 10**7 + 9 * HEAD, HEAD)]
+    assert rows(plans[1].local_rows) == [(10**6 + 3 * 2 * HEAD + HEAD, HEAD)]
+
+
+def test_tp4_with_two_kv_heads_to_tp2_spreads_over_replicas() -> None:
+    remotes = [desc(r, 4, r * 10**7, heads=2, name="p") for r in range(4)]
+    (p0,) = plan_reads(desc(0, 2, 10**6, heads=2), remotes, [0], [0])  # head 0: replicas on ranks 0, 1
+    (p1,) = plan_reads(desc(1, 2, 10**6, heads=2), remotes, [0], [0])  # head 1: replicas on ranks 2, 3
+    assert (p0.remote.tp_rank, p1.remote.tp_rank) == (0, 3)
+
+
+@pytest.mark.parametrize("heads", [1, 2, 4, 8])
+@pytest.mark.parametrize("p", [1, 2, 4, 8])
+@pytest.mark.parametrize("d", [1, 2, 4, 8])
+def test_every_local_head_is_read_exactly_once(heads: int, p: int, d: int) -> None:
+    """Every TP pairing: each decode rank's bytes of a block are written exactly once, each from a prefill
+    rank that holds that head."""
+    remotes = [desc(r, p, r * 10**7, heads=heads, name="p") for r in range(p)]
+    for rank in range(d):
+        local = desc(rank, d, 10**6, heads=heads)
+        written: list[int] = []  # global head of each local head slot written, in slot order
+        for plan in plan_reads(local, remotes, [0], [0]):
+            ((l_addr, length),), ((r_addr, _),) = rows(plan.local_rows), rows(plan.remote_rows)
+            r_first = head_range(plan.remote)[0] + (r_addr - plan.remote.base_addr) // HEAD
+            l_slot = (l_addr - local.base_addr) // HEAD
+            assert r_first == head_range(local)[0] + l_slot  # the remote head lands in its own slot
+            written += range(r_first, r_first + length // HEAD)
+        assert sorted(written) == list(range(*head_range(local))), (rank, written)
