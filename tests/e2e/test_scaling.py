@@ -91,12 +91,15 @@ def change(server: Server, argv: list[str], expected: dict[str, str]) -> dict[st
     t0 = time.monotonic()
     done = pdserve(server, *argv, "--target", server.target)
     assert done.returncode == 0, f"pdserve {' '.join(argv)}: {done.stderr}\n{server.log.read_text()[-3000:]}"
+    return wait_status(server, expected, t0, " ".join(argv))
+
+
+def wait_status(server: Server, expected: dict[str, str], t0: float, what: str) -> dict[str, tuple[str, str]]:
     while True:
         rows = status(server)
         if {i: r for i, (r, _) in rows.items()} == expected:
             return rows
-        assert time.monotonic() - t0 < CHANGE_S, f"after `pdserve {' '.join(argv)}`: status shows {rows}, " \
-                                                 f"expected {expected}"
+        assert time.monotonic() - t0 < CHANGE_S, f"after `pdserve {what}`: status shows {rows}, expected {expected}"
         time.sleep(0.3)
 
 
@@ -135,3 +138,33 @@ def test_scale_and_role_flips_under_load(tmp_path: pathlib.Path, models: dict[st
         assert done.returncode == 1 and "FAILED_PRECONDITION" in done.stderr and "last decode" in done.stderr
         done = pdserve(server, "drain", "--target", server.target, "decode-7")
         assert done.returncode == 1 and "INVALID_ARGUMENT: no instance 'decode-7'" in done.stderr
+
+
+def test_admin_through_router_processes_and_apply(tmp_path: pathlib.Path, models: dict[str, pathlib.Path]) -> None:
+    """With `server.routers: 2` the commands come through a router process to the controller; `pdserve apply`
+    scales and changes the policy live, and names what needs a restart."""
+    import yaml
+
+    with serve(tmp_path, models["llama"], {"server": {"routers": 2, "drain_grace_s": 0.6}}) as server:
+        other = server.router(1)
+        try:
+            P, D = "prefill", "decode"
+            change(other, ["scale", "--prefill", "2"], {"prefill-0": P, "prefill-1": P, "decode-0": D})
+            assert server.generate(random_prompts(1, [70], 512, seed=3)[0], max_tokens=4)[-1].finished
+            assert server.config is not None
+            edited = yaml.safe_load(server.config.read_text())
+            edited["pools"]["prefill"]["replicas"] = 1
+            edited["placement"]["max_local_prefill_tokens"] = 48
+            edited["engine"]["max_num_seqs"] = 8
+            (tmp_path / "edited.yaml").write_text(yaml.safe_dump(edited))
+            t0 = time.monotonic()
+            done = pdserve(server, "apply", "--target", other.target, "--config", str(tmp_path / "edited.yaml"))
+            assert done.returncode == 0, done.stderr
+            assert "placement policy: max_local_prefill_tokens=48" in done.stdout
+            assert "removed prefill-1 (prefill)" in done.stdout
+            assert "needs a restart: engine.max_num_seqs: 16 -> 8" in done.stdout
+            assert "prefill: 1 (prefill-0)" in done.stdout
+            assert server.store.policy().max_local_prefill_tokens == 48
+            wait_status(server, {"prefill-0": P, "decode-0": D}, t0, "apply")
+        finally:
+            other.channel.close()
