@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 import grpc
 
@@ -59,7 +59,7 @@ def _print(response: pb.AdminResponse, out: TextIO) -> None:
             out.write(f"{role}: {len(members)} ({', '.join(members) or 'none'})\n")
 
 
-def _calls(args: argparse.Namespace, calls: list[tuple[str, object]], out: TextIO = sys.stdout) -> int:
+def _calls(args: argparse.Namespace, calls: list[tuple[str, Any]], out: TextIO = sys.stdout) -> int:
     with grpc.insecure_channel(args.target) as channel:
         stub = pb_grpc.AdminStub(channel)
         for method, request in calls:
@@ -78,18 +78,17 @@ def _scale(args: argparse.Namespace) -> int:
     for role, n in wanted.items():
         if n < (1 if role == "decode" else 0):
             return _fail(f"--{role} {n}: must be >= {1 if role == 'decode' else 0}")
-    # NOTE: when one pool grows and the other shrinks, grow first, so the cluster never runs below both sizes
-    first = [] if len(wanted) < 2 else [("Scale", pb.ScaleRequest(role=r, replicas=n)) for r, n in wanted.items()]
-    if first:
+    calls = [("Scale", pb.ScaleRequest(role=r, replicas=n)) for r, n in wanted.items()]
+    if len(calls) == 2:
+        # NOTE: when one pool grows and the other shrinks, grow first, so the cluster never runs below both sizes
         with grpc.insecure_channel(args.target) as channel:
             try:
                 loads = pb_grpc.PDServeStub(channel).GetLoads(pb.GetLoadsRequest(), timeout=30)
             except grpc.RpcError as e:
                 return _fail(f"{e.code().name}: {e.details()}", 1)
         have = {r: sum(i.role == r for i in loads.instances) for r in ROLES}
-        first.sort(key=lambda call: call[1].replicas < have[call[1].role])  # type: ignore[attr-defined]
-        return _calls(args, first)
-    return _calls(args, [("Scale", pb.ScaleRequest(role=r, replicas=n)) for r, n in wanted.items()])
+        calls.sort(key=lambda call: wanted[call[1].role] < have[call[1].role])
+    return _calls(args, calls)
 
 
 def _role(args: argparse.Namespace) -> int:

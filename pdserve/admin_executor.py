@@ -77,6 +77,11 @@ class AdminExecutor:
             self.counters["failed"] += 1
             log.warning("admin %s %s refused or failed: %s", command.op, command.id, e)
             return AdminReply(command.id, pools=self.pools.pools(), error=str(e), code=e.code)
+        except Exception as e:  # NOTE: e.g. an instance that did not answer its drain in time: reply, never hang
+            self.counters["failed"] += 1
+            log.exception("admin %s %s failed", command.op, command.id)
+            return AdminReply(command.id, pools=self.pools.pools(), error=f"{type(e).__name__}: {e}",
+                              code="INTERNAL")
         for line in changes:
             log.info("admin %s %s: %s", command.op, command.id, line)
         return AdminReply(command.id, changes, restart, self.pools.pools())
