@@ -119,7 +119,8 @@ class KVConnector(ABC):
         """True while reads are in flight (the engine keeps stepping instead of idling)."""
 
     def close(self) -> None:
-        """Called once by the engine's shutdown, before the ranks stop."""
+        """Called once, by the engine's shutdown before the ranks stop, or by LLMEngine.replace_kv_connector on an
+        idle engine: the scheduler side only. The rank parts (`KVRanks`) outlive it and must keep working."""
         return None
 
 

@@ -55,8 +55,9 @@ class LLMEngine:
         stepper = AsyncStepper if config.async_scheduling else SyncStepper
         self.stepper = stepper(self.executor, self.scheduler, Sampler(), config.block_size, self.metrics)
         self.remote: RemoteKV | None = None
+        self._kv_ranks: Any = None  # the connector's worker parts (KVRanks), kept for replace_kv_connector
         if kv_connector is not None:
-            ranks = self.executor.attach_kv_workers(kv_connector)
+            self._kv_ranks = ranks = self.executor.attach_kv_workers(kv_connector)
             self.remote = RemoteKV(kv_connector.make_connector(ranks, ranks.descriptors), self.kv, self.scheduler,
                                    self.metrics)
         self.requests: dict[str, Request] = {}
@@ -197,6 +198,28 @@ class LLMEngine:
         sched, kv = self.scheduler, self.kv
         return EngineStats(len(sched.waiting), len(sched.running), kv.stats(), kv.usage, kv.prefix_queries,
                            kv.prefix_hits, sched.num_preemptions, len(self.remote.held) if self.remote else 0)
+
+    def replace_kv_connector(self, spec: KVConnectorSpec) -> None:
+        """Swap the scheduler side of the KV connector for `spec`'s (e.g. a role switch: the producer for the
+        consumer), over the same rank parts: no rank process, KV cache tensor or weight is touched. Requires an
+        idle engine: no request in flight, none loading, no held or quarantined block (ValueError otherwise).
+        The old side's counters carry over, so totals stay monotonic."""
+        remote = self.remote
+        if remote is None or self._kv_ranks is None:
+            raise ValueError("this engine was built without a KV connector: there is none to replace")
+        busy = {"requests in flight": len(self.requests) + len(self._outputs), "held KV": len(remote.held),
+                "quarantined KV": len(remote.quarantined), "connector work": int(remote.connector.has_work())}
+        if any(busy.values()):
+            raise ValueError("the KV connector can only be replaced on an idle engine: " +
+                             ", ".join(f"{k} {v}" for k, v in busy.items() if v))
+        old = remote.connector
+        new = spec.make_connector(self._kv_ranks, self._kv_ranks.descriptors)
+        # NOTE: the old side's close() must leave the rank parts running (engine/kv_connector.py); they are
+        # shared with the new side and stop with the executor.
+        old.close()
+        new.counters.update(old.counters)
+        remote.connector = new
+        self.metrics.count("kv_connector_replacements")
 
     def shutdown(self) -> None:
         if self.remote is not None:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from engine.config import EngineConfig
 from engine.engine_stats import EngineStats
@@ -39,24 +39,44 @@ class InstanceStats:
     stream: dict[str, int]  # the decode actor's stream counters (empty for prefill)
 
 
+@dataclass(frozen=True)
+class DrainReport:
+    """How a drain (InstanceWorker.drain) ended."""
+
+    instance_id: str
+    waited_s: float
+    timed_out: bool  # True: what is below was still there at the deadline
+    busy: bool = False  # requests in flight
+    held: int = 0  # requests whose KV was held for a reader
+
+
 class InstanceWorker:
-    role: ClassVar[Literal["prefill", "decode"]]
-    # NOTE: a holder must answer release messages while it has nothing to compute, so its loop steps the engine
-    # (which polls the connector) when idle; a reader only needs that while it has reads in flight (work).
-    poll_when_idle: ClassVar[bool]
+    # The role's class sets both; a role-switchable worker (pdserve/serving_actor.py) passes `role` instead and
+    # `switch_role` changes them. NOTE: a holder must answer release messages while it has nothing to compute,
+    # so its loop steps the engine (which polls the connector) when idle; a reader only needs that while it
+    # has reads in flight (work).
+    role: Literal["prefill", "decode"]
+    poll_when_idle: bool
 
     def __init__(self, instance_id: str, config: EngineConfig, transfer: TransferConfig | None = None,
-                 store: MetadataStore | None = None, address: str = "") -> None:
+                 store: MetadataStore | None = None, address: str = "",
+                 role: Literal["prefill", "decode"] | None = None) -> None:
         self.instance_id = instance_id
-        spec = NixlConnectorSpec(instance_id, self.role, transfer or TransferConfig())
-        self.engine = LLMEngine(config, kv_connector=spec)
+        if role is not None:
+            self.role, self.poll_when_idle = role, role == "prefill"
+        self.transfer = transfer or TransferConfig()
+        self.engine = LLMEngine(config, kv_connector=NixlConnectorSpec(instance_id, self.role, self.transfer))
         self.publisher = None if store is None else InstancePublisher.for_engine(
             store, instance_id, self.role, self.engine, address)
-        self.loop = EngineLoop(self.engine.step, self.engine.has_unfinished_requests,
-                               on_idle=self.engine.step if self.poll_when_idle else None,
+        self.role_switches = 0
+        self.loop = EngineLoop(self.engine.step, self.engine.has_unfinished_requests, on_idle=self._on_idle,
                                periodic=self.publisher.tick if self.publisher else None,
                                after_step=self.publisher.publish_events if self.publisher else None,
                                name=f"{self.role}-{instance_id}").start()
+
+    def _on_idle(self) -> None:
+        if self.poll_when_idle:  # NOTE: read every time: a role switch changes it
+            self.engine.step()
 
     def submit(self, request_id: str, prompt: list[int], params: SamplingParams,
                sink: Callable[[RequestOutput], None], kv_source: Any | None = None,
@@ -75,20 +95,59 @@ class InstanceWorker:
         return InstanceStats(self.instance_id, self.role, self.engine.stats(), self.engine.metrics.snapshot(),
                              dict(remote.connector.counters) if remote else {}, stream or {})
 
+    def wait_idle(self, timeout_s: float, quiet_until: float = 0.0) -> DrainReport:
+        """Wait until no request is in flight and no KV is held for a reader (read, or its lease expired), and
+        not before `quiet_until` (monotonic); at most `timeout_s`. What is left then is logged."""
+        t0 = time.monotonic()
+        deadline = t0 + timeout_s
+        while True:
+            busy, held = self.loop.call(lambda: (self.engine.has_unfinished_requests(),
+                                                 len(self.engine.remote.held) if self.engine.remote else 0)
+                                        ).result(10)
+            now = time.monotonic()
+            if not busy and not held and now >= quiet_until:
+                return DrainReport(self.instance_id, now - t0, False)
+            if now > deadline:
+                log.warning("instance %s: drain timed out after %.0f s (requests in flight: %s, held KV: %d)",
+                            self.instance_id, timeout_s, busy, held)
+                return DrainReport(self.instance_id, now - t0, True, busy, held)
+            time.sleep(0.05)
+
+    def drain(self, grace_s: float, timeout_s: float) -> DrainReport:
+        """Leave the registry (routers stop placing here within their refresh), keep serving what was placed
+        here before they saw it for at least `grace_s`, then wait (up to `timeout_s`) for the requests in flight
+        and the held KV. The instance stays out of the registry until `rejoin` (or shutdown)."""
+        if self.publisher is not None:
+            self.loop.call(self.publisher.withdraw).result(30)
+        report = self.wait_idle(timeout_s, time.monotonic() + grace_s)
+        log.info("instance %s (%s) drained in %.1f s%s", self.instance_id, self.role, report.waited_s,
+                 " (timed out)" if report.timed_out else "")
+        return report
+
+    def rejoin(self) -> None:
+        """Back into the registry after a drain, in the current role."""
+        if self.publisher is not None:
+            self.loop.call(self.publisher.rejoin, self.role).result(30)
+
+    def switch_role(self, role: Literal["prefill", "decode"]) -> None:
+        """After a drain: swap the engine's KV connector for the role's (the weights, the KV cache and the rank
+        parts stay), then register again with the new role. ValueError when the engine is not idle (a request
+        arrived after the drain): nothing changed then."""
+
+        def switch() -> None:
+            self.engine.replace_kv_connector(NixlConnectorSpec(self.instance_id, role, self.transfer))
+            old, self.role, self.poll_when_idle = self.role, role, role == "prefill"
+            self.role_switches += 1
+            log.info("instance %s switched role %s -> %s (role switches: %d)", self.instance_id, old, role,
+                     self.role_switches)
+
+        self.loop.call(switch).result(30)
+
     def shutdown(self, drain_s: float = 0.0) -> None:
         """Stop. With `drain_s`, first wait up to that long for the requests in flight to finish and for held KV
         to be read by its decode instance (or its lease to expire); what is left then is logged."""
-        deadline = time.monotonic() + drain_s
-        while drain_s > 0:
-            busy, held = self.loop.call(lambda: (self.engine.has_unfinished_requests(),
-                                                 self.engine.stats().num_held)).result(10)
-            if not busy and not held:
-                break
-            if time.monotonic() > deadline:
-                log.warning("instance %s: drain timed out after %.0f s (requests in flight: %s, held KV: %d)",
-                            self.instance_id, drain_s, busy, held)
-                break
-            time.sleep(0.05)
+        if drain_s > 0:
+            self.wait_idle(drain_s)
         self.loop.stop()
         if self.publisher is not None:
             self.publisher.close()

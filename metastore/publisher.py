@@ -3,6 +3,7 @@ and its KV events into the prefix-block index."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -91,6 +92,9 @@ class InstancePublisher:
     def __init__(self, store: MetadataStore, info: InstanceInfo, engine: LLMEngine) -> None:
         self.store, self.info, self.engine = store, info, engine
         self.reregistrations = 0
+        # NOTE: while withdrawn (an instance draining for removal or a role switch) it is out of the registry on
+        # purpose: heartbeats, which would re-register it, and KV events stop until `rejoin`.
+        self.withdrawn = False
         self.failures = 0  # heartbeats that could not reach Redis (the lease then lapses: visible to the router)
         self.heartbeats = 0  # heartbeats attempted: the stats record's heartbeat_seq
         self.sender = KVEventSender(store, info.instance_id)
@@ -140,6 +144,24 @@ class InstancePublisher:
             kv_transfers=kv.get("transfers", 0), kv_transfer_failures=kv.get("fallbacks", 0),
             kv_local_fallbacks=c.kv_load_fallbacks, kv_lease_expiries=kv.get("lease_expired", 0))
 
+    def withdraw(self) -> None:
+        """Leave the registry and stay out (no heartbeat, no KV event) until `rejoin`: routers stop placing here
+        within their next refresh. Raises redis.RedisError when Redis cannot be reached (the caller decides)."""
+        self.withdrawn = True
+        self.engine.take_kv_events()  # NOTE: not published: `rejoin` republishes the whole cache
+        if not self.sender.flush():
+            log.warning("instance %s: KV events still queued after 10 s; withdrawing anyway", self.info.instance_id)
+        self.store.deregister(self.info.instance_id)
+        log.info("instance %s (%s) withdrew from the registry", self.info.instance_id, self.info.role)
+
+    def rejoin(self, role: str | None = None) -> None:
+        """Register again (as `role` when given) with everything the prefix cache holds, and resume heartbeats."""
+        if role is not None:
+            self.info = dataclasses.replace(self.info, role=role)
+        self.register()
+        self.withdrawn = False
+        log.info("instance %s registered again as %s", self.info.instance_id, self.info.role)
+
     def tick(self) -> None:
         """Heartbeat with the load, then publish KV events. A Redis outage is logged and counted, never raised:
         the engine keeps serving what it has, and the registry drops it if the outage outlasts the lease."""
@@ -151,6 +173,8 @@ class InstancePublisher:
                         e, self.failures)
 
     def _tick(self) -> None:
+        if self.withdrawn:
+            return
         self.heartbeats += 1
         load = self.load()
         if not self.store.heartbeat(self.info.instance_id, load, self.stats_record(load)):
@@ -165,11 +189,13 @@ class InstancePublisher:
         """Hand pending KV events to the sender now (after each engine step), so placement sees new blocks
         within a Redis round trip. Never blocks."""
         events = self.engine.take_kv_events()
-        if events:
+        if events and not self.withdrawn:
             self.sender.put(events)
 
     def close(self) -> None:
         self.sender.close()
+        if self.withdrawn:
+            return  # out of the registry already
         try:
             self.store.deregister(self.info.instance_id)
         except redis.RedisError as e:

@@ -1,4 +1,4 @@
-"""`pdserve` command line: serve, router, generate, status, bench, demo."""
+"""`pdserve` command line: serve, router, generate, status, scale, role, drain, apply, bench, demo."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     # NOTE: what router processes (server.routers >= 2) need to read the same configuration; each gets its port
     router_args = ["--config", os.path.abspath(args.config)] + (["--model", args.model] if args.model else [])
-    return serve_main(cfg, router_args)
+    return serve_main(cfg, router_args, overrides)
 
 
 def _router(args: argparse.Namespace) -> int:
@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--target", required=True, help="HOST:PORT of a pdserve router")
     status.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
     status.set_defaults(func=_status)
+    from pdserve.admin_cli import add_arguments as add_admin_arguments
+
+    add_admin_arguments(sub)
     from pdserve.bench.cli import add_arguments
 
     bench = sub.add_parser("bench", help="load-test a router: Poisson or trace replay; TTFT, TPOT, goodput")

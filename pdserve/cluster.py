@@ -26,7 +26,8 @@ class Cluster:
         self.cfg = cfg
         self.redis: RedisServer | None = None
         self.ray_started = False
-        self.actors: list[Any] = []
+        self.actors: dict[str, Any] = {}  # instance id (its actor's name) -> actor handle
+        self.roles: dict[str, str] = {}  # instance id -> the role it serves now (a role switch changes it)
         self.ray_namespace = ray_namespace(cfg)
         self.cluster_file_written = False
 
@@ -58,43 +59,50 @@ class Cluster:
 
     def start_pools(self) -> None:
         """The prefill and decode actors; returns once every instance is ready (registered in the store)."""
+        cfg = self.cfg
+        for role in ("prefill", "decode"):
+            for i in range(getattr(cfg.pools, role).replicas):
+                self._create(f"{role}-{i}", role)
         import ray
 
-        from decode_worker.actor import DecodeActor
-        from prefill_worker.actor import PrefillActor
+        ray.get([a.ready.remote() for a in self.actors.values()])
+
+    def _create(self, iid: str, role: str) -> Any:
+        import ray
+
+        from pdserve.serving_actor import ServingActor
 
         cfg, url = self.cfg, self.redis_url
+        engine_config, tp = cfg.pool_engine(role), getattr(cfg.pools, role).tensor_parallel_size
         device = cfg.engine.device  # NOTE: "auto" is resolved by each engine on its own node; here, by the cluster
         gpu = device == "cuda" or (device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
-        for role, pool, cls in (("prefill", cfg.pools.prefill, PrefillActor), ("decode", cfg.pools.decode,
-                                                                                  DecodeActor)):
-            engine_config, tp = cfg.pool_engine(role), pool.tensor_parallel_size
-            for i in range(pool.replicas):
-                iid = f"{role}-{i}"
-                # NOTE: one actor per instance; its engine spawns the other TP ranks next to it, so the actor
-                # reserves every rank's GPU (num_gpus=tp) and they land on one node.
-                # NOTE: a lost instance comes back: Ray restarts its actor (the same arguments: it registers again
-                # and the router's breaker for it closes on the new pid). Calls in flight when it died fail;
-                # the router retries or moves them (router/recovery.py), so Ray must not retry them itself.
-                actor_cls = ray.remote(cls).options(name=iid, namespace=self.ray_namespace, num_cpus=0,
-                                                    num_gpus=tp if gpu else 0, max_concurrency=1000,
-                                                    max_restarts=-1, max_task_retries=0)
-                self.actors.append(actor_cls.remote(iid, engine_config, cfg.kv_transfer, url,
-                                                    cfg.metastore.namespace, cfg.metastore.registry_lease_s))
-        ray.get([a.ready.remote() for a in self.actors])
+        # NOTE: one actor per instance, of the one class that serves either role (a role switch keeps it); its
+        # engine spawns the other TP ranks next to it, so the actor reserves every rank's GPU (num_gpus=tp) and
+        # they land on one node.
+        # NOTE: a lost instance comes back: Ray restarts its actor (the same arguments: it registers again
+        # and the router's breaker for it closes on the new pid). Calls in flight when it died fail;
+        # the router retries or moves them (router/recovery.py), so Ray must not retry them itself.
+        actor_cls = ray.remote(ServingActor).options(name=iid, namespace=self.ray_namespace, num_cpus=0,
+                                                     num_gpus=tp if gpu else 0, max_concurrency=1000,
+                                                     max_restarts=-1, max_task_retries=0)
+        actor = actor_cls.remote(iid, engine_config, cfg.kv_transfer, url, cfg.metastore.namespace,
+                                 cfg.metastore.registry_lease_s, role)
+        self.actors[iid], self.roles[iid] = actor, role
+        return actor
 
     def stop(self, drain_s: float = 0.0) -> None:
         """Stop everything; with `drain_s`, each instance first drains (InstanceWorker.shutdown): decode instances
         before prefill instances, so a prefill instance's held KV is read or expires before it goes."""
         import ray
 
-        for actor in reversed(self.actors):
+        for iid in sorted(self.actors, key=lambda i: self.roles[i] == "prefill"):  # decode first
+            actor = self.actors[iid]
             try:
                 ray.get(actor.shutdown.remote(drain_s), timeout=drain_s + 30)
             except Exception as e:
                 log.warning("actor shutdown failed: %s", e)
             ray.kill(actor)
-        self.actors = []
+        self.actors, self.roles = {}, {}
         if self.cluster_file_written:
             remove_cluster_file(self.cfg, os.getpid())
             self.cluster_file_written = False

@@ -8,6 +8,7 @@ engine configuration of one pool. A file may start from another with `base: othe
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -72,14 +73,18 @@ class ServerConfig:
     breaker_threshold: int = 3  # failures in a row that open an instance's circuit breaker (death: the first)
     breaker_cooldown_s: float = 5.0  # an open breaker lets one probe request through after this long
     # On SIGTERM: new requests are refused at once; those in flight (and KV held for a reader) get this long.
+    # Also the bound of one instance's drain when it is removed or switches role (`pdserve scale`, `role`).
     drain_timeout_s: float = 30.0
+    # A draining instance has left the registry; it keeps serving for at least this long what routers placed on
+    # it before they saw that (they re-read the registry every 0.2 s; a remote prefill delays the decode call).
+    drain_grace_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_inflight < 1:
             raise ValueError(f"max_inflight: {self.max_inflight} must be >= 1")
         if self.max_prompt_bytes < 1:
             raise ValueError(f"max_prompt_bytes: {self.max_prompt_bytes} must be >= 1")
-        for name in ("prefill_timeout_s", "breaker_cooldown_s", "drain_timeout_s"):
+        for name in ("prefill_timeout_s", "breaker_cooldown_s", "drain_timeout_s", "drain_grace_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: {getattr(self, name)} must be > 0")
         if self.max_migrations < 0 or self.breaker_threshold < 1:
@@ -147,7 +152,17 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Se
     A top-level `base: other.yaml` (relative to the including file) loads that file first and merges this one
     over it: mappings merge key by key, any other value replaces the base's. Bases may chain; a cycle is an
     error."""
-    data = _read(Path(path), ())
+    return build_config(read_config_data(path), overrides)
+
+
+def read_config_data(path: str | Path) -> dict[str, Any]:
+    """A serving YAML's mapping with its `base:` chain merged, unvalidated (`pdserve apply` sends it)."""
+    return _read(Path(path), ())
+
+
+def build_config(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> ServingConfig:
+    """Validate a serving YAML's mapping (as `read_config_data` returns it) with `overrides` applied."""
+    data = copy.deepcopy(data)
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")

@@ -20,7 +20,9 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
+from typing import Any
 
+from pdserve.admin_executor import AdminExecutor
 from pdserve.cluster import Cluster, supervise_redis
 from pdserve.config import ServingConfig
 from pdserve.ready_line import READY_PREFIX, ReadyLine
@@ -140,13 +142,15 @@ class RouterSupervisor:
 
 
 async def run_controller(cfg: ServingConfig, router_args: list[str], stop: asyncio.Event | None = None,
-                         on_ready: Callable[[ReadyLine], None] | None = None) -> int:
-    """Serve through `server.routers` router processes until SIGINT/SIGTERM (or `stop`)."""
+                         on_ready: Callable[[ReadyLine], None] | None = None,
+                         overrides: dict[str, Any] | None = None) -> int:
+    """Serve through `server.routers` router processes until SIGINT/SIGTERM (or `stop`); run the Admin
+    commands they post (pdserve/admin_executor.py)."""
     from pdserve.router_process import announce
 
     cluster = Cluster(cfg)
     try:
-        cluster.start_infra()
+        store = cluster.start_infra()
     except BaseException:
         cluster.stop()
         raise
@@ -158,9 +162,11 @@ async def run_controller(cfg: ServingConfig, router_args: list[str], stop: async
     watchdog = asyncio.create_task(supervise_redis(cluster.redis)) if cluster.redis is not None else None
     routers = RouterSupervisor(cfg, router_args)
     supervisor: asyncio.Task[None] | None = None
+    executor: AdminExecutor | None = None
     drain_s = 0.0  # until the routers are up: an error on the way stops everything at once
     try:
         await asyncio.to_thread(cluster.start_pools)
+        executor = AdminExecutor(cluster, store, overrides).start()
         ready = ReadyLine.join(await routers.start())
         supervisor = asyncio.create_task(routers.supervise())
         if on_ready is not None:
@@ -172,6 +178,8 @@ async def run_controller(cfg: ServingConfig, router_args: list[str], stop: async
         log.warning("draining: SIGTERM to %d routers (up to %.0f s for their requests in flight)",
                     len(routers.routers), drain_s)
     finally:
+        if executor is not None:
+            await asyncio.to_thread(executor.stop)  # NOTE: the change under way finishes first
         if supervisor is not None:
             supervisor.cancel()
         await asyncio.to_thread(routers.stop, drain_s)

@@ -23,13 +23,15 @@ from api.v1 import pdserve_pb2_grpc
 from engine.model_info import ModelInfo
 from engine.tokenizer import load_tokenizer
 from metastore import MetadataStore
+from metastore.admin import AdminChannel
 from pdserve.cluster import STORE_TIMEOUT_S
 from pdserve.config import ServerConfig, ServingConfig
 from pdserve.metrics_server import MetricsServer
 from pdserve.ready_line import ReadyLine
 from pdserve.runtime import ClusterInfo
+from router.admin_service import AdminService
 from router.service import RouterService
-from router.wire import SERVICE, add_router_to_server
+from router.wire import ADMIN_SERVICE, SERVICE, add_admin_to_server, add_router_to_server
 
 log = logging.getLogger(__name__)
 
@@ -83,16 +85,21 @@ class StartingRouter(pdserve_pb2_grpc.PDServeServicer):
 
 class RouterServer:
     """A router's gRPC server: health answers NOT_SERVING from `start` until `attach`, SERVING after, and
-    NOT_SERVING again once `drain` begins."""
+    NOT_SERVING again once `drain` begins. With `admin`, it serves the Admin service too (from `start` on: it
+    needs only Redis; the pools' owner answers its commands once the pools are up)."""
 
-    def __init__(self, srv: ServerConfig) -> None:
-        self.srv = srv
+    def __init__(self, srv: ServerConfig, admin: AdminService | None = None) -> None:
+        self.srv, self.admin = srv, admin
         self.server = grpc.aio.server()
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.router = StartingRouter()
         add_router_to_server(self.router, self.server)
-        reflection.enable_server_reflection((SERVICE, reflection.SERVICE_NAME, health.SERVICE_NAME), self.server)
+        services = (SERVICE, reflection.SERVICE_NAME, health.SERVICE_NAME)
+        if admin is not None:
+            add_admin_to_server(admin, self.server)
+            services += (ADMIN_SERVICE,)
+        reflection.enable_server_reflection(services, self.server)
         self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def _set(self, status: Any) -> None:
@@ -115,6 +122,12 @@ class RouterServer:
         self.router.draining = True
         self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace=self.srv.drain_timeout_s)  # NOTE: refuses new calls, waits for running ones
+        if self.admin is not None:
+            self.admin.close()
+
+
+def admin_service(redis_url: str, cfg: ServingConfig) -> AdminService:
+    return AdminService(AdminChannel(redis_url, cfg.metastore.namespace))
 
 
 def announce(ready: ReadyLine) -> None:
@@ -150,7 +163,7 @@ async def serve_router(cfg: ServingConfig, cluster: ClusterInfo, port: int, pare
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):  # NOTE: after ray.init, which installs its own handler
             loop.add_signal_handler(sig, stop.set)
-        server = RouterServer(cfg.server)
+        server = RouterServer(cfg.server, admin_service(cluster.redis_url, cfg))
         bound = await server.start(port)
         router = await asyncio.to_thread(build_router, cfg, store, cluster.ray_namespace)
         server.attach(router)

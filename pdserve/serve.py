@@ -10,27 +10,32 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
+from typing import Any
 
+from pdserve.admin_executor import AdminExecutor
 from pdserve.cluster import Cluster, supervise_redis
 from pdserve.config import ServingConfig
 from pdserve.controller import run_controller
 from pdserve.metrics_server import MetricsServer
 from pdserve.ready_line import ReadyLine
-from pdserve.router_process import RouterServer, announce, build_router
+from pdserve.router_process import RouterServer, admin_service, announce, build_router
 
 log = logging.getLogger(__name__)
 
 
 async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
-                on_ready: Callable[[ReadyLine], None] | None = None, router_args: list[str] | None = None) -> int:
+                on_ready: Callable[[ReadyLine], None] | None = None, router_args: list[str] | None = None,
+                overrides: dict[str, Any] | None = None) -> int:
     """Serve until SIGINT/SIGTERM, or until `stop` is set when one is given (then no signal handlers are
     installed: the caller owns shutdown). `on_ready(ReadyLine)` replaces the ready line on stdout. With
     `server.routers` >= 2 this process is the controller of that many router processes (pdserve/controller.py),
-    started as `pdserve router` with `router_args` (--config FILE, ...) and the ready line lists every router."""
+    started as `pdserve router` with `router_args` (--config FILE, ...) and the ready line lists every router.
+    Either way this process runs the Admin commands (pdserve/admin_executor.py); `overrides` are the dotted keys
+    set on the command line, applied to a configuration `pdserve apply` sends as they were to the file."""
     if cfg.server.routers > 1:
         if router_args is None:
             raise ValueError("server.routers > 1 needs the configuration file the router processes read")
-        return await run_controller(cfg, router_args, stop, on_ready)
+        return await run_controller(cfg, router_args, stop, on_ready, overrides)
     cluster = Cluster(cfg)
     try:
         store = cluster.start_infra()
@@ -45,11 +50,12 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
             loop.add_signal_handler(sig, stop.set)
     watchdog = asyncio.create_task(supervise_redis(cluster.redis)) if cluster.redis is not None else None
     drain_s = 0.0  # until the pools are up and serving: an error on the way stops everything at once
-    server = RouterServer(cfg.server)
+    server = RouterServer(cfg.server, admin_service(cluster.redis_url, cfg))
     port = await server.start(cfg.server.port)  # health answers NOT_SERVING while the pools start
-    router = metrics = None
+    router = metrics = executor = None
     try:
         await asyncio.to_thread(cluster.start_pools)
+        executor = AdminExecutor(cluster, store, overrides).start()
         router = await asyncio.to_thread(build_router, cfg, store, cluster.ray_namespace)
         server.attach(router)
         metrics = MetricsServer(router.metrics.registry, cfg.server.host, cfg.server.metrics_port)
@@ -62,6 +68,8 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
         await server.drain()
         drain_s = cfg.server.drain_timeout_s
     finally:
+        if executor is not None:
+            await asyncio.to_thread(executor.stop)
         if watchdog is not None:
             watchdog.cancel()  # NOTE: before the cluster stops Redis on purpose
         if metrics is not None:
@@ -72,9 +80,9 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
     return 0
 
 
-def main(cfg: ServingConfig, router_args: list[str] | None = None) -> int:
+def main(cfg: ServingConfig, router_args: list[str] | None = None, overrides: dict[str, Any] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     # NOTE: the CLI configured the root logger at WARNING already; pdserve's own INFO lines (which router runs
     # where, the cluster file) belong in the log too
     logging.getLogger("pdserve").setLevel(logging.INFO)
-    return asyncio.run(serve(cfg, router_args=router_args))
+    return asyncio.run(serve(cfg, router_args=router_args, overrides=overrides))

@@ -118,6 +118,8 @@ class RouterService(pb_grpc.PDServeServicer):
         if state is not self._known_state:  # NOTE: for the breakers' pids after an instance left the registry
             self.known.update({i.instance_id: i for i in state.instances})
             self._known_state = state
+            # NOTE: a name that left the registry may come back as a new actor (`pdserve scale`): look it up again
+            self._actors = {i: a for i, a in self._actors.items() if i in {s.instance_id for s in state.instances}}
         usable = self.health.usable_of([i for i in state.instances if i.instance_id not in exclude])
         decodes = [i for i in usable if i.role == "decode" and keep_decode in (None, i.instance_id)]
         prefills = [] if local_only else [i for i in usable if i.role == "prefill"]

@@ -23,6 +23,7 @@ import api.v1.pdserve_pb2 as pb
 log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["PDServe"].full_name
+ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["Admin"].full_name
 
 
 @dataclass(frozen=True)
@@ -91,3 +92,15 @@ def add_router_to_server(servicer: Any, server: grpc.aio.Server) -> None:
                               response_serializer=response.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
+
+
+def add_admin_to_server(servicer: Any, server: grpc.aio.Server) -> None:
+    """Register `servicer`'s Admin RPCs (router/admin_service.py) on `server`, with the same parsers."""
+    handlers = {}
+    for name, request in (("Scale", pb.ScaleRequest), ("SetRole", pb.SetRoleRequest), ("Drain", pb.DrainRequest),
+                          ("Apply", pb.ApplyRequest)):
+        handlers[name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name), request_deserializer=_parser(request, request.__name__),
+            response_serializer=pb.AdminResponse.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(ADMIN_SERVICE, handlers),))
+    server.add_registered_method_handlers(ADMIN_SERVICE, handlers)

@@ -236,3 +236,220 @@ class PDServe(object):
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AdminStub(object):
+    """Runtime changes to the pools, served next to PDServe on every router (auth: with the front-door issue). The
+    router hands each call to the process that owns the pools (`pdserve serve`), which runs them one at a time.
+    Errors: INVALID_ARGUMENT (unknown instance or role, replicas < 0, a bad configuration), FAILED_PRECONDITION
+    (decode replicas 0, the last decode instance), UNAVAILABLE (no answer from `pdserve serve` in time).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Scale = channel.unary_unary(
+                '/pdserve.v1.Admin/Scale',
+                request_serializer=api_dot_v1_dot_pdserve__pb2.ScaleRequest.SerializeToString,
+                response_deserializer=api_dot_v1_dot_pdserve__pb2.AdminResponse.FromString,
+                _registered_method=True)
+        self.SetRole = channel.unary_unary(
+                '/pdserve.v1.Admin/SetRole',
+                request_serializer=api_dot_v1_dot_pdserve__pb2.SetRoleRequest.SerializeToString,
+                response_deserializer=api_dot_v1_dot_pdserve__pb2.AdminResponse.FromString,
+                _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/pdserve.v1.Admin/Drain',
+                request_serializer=api_dot_v1_dot_pdserve__pb2.DrainRequest.SerializeToString,
+                response_deserializer=api_dot_v1_dot_pdserve__pb2.AdminResponse.FromString,
+                _registered_method=True)
+        self.Apply = channel.unary_unary(
+                '/pdserve.v1.Admin/Apply',
+                request_serializer=api_dot_v1_dot_pdserve__pb2.ApplyRequest.SerializeToString,
+                response_deserializer=api_dot_v1_dot_pdserve__pb2.AdminResponse.FromString,
+                _registered_method=True)
+
+
+class AdminServicer(object):
+    """Runtime changes to the pools, served next to PDServe on every router (auth: with the front-door issue). The
+    router hands each call to the process that owns the pools (`pdserve serve`), which runs them one at a time.
+    Errors: INVALID_ARGUMENT (unknown instance or role, replicas < 0, a bad configuration), FAILED_PRECONDITION
+    (decode replicas 0, the last decode instance), UNAVAILABLE (no answer from `pdserve serve` in time).
+    """
+
+    def Scale(self, request, context):
+        """Grow or shrink one pool: new instances are `role-{k}` (lowest free k); the highest-numbered leave, drained.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetRole(self, request, context):
+        """Switch an instance's role in place: it drains, swaps its KV connector and registers again; no reload.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drain(self, request, context):
+        """Remove one instance: it drains (no new requests, those in flight finish, held KV is read) and stops.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Apply(self, request, context):
+        """Apply an edited serving configuration: pool sizes and placement policy live; the rest is listed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Scale': grpc.unary_unary_rpc_method_handler(
+                    servicer.Scale,
+                    request_deserializer=api_dot_v1_dot_pdserve__pb2.ScaleRequest.FromString,
+                    response_serializer=api_dot_v1_dot_pdserve__pb2.AdminResponse.SerializeToString,
+            ),
+            'SetRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRole,
+                    request_deserializer=api_dot_v1_dot_pdserve__pb2.SetRoleRequest.FromString,
+                    response_serializer=api_dot_v1_dot_pdserve__pb2.AdminResponse.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=api_dot_v1_dot_pdserve__pb2.DrainRequest.FromString,
+                    response_serializer=api_dot_v1_dot_pdserve__pb2.AdminResponse.SerializeToString,
+            ),
+            'Apply': grpc.unary_unary_rpc_method_handler(
+                    servicer.Apply,
+                    request_deserializer=api_dot_v1_dot_pdserve__pb2.ApplyRequest.FromString,
+                    response_serializer=api_dot_v1_dot_pdserve__pb2.AdminResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'pdserve.v1.Admin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('pdserve.v1.Admin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Admin(object):
+    """Runtime changes to the pools, served next to PDServe on every router (auth: with the front-door issue). The
+    router hands each call to the process that owns the pools (`pdserve serve`), which runs them one at a time.
+    Errors: INVALID_ARGUMENT (unknown instance or role, replicas < 0, a bad configuration), FAILED_PRECONDITION
+    (decode replicas 0, the last decode instance), UNAVAILABLE (no answer from `pdserve serve` in time).
+    """
+
+    @staticmethod
+    def Scale(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Admin/Scale',
+            api_dot_v1_dot_pdserve__pb2.ScaleRequest.SerializeToString,
+            api_dot_v1_dot_pdserve__pb2.AdminResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Admin/SetRole',
+            api_dot_v1_dot_pdserve__pb2.SetRoleRequest.SerializeToString,
+            api_dot_v1_dot_pdserve__pb2.AdminResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Admin/Drain',
+            api_dot_v1_dot_pdserve__pb2.DrainRequest.SerializeToString,
+            api_dot_v1_dot_pdserve__pb2.AdminResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Apply(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Admin/Apply',
+            api_dot_v1_dot_pdserve__pb2.ApplyRequest.SerializeToString,
+            api_dot_v1_dot_pdserve__pb2.AdminResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

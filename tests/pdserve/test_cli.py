@@ -24,8 +24,9 @@ def pdserve(*argv: str) -> subprocess.CompletedProcess[str]:
 def test_help_lists_every_command() -> None:
     done = pdserve("--help")
     assert done.returncode == 0 and done.stderr == ""
-    assert done.stdout.startswith("usage: pdserve [-h] {demo,serve,router,generate,status,bench} ...")
-    for command in ("demo", "serve", "router", "generate", "bench"):
+    assert done.stdout.startswith("usage: pdserve [-h]\n               "
+                                  "{demo,serve,router,generate,status,scale,role,drain,apply,bench}")
+    for command in ("demo", "serve", "router", "generate", "bench", "scale", "role", "drain", "apply"):
         assert f"    {command} " in done.stdout
 
 
@@ -50,6 +51,12 @@ def test_a_bad_config_names_its_key(tmp_path: pathlib.Path, capsys: pytest.Captu
     (["generate", "--target", "h:1", "--prompt", "a", "--token-ids", "1"], "not allowed with argument"),
     (["frobnicate"], "argument command: invalid choice: 'frobnicate'"),
     ([], "the following arguments are required: command"),
+    (["scale", "--prefill", "1"], "the following arguments are required: --target"),
+    (["scale", "--target", "h:1", "--decode", "x"], "argument --decode: invalid int value: 'x'"),
+    (["role", "--target", "h:1", "decode-0"], "the following arguments are required: role"),
+    (["role", "--target", "h:1", "decode-0", "router"], "argument role: invalid choice: 'router'"),
+    (["drain", "--target", "h:1"], "the following arguments are required: instance"),
+    (["apply", "--target", "h:1"], "the following arguments are required: --config"),
 ])
 def test_argument_errors_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
@@ -60,3 +67,27 @@ def test_argument_errors_exit_2(argv: list[str], message: str, capsys: pytest.Ca
 def test_bad_token_ids_are_refused_before_connecting(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["generate", "--target", "127.0.0.1:1", "--token-ids", "1,two,3"]) == 2
     assert capsys.readouterr().err == "pdserve: --token-ids must be comma-separated integers, e.g. 1,2,3\n"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["scale", "--target", "h:1"], "pdserve: scale needs --prefill N and/or --decode M\n"),
+    (["scale", "--target", "h:1", "--decode", "0"], "pdserve: --decode 0: must be >= 1\n"),
+    (["scale", "--target", "h:1", "--prefill", "-1"], "pdserve: --prefill -1: must be >= 0\n"),
+])
+def test_scale_refuses_bad_sizes_before_connecting(argv: list[str], message: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    assert capsys.readouterr().err == message
+
+
+def test_apply_checks_the_file_before_connecting(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    assert main(["apply", "--target", "h:1", "--config", str(bad)]) == 2
+    assert capsys.readouterr().err == f"pdserve: {bad}: the top level must be a mapping of keys\n"
+
+
+def test_an_unreachable_router_is_one_line_and_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["drain", "--target", "127.0.0.1:1", "--timeout", "2", "prefill-0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pdserve: UNAVAILABLE: ") and err.count("\n") == 1
