@@ -60,8 +60,9 @@ def test_tp2_nccl_equals_tp1(models: dict[str, pathlib.Path]) -> None:
 
 
 def _kv_blocks(worker: Worker, n: int) -> torch.Tensor:
-    """The first n blocks of a rank's KV cache: [n, H_local, L, 2, block_size, D] (runs on every rank)."""
-    return worker.runner.kv_cache.tensor[:n].clone()
+    """The first n blocks of a rank's KV cache: [n, H_local, L, 2, block_size, D] (runs on every rank). NOTE: a
+    host copy: a CUDA tensor would cross the process boundary by CUDA IPC, which the executor's pipe does not do."""
+    return worker.runner.kv_cache.tensor[:n].to("cpu", copy=True)
 
 
 @pytest.mark.parametrize(("model", "size", "replicas"), [("llama_mqa", 2, 2), ("llama", 4, 2)])
@@ -84,7 +85,7 @@ def test_tp_above_kv_heads_replicates_them(models: dict[str, pathlib.Path], mode
         runner = llm.engine.executor.runner
         assert (runner.layout.num_kv_heads, runner.kv_heads.replicas) == (1, replicas)
         # NOTE: the test reads every rank's cache through the executor's own fan-out (no NIXL involved).
-        per_rank = [t.cpu() for t in llm.engine.executor._on_every_rank(_kv_blocks, 9)]  # each [9, 1, L, 2, bs, D]
+        per_rank = llm.engine.executor._on_every_rank(_kv_blocks, 9)  # each [9, 1, L, 2, bs, D], on the host
     assert tpn == tp1
     assert tp1 == [hf_greedy(path, p, 16) for p in prompts]
     for rank, kv in enumerate(per_rank):
