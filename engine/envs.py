@@ -70,5 +70,10 @@ PDSERVE_RUNTIME_DIR: Switch[str | None] = Switch(
     "PDSERVE_RUNTIME_DIR", None, "where `pdserve serve` writes its cluster file (Redis URL, Ray GCS address, Ray "
     "namespace) for `pdserve router` to attach (unset: /tmp/pdserve)", parse_str)
 
+# NOTE: set by the instance's Ray actor (ray.util.get_node_ip_address()) and inherited by its TP ranks: the
+# registry and the transfer agents' descriptors carry it, so peers on other nodes know where an agent lives.
+PDSERVE_NODE_IP = Switch("PDSERVE_NODE_IP", "", "this node's address as its peers reach it (set from Ray's node IP "
+                         "in each instance; empty: unknown, same-host checks use the hostname)", parse_str)
+
 SWITCHES: tuple[Switch, ...] = (PDSERVE_PDL, PDSERVE_FUSED_OPS, PDSERVE_SKINNY_GEMM, TRITON_INTERPRET, RAY_ADDRESS,
-                                PDSERVE_RUNTIME_DIR)
+                                PDSERVE_RUNTIME_DIR, PDSERVE_NODE_IP)

@@ -9,6 +9,7 @@ import logging
 import os
 from typing import ClassVar, Literal
 
+from engine import envs
 from engine.config import EngineConfig
 from instance.worker import DrainReport, InstanceStats, InstanceWorker
 from kv_transfer import TransferConfig
@@ -22,6 +23,7 @@ class InstanceActor:
                  namespace: str, registry_lease_s: float, role: Literal["prefill", "decode"] | None = None) -> None:
         """`role`: for a role-switchable worker class (pdserve/serving_actor.py); a role's own class has one."""
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        os.environ.setdefault(envs.PDSERVE_NODE_IP.name, _ray_node_ip())
         logging.basicConfig(level=logging.INFO, format=f"%(levelname)s {instance_id} %(name)s: %(message)s")
         store = MetadataStore(redis_url, namespace, registry_lease_s)
         self.worker = self.worker_cls(instance_id, engine_config, transfer, store, address=instance_id, role=role)
@@ -59,3 +61,12 @@ class InstanceActor:
 
     def shutdown(self, drain_s: float = 0.0) -> None:
         self.worker.shutdown(drain_s)
+
+
+def _ray_node_ip() -> str:
+    """This node's IP as Ray knows it (its `--node-ip-address`), "" outside a Ray worker."""
+    import ray
+
+    if not ray.is_initialized():
+        return ""
+    return str(ray.util.get_node_ip_address())

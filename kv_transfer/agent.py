@@ -18,9 +18,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine import envs
 from engine.kv_cache import KVCache
 from kv_transfer.config import TransferConfig
-from kv_transfer.descriptor import PROTOCOL_VERSION, AgentDescriptor, check_compatible
+from kv_transfer.descriptor import PROTOCOL_VERSION, AgentDescriptor, check_compatible, same_node
 from kv_transfer.errors import IncompatibleKVError, KVTransferError, PeerGoneError, TransferTimeoutError
 from kv_transfer.plan import plan_reads, sources
 from kv_transfer.read_state import DONE, IN_FLIGHT, ReadState, ReadStats, error_from
@@ -88,6 +89,7 @@ class TransferAgent:
             dtype=dtype,
             model_fingerprint=model_fingerprint,
             host=socket.gethostname(),
+            node_ip=envs.PDSERVE_NODE_IP.get(),
         )
         self.peers: dict[str, str] = {}  # agent_name -> NIXL remote name
         self.reads: dict[str, _Read] = {}
@@ -184,8 +186,9 @@ class TransferAgent:
             if desc.agent_name in self.reported:
                 continue
             self.reported.add(desc.agent_name)
-            report_path(self.name, self.mem_type, desc.mem_type, desc.host == self.descriptor.host,
-                        selected_read_transports(self.proto_dir, self.name))
+            report_path(self.name, self.mem_type, desc.mem_type, same_node(desc, self.descriptor),
+                        selected_read_transports(self.proto_dir, self.name),
+                        peer=f"{desc.agent_name}@{desc.node_ip or desc.host}")
 
     def settled(self, xfer_id: str) -> bool:
         """True once no handle of the read can still write into local memory (done, failed, or released)."""

@@ -16,6 +16,15 @@ from kv_transfer.errors import IncompatibleKVError
 
 PROTOCOL_VERSION = 1
 LAYOUT = "block,kv_head,layer,kv,token,dim"
+OPTIONAL_FIELDS = ("node_ip",)  # added to version 1 later; absent from an older peer's descriptor
+
+
+def same_node(a: AgentDescriptor, b: AgentDescriptor) -> bool:
+    """Whether two agents share a node: by node IP where both know theirs (two nodes may share a hostname, e.g.
+    network namespaces or containers), else by hostname."""
+    if a.node_ip and b.node_ip:
+        return a.node_ip == b.node_ip
+    return a.host == b.host
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,7 @@ class AgentDescriptor:
     dtype: str
     model_fingerprint: str
     host: str = ""  # hostname: tells a same-host path (shm, cuda_ipc) from a cross-node one (RDMA)
+    node_ip: str = ""  # the node's address as Ray sees it (engine.envs.PDSERVE_NODE_IP); "" when unknown
     layout: str = LAYOUT
 
     def to_dict(self) -> dict[str, Any]:
@@ -59,6 +69,8 @@ class AgentDescriptor:
                                       f"version {PROTOCOL_VERSION}")
         values: dict[str, Any] = {}
         for f in fields(AgentDescriptor):
+            if f.name not in d and f.name in OPTIONAL_FIELDS:
+                continue  # NOTE: a peer of an earlier release: the field keeps its default
             if f.name not in d:
                 raise ValueError(f"agent descriptor lacks field {f.name!r}")
             v = d[f.name]

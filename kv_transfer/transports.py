@@ -71,10 +71,12 @@ def selected_read_transports(directory: Path | None, agent_name: str) -> set[str
 
 
 def report_path(agent_name: str, local_mem: str, remote_mem: str, same_host: bool,
-                transports: set[str]) -> None:
-    """Log the transports of one read path; warn and count when a path that has a faster transport uses TCP."""
+                transports: set[str], peer: str = "") -> None:
+    """Log the transports of one read path; warn and count when a path that has a faster transport uses TCP.
+    `peer`: the remote agent and its node (name@node_ip), named in the line."""
     global tcp_fallback_warnings
-    path = f"{remote_mem}->{local_mem} ({'same host' if same_host else 'cross-node'})"
+    where = "same host" if same_host else "cross-node"
+    path = f"{remote_mem}->{local_mem} ({where})" + (f" from {peer}" if peer else "")
     if not transports:
         log.info("KV read path %s of %s: UCX did not report its transports", path, agent_name)
         return

@@ -12,6 +12,7 @@ import threading
 
 import redis
 
+from engine import envs
 from engine.block_pool import KVEvent
 from engine.llm_engine import LLMEngine
 from metastore.instance_stats import InstanceStatsRecord
@@ -107,7 +108,8 @@ class InstancePublisher:
         info = InstanceInfo(instance_id=instance_id, role=role, address=address or instance_id,
                             tp_size=config.tensor_parallel_size, block_size=config.block_size,
                             num_blocks=engine.num_kv_blocks, max_num_seqs=config.max_num_seqs,
-                            model=config.hash_salt, host=socket.gethostname(), pid=os.getpid())
+                            model=config.hash_salt, host=socket.gethostname(), pid=os.getpid(),
+                            node_ip=envs.PDSERVE_NODE_IP.get())
         publisher = cls(store, info, engine)
         publisher.register()
         return publisher

@@ -47,6 +47,7 @@ class InstanceInfo:
     max_num_seqs: int
     model: str = ""
     host: str = ""  # where the instance's driver process runs, for operators
+    node_ip: str = ""  # its node's address as Ray sees it (engine.envs.PDSERVE_NODE_IP); "" outside Ray
     pid: int = 0
 
     def __post_init__(self) -> None:

@@ -73,7 +73,8 @@ class Cluster:
         from pdserve.serving_actor import ServingActor
 
         cfg, url = self.cfg, self.redis_url
-        engine_config, tp = cfg.pool_engine(role), getattr(cfg.pools, role).tensor_parallel_size
+        pool = getattr(cfg.pools, role)
+        engine_config, tp = cfg.pool_engine(role), pool.tensor_parallel_size
         device = cfg.engine.device  # NOTE: "auto" is resolved by each engine on its own node; here, by the cluster
         gpu = device == "cuda" or (device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
         # NOTE: one actor per instance, of the one class that serves either role (a role switch keeps it); its
@@ -84,7 +85,8 @@ class Cluster:
         # the router retries or moves them (router/recovery.py), so Ray must not retry them itself.
         actor_cls = ray.remote(ServingActor).options(name=iid, namespace=self.ray_namespace, num_cpus=0,
                                                      num_gpus=tp if gpu else 0, max_concurrency=1000,
-                                                     max_restarts=-1, max_task_retries=0)
+                                                     max_restarts=-1, max_task_retries=0,
+                                                     resources=pool.actor_resources())
         actor = actor_cls.remote(iid, engine_config, cfg.kv_transfer, url, cfg.metastore.namespace,
                                  cfg.metastore.registry_lease_s, role)
         self.actors[iid], self.roles[iid] = actor, role

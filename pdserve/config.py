@@ -27,10 +27,30 @@ class ConfigError(ValueError):
     """A bad serving configuration; the message starts with the dotted key path."""
 
 
+# NOTE: an instance asks for a sliver of its pool's node resource, not all of it: `--resources '{"node_b": 1}'`
+# then places up to 1000 instances (of any pool pinned to it) on that node; the node's own CPU/GPU counts
+# still bound how many really fit.
+NODE_RESOURCE_SHARE = 0.001
+RAY_PREDEFINED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
 @dataclass
 class PoolConfig:
     replicas: int = 1  # instances in this pool (prefill replicas : decode replicas is the P/D ratio)
     tensor_parallel_size: int = 1  # checked by EngineConfig (ServingConfig.check builds each pool's engine)
+    # Pin the pool's instances to Ray nodes that offer this custom resource (`ray start --resources
+    # '{"node_b": 1}'`); None: Ray places them anywhere. Each instance takes NODE_RESOURCE_SHARE of it.
+    node_resource: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.node_resource is not None and (not self.node_resource.strip() or self.node_resource in
+                                               RAY_PREDEFINED_RESOURCES):
+            raise ValueError(f"node_resource: {self.node_resource!r} must name a custom Ray resource (not empty, "
+                             f"not one of {', '.join(RAY_PREDEFINED_RESOURCES)})")
+
+    def actor_resources(self) -> dict[str, float]:
+        """The `resources=` of each instance's Ray actor options."""
+        return {self.node_resource: NODE_RESOURCE_SHARE} if self.node_resource else {}
 
 
 @dataclass

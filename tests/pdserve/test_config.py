@@ -158,3 +158,13 @@ def test_routers_must_fit_below_port_65536(model: str) -> None:
     with pytest.raises(ConfigError, match=r"^server\.routers: 3 routers from port 65534 go past port 65535$"):
         load_config(DEPLOY / "serving-tiny-cpu.yaml", {"engine.model": model, "server.routers": 3,
                                                         "server.port": 65534})
+
+
+def test_node_resource_pins_a_pool_and_is_validated(model: str) -> None:
+    tiny = DEPLOY / "serving-tiny-cpu.yaml"
+    cfg = load_config(tiny, {"engine.model": model, "pools.prefill.node_resource": "node_b"})
+    assert cfg.pools.prefill.actor_resources() == {"node_b": 0.001}
+    assert cfg.pools.decode.actor_resources() == {}
+    for bad in ("GPU", " ", 3):
+        with pytest.raises(ConfigError, match=r"pools\.decode\.node_resource"):
+            load_config(tiny, {"engine.model": model, "pools.decode.node_resource": bad})
