@@ -1,21 +1,21 @@
 """Two isolated network nodes on this machine: Linux network namespaces joined by a veth pair.
 
 `NodePair()` creates namespaces A and B (addresses 10.77.0.1/24 and 10.77.0.2/24 by default, `lo` up in each),
-`cmd(node, ...)` prefixes a command with `ip netns exec`, `enter(node)` moves the calling thread's process into
-a namespace (setns(2), for a spawned child), and `close()` kills every process left in either namespace and
+`cmd(node, ...)` prefixes a command with `ip netns exec`, and `close()` kills every process left in either namespace and
 deletes both (deleting a namespace deletes its end of the veth pair, and with it the other end). Needs root.
+
+NOTE: run processes with `ip netns exec`, not setns(2) from Python: `ip netns exec` also remounts /sys for the
+namespace, and UCX finds its network devices in /sys/class/net. A process that only called setns saw the root
+namespace's devices, and UCX's TCP endpoint failed ("Destination is unreachable").
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
 import time
 from dataclasses import dataclass
-
-CLONE_NEWNET = 0x40000000
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,9 @@ class NodePair:
             for node in (self.a, self.b):
                 _ip("-n", node.name, "addr", "add", f"{node.ip}/24", "dev", node.dev)
                 _ip("-n", node.name, "link", "set", node.dev, "up")
+                # NOTE: a default route, as a real host has: Ray finds a process's own address by routing a UDP
+                # socket towards a public address, and without a route it would settle on 127.0.0.1.
+                _ip("-n", node.name, "route", "add", "default", "dev", node.dev)
         except BaseException:
             self.close()
             raise
@@ -65,17 +68,6 @@ class NodePair:
     def cmd(node: Node, *argv: str) -> list[str]:
         """`argv` run inside `node`'s network namespace."""
         return ["ip", "netns", "exec", node.name, *argv]
-
-    @staticmethod
-    def enter(node: Node) -> None:
-        """Move this process into `node`'s network namespace (call in a fresh child before opening sockets)."""
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = os.open(f"/var/run/netns/{node.name}", os.O_RDONLY)
-        try:
-            if libc.setns(fd, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), f"setns into {node.name}")
-        finally:
-            os.close(fd)
 
     @staticmethod
     def pids(node: Node) -> list[int]:
