@@ -27,6 +27,8 @@ import torch
 from engine.kv_cache import KVCache, KVLayout
 from kv_transfer.agent import TransferAgent
 from kv_transfer.config import TransferConfig
+from kv_transfer.descriptor import AgentDescriptor
+from kv_transfer.read_state import ReadStatus
 
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 
@@ -52,7 +54,7 @@ def holder(conn: Any, num_blocks: int, device: str, cfg: TransferConfig) -> None
     agent.close()
 
 
-def timed_read(agent: TransferAgent, remote: dict[str, Any], local: list[int], src: list[int], iters: int,
+def timed_read(agent: TransferAgent, remote: AgentDescriptor, local: list[int], src: list[int], iters: int,
                tag: str) -> tuple[float, float, int]:
     """Median seconds of a whole read (post + completion), median seconds of posting it, descriptors."""
     times, posts, descs = [], [], 0
@@ -62,11 +64,11 @@ def timed_read(agent: TransferAgent, remote: dict[str, Any], local: list[int], s
         err = agent.start_read(xid, [remote], local, src)
         t1 = time.perf_counter()
         assert err is None, err
-        while (state := agent.poll([xid])[xid]) == "PROC":
+        while (state := agent.poll([xid])[xid]).status is ReadStatus.IN_FLIGHT:
             pass
         dt = time.perf_counter() - t0
-        assert state == "DONE", state
-        descs = int(agent.finish(xid)["descs"])
+        assert state.status is ReadStatus.DONE, state
+        descs = agent.finish(xid).num_descriptors
         if i:  # the first read sets up the connection
             times.append(dt)
             posts.append(t1 - t0)
