@@ -82,6 +82,16 @@ you? Numbers like 0 1 2 3 4 5 6 7 8 9 10 42 100 and 2024 appear in text too, as 
 """
 
 
+# A small chat template (Jinja, as in a real tokenizer_config.json), for the OpenAI chat endpoint's tests.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] not in ('system', 'user', 'assistant') %}"
+    "{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] | trim }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
 def build_tokenizer(vocab_size: int = VOCAB_SIZE) -> Tokenizer:
     """Return a deterministic byte-level BPE tokenizer (``<unk>``=0, ``<s>``=1, ``</s>``=2, no BOS added).
 
@@ -178,7 +188,7 @@ def make_tiny_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     build_tokenizer(config.vocab_size).save(str(out_dir / "tokenizer.json"))
-    tok_cfg = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    tok_cfg = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "chat_template": CHAT_TEMPLATE}
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
     return out_dir
 
