@@ -18,7 +18,8 @@
   (false), ``sliding_window`` (null), ``max_window_layers``, ``layer_types`` (all ``full_attention``).
   mistral: ``sliding_window`` (null -> full attention), no bias anywhere.
 * ``model.safetensors`` (float32; ``lm_head.weight`` is absent when ``tie_word_embeddings`` is true).
-* ``generation_config.json``, ``tokenizer.json`` and a minimal ``tokenizer_config.json``.
+* ``generation_config.json``, ``tokenizer.json`` and a minimal ``tokenizer_config.json`` (with a small chat
+  template, ``CHAT_TEMPLATE``).
 
 Weights are re-initialised with a large std so greedy logits have clear top-1/top-2 gaps, biases
 (qwen2 q/k/v) are random non-zero and RMSNorm weights are ``1 + 0.1 * randn`` so every path matters.
