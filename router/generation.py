@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import grpc
 
 from engine.sampling_params import SamplingParams
+from instance.messages import StreamDelta
+from router.placement import Placement
 
 
 @dataclass(frozen=True)
@@ -58,3 +60,17 @@ class RequestError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code, self.message = code, message
+
+
+def routing_of(placement: Placement, cached: int, transferred: int, migrations: int) -> Routing:
+    return Routing(placement.decode_instance, placement.prefill_instance or "", placement.disaggregated, cached,
+                   transferred, placement.reason, migrations)
+
+
+def final_output(rid: str, last: StreamDelta, prompt_tokens: int, completion: int, placement: Placement,
+                 migrations: int = 0) -> Output:
+    """A request's last item: its last tokens, usage, and where and why it ran. cached_tokens: what the decode
+    instance really reused (the index the placement read may lag)."""
+    return Output(rid, last.token_ids, last.text, finished=True, finish_reason=last.finish_reason or "",
+                  prompt_tokens=prompt_tokens, completion_tokens=completion,
+                  routing=routing_of(placement, last.cached_tokens, last.transferred_blocks, migrations))

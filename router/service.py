@@ -3,15 +3,17 @@
     router --prefill(request_id, prompt, SamplingParams)--> PrefillActor --> PrefillDone (instance/messages.py)
     router --generate(request_id, prompt, SamplingParams, KVHandle | None)--> DecodeActor --> StreamDelta, ...
 
-Error mapping: INVALID_ARGUMENT for bad parameters or a prompt too long; RESOURCE_EXHAUSTED when a decode
-instance has no room; UNAVAILABLE when no healthy instance is registered or an instance died; DEADLINE_EXCEEDED
-when the client's deadline passes (the request is aborted on the workers); a cancelled call aborts the request
-on the workers too, so its blocks are freed.
+The request flow is `generate` (typed in and out: router/generation.py); the gRPC `Generate` and the OpenAI HTTP
+front (router/openai_api.py) are thin adapters over it. Error mapping: INVALID_ARGUMENT for bad parameters or a
+prompt too long; RESOURCE_EXHAUSTED when a decode instance has no room; UNAVAILABLE when no healthy instance is
+registered or an instance died; DEADLINE_EXCEEDED when the client's deadline passes (the request is aborted on
+the workers); a cancelled call aborts the request on the workers too, so its blocks are freed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -30,12 +32,12 @@ from engine.block_hash import hash_blocks
 from engine.model_info import ModelInfo
 from engine.sampling_params import SamplingParams
 from instance.messages import StreamDelta
-from metastore import InstanceInfo, Load
+from metastore import InstanceInfo
 from router import recovery
 from router.cluster_view import ClusterState, ClusterView
-from router.generation import GenerateInput, Output, RequestError, Routing
+from router.generation import GenerateInput, Output, RequestError, final_output, routing_of
 from router.health import InstanceHealth
-from router.instance_metrics import InstanceCollector, instance_rows
+from router.instance_metrics import InstanceCollector, loads_response
 from router.metrics import RequestTimer, RouterMetrics
 from router.placed_load import PlacedLoad
 from router.placement import NoInstanceError, Placement, place
@@ -169,9 +171,12 @@ class RouterService(pb_grpc.PDServeServicer):
         Raises RequestError; a consumer that stops iterating (client gone) aborts the request on the workers."""
         timer, status = RequestTimer(self.metrics), "CANCELLED"
         try:
-            async for out in self._generate(inp):
-                timer.sent()
-                yield out
+            # NOTE: aclosing: a consumer that stops (GeneratorExit here) closes _generate now, whose finally
+            # releases the slot and aborts the request on the workers, rather than whenever it is collected
+            async with contextlib.aclosing(self._generate(inp)) as items:
+                async for out in items:
+                    timer.sent()
+                    yield out
             status = "OK"
             timer.finished()
         except RequestError as e:
@@ -259,7 +264,7 @@ class RouterService(pb_grpc.PDServeServicer):
                 yield self._final(rid, delta, len(tokens), completion, where, moves)
                 return
             # NOTE: the first item carries where it runs (the HTTP front's routing header goes out before the body)
-            routing = _routing(where, where.cached_tokens, 0, moves) if first else None
+            routing = routing_of(where, where.cached_tokens, 0, moves) if first else None
             yield Output(rid, delta.token_ids, delta.text, routing=routing)
 
     def _count_finished(self, prompt: int, completion: int, cached: int, placement: Placement, moves: int) -> None:
@@ -280,14 +285,7 @@ class RouterService(pb_grpc.PDServeServicer):
         with self._place_lock:
             self.load.finished(rid, self.inflight.pop(rid, None))
 
-    @staticmethod
-    def _final(rid: str, last: StreamDelta, prompt_tokens: int, completion: int, placement: Placement,
-               migrations: int = 0) -> Output:
-        """The request's last item: its last tokens, usage, and where and why it ran. cached_tokens: what the
-        decode instance really reused (the index the placement read may lag)."""
-        return Output(rid, last.token_ids, last.text, finished=True, finish_reason=last.finish_reason or "",
-                      prompt_tokens=prompt_tokens, completion_tokens=completion,
-                      routing=_routing(placement, last.cached_tokens, last.transferred_blocks, migrations))
+    _final = staticmethod(final_output)
 
     # ---- RPCs ----------------------------------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest,
@@ -327,18 +325,5 @@ class RouterService(pb_grpc.PDServeServicer):
     async def GetLoads(self, request: pb.GetLoadsRequest,
                        context: grpc.aio.ServicerContext) -> pb.GetLoadsResponse:
         await refuse_undecodable(request, context)
-        state = self.view.state  # NOTE: as placement sees it (refreshed every view.refresh_s)
-        rows = []
-        for row in instance_rows(self.view, self.health):
-            i, st, load = row.info, row.stats, state.loads.get(row.info.instance_id, Load())
-            rows.append(pb.InstanceLoad(
-                instance_id=i.instance_id, role=i.role, waiting=load.waiting, running=load.running,
-                kv_usage=load.kv_usage, tensor_parallel_size=i.tp_size, host=i.host, pid=i.pid, state=row.state,
-                prefix_cache_hit_rate=st.prefix_cache_hit_rate, restarts=row.restarts,
-                kv_blocks_used=st.kv_blocks_used, kv_blocks_total=st.kv_blocks_total))
-        return pb.GetLoadsResponse(instances=rows, policy=state.policy.to_redis())
+        return loads_response(self.view, self.health)
 
-
-def _routing(placement: Placement, cached: int, transferred: int, migrations: int) -> Routing:
-    return Routing(placement.decode_instance, placement.prefill_instance or "", placement.disaggregated, cached,
-                   transferred, placement.reason, migrations)

@@ -134,3 +134,4 @@ def to_response(out: Output) -> pb.GenerateResponse:
         routing=pb.Routing(prefill_instance=r.prefill_instance, decode_instance=r.decode_instance,
                            disaggregated=r.disaggregated, cached_tokens=r.cached_tokens,
                            transferred_blocks=r.transferred_blocks, reason=r.reason, migrations=r.migrations))
+

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -114,3 +115,32 @@ def test_bad_requests_get_openai_errors(srv: Server, client: openai.OpenAI) -> N
     with pytest.raises(openai.BadRequestError, match="logprobs"):
         client.completions.create(model="llama", prompt=PROMPT, logprobs=2)
     srv.wait_idle()  # nothing was left running on the pools
+
+
+def test_a_client_gone_mid_stream_aborts_the_request(srv: Server, client: openai.OpenAI) -> None:
+    from tests.e2e.test_metrics import scrape, value
+
+    def cancelled() -> float:
+        return value(scrape(srv.metrics_url), "pdserve:requests", "pdserve:requests_total", status="CANCELLED") or 0
+
+    before = cancelled()
+    stream = client.completions.create(model="llama", prompt=PROMPT, max_tokens=1000, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    assert next(iter(stream)).choices
+    stream.close()
+    deadline = time.monotonic() + 20
+    while cancelled() == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert cancelled() == before + 1  # the router saw the client go and aborted the request on the workers
+    srv.wait_idle()
+
+
+def test_every_router_process_serves_http(tmp_path: pathlib.Path, models: dict[str, pathlib.Path]) -> None:
+    """server.routers: 2: the controller's ready line lists both routers' HTTP URLs, and each answers."""
+    with serve(tmp_path, models["llama"], {"server": {"routers": 2, "http_port": 0}}) as two:
+        assert len(two.http_urls) == 2 and len(set(two.http_urls)) == 2
+        want, _ = grpc_text(two, PROMPT)
+        for url in two.http_urls:
+            c = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=60, max_retries=0)
+            out = c.completions.create(model="llama", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0)
+            assert out.choices[0].text == want
