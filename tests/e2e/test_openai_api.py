@@ -144,3 +144,16 @@ def test_every_router_process_serves_http(tmp_path: pathlib.Path, models: dict[s
             c = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=60, max_retries=0)
             out = c.completions.create(model="llama", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0)
             assert out.choices[0].text == want
+
+
+def test_sse_wire_format_and_routing_header(srv: Server) -> None:
+    body = {"model": "llama", "prompt": PROMPT, "max_tokens": 4, "temperature": 0, "stream": True}
+    req = urllib.request.Request(srv.http_url + "/v1/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        assert "decode=decode-0" in r.headers["x-pdserve-routing"]
+        events = [e for e in r.read().decode().split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
