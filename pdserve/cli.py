@@ -42,7 +42,7 @@ def _router(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"pdserve: {e}", file=sys.stderr)
         return 2
-    return router_main(cfg, args.port, args.parent_pid, args.metrics_port)
+    return router_main(cfg, args.port, args.parent_pid, args.metrics_port, args.http_port)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="listen port (default 0: a free one, printed in the ready line)")
     router.add_argument("--metrics-port", type=int,
                         help="Prometheus /metrics port (default: server.metrics_port; 0 picks a free one)")
+    router.add_argument("--http-port", type=int,
+                        help="OpenAI-compatible HTTP API port (default: server.http_port; 0 picks a free one)")
     router.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # set by the controller: exit with it
     router.set_defaults(func=_router)
     gen = sub.add_parser("generate", help="send one request to a router and stream the output")

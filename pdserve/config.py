@@ -81,6 +81,10 @@ class ServerConfig:
     port: int = 50051  # 0 picks a free port; router i of `routers` listens on port + i
     # Prometheus /metrics of each router (HTTP). 0 picks a free port per router; else router i uses metrics_port + i.
     metrics_port: int = 0
+    # The OpenAI-compatible HTTP API of each router (router/openai_api.py). None: off; 0 picks a free port per
+    # router; else router i uses http_port + i.
+    http_port: int | None = None
+    model_name: str | None = None  # the model's id in the HTTP API; None: the basename of engine.model
     # gRPC routers. 1: in the `pdserve serve` process. N >= 2: `pdserve serve` is the controller (Redis, Ray, the
     # pools) and supervises N router processes, each attached to the same Ray cluster and Redis.
     routers: int = 1
@@ -115,6 +119,10 @@ class ServerConfig:
             raise ValueError(f"metrics_port: {self.metrics_port} is not a TCP port (0 picks a free one)")
         if self.metrics_port and self.metrics_port + self.routers - 1 > 65535:
             raise ValueError(f"metrics_port: {self.routers} routers from port {self.metrics_port} go past 65535")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535 - (self.routers - 1 if self.http_port
+                                                                             else 0):
+            raise ValueError(f"http_port: {self.http_port} is not a TCP port for {self.routers} routers (0 picks a "
+                             "free one)")
         if self.routers < 1:
             raise ValueError(f"routers: {self.routers} must be >= 1")
         if self.port and self.port + self.routers - 1 > 65535:

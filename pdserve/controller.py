@@ -40,8 +40,9 @@ class RouterProcess:
     """One supervised router: its index, its ports (gRPC and metrics; known once it first came up, when
     server.port or server.metrics_port is 0) and its current process."""
 
-    def __init__(self, index: int, port: int, metrics_port: int = 0) -> None:
+    def __init__(self, index: int, port: int, metrics_port: int = 0, http_port: int | None = None) -> None:
         self.index, self.port, self.metrics_port = index, port, metrics_port
+        self.http_port = http_port  # None: the HTTP API is off
         self.proc: subprocess.Popen[str] | None = None
         self.ready: Future[ReadyLine] = Future()  # once the current process printed its ready line
         self.started_at = 0.0
@@ -55,6 +56,7 @@ class RouterSupervisor:
         self.cfg, self.router_args = cfg, router_args
         srv = cfg.server
         self.routers = [RouterProcess(i, srv.port + i if srv.port else 0, srv.metrics_port + i if srv.metrics_port
+                                      else 0, None if srv.http_port is None else srv.http_port + i if srv.http_port
                                       else 0) for i in range(srv.routers)]
         self.counters: Counter[str] = Counter()  # router_deaths, router_restarts, router_start_failures
         self.stopping = False
@@ -62,6 +64,8 @@ class RouterSupervisor:
     def _spawn(self, r: RouterProcess) -> None:
         argv = [sys.executable, "-m", "pdserve.cli", "router", *self.router_args, "--port", str(r.port),
                 "--metrics-port", str(r.metrics_port), "--parent-pid", str(os.getpid())]
+        if r.http_port is not None:
+            argv += ["--http-port", str(r.http_port)]
         # NOTE: stderr is inherited (the routers log into the controller's log); stdout is a pipe read for the
         # ready line. close_fds: the router must not hold the controller's sockets (Redis, Ray) open. This
         # process runs no gRPC server, so forking here is safe (see Cluster.start_infra).
@@ -81,6 +85,8 @@ class RouterSupervisor:
                 # NOTE: a restart comes back on these same ports
                 r.port = int(parsed.targets[0].rsplit(":", 1)[1])
                 r.metrics_port = int(parsed.metrics_urls[0].rsplit(":", 1)[1].split("/", 1)[0])
+                if parsed.http_urls:
+                    r.http_port = int(parsed.http_urls[0].rsplit(":", 1)[1])
                 log.info("router %d pid %d port %d metrics port %d", r.index, proc.pid, r.port, r.metrics_port)
                 ready.set_result(parsed)
             else:

@@ -26,6 +26,7 @@ from metastore import MetadataStore
 from metastore.admin import AdminChannel
 from pdserve.cluster import STORE_TIMEOUT_S
 from pdserve.config import ServerConfig, ServingConfig
+from pdserve.http_server import HttpServer
 from pdserve.metrics_server import MetricsServer
 from pdserve.ready_line import ReadyLine
 from pdserve.runtime import ClusterInfo
@@ -126,6 +127,26 @@ class RouterServer:
             self.admin.close()
 
 
+async def start_http(srv: ServerConfig, router: RouterService, port: int | None) -> HttpServer | None:
+    """The router's OpenAI-compatible HTTP API on `port` (0: a free one; None: off), on this event loop."""
+    if port is None:
+        return None
+    return await HttpServer.start(router, srv.host, port, srv.model_name, srv.drain_timeout_s)
+
+
+async def drain_all(server: RouterServer, http: HttpServer | None) -> None:
+    """Both fronts refuse new requests at once and give the running ones up to server.drain_timeout_s."""
+    if http is None:
+        await server.drain()
+        return
+    http.drain()
+    await asyncio.gather(server.drain(), http.close())
+
+
+def ready_line(srv: ServerConfig, port: int, metrics: MetricsServer, http: HttpServer | None) -> ReadyLine:
+    return ReadyLine((f"{srv.host}:{port}",), (metrics.url,), (http.url,) if http else ())
+
+
 def admin_service(redis_url: str, cfg: ServingConfig) -> AdminService:
     return AdminService(AdminChannel(redis_url, cfg.metastore.namespace))
 
@@ -147,10 +168,10 @@ async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
 
 
 async def serve_router(cfg: ServingConfig, cluster: ClusterInfo, port: int, parent_pid: int | None = None,
-                       metrics_port: int = 0) -> int:
+                       metrics_port: int = 0, http_port: int | None = None) -> int:
     """Serve as one more router of a running cluster until SIGINT/SIGTERM (or, with `parent_pid`, until that
     process is no longer this one's parent), then drain as `pdserve serve` does. Its Prometheus endpoint listens
-    on `metrics_port` (0: a free one)."""
+    on `metrics_port` (0: a free one), its HTTP API on `http_port` (None: off)."""
     import ray
 
     # NOTE: attach to Ray before any gRPC thread exists in this process (see pdserve/controller.py's Cluster).
@@ -168,13 +189,14 @@ async def serve_router(cfg: ServingConfig, cluster: ClusterInfo, port: int, pare
         router = await asyncio.to_thread(build_router, cfg, store, cluster.ray_namespace)
         server.attach(router)
         metrics = MetricsServer(router.metrics.registry, cfg.server.host, metrics_port)
+        http = await start_http(cfg.server, router, http_port)
         log.info("router pid %d serving on %s:%d, metrics on %s", os.getpid(), cfg.server.host, bound, metrics.url)
-        announce(ReadyLine((f"{cfg.server.host}:{bound}",), (metrics.url,)))
+        announce(ready_line(cfg.server, bound, metrics, http))
         watcher = asyncio.create_task(_watch_parent(parent_pid, stop)) if parent_pid else None
         await stop.wait()
         if watcher is not None:
             watcher.cancel()
-        await server.drain()
+        await drain_all(server, http)
         metrics.close()
         router.close()
     finally:
@@ -183,7 +205,7 @@ async def serve_router(cfg: ServingConfig, cluster: ClusterInfo, port: int, pare
 
 
 def main(cfg: ServingConfig, port: int | None = None, parent_pid: int | None = None,
-         metrics_port: int | None = None) -> int:
+         metrics_port: int | None = None, http_port: int | None = None) -> int:
     """`pdserve router`: 2 with one line on stderr when no cluster is found."""
     from pdserve.runtime import ClusterNotFoundError, find_cluster
 
@@ -197,4 +219,5 @@ def main(cfg: ServingConfig, port: int | None = None, parent_pid: int | None = N
         print(f"pdserve router: {e}", file=sys.stderr)
         return 2
     return asyncio.run(serve_router(cfg, cluster, cfg.server.port if port is None else port, parent_pid,
-                                    cfg.server.metrics_port if metrics_port is None else metrics_port))
+                                    cfg.server.metrics_port if metrics_port is None else metrics_port,
+                                    cfg.server.http_port if http_port is None else http_port))

@@ -18,7 +18,15 @@ from pdserve.config import ServingConfig
 from pdserve.controller import run_controller
 from pdserve.metrics_server import MetricsServer
 from pdserve.ready_line import ReadyLine
-from pdserve.router_process import RouterServer, admin_service, announce, build_router
+from pdserve.router_process import (
+    RouterServer,
+    admin_service,
+    announce,
+    build_router,
+    drain_all,
+    ready_line,
+    start_http,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,26 +60,30 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
     drain_s = 0.0  # until the pools are up and serving: an error on the way stops everything at once
     server = RouterServer(cfg.server, admin_service(cluster.redis_url, cfg))
     port = await server.start(cfg.server.port)  # health answers NOT_SERVING while the pools start
-    router = metrics = executor = None
+    router = metrics = executor = http = None
     try:
         await asyncio.to_thread(cluster.start_pools)
         executor = AdminExecutor(cluster, store, overrides).start()
         router = await asyncio.to_thread(build_router, cfg, store, cluster.ray_namespace)
         server.attach(router)
         metrics = MetricsServer(router.metrics.registry, cfg.server.host, cfg.server.metrics_port)
-        ready = ReadyLine((f"{cfg.server.host}:{port}",), (metrics.url,))
+        http = await start_http(cfg.server, router, cfg.server.http_port)
+        ready = ready_line(cfg.server, port, metrics, http)
         if on_ready is not None:
             on_ready(ready)
         else:
             announce(ready)
         await stop.wait()
-        await server.drain()
+        await drain_all(server, http)
+        http = None
         drain_s = cfg.server.drain_timeout_s
     finally:
         if executor is not None:
             await asyncio.to_thread(executor.stop)
         if watchdog is not None:
             watchdog.cancel()  # NOTE: before the cluster stops Redis on purpose
+        if http is not None:  # NOTE: an error before the drain
+            await http.close()
         if metrics is not None:
             metrics.close()
         if router is not None:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from metastore import InstanceInfo, InstanceStatsRecord
+import api.v1.pdserve_pb2 as pb
+from metastore import InstanceInfo, InstanceStatsRecord, Load
 from router.cluster_view import ClusterView
 from router.health import InstanceHealth
 
@@ -103,3 +104,17 @@ class InstanceCollector(Collector):
             for event, n in sorted(dict(counters).items()):
                 ev.add_metric([component, event], n)
         yield ev
+
+
+def loads_response(view: ClusterView, health: InstanceHealth) -> pb.GetLoadsResponse:
+    """GetLoads' answer: every live instance's load and state, and the active policy."""
+    state = view.state  # NOTE: as placement sees it (refreshed every view.refresh_s)
+    rows = []
+    for row in instance_rows(view, health):
+        i, st, load = row.info, row.stats, state.loads.get(row.info.instance_id, Load())
+        rows.append(pb.InstanceLoad(
+            instance_id=i.instance_id, role=i.role, waiting=load.waiting, running=load.running,
+            kv_usage=load.kv_usage, tensor_parallel_size=i.tp_size, host=i.host, pid=i.pid, state=row.state,
+            prefix_cache_hit_rate=st.prefix_cache_hit_rate, restarts=row.restarts,
+            kv_blocks_used=st.kv_blocks_used, kv_blocks_total=st.kv_blocks_total))
+    return pb.GetLoadsResponse(instances=rows, policy=state.policy.to_redis())

@@ -1,5 +1,6 @@
-"""From the wire to typed values: a GenerateRequest becomes validated prompt ids and SamplingParams, and a
-worker's error becomes a gRPC status. Pure functions, no Ray, no I/O: the service calls them per request."""
+"""From the wire to typed values: a prompt (or a GenerateRequest's) becomes validated prompt ids, the request's
+sampling fields SamplingParams, and a worker's error becomes a gRPC status.
+Pure functions, no Ray, no I/O: the service calls them per request."""
 
 from __future__ import annotations
 
@@ -20,20 +21,25 @@ _OPTIONAL_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "igno
 
 def prompt_tokens(request: pb.GenerateRequest, tokenizer: Tokenizer | None, info: ModelInfo,
                   max_prompt_bytes: int = 1 << 20) -> list[int]:
+    """A GenerateRequest's prompt as validated token ids (prompt_ids)."""
+    kind = request.WhichOneof("prompt")
+    if kind is None:
+        raise ValueError("the request has neither text nor token_ids")
+    return prompt_ids(request.text if kind == "text" else list(request.token_ids.ids), tokenizer, info,
+                      max_prompt_bytes)
+
+
+def prompt_ids(prompt: str | list[int], tokenizer: Tokenizer | None, info: ModelInfo,
+               max_prompt_bytes: int = 1 << 20) -> list[int]:
     """The prompt's token ids, validated as the engine validates them (ValueError: INVALID_ARGUMENT). A text
     prompt over `max_prompt_bytes` (UTF-8) is refused before it is tokenized. NOTE: CPU-bound for a long
     prompt: the service runs it off its event loop."""
-    kind = request.WhichOneof("prompt")
-    if kind == "text":
-        size = len(request.text.encode())
+    if isinstance(prompt, str):
+        size = len(prompt.encode())
         if size > max_prompt_bytes:
             raise ValueError(f"text prompt is {size} bytes; at most {max_prompt_bytes} are accepted "
                              "(server.max_prompt_bytes)")
-        tokens = encode_prompt(tokenizer, request.text)
-    elif kind == "token_ids":
-        tokens = encode_prompt(tokenizer, list(request.token_ids.ids))
-    else:
-        raise ValueError("the request has neither text nor token_ids")
+    tokens = encode_prompt(tokenizer, prompt)
     info.validate_prompt(tokens)
     return tokens
 

@@ -3,15 +3,17 @@
     router --prefill(request_id, prompt, SamplingParams)--> PrefillActor --> PrefillDone (instance/messages.py)
     router --generate(request_id, prompt, SamplingParams, KVHandle | None)--> DecodeActor --> StreamDelta, ...
 
-Error mapping: INVALID_ARGUMENT for bad parameters or a prompt too long; RESOURCE_EXHAUSTED when a decode
-instance has no room; UNAVAILABLE when no healthy instance is registered or an instance died; DEADLINE_EXCEEDED
-when the client's deadline passes (the request is aborted on the workers); a cancelled call aborts the request
-on the workers too, so its blocks are freed.
+The request flow is `generate` (typed in and out: router/generation.py); the gRPC `Generate` and the OpenAI HTTP
+front (router/openai_api.py) are thin adapters over it. Error mapping: INVALID_ARGUMENT for bad parameters or a
+prompt too long; RESOURCE_EXHAUSTED when a decode instance has no room; UNAVAILABLE when no healthy instance is
+registered or an instance died; DEADLINE_EXCEEDED when the client's deadline passes (the request is aborted on
+the workers); a cancelled call aborts the request on the workers too, so its blocks are freed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -30,17 +32,18 @@ from engine.block_hash import hash_blocks
 from engine.model_info import ModelInfo
 from engine.sampling_params import SamplingParams
 from instance.messages import StreamDelta
-from metastore import InstanceInfo, Load
+from metastore import InstanceInfo
 from router import recovery
 from router.cluster_view import ClusterState, ClusterView
+from router.generation import GenerateInput, Output, RequestError, final_output, routing_of
 from router.health import InstanceHealth
-from router.instance_metrics import InstanceCollector, instance_rows
+from router.instance_metrics import InstanceCollector, loads_response
 from router.metrics import RequestTimer, RouterMetrics
 from router.placed_load import PlacedLoad
 from router.placement import NoInstanceError, Placement, place
-from router.request import prompt_tokens, sampling_params, worker_error_status
+from router.request import prompt_ids, worker_error_status
 from router.shared_prefixes import SharedPrefixes
-from router.wire import refuse_undecodable
+from router.wire import Undecodable, generate_input, refuse_undecodable, to_response
 
 log = logging.getLogger(__name__)
 
@@ -158,46 +161,50 @@ class RouterService(pb_grpc.PDServeServicer):
             except Exception as e:  # the instance may be gone (its blocks went with it) or stalled
                 log.warning("abort of %s on %s failed: %r", request_id, iid, e)
 
-    # ---- RPCs ----------------------------------------------------------------------------------------------
-    async def Generate(self, request: pb.GenerateRequest,
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
-        """_generate, timed: TTFT, inter-token latency and end-to-end, and the request's final status code."""
+    # ---- the request flow both fronts share ------------------------------------------------------------------
+    def refused(self, code: grpc.StatusCode) -> None:
+        """Count a request a front refused before it reached `generate` (it did not parse)."""
+        self.metrics.requests.labels(code.name).inc()
+
+    async def generate(self, inp: GenerateInput) -> AsyncIterator[Output]:
+        """_generate, timed: TTFT, inter-token latency and end-to-end, and the request's final status code.
+        Raises RequestError; a consumer that stops iterating (client gone) aborts the request on the workers."""
         timer, status = RequestTimer(self.metrics), "CANCELLED"
         try:
-            async for response in self._generate(request, context):
-                timer.sent()
-                yield response
+            # NOTE: aclosing: a consumer that stops (GeneratorExit here) closes _generate now, whose finally
+            # releases the slot and aborts the request on the workers, rather than whenever it is collected
+            async with contextlib.aclosing(self._generate(inp)) as items:
+                async for out in items:
+                    timer.sent()
+                    yield out
             status = "OK"
             timer.finished()
+        except RequestError as e:
+            status = e.code.name
+            raise
         except BaseException as e:
-            code = context.code()  # set by context.abort
-            if isinstance(code, grpc.StatusCode):
-                status = code.name
-            elif not isinstance(e, asyncio.CancelledError | GeneratorExit):
+            if not isinstance(e, asyncio.CancelledError | GeneratorExit):
                 status = "UNKNOWN"  # NOTE: what gRPC answers for an exception a handler raises
             raise
         finally:  # NOTE: a cancelled call (client gone) keeps "CANCELLED"
             self.metrics.requests.labels(status).inc()
 
-    async def _generate(self, request: pb.GenerateRequest,
-                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
-        await refuse_undecodable(request, context)
-        rid = request.request_id or uuid.uuid4().hex
+    async def _generate(self, inp: GenerateInput) -> AsyncIterator[Output]:
+        rid = inp.request_id or uuid.uuid4().hex
         if len(self.inflight) >= self.max_inflight:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"admission refused: {len(self.inflight)} requests in flight (server.max_inflight)")
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"admission refused: {len(self.inflight)} requests in flight (server.max_inflight)")
         if rid in self.inflight:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request id {rid!r} is already in flight")
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"request id {rid!r} is already in flight")
         self.inflight[rid] = None  # NOTE: take the admission slot before any await, or a burst all gets in
         try:
-            params = sampling_params(request.sampling)
-            if request.WhichOneof("prompt") == "token_ids" and len(request.token_ids.ids) <= INLINE_PROMPT_TOKENS:
-                tokens, hashes = self._prepare(request)  # NOTE: ~0.1 ms: a thread hop would cost more
+            if isinstance(inp.prompt, list) and len(inp.prompt) <= INLINE_PROMPT_TOKENS:
+                tokens, hashes = self._prepare(inp.prompt)  # NOTE: ~0.1 ms: a thread hop would cost more
             else:  # NOTE: off the event loop: tokenizing or hashing a long prompt would stall every stream
-                tokens, hashes = await asyncio.to_thread(self._prepare, request)
+                tokens, hashes = await asyncio.to_thread(self._prepare, inp.prompt)
         except ValueError as e:
             self._release(rid)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         except BaseException:  # cancelled while tokenizing
             self._release(rid)
             raise
@@ -205,7 +212,7 @@ class RouterService(pb_grpc.PDServeServicer):
             placement = self.place(rid, tokens, hashes=hashes)  # NOTE: from memory, ~0.1 ms: on the loop
         except NoInstanceError as e:
             self._release(rid)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
         except BaseException:  # cancelled while placing: the placement thread records nothing after this
             self._release(rid)
             raise
@@ -214,25 +221,25 @@ class RouterService(pb_grpc.PDServeServicer):
             self._release(rid)
             yield self._final(rid, ABORTED, len(tokens), 0, placement)
             return
-        remaining = context.time_remaining()
         finished = False
         try:
-            async with asyncio.timeout(remaining):
-                async for response in self._run(rid, tokens, params, placement):
-                    finished = response.finished
-                    yield response
+            async with asyncio.timeout(inp.timeout_s):
+                async for out in self._run(rid, tokens, inp.params, placement):
+                    finished = out.finished
+                    yield out
         except TimeoutError:
             await self._abort_everywhere(rid, self.inflight.get(rid) or placement)
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded; the request was aborted")
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               "deadline exceeded; the request was aborted") from None
         except ray.exceptions.RayTaskError as e:
             cause = getattr(e, "cause", None)
             status = worker_error_status(cause)
             if status is not None:
-                await context.abort(*status)
+                raise RequestError(*status) from None
             log.exception("request %s failed", rid)
-            await context.abort(grpc.StatusCode.INTERNAL, f"worker error: {cause or e}")
+            raise RequestError(grpc.StatusCode.INTERNAL, f"worker error: {cause or e}") from None
         except (*recovery.LOST, recovery.StreamLostError, NoInstanceError) as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"instance unavailable: {e}")
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"instance unavailable: {e}") from None
         finally:
             # NOTE: where it runs now: a retried prefill or a moved stream re-placed it (recovery.py)
             latest = self.inflight.get(rid) or placement
@@ -241,21 +248,24 @@ class RouterService(pb_grpc.PDServeServicer):
                 await asyncio.shield(self._abort_everywhere(rid, latest))
 
     async def _run(self, rid: str, tokens: list[int], params: SamplingParams,
-                   placement: Placement) -> AsyncIterator[pb.GenerateResponse]:
+                   placement: Placement) -> AsyncIterator[Output]:
         kv_handle, placement, aborted = await recovery.prefill(self, rid, tokens, params, placement)
         if aborted:  # aborted on the prefill instance
             yield self._final(rid, ABORTED, len(tokens), 0, placement)
             return
         completion = 0
         async for delta, where, moves in recovery.stream(self, rid, tokens, params, placement, kv_handle):
-            if completion == 0:  # a local prefill: its first token is out
+            first = completion == 0
+            if first:  # a local prefill: its first token is out
                 self.prefill_finished(rid)
             completion += len(delta.token_ids)
             if delta.finished:
                 self._count_finished(len(tokens), completion, delta.cached_tokens, where, moves)
                 yield self._final(rid, delta, len(tokens), completion, where, moves)
                 return
-            yield pb.GenerateResponse(request_id=rid, token_ids=delta.token_ids, text=delta.text)
+            # NOTE: the first item carries where it runs (the HTTP front's routing header goes out before the body)
+            routing = routing_of(where, where.cached_tokens, 0, moves) if first else None
+            yield Output(rid, delta.token_ids, delta.text, routing=routing)
 
     def _count_finished(self, prompt: int, completion: int, cached: int, placement: Placement, moves: int) -> None:
         m = self.metrics
@@ -265,8 +275,8 @@ class RouterService(pb_grpc.PDServeServicer):
         route = "migrated" if moves else "remote_prefill" if placement.disaggregated else "local_prefill"
         m.requests_by_route.labels(route).inc()
 
-    def _prepare(self, request: pb.GenerateRequest) -> tuple[list[int], list[int]]:
-        tokens = prompt_tokens(request, self.tokenizer, self.info, self.max_prompt_bytes)
+    def _prepare(self, prompt: str | list[int]) -> tuple[list[int], list[int]]:
+        tokens = prompt_ids(prompt, self.tokenizer, self.info, self.max_prompt_bytes)
         return tokens, self.hash_prompt(tokens)
 
     def _release(self, rid: str) -> None:
@@ -275,20 +285,25 @@ class RouterService(pb_grpc.PDServeServicer):
         with self._place_lock:
             self.load.finished(rid, self.inflight.pop(rid, None))
 
-    @staticmethod
-    def _final(rid: str, last: StreamDelta, prompt_tokens: int, completion: int, placement: Placement,
-               migrations: int = 0) -> pb.GenerateResponse:
-        """The request's last message: its last tokens, usage, and where and why it ran."""
-        return pb.GenerateResponse(
-            request_id=rid, token_ids=last.token_ids, text=last.text, finished=True,
-            finish_reason=last.finish_reason or "",
-            usage=pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion),
-            # cached_tokens: what the decode instance really reused (the index the placement read may lag)
-            routing=pb.Routing(prefill_instance=placement.prefill_instance or "",
-                               decode_instance=placement.decode_instance,
-                               disaggregated=placement.disaggregated, cached_tokens=last.cached_tokens,
-                               transferred_blocks=last.transferred_blocks, reason=placement.reason,
-                               migrations=migrations))
+    _final = staticmethod(final_output)
+
+    # ---- RPCs ----------------------------------------------------------------------------------------------
+    async def Generate(self, request: pb.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        """The gRPC front of `generate`: its errors abort the call with their status."""
+        if isinstance(request, Undecodable):
+            self.refused(grpc.StatusCode.INVALID_ARGUMENT)
+            await refuse_undecodable(request, context)
+        try:
+            inp = generate_input(request, context.time_remaining())
+        except RequestError as e:
+            self.refused(e.code)
+            await context.abort(e.code, e.message)
+        try:
+            async for out in self.generate(inp):
+                yield to_response(out)
+        except RequestError as e:
+            await context.abort(e.code, e.message)
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         await refuse_undecodable(request, context)
@@ -310,13 +325,5 @@ class RouterService(pb_grpc.PDServeServicer):
     async def GetLoads(self, request: pb.GetLoadsRequest,
                        context: grpc.aio.ServicerContext) -> pb.GetLoadsResponse:
         await refuse_undecodable(request, context)
-        state = self.view.state  # NOTE: as placement sees it (refreshed every view.refresh_s)
-        rows = []
-        for row in instance_rows(self.view, self.health):
-            i, st, load = row.info, row.stats, state.loads.get(row.info.instance_id, Load())
-            rows.append(pb.InstanceLoad(
-                instance_id=i.instance_id, role=i.role, waiting=load.waiting, running=load.running,
-                kv_usage=load.kv_usage, tensor_parallel_size=i.tp_size, host=i.host, pid=i.pid, state=row.state,
-                prefix_cache_hit_rate=st.prefix_cache_hit_rate, restarts=row.restarts,
-                kv_blocks_used=st.kv_blocks_used, kv_blocks_total=st.kv_blocks_total))
-        return pb.GetLoadsResponse(instances=rows, policy=state.policy.to_redis())
+        return loads_response(self.view, self.health)
+

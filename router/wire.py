@@ -19,6 +19,8 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 import api.v1.pdserve_pb2 as pb
+from router.generation import GenerateInput, Output, RequestError
+from router.request import sampling_params
 
 log = logging.getLogger(__name__)
 
@@ -104,3 +106,32 @@ def add_admin_to_server(servicer: Any, server: grpc.aio.Server) -> None:
             response_serializer=pb.AdminResponse.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(ADMIN_SERVICE, handlers),))
     server.add_registered_method_handlers(ADMIN_SERVICE, handlers)
+
+
+def generate_input(request: pb.GenerateRequest, time_remaining: float | None) -> GenerateInput:
+    """A GenerateRequest as the typed input of RouterService.generate (RequestError: INVALID_ARGUMENT)."""
+    kind = request.WhichOneof("prompt")
+    if kind is None:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the request has neither text nor token_ids")
+    try:
+        params = sampling_params(request.sampling)
+    except ValueError as e:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+    prompt = request.text if kind == "text" else list(request.token_ids.ids)
+    return GenerateInput(prompt, params, request.request_id, time_remaining)
+
+
+def to_response(out: Output) -> pb.GenerateResponse:
+    """One stream item as a GenerateResponse: the final one with usage and routing."""
+    if not out.finished:
+        return pb.GenerateResponse(request_id=out.request_id, token_ids=out.token_ids, text=out.text)
+    r = out.routing
+    assert r is not None  # the final item always says where it ran
+    return pb.GenerateResponse(
+        request_id=out.request_id, token_ids=out.token_ids, text=out.text, finished=True,
+        finish_reason=out.finish_reason, usage=pb.Usage(prompt_tokens=out.prompt_tokens,
+                                                        completion_tokens=out.completion_tokens),
+        routing=pb.Routing(prefill_instance=r.prefill_instance, decode_instance=r.decode_instance,
+                           disaggregated=r.disaggregated, cached_tokens=r.cached_tokens,
+                           transferred_blocks=r.transferred_blocks, reason=r.reason, migrations=r.migrations))
+

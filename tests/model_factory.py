@@ -18,7 +18,8 @@
   (false), ``sliding_window`` (null), ``max_window_layers``, ``layer_types`` (all ``full_attention``).
   mistral: ``sliding_window`` (null -> full attention), no bias anywhere.
 * ``model.safetensors`` (float32; ``lm_head.weight`` is absent when ``tie_word_embeddings`` is true).
-* ``generation_config.json``, ``tokenizer.json`` and a minimal ``tokenizer_config.json``.
+* ``generation_config.json``, ``tokenizer.json`` and a minimal ``tokenizer_config.json`` (with a small chat
+  template, ``CHAT_TEMPLATE``).
 
 Weights are re-initialised with a large std so greedy logits have clear top-1/top-2 gaps, biases
 (qwen2 q/k/v) are random non-zero and RMSNorm weights are ``1 + 0.1 * randn`` so every path matters.
@@ -80,6 +81,16 @@ near the forest. Whenever she went out, the little girl wore a red riding cloak,
 village called her Little Red Riding Hood. Hello, world! How are you today? I am fine, thank you, and
 you? Numbers like 0 1 2 3 4 5 6 7 8 9 10 42 100 and 2024 appear in text too, as do symbols: + - * / = ( ).
 """
+
+
+# A small chat template (Jinja, as in a real tokenizer_config.json), for the OpenAI chat endpoint's tests.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] not in ('system', 'user', 'assistant') %}"
+    "{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] | trim }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 
 def build_tokenizer(vocab_size: int = VOCAB_SIZE) -> Tokenizer:
@@ -178,7 +189,7 @@ def make_tiny_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     build_tokenizer(config.vocab_size).save(str(out_dir / "tokenizer.json"))
-    tok_cfg = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    tok_cfg = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "chat_template": CHAT_TEMPLATE}
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
     return out_dir
 

@@ -38,16 +38,23 @@ class Server:
         self.config: pathlib.Path | None = None  # the serving YAML it runs (`pdserve router --config` reads it)
         self.env: dict[str, str] = {}  # the environment it runs in (its cluster file's directory)
         self.metrics_urls: list[str] = []  # router i's Prometheus endpoint (the ready line's)
+        self.http_urls: list[str] = []  # router i's OpenAI-compatible HTTP API (with server.http_port set)
 
     @property
     def metrics_url(self) -> str:
         """The Prometheus endpoint of the router this object talks to."""
         return self.metrics_urls[self.targets.index(self.target)]
 
+    @property
+    def http_url(self) -> str:
+        """The HTTP API base URL (http://HOST:PORT) of the router this object talks to."""
+        return self.http_urls[self.targets.index(self.target)]
+
     def router(self, i: int) -> Server:
         """The same cluster through its router `i` (a new channel; close it after)."""
         other = Server(self.proc, self.targets[i], self.store, self.log, self.targets)
         other.config, other.env, other.metrics_urls = self.config, self.env, self.metrics_urls
+        other.http_urls = self.http_urls
         return other
 
     def generate(self, tokens: list[int], max_tokens: int = 12, timeout: float = 60,
@@ -125,7 +132,7 @@ def serve(tmp: pathlib.Path, model: pathlib.Path, edits: dict[str, Any] | None =
             ready = ReadyLine.parse(line)
             targets = list(ready.targets)
             server = Server(proc, targets[0], MetadataStore(redis.url, registry_lease_s=2), log, targets)
-            server.metrics_urls = list(ready.metrics_urls)
+            server.metrics_urls, server.http_urls = list(ready.metrics_urls), list(ready.http_urls)
             server.config, server.env = tmp / "serving.yaml", env
             yield server
             server.channel.close()

@@ -43,3 +43,14 @@ def test_ready_line_round_trips_and_refuses_other_lines() -> None:
     assert ReadyLine.parse(two.format()) == two
     with pytest.raises(ValueError):
         ReadyLine.parse("pdserve: serving on 127.0.0.1:5")
+
+
+def test_ready_line_carries_the_http_urls_after_the_metrics_urls() -> None:
+    line = "pdserve: serving on 127.0.0.1:5 metrics http://127.0.0.1:6/metrics http http://127.0.0.1:9"
+    ready = ReadyLine.parse(line)
+    assert ready.http_urls == ("http://127.0.0.1:9",) and ready.metrics_urls == ("http://127.0.0.1:6/metrics",)
+    assert ready.format() == line
+    two = ReadyLine.join([ready, ReadyLine(("h:7",), ("http://h:8/metrics",), ("http://h:10",))])
+    assert two.format().endswith(" http http://127.0.0.1:9,http://h:10") and ReadyLine.parse(two.format()) == two
+    with pytest.raises(ValueError):  # one HTTP URL per router, or none
+        ReadyLine(("a:1", "b:2"), ("m1", "m2"), ("http://a:3",))

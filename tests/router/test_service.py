@@ -23,6 +23,7 @@ from metastore.store import IndexSnapshot
 from router.cluster_view import ClusterView
 from router.placement import Placement
 from router.service import RouterService
+from router.wire import to_response
 
 INFO = ModelInfo(model="/m", vocab_size=512, max_model_len=256, block_size=16, hash_salt="s",
                  eos_token_ids=(2,), dtype="float32")
@@ -132,7 +133,7 @@ def test_final_message_carries_the_placement_reason() -> None:
     placement = Placement("d0", "p0", cached_tokens=16, effective_prefill_tokens=84, reason="remote: because")
     last = StreamDelta(token_ids=[7], text="x", finished=True, finish_reason="length", cached_tokens=32,
                        transferred_blocks=5)
-    msg = RouterService._final("r1", last, prompt_tokens=100, completion=3, placement=placement)
+    msg = to_response(RouterService._final("r1", last, prompt_tokens=100, completion=3, placement=placement))
     assert msg.finished and msg.finish_reason == "length" and list(msg.token_ids) == [7]
     assert (msg.usage.prompt_tokens, msg.usage.completion_tokens) == (100, 3)
     r = msg.routing

@@ -1,0 +1,76 @@
+"""The typed values of one generation request, whichever front it came through: the gRPC service (service.py,
+wire.py) and the OpenAI-compatible HTTP front (openai_api.py) both build a `GenerateInput`, run it through
+`RouterService.generate` (admission, tokens and hashes, placement, run, release, metrics) and turn the `Output`
+items it yields, or the `RequestError` it raises, into their own wire format.
+
+NOTE: the error's kind is a grpc.StatusCode, the vocabulary the router already speaks; the HTTP front maps it
+to an HTTP status (openai_errors.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+from engine.sampling_params import SamplingParams
+from instance.messages import StreamDelta
+from router.placement import Placement
+
+
+@dataclass(frozen=True)
+class GenerateInput:
+    prompt: str | list[int]  # text (tokenized with the model's special tokens) or token ids as they are
+    params: SamplingParams
+    request_id: str = ""  # "": the router picks one
+    timeout_s: float | None = None  # the client's deadline from now; None: none
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Where and why a request ran."""
+
+    decode_instance: str
+    prefill_instance: str  # "": prefilled on the decode instance
+    disaggregated: bool
+    cached_tokens: int  # on the final item: what the decode instance reused; before: placement's estimate
+    transferred_blocks: int
+    reason: str
+    migrations: int = 0
+
+
+@dataclass(frozen=True)
+class Output:
+    """One item of a request's stream. The first item and the final one carry `routing`; the final one has
+    `finished` set, its finish reason and the usage."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finished: bool = False
+    finish_reason: str = ""  # "stop" | "length" | "abort" on the final item
+    prompt_tokens: int = 0  # on the final item
+    completion_tokens: int = 0  # on the final item
+    routing: Routing | None = None
+
+
+class RequestError(Exception):
+    """A request refused or failed, with the status a client sees (gRPC's code; HTTP maps it)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def routing_of(placement: Placement, cached: int, transferred: int, migrations: int) -> Routing:
+    return Routing(placement.decode_instance, placement.prefill_instance or "", placement.disaggregated, cached,
+                   transferred, placement.reason, migrations)
+
+
+def final_output(rid: str, last: StreamDelta, prompt_tokens: int, completion: int, placement: Placement,
+                 migrations: int = 0) -> Output:
+    """A request's last item: its last tokens, usage, and where and why it ran. cached_tokens: what the decode
+    instance really reused (the index the placement read may lag)."""
+    return Output(rid, last.token_ids, last.text, finished=True, finish_reason=last.finish_reason or "",
+                  prompt_tokens=prompt_tokens, completion_tokens=completion,
+                  routing=routing_of(placement, last.cached_tokens, last.transferred_blocks, migrations))
