@@ -14,26 +14,21 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import grpc
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from api.v1 import pdserve_pb2 as pb  # noqa: E402
 from api.v1 import pdserve_pb2_grpc as pb_grpc  # noqa: E402
-from pdserve.dummy_model import write_dummy_model  # noqa: E402
-from pdserve.ready_line import ReadyLine  # noqa: E402
+from bench.small_cluster import small_cluster  # noqa: E402
 from pdserve.status import render  # noqa: E402
 
 
@@ -84,41 +79,20 @@ def phase(stub: pb_grpc.PDServeStub, streams: int, max_tokens: int, seed: int) -
 
 
 def measure(rounds: int, streams: int, max_tokens: int) -> dict[str, object]:
-    with tempfile.TemporaryDirectory() as tmp:
-        model = write_dummy_model(tmp, "small")
-        cfg = yaml.safe_load((ROOT / "deploy/ray/serving-tiny-cpu.yaml").read_text())
-        cfg["engine"].update(model=str(model), load_format="dummy", max_num_seqs=streams)
-        (Path(tmp) / "serving.yaml").write_text(yaml.safe_dump(cfg))
-        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "RAY_AUTH_MODE": "disabled"}
-        with open(Path(tmp) / "serve.log", "w") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "serve", "--config",
-                                     str(Path(tmp) / "serving.yaml"), "--port", "0"], stdout=subprocess.PIPE,
-                                    stderr=log, text=True, env=env, cwd=ROOT)
-        try:
-            line = proc.stdout.readline() if proc.stdout else ""
-            if not line.startswith("pdserve: serving on "):
-                raise RuntimeError(f"pdserve serve did not start: {(Path(tmp) / 'serve.log').read_text()[-2000:]}")
-            ready = ReadyLine.parse(line)
-            with grpc.insecure_channel(ready.targets[0]) as channel:
-                stub = pb_grpc.PDServeStub(channel)
-                phase(stub, 4, 8, seed=999)  # warm-up (compiles, fills nothing that matters): not reported
-                off: list[float] = []
-                on: list[float] = []
-                scrapes, scrape_s = 0, 0.0
-                for r in range(rounds):
-                    off.append(phase(stub, streams, max_tokens, seed=2 * r))
-                    observer = Observer(stub, ready.metrics_urls[0])
-                    on.append(phase(stub, streams, max_tokens, seed=2 * r + 1))
-                    observer.stop()
-                    scrapes, scrape_s = scrapes + observer.scrapes, scrape_s + observer.scrape_s
-                    print(f"round {r}: {off[-1]:.1f} tok/s without, {on[-1]:.1f} tok/s with observation",
-                          file=sys.stderr, flush=True)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    with small_cluster(max_num_seqs=streams) as (ready, _), grpc.insecure_channel(ready.targets[0]) as channel:
+        stub = pb_grpc.PDServeStub(channel)
+        phase(stub, 4, 8, seed=999)  # warm-up (compiles, fills nothing that matters): not reported
+        off: list[float] = []
+        on: list[float] = []
+        scrapes, scrape_s = 0, 0.0
+        for r in range(rounds):
+            off.append(phase(stub, streams, max_tokens, seed=2 * r))
+            observer = Observer(stub, ready.metrics_urls[0])
+            on.append(phase(stub, streams, max_tokens, seed=2 * r + 1))
+            observer.stop()
+            scrapes, scrape_s = scrapes + observer.scrapes, scrape_s + observer.scrape_s
+            print(f"round {r}: {off[-1]:.1f} tok/s without, {on[-1]:.1f} tok/s with observation",
+                  file=sys.stderr, flush=True)
     return {"rounds": rounds, "streams": streams, "max_tokens": max_tokens, "tokens_per_s_off": off,
             "tokens_per_s_on": on, "ratio_on_to_off": statistics.mean(on) / statistics.mean(off),
             "pair_ratios": [b / a for a, b in zip(off, on, strict=True)],

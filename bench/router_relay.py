@@ -13,23 +13,19 @@ router, limits the absolute rate.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import grpc
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from api.v1 import pdserve_pb2 as pb  # noqa: E402
 from api.v1 import pdserve_pb2_grpc as pb_grpc  # noqa: E402
-from pdserve.dummy_model import write_dummy_model  # noqa: E402
-from pdserve.ready_line import ReadyLine  # noqa: E402
+from bench.small_cluster import small_cluster  # noqa: E402
 
 
 def cpu_seconds(pid: int) -> float:
@@ -38,30 +34,9 @@ def cpu_seconds(pid: int) -> float:
 
 
 def measure_relay(streams: int = 32, max_tokens: int = 256) -> dict[str, float]:
-    with tempfile.TemporaryDirectory() as tmp:
-        model = write_dummy_model(tmp, "small")
-        cfg = yaml.safe_load((ROOT / "deploy/ray/serving-tiny-cpu.yaml").read_text())
-        cfg["engine"].update(model=str(model), load_format="dummy", max_num_seqs=streams)
-        cfg["pools"] = {"prefill": {"replicas": 0}, "decode": {"replicas": 1}}
-        cfg["server"].update(max_inflight=streams * 2)
-        (Path(tmp) / "serving.yaml").write_text(yaml.safe_dump(cfg))
-        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "RAY_AUTH_MODE": "disabled"}
-        with open(Path(tmp) / "serve.log", "w") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "serve", "--config",
-                                     str(Path(tmp) / "serving.yaml"), "--port", "0"], stdout=subprocess.PIPE,
-                                    stderr=log, text=True, env=env, cwd=ROOT)
-        try:
-            line = proc.stdout.readline() if proc.stdout else ""
-            if not line.startswith("pdserve: serving on "):
-                raise RuntimeError(f"pdserve serve did not start: {(Path(tmp) / 'serve.log').read_text()[-2000:]}")
-            target = ReadyLine.parse(line).targets[0]
-            return _relay(target, proc.pid, streams, max_tokens)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    pools = {"prefill": {"replicas": 0}, "decode": {"replicas": 1}}
+    with small_cluster(streams, pools, {"max_inflight": streams * 2}) as (ready, pid):
+        return _relay(ready.targets[0], pid, streams, max_tokens)
 
 
 def _relay(target: str, router_pid: int, streams: int, max_tokens: int) -> dict[str, float]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 from typing import Any
 
 from engine import envs
@@ -117,6 +118,29 @@ class Cluster:
 
 
 REDIS_CHECK_S = 0.5
+
+
+def start_infra(cfg: ServingConfig) -> tuple[Cluster, MetadataStore]:
+    """Redis and Ray for `pdserve serve`, in-process router or controller alike; nothing is left running if
+    either fails to start."""
+    cluster = Cluster(cfg)
+    try:
+        return cluster, cluster.start_infra()
+    except BaseException:
+        cluster.stop()
+        raise
+
+
+def stop_on_signals(stop: asyncio.Event | None) -> asyncio.Event:
+    """`stop` when the caller owns shutdown, else a new event that SIGINT and SIGTERM set. NOTE: call it after
+    ray.init, which installs its own SIGTERM handler in the main thread (it would exit at once)."""
+    if stop is not None:
+        return stop
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
 
 
 async def supervise_redis(server: RedisServer) -> None:

@@ -23,7 +23,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from pdserve.admin_executor import AdminExecutor
-from pdserve.cluster import Cluster, supervise_redis
+from pdserve.cluster import start_infra, stop_on_signals, supervise_redis
 from pdserve.config import ServingConfig
 from pdserve.ready_line import READY_PREFIX, ReadyLine
 
@@ -154,17 +154,8 @@ async def run_controller(cfg: ServingConfig, router_args: list[str], stop: async
     commands they post (pdserve/admin_executor.py)."""
     from pdserve.router_process import announce
 
-    cluster = Cluster(cfg)
-    try:
-        store = cluster.start_infra()
-    except BaseException:
-        cluster.stop()
-        raise
-    if stop is None:
-        stop = asyncio.Event()  # NOTE: after ray.init, which installs its own SIGTERM handler in the main thread
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+    cluster, store = start_infra(cfg)
+    stop = stop_on_signals(stop)
     watchdog = asyncio.create_task(supervise_redis(cluster.redis)) if cluster.redis is not None else None
     routers = RouterSupervisor(cfg, router_args)
     supervisor: asyncio.Task[None] | None = None

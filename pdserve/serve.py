@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from pdserve.admin_executor import AdminExecutor
-from pdserve.cluster import Cluster, supervise_redis
+from pdserve.cluster import start_infra, stop_on_signals, supervise_redis
 from pdserve.config import ServingConfig
 from pdserve.controller import run_controller
 from pdserve.metrics_server import MetricsServer
@@ -44,18 +43,8 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
         if router_args is None:
             raise ValueError("server.routers > 1 needs the configuration file the router processes read")
         return await run_controller(cfg, router_args, stop, on_ready, overrides)
-    cluster = Cluster(cfg)
-    try:
-        store = cluster.start_infra()
-    except BaseException:
-        cluster.stop()
-        raise
-    if stop is None:
-        # NOTE: after ray.init, which installs its own SIGTERM handler in the main thread (it would exit at once).
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+    cluster, store = start_infra(cfg)
+    stop = stop_on_signals(stop)
     watchdog = asyncio.create_task(supervise_redis(cluster.redis)) if cluster.redis is not None else None
     drain_s = 0.0  # until the pools are up and serving: an error on the way stops everything at once
     server = RouterServer(cfg.server, admin_service(cluster.redis_url, cfg))
