@@ -96,6 +96,18 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
 
 
+def _profile(args: argparse.Namespace) -> int:
+    from pdserve.plan_cli import profile_main
+
+    return profile_main(args)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from pdserve.plan_cli import plan_main
+
+    return plan_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,6 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="load-test a router: Poisson or trace replay; TTFT, TPOT, goodput")
     add_arguments(bench)
     bench.set_defaults(func=_bench)
+    from pdserve.plan_cli import add_plan_arguments, add_profile_arguments
+
+    profile = sub.add_parser("profile", help="measure an engine's step and KV transfer times; write a profile")
+    add_profile_arguments(profile)
+    profile.set_defaults(func=_profile)
+    plan = sub.add_parser("plan", help="rank the P/D splits of N GPUs by predicted goodput under SLOs")
+    add_plan_arguments(plan)
+    plan.set_defaults(func=_plan)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return int(args.func(args))
