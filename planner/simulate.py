@@ -84,12 +84,12 @@ class RequestResult:
 class SimResult:
     split: Split
     results: list[RequestResult]
-    duration_s: float  # first arrival to last arrival
+    elapsed_s: float  # first arrival to last completion (as `pdserve bench` counts a run)
 
     def goodput(self, slo_ttft_s: float, slo_tpot_s: float) -> float:
         """Requests per second that met both SLOs."""
         good = sum(r.ttft_s <= slo_ttft_s and r.tpot_s <= slo_tpot_s for r in self.results)
-        return good / max(self.duration_s, 1e-9)
+        return good / max(self.elapsed_s, 1e-9)
 
     def attainment(self, slo_ttft_s: float, slo_tpot_s: float) -> float:
         good = sum(r.ttft_s <= slo_ttft_s and r.tpot_s <= slo_tpot_s for r in self.results)
@@ -180,5 +180,5 @@ def simulate(profile: EngineProfile, split: Split, arrivals: list[Arrival]) -> S
         assert r.first_token_s is not None and r.finish_s is not None
         tpot = (r.finish_s - r.first_token_s) / (r.arrival.output_tokens - 1) if r.arrival.output_tokens > 1 else 0.0
         out.append(RequestResult(r.first_token_s - r.arrival.time_s, tpot))
-    span = arrivals[-1].time_s - arrivals[0].time_s if len(arrivals) > 1 else 1.0
-    return SimResult(split, out, span)
+    last = max(r.finish_s for r in reqs if r.finish_s is not None)
+    return SimResult(split, out, last - arrivals[0].time_s)
