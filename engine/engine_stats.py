@@ -41,3 +41,6 @@ class EngineCounters:
     steps: int
     step_s: float
     kv_load_fallbacks: int  # KV loads that failed, each request then prefilled locally
+    requests_finished: int = 0  # requests that left the engine (done or aborted)
+    prompt_tokens_finished: int = 0  # their prompt tokens
+    output_tokens_finished: int = 0  # their generated tokens

@@ -26,6 +26,9 @@ class InstanceStatsRecord:
     kv_transfer_failures: int = 0  # pulls that failed, each then prefilled locally (decode; counter)
     kv_local_fallbacks: int = 0  # requests prefilled locally after a failed pull (decode; counter)
     kv_lease_expiries: int = 0  # held KV freed because no reader came within its lease (prefill; counter)
+    requests_finished: int = 0  # requests that left the engine, done or aborted (counter)
+    prompt_tokens_finished: int = 0  # their prompt tokens (counter)
+    output_tokens_finished: int = 0  # their generated tokens (counter)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -130,6 +130,32 @@ class ServerConfig:
 
 
 @dataclass
+class AdaptiveConfig:
+    """The adaptive P/D split (pdserve/adaptive_split.py): re-plan the split from the live workload and move
+    instances between the pools by role switches. Off unless `enabled`."""
+
+    enabled: bool = False
+    profile: str | None = None  # `pdserve profile` output for this engine (required when enabled)
+    slo_ttft_ms: float = 500.0
+    slo_tpot_ms: float = 50.0
+    interval_s: float = 10.0  # re-plan this often
+    window_s: float = 30.0  # from the workload of the last window_s seconds
+    min_requests: int = 20  # no re-plan from a window with fewer finished requests
+    patience: int = 2  # consecutive re-plans that must agree before a change
+    min_gain: float = 0.1  # a change must predict at least this much more goodput (0.1 = 10%)
+    cooldown_s: float = 30.0  # no further change for this long after one
+
+    def __post_init__(self) -> None:
+        if self.enabled and not self.profile:
+            raise ValueError("profile: the adaptive split needs a profile (pdserve profile --out FILE)")
+        for name in ("slo_ttft_ms", "slo_tpot_ms", "interval_s", "window_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: {getattr(self, name)} must be > 0")
+        if self.patience < 1 or self.min_requests < 1 or self.min_gain < 0 or self.cooldown_s < 0:
+            raise ValueError("patience and min_requests must be >= 1, min_gain and cooldown_s >= 0")
+
+
+@dataclass
 class ServingConfig:
     engine: EngineConfig  # every instance's engine, at tensor_parallel_size 1 (see pool_engine)
     pools: PoolsConfig = field(default_factory=PoolsConfig)
@@ -138,6 +164,7 @@ class ServingConfig:
     metastore: MetastoreConfig = field(default_factory=MetastoreConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
 
     def pool_engine(self, role: str) -> EngineConfig:
         """The engine configuration of every instance of pool `role` ("prefill" or "decode")."""
@@ -166,6 +193,7 @@ _ELSEWHERE: dict[type, dict[str, str]] = {
 }
 # Keys of earlier versions of this file: dotted key -> what replaced it.
 _RENAMED: dict[str, str] = {
+    "placement.adaptive": "the adaptive P/D split has its own section: adaptive.enabled (docs/configuration.md)",
     "metastore.lease_s": "renamed to metastore.registry_lease_s",
     "kv_transfer.lease_s": "renamed to kv_transfer.held_kv_lease_s",
     "scheduler": "its keys moved into the engine section (engine.max_num_seqs, engine.max_num_batched_tokens, ...)",

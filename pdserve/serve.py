@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from pdserve.adaptive_split import start_adaptive
 from pdserve.admin_executor import AdminExecutor
 from pdserve.cluster import start_infra, stop_on_signals, supervise_redis
 from pdserve.config import ServingConfig
@@ -49,10 +50,11 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
     drain_s = 0.0  # until the pools are up and serving: an error on the way stops everything at once
     server = RouterServer(cfg.server, admin_service(cluster.redis_url, cfg))
     port = await server.start(cfg.server.port)  # health answers NOT_SERVING while the pools start
-    router = metrics = executor = http = None
+    router = metrics = executor = http = adaptive = None
     try:
         await asyncio.to_thread(cluster.start_pools)
         executor = AdminExecutor(cluster, store, overrides).start()
+        adaptive = start_adaptive(cfg.adaptive, cluster.redis_url, cfg.metastore.namespace, store, cluster.roles)
         router = await asyncio.to_thread(build_router, cfg, store, cluster.ray_namespace)
         server.attach(router)
         metrics = MetricsServer(router.metrics.registry, cfg.server.host, cfg.server.metrics_port)
@@ -67,6 +69,8 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
         http = None
         drain_s = cfg.server.drain_timeout_s
     finally:
+        if adaptive is not None:
+            await asyncio.to_thread(adaptive.stop)  # NOTE: first: it may be waiting on the executor
         if executor is not None:
             await asyncio.to_thread(executor.stop)
         if watchdog is not None:
