@@ -1,4 +1,4 @@
-"""`pdserve` command line: serve, router, generate, status, scale, role, drain, apply, bench, demo."""
+"""`pdserve` command line: serve, router, generate, status, scale, role, drain, apply, key, bench, demo."""
 
 from __future__ import annotations
 
@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     from pdserve.admin_cli import add_arguments as add_admin_arguments
 
     add_admin_arguments(sub)
+    from pdserve.key_cli import add_arguments as add_key_arguments
+
+    add_key_arguments(sub)
     from pdserve.bench.cli import add_arguments
 
     bench = sub.add_parser("bench", help="load-test a router: Poisson or trace replay; TTFT, TPOT, goodput")
