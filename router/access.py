@@ -72,13 +72,12 @@ class AccessControl:
             raise RequestError(grpc.StatusCode.UNAUTHENTICATED, why)
         return key
 
-    @staticmethod
-    def grpc_authorization(context: grpc.aio.ServicerContext) -> str | None:
-        """The `authorization` metadata of a gRPC call."""
-        for k, v in context.invocation_metadata() or ():
-            if k == "authorization":
-                return v if isinstance(v, str) else None
-        return None
+    def authenticate_grpc(self, context: grpc.aio.ServicerContext) -> ApiKey | None:
+        """`authenticate` with a gRPC call's `authorization` metadata (not read when open)."""
+        if self.keys is None:
+            return None
+        value = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
+        return self.authenticate(value if isinstance(value, str) else None)
 
     async def admit(self, key: ApiKey | None, prompt_tokens: int) -> None:
         """Take one request and its prompt tokens from the key's buckets, or raise RequestError

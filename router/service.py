@@ -305,7 +305,7 @@ class RouterService(pb_grpc.PDServeServicer):
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         """The gRPC front of `generate`: its errors abort the call with their status."""
         try:
-            key = self.access.authenticate(self.access.grpc_authorization(context))
+            key = self.access.authenticate_grpc(context)
         except RequestError as e:
             self.refused(e.code)
             await context.abort(e.code, e.message)
@@ -323,12 +323,13 @@ class RouterService(pb_grpc.PDServeServicer):
             async for out in self.generate(inp):
                 yield to_response(out)
         except RequestError as e:
-            retry = () if e.retry_after_header is None else (("retry-after", e.retry_after_header),)
-            await context.abort(e.code, e.message, trailing_metadata=retry)
+            if e.retry_after_header is not None:  # a refusal that may pass later: when (the rate limits)
+                await context.abort(e.code, e.message, trailing_metadata=(("retry-after", e.retry_after_header),))
+            await context.abort(e.code, e.message)
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         try:
-            self.access.authenticate(self.access.grpc_authorization(context))
+            self.access.authenticate_grpc(context)
         except RequestError as e:
             await context.abort(e.code, e.message)
         await refuse_undecodable(request, context)
