@@ -97,7 +97,12 @@ class AccessControl:
         """Take the generated tokens from the key's token bucket, on a task of its own."""
         if key is None or self.limiter is None or not key.limits.tokens_per_minute or generated_tokens <= 0:
             return
-        task = asyncio.get_running_loop().create_task(self.limiter.charge(key, generated_tokens))
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # NOTE: a stream closed outside the loop (collected): nothing can await the charge
+            log.error("%d generated tokens of key %r not charged: no event loop", generated_tokens, key.name)
+            return
+        task = loop.create_task(self.limiter.charge(key, generated_tokens))
         self._charges.add(task)  # NOTE: a reference, or the task may be collected before it runs
         task.add_done_callback(self._charged)
 

@@ -42,9 +42,9 @@ class KeyRing:
         self.base = {k.name: k for k in base}
         self.store, self.refresh_s = store, refresh_s
         self.counters: Counter[str] = Counter()  # refreshes, store_fallbacks, malformed_entries
+        self._warn = RateLimitedWarning(log)
         self._by_hash = self._merge(RuntimeKeys({}, frozenset()))  # NOTE: replaced whole, never mutated
         self._runtime: RuntimeKeys | None = None
-        self._warn = RateLimitedWarning(log)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
