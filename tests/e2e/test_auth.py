@@ -133,6 +133,19 @@ def test_tls_on_both_fronts_of_both_routers(srv: Server, cert: tuple[pathlib.Pat
     with pytest.raises(openai.APIConnectionError):
         openai.OpenAI(base_url=srv.http_urls[0] + "/v1", api_key=SECRETS["free"], max_retries=0,
                       timeout=10).models.list()
+    # the CLI's clients: a key and the certificate to trust
+    gen = ["generate", "--target", srv.targets[1], "--prompt", PROMPT, "--max-tokens", "4", "--tls-ca", str(cert[0])]
+    done = pdserve(srv, *gen, "--api-key", SECRETS["free"])
+    assert done.returncode == 0 and "[length; 4 tokens;" in done.stdout, done.stderr
+    done = pdserve(srv, *gen)
+    assert done.returncode == 1 and "UNAUTHENTICATED: missing API key" in done.stderr
+    done = pdserve(srv, "status", "--target", srv.targets[0], "--tls-ca", str(cert[0]))
+    assert done.returncode == 0 and "decode-0" in done.stdout, done.stderr
+
+
+def pdserve(srv: Server, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pdserve.cli", *args], capture_output=True, text=True, env=srv.env,
+                          cwd=ROOT, timeout=60)
 
 
 def test_a_wrong_or_missing_key_is_refused_on_both_fronts(srv: Server,
@@ -155,8 +168,7 @@ def test_a_wrong_or_missing_key_is_refused_on_both_fronts(srv: Server,
 
 
 def key_cli(srv: Server, *args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "pdserve.cli", "key", *args, "--config", str(srv.config)],
-                          capture_output=True, text=True, env=srv.env, cwd=ROOT, timeout=60)
+    done = pdserve(srv, "key", *args, "--config", str(srv.config))
     assert done.returncode == 0, done.stderr
     return done.stdout
 
