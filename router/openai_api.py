@@ -7,7 +7,9 @@ the prefill and the decode stream, metrics): no extra hop.
 
 Streaming answers are server-sent events ending with `data: [DONE]`. Every generation answer carries the header
 `x-pdserve-routing` (where and why it ran; for a stream, as placed, since headers go out before the tokens).
-Errors are OpenAI's error JSON (openai_request.ApiError) with the HTTP status of the router's error kind.
+Errors are OpenAI's error JSON (openai_request.ApiError) with the HTTP status of the router's error kind; a rate
+limit's 429 carries Retry-After. With API keys on, every /v1 endpoint needs `Authorization: Bearer KEY` (401
+without; router/access.py), checked by a middleware that puts the caller's key on the request.
 A client that goes away mid-request cancels the handler (handler_cancellation), which aborts the request on the
 workers as a cancelled gRPC call does.
 """

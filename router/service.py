@@ -7,9 +7,9 @@ The request flow is `generate` (typed in and out: router/generation.py); the gRP
 front (router/openai_api.py) are thin adapters over it. Error mapping: INVALID_ARGUMENT for bad parameters or a
 prompt too long; UNAUTHENTICATED without a valid API key (auth on: router/access.py); RESOURCE_EXHAUSTED when a
 decode instance has no room or the key's rate limit is used up (with `retry-after` trailing metadata); UNAVAILABLE
-when no healthy instance is
-registered or an instance died; DEADLINE_EXCEEDED when the client's deadline passes (the request is aborted on
-the workers); a cancelled call aborts the request on the workers too, so its blocks are freed.
+when no healthy instance is registered or an instance died; DEADLINE_EXCEEDED when the client's deadline passes
+(the request is aborted on the workers); a cancelled call aborts the request on the workers too, so its blocks
+are freed.
 """
 
 from __future__ import annotations

@@ -162,9 +162,14 @@ def test_a_wrong_or_missing_key_is_refused_on_both_fronts(srv: Server,
             with pytest.raises(grpc.RpcError) as e:
                 generate(stub, secret)
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and why in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Abort(pb.AbortRequest(request_id="x"), timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        metadata = (("authorization", f"Bearer {SECRETS['free']}"),)
+        assert not stub.Abort(pb.AbortRequest(request_id="x"), timeout=10, metadata=metadata).found
     after = value(scrape(srv.metrics_urls[0]), "pdserve:requests_rejected", "pdserve:requests_rejected_total",
                   reason="unauthenticated", key="-")
-    assert after == before + 4
+    assert after == before + 5  # four Generate or HTTP calls and the Abort
 
 
 def key_cli(srv: Server, *args: str) -> str:
