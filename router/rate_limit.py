@@ -13,9 +13,11 @@ NOTE: the token bucket may go below zero (a request's size is known only at its 
 plus one request.
 
 Redis calls go through redis.asyncio, on the event loop without blocking it. When Redis cannot be reached
-(a call fails or takes over `timeout_s`), decisions are made by this router's own buckets, with the same rules,
-for `LOCAL_S` before Redis is tried again: every such decision is counted (`pdserve:ratelimit_store_fallbacks`)
-and logged at most once per 10 s. NOTE: never fail open; the cost is that each router then allows the full limit.
+(a call fails or takes over `timeout_s`), decisions are made by this router's own buckets, with the same rules:
+every such decision is counted (`pdserve:ratelimit_store_fallbacks`) and logged at most once per 10 s. Every
+`LOCAL_S` one request probes Redis again (the others meanwhile go on locally, so a hung Redis delays one request
+per probe, by at most `timeout_s`); the first answer ends the fallback. NOTE: never fail open; the cost is that
+each router then allows the full limit.
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ from router.wire import RateLimitedWarning
 
 log = logging.getLogger(__name__)
 
-LOCAL_S = 1.0  # after a Redis failure, decide locally this long before trying Redis again
+LOCAL_S = 1.0  # after a Redis failure, decide locally this long before one request tries Redis again
+# NOTE: generous: on a loaded host (measured: a 2-core machine at load average 20) a healthy Redis's answer took
+# over 0.25 s now and then, which must not count as an outage
+TIMEOUT_S = 1.0
 
 # KEYS: request bucket, token bucket. ARGV: requests_per_minute, tokens_per_minute (0: no bucket), mode ("a"
 # admit | "c" charge), tokens. Returns {1} admitted/charged, or {0, seconds to wait (a string), the limit}.
@@ -116,7 +121,7 @@ class RateLimiter:
     locally (the metric)."""
 
     def __init__(self, redis_url: str, namespace: str, on_fallback: Callable[[], None] | None = None,
-                 timeout_s: float = 0.25) -> None:
+                 timeout_s: float = TIMEOUT_S) -> None:
         # NOTE: no retries: a call that fails falls back at once rather than holding the request
         self.r = aredis.Redis.from_url(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                        retry=Retry(NoBackoff(), 0))
@@ -125,7 +130,8 @@ class RateLimiter:
         self.local = LocalBuckets()
         self.fallbacks = 0
         self.on_fallback = on_fallback
-        self._local_until = 0.0
+        self._local_until = 0.0  # while in the future: decide locally (Redis failed, or another request probes it)
+        self.timeout_s = timeout_s
         self._warn = RateLimitedWarning(log)
 
     async def admit(self, key: ApiKey, prompt_tokens: int) -> Refusal | None:
@@ -139,7 +145,10 @@ class RateLimiter:
             await self._decide(key, False, tokens)
 
     async def _decide(self, key: ApiKey, admit: bool, tokens: int) -> Refusal | None:
-        if time.monotonic() >= self._local_until:
+        now = time.monotonic()
+        if now >= self._local_until:
+            if self._local_until:  # in fallback: this request probes; the others stay local until it is answered
+                self._local_until = now + self.timeout_s + LOCAL_S
             lim = key.limits
             keys = [f"{self.ns}:rl:{key.name}:req", f"{self.ns}:rl:{key.name}:tok"]
             try:
@@ -150,6 +159,9 @@ class RateLimiter:
                 self._warn.warn(f"rate limits: metadata store unreachable ({e!r}); enforcing this router's own "
                                 f"buckets (each router allows the full limit) until it answers")
             else:
+                if self._local_until:
+                    log.warning("rate limits: metadata store reachable again; deciding in Redis")
+                    self._local_until = 0.0
                 if answer[0]:
                     return None
                 return Refusal(answer[2].decode(), float(answer[1]))

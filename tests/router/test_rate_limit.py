@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from metastore import RedisServer
 from metastore.api_keys import ApiKey, KeyLimits, hash_key
-from router.rate_limit import LocalBuckets, RateLimiter
+from router.rate_limit import LOCAL_S, LocalBuckets, RateLimiter
 
 
 @pytest.fixture
@@ -66,27 +67,57 @@ def test_requests_per_minute(redis_url: str) -> None:
     asyncio.run(run())
 
 
-def test_redis_killed_falls_back_to_local_buckets_counted() -> None:
-    async def run(url: str, server_pid: int) -> None:
+def test_redis_killed_falls_back_to_local_buckets_counted_and_comes_back() -> None:
+    async def run(server: RedisServer) -> None:
+        assert server.proc is not None
         fallbacks: list[int] = []
-        a = RateLimiter(url, "t3", on_fallback=lambda: fallbacks.append(1))
+        a = RateLimiter(server.url, "t3", on_fallback=lambda: fallbacks.append(1))
         k = key("k", tpm=100)
         try:
             assert await a.admit(k, 10) is None and a.fallbacks == 0
-            os.kill(server_pid, signal.SIGKILL)
-            await asyncio.sleep(0.2)
+            os.kill(server.proc.pid, signal.SIGKILL)
+            server.proc.wait(10)
             # the local buckets start full: 100 tokens, then refuse (never fail open)
             assert await a.admit(k, 60) is None
             await a.charge(k, 40)
             refusal = await a.admit(k, 1)
             assert refusal is not None and refusal.limit == "tokens_per_minute"
             assert a.fallbacks == 3 and len(fallbacks) == 3
+            assert server.restart_if_dead()  # an empty Redis on the same port
+            await asyncio.sleep(LOCAL_S + 0.1)
+            assert await a.admit(k, 1) is None  # decided in Redis again: its bucket is new (full)
+            assert a.fallbacks == 3
         finally:
             await a.close()
 
     with RedisServer() as server:
+        asyncio.run(run(server))
+
+
+def test_a_hung_redis_delays_one_probe_at_a_time() -> None:
+    async def run(server: RedisServer) -> None:
         assert server.proc is not None
-        asyncio.run(run(server.url, server.proc.pid))
+        a = RateLimiter(server.url, "t4", timeout_s=0.3)
+        k = key("k", rpm=1000)
+        try:
+            assert await a.admit(k, 1) is None
+            os.kill(server.proc.pid, signal.SIGSTOP)
+            t0 = time.monotonic()
+            assert await a.admit(k, 1) is None  # waited for Redis up to the timeout, then decided locally
+            assert 0.25 < time.monotonic() - t0 < 1.0
+            t0 = time.monotonic()
+            results = await asyncio.gather(*(a.admit(k, 1) for _ in range(20)))  # local at once
+            assert results == [None] * 20 and time.monotonic() - t0 < 0.1 and a.fallbacks == 21
+            await asyncio.sleep(LOCAL_S)
+            t0 = time.monotonic()
+            results = await asyncio.gather(*(a.admit(k, 1) for _ in range(20)))  # one probes, the others local
+            assert results == [None] * 20 and 0.25 < time.monotonic() - t0 < 1.0 and a.fallbacks == 41
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+            await a.close()
+
+    with RedisServer() as server:
+        asyncio.run(run(server))
 
 
 def test_local_buckets_refill_evenly() -> None:
