@@ -139,6 +139,7 @@ class MetadataStore:
         if event_stream_len < 1:
             raise ValueError(f"event_stream_len: {event_stream_len} must be >= 1")
         self.r = redis.Redis.from_url(url, socket_timeout=socket_timeout)
+        self.url = url
         self.ns = namespace
         self.registry_lease_s = registry_lease_s
         self.event_stream_len = event_stream_len

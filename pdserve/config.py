@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import enum
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ import yaml
 
 from engine.config import EngineConfig
 from kv_transfer.config import TransferConfig
+from metastore.api_keys import ApiKey, check_unique
 from metastore.policy import PlacementPolicy
 
 
@@ -156,6 +159,34 @@ class AdaptiveConfig:
 
 
 @dataclass
+class TlsConfig:
+    """TLS for both fronts of every router (gRPC and HTTP): PEM files, read when each router starts."""
+
+    cert: str  # the certificate chain
+    key: str  # its private key
+
+    def __post_init__(self) -> None:
+        for name in ("cert", "key"):
+            path = getattr(self, name)
+            if not os.path.isfile(path) or not os.access(path, os.R_OK):
+                raise ValueError(f"{name}: {path!r} is not a readable file")
+
+
+@dataclass
+class AuthConfig:
+    """API keys and TLS of the routers' fronts (docs/api.md, "Authentication")."""
+
+    # None (no `api_keys`): the routers are open to anyone reaching their ports. A list (even empty): a call
+    # needs `authorization: Bearer KEY` with one of these keys or one added at runtime in Redis.
+    api_keys: list[ApiKey] | None = None
+    tls: TlsConfig | None = None  # None: plaintext
+
+    def __post_init__(self) -> None:
+        if self.api_keys is not None:
+            check_unique(self.api_keys)
+
+
+@dataclass
 class ServingConfig:
     engine: EngineConfig  # every instance's engine, at tensor_parallel_size 1 (see pool_engine)
     pools: PoolsConfig = field(default_factory=PoolsConfig)
@@ -165,6 +196,7 @@ class ServingConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
     def pool_engine(self, role: str) -> EngineConfig:
         """The engine configuration of every instance of pool `role` ("prefill" or "decode")."""
@@ -295,7 +327,16 @@ def _build(cls: type, data: Any, path: str) -> Any:
 def _convert(tp: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)  # type: ignore[arg-type]
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise ConfigError(f"{key}: {value!r} is not one of {[m.value for m in tp]}") from None
     args = typing.get_args(tp)
+    if typing.get_origin(tp) is list and value is not None:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        return [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

@@ -48,7 +48,7 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
     stop = stop_on_signals(stop)
     watchdog = asyncio.create_task(supervise_redis(cluster.redis)) if cluster.redis is not None else None
     drain_s = 0.0  # until the pools are up and serving: an error on the way stops everything at once
-    server = RouterServer(cfg.server, admin_service(cluster.redis_url, cfg))
+    server = RouterServer(cfg.server, admin_service(cluster.redis_url, cfg), cfg.auth.tls)
     port = await server.start(cfg.server.port)  # health answers NOT_SERVING while the pools start
     router = metrics = executor = http = adaptive = None
     try:
@@ -58,7 +58,7 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
         router = await asyncio.to_thread(build_router, cfg, store, cluster.ray_namespace)
         server.attach(router)
         metrics = MetricsServer(router.metrics.registry, cfg.server.host, cfg.server.metrics_port)
-        http = await start_http(cfg.server, router, cfg.server.http_port)
+        http = await start_http(cfg.server, router, cfg.server.http_port, cfg.auth.tls)
         ready = ready_line(cfg.server, port, metrics, http)
         if on_ready is not None:
             on_ready(ready)

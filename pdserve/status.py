@@ -37,8 +37,15 @@ def render(loads: pb.GetLoadsResponse, out: TextIO) -> None:
     out.write(f"policy: {policy}\n")
 
 
-def main(target: str, timeout: float = 10.0, out: TextIO = sys.stdout) -> int:
-    with grpc.insecure_channel(target) as channel:
+def main(target: str, timeout: float = 10.0, out: TextIO = sys.stdout, tls_ca: str | None = None) -> int:
+    from pdserve.client_channel import channel as open_channel
+
+    try:
+        chan = open_channel(target, tls_ca)
+    except OSError as e:
+        print(f"pdserve status: --tls-ca: {e}", file=sys.stderr)
+        return 2
+    with chan as channel:
         try:
             loads = pb_grpc.PDServeStub(channel).GetLoads(pb.GetLoadsRequest(), timeout=timeout)
         except grpc.RpcError as e:

@@ -9,12 +9,14 @@ to an HTTP status (openai_errors.py).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import grpc
 
 from engine.sampling_params import SamplingParams
 from instance.messages import StreamDelta
+from metastore.api_keys import ApiKey, Priority
 from router.placement import Placement
 
 
@@ -24,6 +26,8 @@ class GenerateInput:
     params: SamplingParams
     request_id: str = ""  # "": the router picks one
     timeout_s: float | None = None  # the client's deadline from now; None: none
+    api_key: ApiKey | None = None  # the caller's key (router/access.py); None: the server is open
+    priority: Priority = Priority.INTERACTIVE  # its key's priority class
 
 
 @dataclass(frozen=True)
@@ -57,9 +61,15 @@ class Output:
 class RequestError(Exception):
     """A request refused or failed, with the status a client sees (gRPC's code; HTTP maps it)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.code, self.message = code, message
+        self.retry_after_s = retry_after_s  # a refusal that may pass later: seconds until then (Retry-After)
+
+    @property
+    def retry_after_header(self) -> str | None:
+        """Whole seconds, at least 1, for HTTP's Retry-After and gRPC's `retry-after` trailing metadata."""
+        return None if self.retry_after_s is None else str(max(1, math.ceil(self.retry_after_s)))
 
 
 def routing_of(placement: Placement, cached: int, transferred: int, migrations: int) -> Routing:

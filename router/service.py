@@ -5,15 +5,18 @@
 
 The request flow is `generate` (typed in and out: router/generation.py); the gRPC `Generate` and the OpenAI HTTP
 front (router/openai_api.py) are thin adapters over it. Error mapping: INVALID_ARGUMENT for bad parameters or a
-prompt too long; RESOURCE_EXHAUSTED when a decode instance has no room; UNAVAILABLE when no healthy instance is
-registered or an instance died; DEADLINE_EXCEEDED when the client's deadline passes (the request is aborted on
-the workers); a cancelled call aborts the request on the workers too, so its blocks are freed.
+prompt too long; UNAUTHENTICATED without a valid API key (auth on: router/access.py); RESOURCE_EXHAUSTED when a
+decode instance has no room or the key's rate limit is used up (with `retry-after` trailing metadata); UNAVAILABLE
+when no healthy instance is registered or an instance died; DEADLINE_EXCEEDED when the client's deadline passes
+(the request is aborted on the workers); a cancelled call aborts the request on the workers too, so its blocks
+are freed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -34,6 +37,7 @@ from engine.sampling_params import SamplingParams
 from instance.messages import StreamDelta
 from metastore import InstanceInfo
 from router import recovery
+from router.access import AccessControl
 from router.cluster_view import ClusterState, ClusterView
 from router.generation import GenerateInput, Output, RequestError, final_output, routing_of
 from router.health import InstanceHealth
@@ -58,7 +62,8 @@ ABORTED = StreamDelta(token_ids=[], text="", finished=True, finish_reason="abort
 class RouterService(pb_grpc.PDServeServicer):
     def __init__(self, info: ModelInfo, tokenizer: Tokenizer | None, view: ClusterView, ray_namespace: str,
                  max_inflight: int = 256, max_prompt_bytes: int = 1 << 20, prefill_timeout_s: float = 30.0,
-                 max_migrations: int = 2, health: InstanceHealth | None = None) -> None:
+                 max_migrations: int = 2, health: InstanceHealth | None = None,
+                 access: AccessControl | None = None) -> None:
         self.info = info
         self.tokenizer = tokenizer  # None: the model has no tokenizer.json (token-id prompts only)
         self.view = view  # NOTE: placement reads only this memory; its thread follows Redis
@@ -80,6 +85,8 @@ class RouterService(pb_grpc.PDServeServicer):
         self.metrics = RouterMetrics(lambda: len(self.inflight), self._queued)  # its own registry
         self.metrics.registry.register(InstanceCollector(view, self.health, {
             "recovery": self.counters, "breakers": self.health.counters, "cluster_view": view.counters}))
+        self.access = access or AccessControl()  # API keys and per-key limits (router/access.py); default: open
+        self.access.register(self.metrics.registry)
 
     def _queued(self) -> int:
         """Requests admitted whose first token is not out yet: not placed, or their prefill still pending."""
@@ -87,8 +94,9 @@ class RouterService(pb_grpc.PDServeServicer):
             return sum(p is None for p in self.inflight.values()) + len(self.load.prefill_pending)
 
     def close(self) -> None:
-        """Stop following Redis (the view's thread)."""
+        """Stop following Redis (the view's thread, the API keys' thread)."""
         self.view.close()
+        self.access.close()
 
     # ---- helpers -------------------------------------------------------------------------------------------
     def actor(self, instance_id: str) -> Any:
@@ -169,13 +177,14 @@ class RouterService(pb_grpc.PDServeServicer):
     async def generate(self, inp: GenerateInput) -> AsyncIterator[Output]:
         """_generate, timed: TTFT, inter-token latency and end-to-end, and the request's final status code.
         Raises RequestError; a consumer that stops iterating (client gone) aborts the request on the workers."""
-        timer, status = RequestTimer(self.metrics), "CANCELLED"
+        timer, status, generated = RequestTimer(self.metrics), "CANCELLED", 0
         try:
             # NOTE: aclosing: a consumer that stops (GeneratorExit here) closes _generate now, whose finally
             # releases the slot and aborts the request on the workers, rather than whenever it is collected
             async with contextlib.aclosing(self._generate(inp)) as items:
                 async for out in items:
                     timer.sent()
+                    generated += len(out.token_ids)
                     yield out
             status = "OK"
             timer.finished()
@@ -188,6 +197,7 @@ class RouterService(pb_grpc.PDServeServicer):
             raise
         finally:  # NOTE: a cancelled call (client gone) keeps "CANCELLED"
             self.metrics.requests.labels(status).inc()
+            self.access.charge(inp.api_key, generated)  # the key's token bucket (prompt: at admission)
 
     async def _generate(self, inp: GenerateInput) -> AsyncIterator[Output]:
         rid = inp.request_id or uuid.uuid4().hex
@@ -206,6 +216,11 @@ class RouterService(pb_grpc.PDServeServicer):
             self._release(rid)
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         except BaseException:  # cancelled while tokenizing
+            self._release(rid)
+            raise
+        try:  # NOTE: the key's per-minute limits, across router replicas (one Redis call, awaited)
+            await self.access.admit(inp.api_key, len(tokens))
+        except BaseException:
             self._release(rid)
             raise
         try:
@@ -291,6 +306,11 @@ class RouterService(pb_grpc.PDServeServicer):
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         """The gRPC front of `generate`: its errors abort the call with their status."""
+        try:
+            key = self.access.authenticate_grpc(context)
+        except RequestError as e:
+            self.refused(e.code)
+            await context.abort(e.code, e.message)
         if isinstance(request, Undecodable):
             self.refused(grpc.StatusCode.INVALID_ARGUMENT)
             await refuse_undecodable(request, context)
@@ -299,13 +319,21 @@ class RouterService(pb_grpc.PDServeServicer):
         except RequestError as e:
             self.refused(e.code)
             await context.abort(e.code, e.message)
+        if key is not None:
+            inp = dataclasses.replace(inp, api_key=key, priority=key.priority)
         try:
             async for out in self.generate(inp):
                 yield to_response(out)
         except RequestError as e:
+            if e.retry_after_header is not None:  # a refusal that may pass later: when (the rate limits)
+                await context.abort(e.code, e.message, trailing_metadata=(("retry-after", e.retry_after_header),))
             await context.abort(e.code, e.message)
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        try:
+            self.access.authenticate_grpc(context)
+        except RequestError as e:
+            await context.abort(e.code, e.message)
         await refuse_undecodable(request, context)
         found = request.request_id in self.inflight
         placement = self.inflight.get(request.request_id)
