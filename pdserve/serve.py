@@ -16,6 +16,7 @@ from pdserve.cluster import start_infra, stop_on_signals, supervise_redis
 from pdserve.config import ServingConfig
 from pdserve.controller import run_controller
 from pdserve.metrics_server import MetricsServer
+from pdserve.node_watcher import NodeWatcher
 from pdserve.ready_line import ReadyLine
 from pdserve.router_process import (
     RouterServer,
@@ -49,9 +50,10 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
     drain_s = 0.0  # until the pools are up and serving: an error on the way stops everything at once
     server = RouterServer(cfg.server, admin_service(cluster.redis_url, cfg))
     port = await server.start(cfg.server.port)  # health answers NOT_SERVING while the pools start
-    router = metrics = executor = http = None
+    router = metrics = executor = http = watcher = None
     try:
         await asyncio.to_thread(cluster.start_pools)
+        watcher = NodeWatcher(cluster, store).start()
         executor = AdminExecutor(cluster, store, overrides).start()
         router = await asyncio.to_thread(build_router, cfg, store, cluster.ray_namespace)
         server.attach(router)
@@ -69,6 +71,8 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
     finally:
         if executor is not None:
             await asyncio.to_thread(executor.stop)
+        if watcher is not None:
+            await asyncio.to_thread(watcher.stop)
         if watchdog is not None:
             watchdog.cancel()  # NOTE: before the cluster stops Redis on purpose
         if http is not None:  # NOTE: an error before the drain
