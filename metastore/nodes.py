@@ -4,17 +4,17 @@ the records (router/cluster_view.py) into `pdserve status` and `pdserve:nodes_lo
 
     {ns}:nodes   HASH  Ray node id (hex) -> NodeRecord JSON
 
-Written only by the pools' owner, on change; cleared when it starts. Placement never reads them: a lost
-node's instances leave the registry on their own when their leases lapse.
+MetadataStore.write_node / nodes / clear_nodes read and write them. Written only by the pools' owner, on change;
+cleared when it starts. Placement never reads them: a lost node's instances leave the registry on their own when
+their leases lapse.
 """
 
 from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-
-from metastore.store import MetadataStore
 
 
 class NodeState(enum.StrEnum):
@@ -49,19 +49,6 @@ class NodeRecord:
                           tuple(NodeInstance(**i) for i in d["instances"]), float(d["lost_at"]))
 
 
-class NodeTable:
-    """The node records in the store's Redis, under its namespace."""
-
-    def __init__(self, store: MetadataStore) -> None:
-        self.r, self.key = store.r, f"{store.ns}:nodes"
-
-    def write(self, record: NodeRecord) -> None:
-        self.r.hset(self.key, record.node_id, record.to_json())
-
-    def read(self) -> tuple[NodeRecord, ...]:
-        """Every record, alive nodes first, then by IP."""
-        records = [NodeRecord.from_json(v) for v in self.r.hgetall(self.key).values()]
-        return tuple(sorted(records, key=lambda n: (n.state != NodeState.ALIVE, n.node_ip, n.node_id)))
-
-    def clear(self) -> None:
-        self.r.delete(self.key)
+def sorted_nodes(records: Iterable[NodeRecord]) -> tuple[NodeRecord, ...]:
+    """Alive nodes first, then by IP."""
+    return tuple(sorted(records, key=lambda n: (n.state != NodeState.ALIVE, n.node_ip, n.node_id)))

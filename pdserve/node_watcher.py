@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from metastore import MetadataStore
-from metastore.nodes import NodeInstance, NodeRecord, NodeState, NodeTable
+from metastore.nodes import NodeInstance, NodeRecord, NodeState
 
 if TYPE_CHECKING:
     from pdserve.cluster import Cluster
@@ -50,7 +50,7 @@ class RayNode:
 
 class NodeWatcher:
     def __init__(self, cluster: Cluster, store: MetadataStore, poll_s: float = POLL_S) -> None:
-        self.cluster, self.store, self.table, self.poll_s = cluster, store, NodeTable(store), poll_s
+        self.cluster, self.store, self.poll_s = cluster, store, poll_s
         self.lost_total = 0
         self._seen_alive: set[str] = set()  # node ids seen alive: only those can be lost
         # lost node id -> (its ip, when, the instances there: (id, role, pid))
@@ -61,7 +61,7 @@ class NodeWatcher:
         self._thread: threading.Thread | None = None
 
     def start(self) -> NodeWatcher:
-        self.table.clear()  # NOTE: records of an earlier `pdserve serve` on a shared Redis are not ours
+        self.store.clear_nodes()  # NOTE: records of an earlier `pdserve serve` on a shared Redis are not ours
         self._thread = threading.Thread(target=self._run, name="node-watcher", daemon=True)
         self._thread.start()
         return self
@@ -109,7 +109,7 @@ class NodeWatcher:
         self.cluster.unplaced = frozenset(pending)
         for record in records:
             if self._written.get(record.node_id) != record:
-                self.table.write(record)
+                self.store.write_node(record)
                 self._written[record.node_id] = record
 
     def _node_lost(self, node: RayNode) -> None:

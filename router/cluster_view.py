@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import redis
 
 from metastore.instance_stats import InstanceStatsRecord
-from metastore.nodes import NodeRecord, NodeTable
+from metastore.nodes import NodeRecord
 from metastore.policy import PlacementPolicy
 from metastore.store import InstanceInfo, Load, MetadataStore
 from router.prefix_index import PrefixIndex
@@ -62,7 +62,6 @@ class ClusterView:
         # changed): read by the metrics collector and GetLoads, never by placement.
         self.instance_stats: dict[str, InstanceStatsRecord] = {}
         self.nodes: tuple[NodeRecord, ...] = ()  # the node watcher's records (metastore/nodes.py), for operators
-        self._node_table = NodeTable(store)
         self._heartbeat_seen: dict[str, tuple[int, float]] = {}
         self.restarts: Counter[str] = Counter()  # instance -> re-registrations with a new pid seen here
         self._pids: dict[str, int] = {}
@@ -175,7 +174,7 @@ class ClusterView:
         if now >= self._next_stats:
             self._next_stats = now + self.stats_refresh_s
             self._read_stats(ids, now)
-            self.nodes = self._node_table.read()
+            self.nodes = self.store.nodes()
         self.synced.set()
 
     # ---- what operators see: restarts and stats records ------------------------------------------------------
