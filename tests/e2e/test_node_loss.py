@@ -106,7 +106,7 @@ def test_killed_raylet_requests_heal_and_the_node_is_reported_lost(nodes: NodePa
         config = serving_config(tmp / "serving.yaml", redis_url, gcs, {
             "pools": {"prefill": {"replicas": 1, "node_resource": "node_b"},
                       "decode": {"replicas": 2, "node_resource": "decode_slot", "max_per_node": 1}},
-            "server": {"prefill_timeout_s": 10}, "metastore": {"registry_lease_s": 10}})
+            "server": {"prefill_timeout_s": 10}, "metastore": {"registry_lease_s": 15}})
         serve = start_serve(nodes, a, config, models["llama"], tmp)
         # NOTE: the watcher writes the node records within a second, and the router reads them every second
         status = status_until(nodes, serve.target, lambda s: s.count("\nnode ") == 2, 15)
@@ -126,15 +126,15 @@ def test_killed_raylet_requests_heal_and_the_node_is_reported_lost(nodes: NodePa
         assert read_line(client, 120).strip() == "STREAMING", serve.log.read_text()[-3000:]
         os.kill(raylet_pid(nodes), signal.SIGKILL)
         killed_at = time.monotonic()
-        # NOTE: B's workers outlive their raylet by up to a second or so (each notices on its own that its raylet
-        # is gone, then exits): the second wave goes once they are gone, while their registry leases (10 s)
+        # NOTE: B's workers outlive their raylet by a few seconds (each notices on its own that its raylet is
+        # gone, then exits): the second wave goes once they are gone, while their registry leases (15 s)
         # still advertise them, so that its prefills are placed on the dead prefill instance and must be retried.
         instance_pids = {ln.split()[0]: int(ln.split()[4]) for ln in status.splitlines()
                          if ln.split() and ln.split()[0] in ("prefill-0", "decode-0", "decode-1")}
         on_b = [pid for iid, pid in instance_pids.items() if f"{iid} (" in placed[b.ip]]
         assert len(on_b) == 2 and wait_gone(on_b, 10), (instance_pids, placed)
         gone_s = time.monotonic() - killed_at
-        assert gone_s < 8, f"B's instances outlived their raylet by {gone_s:.1f} s: too long for this test"
+        assert gone_s < 12, f"B's instances outlived their raylet by {gone_s:.1f} s: too long for this test"
         assert client.stdin is not None
         client.stdin.write("go\n")
         client.stdin.flush()
