@@ -174,7 +174,10 @@ def test_ray_up_head_and_worker_serve_across_nodes_down(nodes: NodePair, models:
     finally:
         nodes.close()  # the Ray processes, redis-server, both sshds and any ssh multiplexer left in A
         if cluster is not None:
-            for path in (state_file(cluster), state_file(cluster).with_suffix(".lock")):
+            name = yaml.safe_load(cluster.read_text())["cluster_name"]
+            # the local provider's record, its lock, and `ray up`'s cache of this (resolved) configuration
+            caches = [p for p in pathlib.Path("/tmp").glob("ray-config-*") if name in p.read_text(errors="replace")]
+            for path in (state_file(cluster), state_file(cluster).with_suffix(".lock"), *caches):
                 path.unlink(missing_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
 
