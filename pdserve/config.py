@@ -30,10 +30,18 @@ class ConfigError(ValueError):
     """A bad serving configuration; the message starts with the dotted key path."""
 
 
-# NOTE: an instance asks for a sliver of its pool's node resource, not all of it: `--resources '{"node_b": 1}'`
-# then places up to 1000 instances (of any pool pinned to it) on that node; the node's own CPU/GPU counts
-# still bound how many really fit.
-NODE_RESOURCE_SHARE = 0.001
+# NOTE: by default an instance asks for a sliver of its pool's node resource, not all of it: `--resources
+# '{"node_b": 1}'` then places up to 1000 instances (of any pool pinned to it) on that node; the node's own CPU/GPU
+# counts still bound how many really fit. `max_per_node` makes the sliver larger.
+MAX_PER_NODE_DEFAULT = 1000
+MAX_PER_NODE_LIMIT = 10_000  # NOTE: Ray keeps resource amounts to 4 decimals
+
+
+def node_resource_share(max_per_node: int) -> float:
+    """What one instance asks of its pool's node resource: `max_per_node` of them fit in one unit. NOTE: rounded
+    down to Ray's 4 decimals, so that max_per_node of them really fit (1/3 -> 0.3333)."""
+    return int(10_000 / max_per_node) / 10_000
+
 RAY_PREDEFINED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
 
@@ -42,18 +50,26 @@ class PoolConfig:
     replicas: int = 1  # instances in this pool (prefill replicas : decode replicas is the P/D ratio)
     tensor_parallel_size: int = 1  # checked by EngineConfig (ServingConfig.check builds each pool's engine)
     # Pin the pool's instances to Ray nodes that offer this custom resource (`ray start --resources
-    # '{"node_b": 1}'`); None: Ray places them anywhere. Each instance takes NODE_RESOURCE_SHARE of it.
+    # '{"node_b": 1}'`); None: Ray places them anywhere. Each instance takes 1/max_per_node of it.
     node_resource: str | None = None
+    # At most this many of the pool's instances on one node: each asks for 1/max_per_node of `node_resource`, of
+    # which each node offers 1 (`--resources '{"decode_slot": 1}'` on every node, max_per_node: 1 spreads the
+    # pool one instance per node, so that losing a node loses only part of it). Needs node_resource.
+    max_per_node: int = MAX_PER_NODE_DEFAULT
 
     def __post_init__(self) -> None:
         if self.node_resource is not None and (not self.node_resource.strip() or self.node_resource in
                                                RAY_PREDEFINED_RESOURCES):
             raise ValueError(f"node_resource: {self.node_resource!r} must name a custom Ray resource (not empty, "
                              f"not one of {', '.join(RAY_PREDEFINED_RESOURCES)})")
+        if not 1 <= self.max_per_node <= MAX_PER_NODE_LIMIT:
+            raise ValueError(f"max_per_node: {self.max_per_node} must be in 1..{MAX_PER_NODE_LIMIT}")
+        if self.max_per_node != MAX_PER_NODE_DEFAULT and self.node_resource is None:
+            raise ValueError("max_per_node needs node_resource (the resource whose unit it divides)")
 
     def actor_resources(self) -> dict[str, float]:
         """The `resources=` of each instance's Ray actor options."""
-        return {self.node_resource: NODE_RESOURCE_SHARE} if self.node_resource else {}
+        return {self.node_resource: node_resource_share(self.max_per_node)} if self.node_resource else {}
 
 
 @dataclass

@@ -17,6 +17,7 @@ from pdserve.cluster import start_infra, stop_on_signals, supervise_redis
 from pdserve.config import ServingConfig
 from pdserve.controller import run_controller
 from pdserve.metrics_server import MetricsServer
+from pdserve.node_watcher import NodeWatcher
 from pdserve.ready_line import ReadyLine
 from pdserve.router_process import (
     RouterServer,
@@ -50,9 +51,10 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
     drain_s = 0.0  # until the pools are up and serving: an error on the way stops everything at once
     server = RouterServer(cfg.server, admin_service(cluster.redis_url, cfg), cfg.auth.tls)
     port = await server.start(cfg.server.port)  # health answers NOT_SERVING while the pools start
-    router = metrics = executor = http = adaptive = None
+    router = metrics = executor = http = adaptive = watcher = None
     try:
         await asyncio.to_thread(cluster.start_pools)
+        watcher = NodeWatcher(cluster, store).start()
         executor = AdminExecutor(cluster, store, overrides).start()
         adaptive = start_adaptive(cfg.adaptive, cluster.redis_url, cfg.metastore.namespace, store, cluster.roles)
         router = await asyncio.to_thread(build_router, cfg, store, cluster.ray_namespace)
@@ -73,6 +75,8 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
             await asyncio.to_thread(adaptive.stop)  # NOTE: first: it may be waiting on the executor
         if executor is not None:
             await asyncio.to_thread(executor.stop)
+        if watcher is not None:
+            await asyncio.to_thread(watcher.stop)
         if watchdog is not None:
             watchdog.cancel()  # NOTE: before the cluster stops Redis on purpose
         if http is not None:  # NOTE: an error before the drain
