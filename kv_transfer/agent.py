@@ -77,6 +77,7 @@ class TransferAgent:
                 enable_prog_thread=progress, backends=["UCX"], num_threads=cfg.num_threads))
         disable_proto_report(self.proto_dir)
         self.reg = self.agent.register_memory(kv.tensor)
+        self.kv = kv  # NOTE: the registered memory must live as long as the agent (a caller may hold no reference)
         self.descriptor = AgentDescriptor(
             version=PROTOCOL_VERSION,
             engine_id=engine_id,

@@ -165,10 +165,28 @@ def measure_steps(engine: LLMEngine, progress: Callable[[str], None] = log.info,
     return samples
 
 
+def _holder(conn: Any, layout: Any, dtype: torch.dtype, device: str, kv_heads: int) -> None:
+    """The other side of the profile's KV reads: a process with a cache of the engine's geometry and an agent,
+    served until the reader says done (as a prefill instance's loop serves its agent)."""
+    from engine.kv_cache import KVCache
+    from kv_transfer.agent import TransferAgent
+    from kv_transfer.config import TransferConfig
+
+    torch.set_num_threads(1)
+    agent = TransferAgent(KVCache(layout, dtype, device), "profile-holder", 0, 1, kv_heads, str(dtype), "profile",
+                          TransferConfig(log_transports=False))
+    conn.send(agent.describe())
+    while not conn.poll(0.001):
+        agent.receive()
+    agent.close()
+
+
 def measure_transfer(engine: LLMEngine, progress: Callable[[str], None] = log.info,
                      repeats: int = 5) -> tuple[TransferTimeModel, str]:
-    """KV reads between two NIXL agents in this process, each with a cache of the engine's geometry (a lower
-    bound for two processes or machines: note it in the profile)."""
+    """KV reads from another process on this machine (same device), each side with a cache of the engine's
+    geometry: what moving a request's KV between two instances of one node costs."""
+    import multiprocessing as mp
+
     from engine.kv_cache import KVCache
     from kv_transfer.agent import TransferAgent
     from kv_transfer.config import TransferConfig
@@ -177,37 +195,43 @@ def measure_transfer(engine: LLMEngine, progress: Callable[[str], None] = log.in
     runner = engine.executor.runner
     sizes = [1, 4, 16, 64, 256]
     layout = dataclasses.replace(runner.layout, num_blocks=max(sizes) * 2)
-    dtype = engine.config.torch_dtype
-    caches = [KVCache(layout, dtype, runner.device) for _ in range(2)]
-    cfg = TransferConfig(log_transports=False)
-    mc = engine.config.model_config
-    agents = [TransferAgent(c, f"profile-{i}", 0, 1, mc.num_key_value_heads, str(dtype), "profile", cfg)
-              for i, c in enumerate(caches)]
+    dtype, kv_heads = engine.config.torch_dtype, engine.config.model_config.num_key_value_heads
+    ctx = mp.get_context("spawn")
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=_holder, args=(child, layout, dtype, str(runner.device), kv_heads), daemon=True)
+    proc.start()
     samples: list[tuple[int, float]] = []
+    reader = None
     try:
-        reader, holder = agents
+        if not conn.poll(120):
+            raise RuntimeError("the profile's KV holder process did not start in 120 s")
+        holder = conn.recv()
+        reader = TransferAgent(KVCache(layout, dtype, runner.device), "profile-reader", 0, 1, kv_heads, str(dtype),
+                               "profile", TransferConfig(log_transports=False))
         for n in sizes:
             for i in range(repeats + 1):
                 xid = f"p{n}-{i}"
                 t0 = time.perf_counter()
-                err = reader.start_read(xid, [holder.describe()], list(range(n)), list(range(n, 2 * n)))
+                err = reader.start_read(xid, [holder], list(range(n)), list(range(n, 2 * n)))
                 if err is not None:
                     raise RuntimeError(f"profile transfer failed: {err}")
-                deadline = t0 + 30
                 while (state := reader.poll([xid])[xid]).status is ReadStatus.IN_FLIGHT:
-                    holder.receive()
-                    if time.perf_counter() > deadline:
+                    if time.perf_counter() > t0 + 30:
                         raise RuntimeError("profile transfer did not complete in 30 s")
                 if state.status is not ReadStatus.DONE:
                     raise RuntimeError(f"profile transfer failed: {state}")
                 reader.finish(xid)
                 if i:  # the first read connects
                     samples.append((n, time.perf_counter() - t0))
-        progress(f"KV transfer: {len(samples)} reads of {sizes} blocks")
+        progress(f"KV transfer: {len(samples)} reads of {sizes} blocks from another process")
     finally:
-        for a in agents:
-            a.close()
-    return TransferTimeModel.fit(samples), "transfer measured between two NIXL agents of one process"
+        if reader is not None:
+            reader.close()
+        conn.send("done")
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+    return TransferTimeModel.fit(samples), "transfer measured from another process on the same device"
 
 
 def profile_engine(config: EngineConfig, progress: Callable[[str], None] = log.info) -> EngineProfile:

@@ -4,8 +4,9 @@ Each instance runs engine steps back to back while it has work, as the engine's 
 running decode takes one token of the step's budget, then waiting prompts are chunked into what is left (first
 come, first served, at most `max_num_seqs` requests in flight). A step lasts what the profile's step model
 predicts for its shape. The router places a request as pdserve's does in spirit: a prompt of at most
-`max_local_prefill_tokens` (or any prompt when the split has no prefill instance, or when every prefill
-instance has `prefill_queue_threshold` prompts waiting) is prefilled on the decode instance that will decode
+`max_local_prefill_tokens` (or any prompt when the split has no prefill instance, when every prefill
+instance has `prefill_queue_threshold` prompts waiting, or `max_prefill_queue_tokens` prompt tokens queued while
+the decode instance has fewer) is prefilled on the decode instance that will decode
 it; otherwise on the prefill instance with the fewest prompt tokens queued, whose first token ends its TTFT,
 and its KV then moves to the decode instance (the profile's transfer model) before decoding starts there.
 Queueing is what the simulation adds to a capacity model: the TTFT of a request includes every step that ran
@@ -28,7 +29,8 @@ class Split:
     prefill: int  # prefill instances (0: aggregated)
     decode: int  # decode instances
     max_local_prefill_tokens: int = 0  # conditional disaggregation: shorter prompts prefill where they decode
-    prefill_queue_threshold: int = 8
+    prefill_queue_threshold: int = 8  # ...and any prompt, once every prefill instance has this many waiting
+    max_prefill_queue_tokens: int = 0  # ...or this many prompt tokens queued, and the decode instance fewer (0: off)
 
     @property
     def instances(self) -> int:
@@ -38,6 +40,8 @@ class Split:
         if self.prefill == 0:
             return f"{self.decode} aggregated"
         cond = f", local prefill <= {self.max_local_prefill_tokens} tokens" if self.max_local_prefill_tokens else ""
+        if self.max_prefill_queue_tokens:
+            cond += f", local past {self.max_prefill_queue_tokens} queued tokens"
         return f"{self.prefill}P+{self.decode}D{cond}"
 
 
@@ -155,8 +159,10 @@ def simulate(profile: EngineProfile, split: Split, arrivals: list[Arrival]) -> S
     def place(r: _Req, now: float) -> None:
         d = min(decodes, key=lambda i: (i.load(), i.index))
         r.decode_on = d
+        cap = split.max_prefill_queue_tokens
         local = (not prefills or r.arrival.prompt_tokens <= split.max_local_prefill_tokens
-                 or all(len(p.waiting) >= split.prefill_queue_threshold for p in prefills))
+                 or all(len(p.waiting) >= split.prefill_queue_threshold for p in prefills)
+                 or (cap > 0 and all(p.queued_tokens() >= cap for p in prefills) and d.queued_tokens() < cap))
         target = d if local else min(prefills, key=lambda i: (i.queued_tokens(), i.index))
         target.waiting.append(r)
         if not target.busy:

@@ -60,6 +60,13 @@ def test_prefill_queue_threshold_sends_prompts_local_when_the_pool_is_backed_up(
     assert ttfts == pytest.approx([0.11, 0.11, 0.22])
 
 
+def test_queued_prompt_tokens_send_prompts_local() -> None:
+    arrivals = [Arrival(0.0, 100, 2) for _ in range(3)]
+    res = simulate(profile(), Split(1, 1, max_prefill_queue_tokens=200), arrivals)
+    # the prefill instance holds 100 then 200 queued tokens: the third prompt goes to the idle decode instance
+    assert sorted(r.ttft_s for r in res.results) == pytest.approx([0.11, 0.11, 0.22])
+
+
 def test_max_num_seqs_caps_a_decode_instance() -> None:
     arrivals = [Arrival(0.0, 10, 5) for _ in range(6)]
     res = simulate(profile(max_seqs=4), Split(0, 1), arrivals)
