@@ -60,8 +60,11 @@ class ApiKey:
     key_sha256: str  # the SHA-256 of the secret, 64 lowercase hex digits (`pdserve key new` prints both)
     priority: Priority = Priority.INTERACTIVE
     limits: KeyLimits = field(default_factory=KeyLimits)
+    admin: bool = False  # may call the Admin service (scale, role, drain, apply); other keys get PERMISSION_DENIED
 
     def __post_init__(self) -> None:
+        if not isinstance(self.admin, bool):
+            raise ValueError(f"admin: {self.admin!r} must be true or false")
         if not isinstance(self.name, str) or not NAME_RE.match(self.name):
             raise ValueError(f"name: {self.name!r} must be 1-64 characters of A-Z a-z 0-9 _ . -")
         if not isinstance(self.key_sha256, str) or not SHA256_RE.match(self.key_sha256):
@@ -80,7 +83,7 @@ class ApiKey:
             priority = Priority(d.get("priority", Priority.INTERACTIVE.value))
         except ValueError:
             raise ValueError(f"priority: {d.get('priority')!r} is not one of {[p.value for p in Priority]}") from None
-        return ApiKey(d["name"], d["key_sha256"], priority, KeyLimits(**d.get("limits", {})))
+        return ApiKey(d["name"], d["key_sha256"], priority, KeyLimits(**d.get("limits", {})), d.get("admin", False))
 
 
 def hash_key(secret: str) -> str:

@@ -135,6 +135,8 @@ class RouterServer:
 
     def attach(self, target: RouterService) -> None:
         self.router.target = target
+        if self.admin is not None:
+            self.admin.access = target.access  # NOTE: the Admin service checks keys against the router's key ring
         self._set(health_pb2.HealthCheckResponse.SERVING)
 
     async def drain(self) -> None:
@@ -171,7 +173,7 @@ def ready_line(srv: ServerConfig, port: int, metrics: MetricsServer, http: HttpS
 
 
 def admin_service(redis_url: str, cfg: ServingConfig) -> AdminService:
-    return AdminService(AdminChannel(redis_url, cfg.metastore.namespace))
+    return AdminService(AdminChannel(redis_url, cfg.metastore.namespace), auth_required=cfg.auth.api_keys is not None)
 
 
 def announce(ready: ReadyLine) -> None:

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 PROMPT = "The quick brown fox jumps over"
 MAX_TOKENS = 24
 LIMIT_T = 120  # tokens per minute of the "limited" key: a few requests of ~32 tokens
-SECRETS = {"limited": new_secret(), "free": new_secret(), "grpc": new_secret()}
+SECRETS = {"limited": new_secret(), "free": new_secret(), "grpc": new_secret(), "ops": new_secret()}
 
 
 def self_signed(tmp: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
@@ -71,7 +71,8 @@ def srv(tmp_path_factory: pytest.TempPathFactory, models: dict[str, pathlib.Path
     auth = {"api_keys": [
         {"name": "limited", "key_sha256": hash_key(SECRETS["limited"]), "limits": {"tokens_per_minute": LIMIT_T}},
         {"name": "free", "key_sha256": hash_key(SECRETS["free"]), "priority": "batch"},
-        {"name": "grpc", "key_sha256": hash_key(SECRETS["grpc"])}],
+        {"name": "grpc", "key_sha256": hash_key(SECRETS["grpc"])},
+        {"name": "ops", "key_sha256": hash_key(SECRETS["ops"]), "admin": True}],
         "tls": {"cert": str(cert[0]), "key": str(cert[1])}}
     edits = {"server": {"routers": 2, "http_port": 0}, "auth": auth}
     with serve(tmp_path_factory.mktemp("auth"), models["llama"], edits) as s:
@@ -116,7 +117,7 @@ def wait_until(predicate: object, timeout: float) -> float:
 
 def test_tls_on_both_fronts_of_both_routers(srv: Server, cert: tuple[pathlib.Path, pathlib.Path]) -> None:
     assert len(srv.http_urls) == 2 and all(u.startswith("https://") for u in srv.http_urls)
-    assert len(re.findall(r"auth: 3 keys", srv.log.read_text())) == 2  # said once by each router
+    assert len(re.findall(r"auth: 4 keys", srv.log.read_text())) == 2  # said once by each router
     texts = set()
     for router in (0, 1):
         out = client(srv, cert, SECRETS["free"], router).completions.create(
@@ -170,6 +171,20 @@ def test_a_wrong_or_missing_key_is_refused_on_both_fronts(srv: Server,
     after = value(scrape(srv.metrics_urls[0]), "pdserve:requests_rejected", "pdserve:requests_rejected_total",
                   reason="unauthenticated", key="-")
     assert after == before + 5  # four Generate or HTTP calls and the Abort
+
+
+def test_the_admin_service_needs_an_admin_key(srv: Server, cert: tuple[pathlib.Path, pathlib.Path]) -> None:
+    """`pdserve drain` of an unknown instance: refused before the executor without a key (UNAUTHENTICATED) or with
+    a key lacking `admin: true` (PERMISSION_DENIED); with the admin key it reaches the executor, which names the
+    missing instance. On both routers."""
+    for target in srv.targets:
+        base = ("drain", "--target", target, "--tls-ca", str(cert[0]), "decode-7")
+        done = pdserve(srv, *base)
+        assert done.returncode == 1 and "UNAUTHENTICATED: missing API key" in done.stderr, done.stderr
+        done = pdserve(srv, *base, "--api-key", SECRETS["free"])
+        assert done.returncode == 1 and "PERMISSION_DENIED: key 'free' may not use the Admin service" in done.stderr
+        done = pdserve(srv, *base, "--api-key", SECRETS["ops"])
+        assert done.returncode == 1 and "INVALID_ARGUMENT: no instance 'decode-7'" in done.stderr, done.stderr
 
 
 def key_cli(srv: Server, *args: str) -> str:
