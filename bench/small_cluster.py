@@ -28,9 +28,10 @@ from pdserve.ready_line import ReadyLine  # noqa: E402
 @contextlib.contextmanager
 def small_cluster(max_num_seqs: int, pools: dict[str, Any] | None = None,
                   server: dict[str, Any] | None = None,
-                  placement: dict[str, Any] | None = None) -> Iterator[tuple[ReadyLine, int]]:
-    """Start it on deploy/ray/serving-tiny-cpu.yaml with these pools, server and placement settings; stop it
-    after."""
+                  placement: dict[str, Any] | None = None,
+                  adaptive: dict[str, Any] | None = None) -> Iterator[tuple[ReadyLine, int]]:
+    """Start it on deploy/ray/serving-tiny-cpu.yaml with these pools, server, placement and adaptive-split
+    settings; stop it after."""
     with tempfile.TemporaryDirectory() as tmp:
         model = write_dummy_model(tmp, "small")
         cfg = yaml.safe_load((ROOT / "deploy/ray/serving-tiny-cpu.yaml").read_text())
@@ -39,6 +40,8 @@ def small_cluster(max_num_seqs: int, pools: dict[str, Any] | None = None,
             cfg["pools"] = pools
         cfg["server"].update(server or {})
         cfg["placement"].update(placement or {})
+        if adaptive is not None:
+            cfg["adaptive"] = adaptive
         (Path(tmp) / "serving.yaml").write_text(yaml.safe_dump(cfg))
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "RAY_AUTH_MODE": "disabled"}
         with open(Path(tmp) / "serve.log", "w") as log:
