@@ -67,6 +67,9 @@ def main() -> None:
     ap.add_argument("--short-s", type=float, default=30)
     ap.add_argument("--long-s", type=float, default=90)
     ap.add_argument("--short-rate", type=float, default=4.0)
+    ap.add_argument("--long-rate", type=float, help="long prompts per second (default: 75%% of one prefill "
+                                                     "instance's rate by the profile, at most 2)")
+    ap.add_argument("--log", help="copy each run's serve log here (suffixed with the run's name)")
     ap.add_argument("--json")
     args = ap.parse_args()
     import torch
@@ -82,7 +85,8 @@ def main() -> None:
         decode = prof.step.predict(StepShape(decode_seqs=4, decode_context=4 * (LONG + OUTPUT)))
         prefill = sum(prof.step.predict(StepShape(prefill_tokens=n, prefill_pairs=chunk_pairs(s, n)))
                       for s, n in ((0, 256), (256, 256), (512, LONG - 512)))
-        ttft_s, tpot_s, long_rate = 4 * prefill, 1.3 * decode, min(4.0, max(0.5, 0.75 / prefill))
+        ttft_s, tpot_s = 4 * prefill, 1.3 * decode
+        long_rate = args.long_rate or min(2.0, max(0.5, 0.75 / prefill))
         out.update(slo_ttft_s=ttft_s, slo_tpot_s=tpot_s, long_rate=long_rate, profile_fit_error=prof.fit_error)
         print(f"SLOs TTFT {1e3 * ttft_s:.0f} ms, TPOT {1e3 * tpot_s:.1f} ms; long prompts at {long_rate:.2f}/s",
               flush=True)
@@ -92,8 +96,9 @@ def main() -> None:
                         "slo_ttft_ms": 1e3 * ttft_s, "slo_tpot_ms": 1e3 * tpot_s, "interval_s": 2, "window_s": 8,
                         "min_requests": 5, "patience": 2, "min_gain": 0.1, "cooldown_s": 30}
             pools = {"prefill": {"replicas": 0}, "decode": {"replicas": 2}}
-            with small_cluster(16, pools=pools, adaptive=adaptive,
-                               server={"drain_grace_s": 0.6}) as (ready, _):
+            log = Path(f"{args.log}.{mode}") if args.log else None
+            with small_cluster(16, pools=pools, adaptive=adaptive, server={"drain_grace_s": 0.6},
+                               keep_log=log) as (ready, _):
                 results, _ = asyncio.run(run(ready.targets[0], work, args.short_s + args.long_s + 120,
                                                 progress=False))
             out[mode] = summarize(results, args, ttft_s, tpot_s)

@@ -29,9 +29,10 @@ from pdserve.ready_line import ReadyLine  # noqa: E402
 def small_cluster(max_num_seqs: int, pools: dict[str, Any] | None = None,
                   server: dict[str, Any] | None = None,
                   placement: dict[str, Any] | None = None,
-                  adaptive: dict[str, Any] | None = None) -> Iterator[tuple[ReadyLine, int]]:
+                  adaptive: dict[str, Any] | None = None,
+                  keep_log: Path | None = None) -> Iterator[tuple[ReadyLine, int]]:
     """Start it on deploy/ray/serving-tiny-cpu.yaml with these pools, server, placement and adaptive-split
-    settings; stop it after."""
+    settings; stop it after (and copy its log to `keep_log`)."""
     with tempfile.TemporaryDirectory() as tmp:
         model = write_dummy_model(tmp, "small")
         cfg = yaml.safe_load((ROOT / "deploy/ray/serving-tiny-cpu.yaml").read_text())
@@ -60,3 +61,5 @@ def small_cluster(max_num_seqs: int, pools: dict[str, Any] | None = None,
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+            if keep_log is not None:
+                keep_log.write_text((Path(tmp) / "serve.log").read_text())
