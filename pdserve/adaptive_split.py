@@ -13,6 +13,7 @@ the runtime policy with it. Every decision is logged; `counters` counts re-plans
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -39,6 +40,7 @@ class WorkloadWindow:
     mean_prompt_tokens: float
     mean_output_tokens: float
     prefix_hit_rate: float
+    decode_step_s: float = 0.0  # the decode pool's measured mean step time (0: none measured)
 
 
 class WorkloadMeter:
@@ -47,10 +49,12 @@ class WorkloadMeter:
 
     def __init__(self) -> None:
         self.last: dict[str, InstanceStatsRecord] = {}
-        self.deltas: deque[tuple[float, int, int, int, int, int]] = deque()  # (t, n, prompt, output, q, hits)
+        # (t, requests, prompt tokens, output tokens, prefix queries, prefix hits, steps, step seconds)
+        self.deltas: deque[tuple[float, int, int, int, int, int, int, float]] = deque()
 
     def observe(self, now: float, records: dict[str, InstanceStatsRecord]) -> None:
-        n = prompt = output = queries = hits = 0
+        n = prompt = output = queries = hits = steps = 0
+        step_s = 0.0
         for iid, rec in records.items():
             before = self.last.get(iid)
             self.last[iid] = rec
@@ -61,20 +65,24 @@ class WorkloadMeter:
             output += rec.output_tokens_finished - before.output_tokens_finished
             queries += rec.prefix_cache_queries - before.prefix_cache_queries
             hits += rec.prefix_cache_hits - before.prefix_cache_hits
+            steps += rec.steps - before.steps
+            step_s += rec.step_seconds - before.step_seconds
         for iid in set(self.last) - set(records):
             del self.last[iid]
-        self.deltas.append((now, n, prompt, output, queries, hits))
+        self.deltas.append((now, n, prompt, output, queries, hits, steps, step_s))
 
     def window(self, now: float, window_s: float) -> WorkloadWindow | None:
         while self.deltas and self.deltas[0][0] < now - window_s:
             self.deltas.popleft()
         if len(self.deltas) < 2:
             return None
-        n, prompt, output, queries, hits = (sum(d[i] for d in list(self.deltas)[1:]) for i in range(1, 6))
+        n, prompt, output, queries, hits, steps, step_s = (sum(d[i] for d in list(self.deltas)[1:])
+                                                           for i in range(1, 8))
         span = self.deltas[-1][0] - self.deltas[0][0]
         if n == 0 or span <= 0:
             return None
-        return WorkloadWindow(n, n / span, prompt / n, output / n, hits / queries if queries else 0.0)
+        return WorkloadWindow(int(n), n / span, prompt / n, output / n, hits / queries if queries else 0.0,
+                              step_s / steps if steps else 0.0)
 
 
 @dataclass(frozen=True)
@@ -82,19 +90,31 @@ class Decision:
     target: Split
     current: SplitPrediction
     best: SplitPrediction
+    slowdown: float  # the decode pool's measured mean step time over the profile's for the same work (1: as profiled)
+
+
+MAX_SLOWDOWN = 20.0
 
 
 def replan(profile: EngineProfile, slo: SLO, work: WorkloadWindow, current: Split) -> Decision:
     """The best split of the current instance count for a Poisson workload like `work`, and the current one's
-    prediction on the same arrivals."""
+    prediction on the same arrivals. NOTE: the profile is first scaled by the measured slowdown: the decode
+    pool's mean step time against the simulation's for the current split and this workload (a busier or
+    slower machine than the profiled one; clamped to [1 / MAX_SLOWDOWN, MAX_SLOWDOWN])."""
     uncached = max(1, round(work.mean_prompt_tokens * (1 - work.prefix_hit_rate)))
     arrivals = poisson_workload(work.rate_rps, uncached, max(1, round(work.mean_output_tokens)), SIMULATED_REQUESTS)
+    slowdown = 1.0
+    if work.decode_step_s > 0:
+        simulated = simulate(profile, current, arrivals).decode_step_s
+        if simulated > 0:
+            slowdown = min(MAX_SLOWDOWN, max(1 / MAX_SLOWDOWN, work.decode_step_s / simulated))
+            profile = dataclasses.replace(profile, step=profile.step.scaled(slowdown))
     splits = candidate_splits(current.instances, arrivals)
     if current not in splits:
         splits.append(current)
     preds = {s: SplitPrediction.of(simulate(profile, s, arrivals), slo) for s in splits}
     best = max(preds.values(), key=lambda p: (p.goodput_rps, p.split == current, -p.split.prefill))
-    return Decision(best.split, preds[current], best)
+    return Decision(best.split, preds[current], best, slowdown)
 
 
 class AdaptiveSplit:
@@ -154,10 +174,10 @@ class AdaptiveSplit:
         self.last_decision = d
         self.counters["replans"] += 1
         better = d.target != current and d.best.goodput_rps >= (1 + self.cfg.min_gain) * d.current.goodput_rps
-        log.info("adaptive split: %.2f req/s, prompt %.0f (hit rate %.0f%%), output %.0f tokens: best %s "
-                 "(%.2f req/s in SLO) vs current %s (%.2f)", work.rate_rps, work.mean_prompt_tokens,
-                 100 * work.prefix_hit_rate, work.mean_output_tokens, d.target.name(), d.best.goodput_rps,
-                 current.name(), d.current.goodput_rps)
+        log.info("adaptive split: %.2f req/s, prompt %.0f (hit rate %.0f%%), output %.0f tokens, steps %.2fx the "
+                 "profile's: best %s (%.2f req/s in SLO) vs current %s (%.2f)", work.rate_rps,
+                 work.mean_prompt_tokens, 100 * work.prefix_hit_rate, work.mean_output_tokens, d.slowdown,
+                 d.target.name(), d.best.goodput_rps, current.name(), d.current.goodput_rps)
         target, count = self.streak
         self.streak = (d.target, count + 1 if target == d.target else 1) if better else (None, 0)
         if better and self.streak[1] >= self.cfg.patience and now >= self.quiet_until:

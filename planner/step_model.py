@@ -47,6 +47,10 @@ class StepTimeModel:
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
 
+    def scaled(self, factor: float) -> StepTimeModel:
+        """Every step `factor` times as long (a machine slower than the profiled one, or busier)."""
+        return StepTimeModel(*(factor * v for v in asdict(self).values()))
+
     @staticmethod
     def fit(samples: list[tuple[StepShape, float]]) -> StepTimeModel:
         """Least squares on relative error (each step weighs the same whatever its length), coefficients >= 0

@@ -100,3 +100,20 @@ def test_a_change_needs_patience_and_waits_out_its_cooldown(store: MetadataStore
         ctl.tick(float(t))
     assert len(commands) == 1 and ctl.counters["replans"] >= 4
     channel.close()
+
+
+def test_replan_scales_the_profile_by_the_measured_step_time() -> None:
+    """Decode steps measured 3x as long as the simulation's for the same work: the re-plan runs on a profile 3x
+    slower (a busier machine), which pushes a long-prompt workload past what aggregation holds."""
+    from planner.plan import poisson_workload
+    from planner.simulate import simulate
+
+    prof, slo = profile(per_decode_seq_s=0.0005), SLO(2.0, 0.03)
+    work = WorkloadWindow(100, 0.5, 400, 20, 0.0)
+    arrivals = poisson_workload(work.rate_rps, 400, 20, 300)
+    simulated = simulate(prof, Split(0, 2), arrivals).decode_step_s
+    assert simulated > 0
+    as_profiled = replan(prof, slo, work, Split(0, 2))
+    slower = replan(prof, slo, WorkloadWindow(100, 0.5, 400, 20, 0.0, 3 * simulated), Split(0, 2))
+    assert as_profiled.slowdown == 1.0 and slower.slowdown == pytest.approx(3.0)
+    assert slower.current.goodput_rps < as_profiled.current.goodput_rps
