@@ -29,7 +29,11 @@ def init_tp(rank: int, size: int, init_method: str, device: str) -> TPGroup:
     if size > 1:
         backend = "nccl" if device == "cuda" else "gloo"
         if device == "cuda":
-            torch.cuda.set_device(rank % torch.cuda.device_count())
+            # NOTE: ranks that share this machine's visible GPUs (spawned processes) take cuda:rank; a rank whose
+            # process sees only its own GPU (a Ray actor with num_gpus=1: CUDA_VISIBLE_DEVICES names one) takes
+            # cuda:0, whatever its rank.
+            count = torch.cuda.device_count()
+            torch.cuda.set_device(0 if count == 1 else rank % count)
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
                                 timeout=timedelta(seconds=300))
     _group = TPGroup(rank, size)
@@ -58,7 +62,8 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` (an address of this machine) now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])

@@ -26,6 +26,7 @@ class InstanceStatsRecord:
     kv_transfer_failures: int = 0  # pulls that failed, each then prefilled locally (decode; counter)
     kv_local_fallbacks: int = 0  # requests prefilled locally after a failed pull (decode; counter)
     kv_lease_expiries: int = 0  # held KV freed because no reader came within its lease (prefill; counter)
+    tp_group_restarts: int = 0  # restarts of the instance's TP group after a lost rank (counter, across restarts)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
