@@ -74,12 +74,12 @@ class InstanceActor:
         finally:
             await asyncio.to_thread(self.worker.rejoin)
 
-    def tp_ranks(self) -> list[int]:
-        """The pid of every TP rank's process, in rank order (rank 0: this actor's)."""
-        import ray
-
+    async def tp_ranks(self) -> list[int]:
+        """The pid of every TP rank's process, in rank order (rank 0: this actor's). NOTE: awaited, not
+        ray.get: this actor's event loop carries its streams."""
         ranks = self.worker.engine.executor.ranks
-        return [os.getpid(), *ray.get([r.actor.pid.remote() for r in ranks], timeout=30)]  # type: ignore[attr-defined]
+        pids = await asyncio.wait_for(asyncio.gather(*[r.actor.pid.remote() for r in ranks]), 30)  # type: ignore[attr-defined]
+        return [os.getpid(), *pids]
 
     def shutdown(self, drain_s: float = 0.0) -> None:
         self.worker.shutdown(drain_s)

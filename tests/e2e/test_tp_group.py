@@ -66,6 +66,13 @@ def proc_info(pid: int) -> tuple[int, str]:
     return ppid, pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
 
 
+def is_rank_actor(pid: int) -> bool:
+    try:
+        return "RankActor" in proc_info(pid)[1]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def restart_lines(ray: Any, iid: str) -> list[str]:
     """The log lines in which `iid`'s rank 0 ended its process for its group (Ray's worker logs)."""
     logs = pathlib.Path(ray._private.worker.global_worker.node.get_logs_dir_path())
@@ -156,6 +163,24 @@ def test_rank_lost_while_idle_is_seen_by_the_watch(server: Server, ray_driver: A
     assert new0 != old0 and new1 != old1
     lines = restart_lines(ray, "decode-1")
     assert any("TP rank 1 lost (rank actor died" in line for line in lines), lines
+
+
+def test_killed_rank0_takes_its_rank_actors_with_it(server: Server, ray_driver: Any) -> None:
+    """The rank actors are the instance actor's children: Ray ends them with it, and the restarted actor starts
+    fresh ones in the same group."""
+    ray = ray_driver
+    server.wait_idle()
+    group = groups(ray)["decode-1-tp"]["placement_group_id"]
+    old0, old1 = tp_pids(ray, "decode-1")
+    os.kill(old0, signal.SIGKILL)
+    wait_back(server, "decode-1", old0)
+    new0, new1 = tp_pids(ray, "decode-1")
+    assert new0 != old0 and new1 != old1
+    deadline = time.monotonic() + 30
+    while is_rank_actor(old1):
+        assert time.monotonic() < deadline, f"the old rank 1 (pid {old1}) outlived its rank 0"
+        time.sleep(0.2)
+    assert groups(ray)["decode-1-tp"]["placement_group_id"] == group
 
 
 def test_scale_down_removes_the_group_and_scale_up_places_one(server: Server, ray_driver: Any) -> None:
