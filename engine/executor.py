@@ -20,7 +20,7 @@ import torch.distributed as dist
 from engine.config import EngineConfig
 from engine.kv_connector import KVConnectorSpec, KVConnectorWorker
 from engine.model_runner import StepInput
-from engine.parallel import destroy_tp, free_port, init_tp
+from engine.parallel import destroy_tp, init_tp, rendezvous_store
 from engine.rank_launcher import ProcessRankLauncher, RankHandle, RankLauncher
 from engine.rank_worker import RemoteError, Worker, broadcast
 
@@ -43,9 +43,10 @@ class Executor:
         if self.size > 1:
             launcher = launcher or ProcessRankLauncher()
             host = launcher.rendezvous_host()
-            init_method = f"tcp://{host}:{free_port(host)}"
+            store = rendezvous_store(host, self.size)
+            init_method = f"tcp://{host}:{store.port}"
             self.ranks = launcher.start(config, init_method)
-            init_tp(0, self.size, init_method, config.device)
+            init_tp(0, self.size, init_method, config.device, store)
         self.worker = Worker(config)
         self.runner = self.worker.runner
 

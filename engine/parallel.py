@@ -23,8 +23,20 @@ def tp() -> TPGroup:
     return _group
 
 
-def init_tp(rank: int, size: int, init_method: str, device: str) -> TPGroup:
-    """Join the TP process group. Every rank must call this with the same `init_method` and `size`."""
+TP_TIMEOUT = timedelta(seconds=300)
+
+
+def rendezvous_store(host: str, size: int) -> dist.TCPStore:
+    """Rank 0's rendezvous store, listening on a port the OS picks as it binds: ranks 1..N-1 join at
+    tcp://{host}:{store.port}. NOTE: not a port found free beforehand: another process (any outgoing connection
+    takes an ephemeral port) could take it before the store binds, which failed a group's start here
+    (EADDRINUSE) on a loaded machine."""
+    return dist.TCPStore(host, 0, size, is_master=True, timeout=TP_TIMEOUT, wait_for_workers=False)
+
+
+def init_tp(rank: int, size: int, init_method: str, device: str, store: dist.Store | None = None) -> TPGroup:
+    """Join the TP process group. Every rank must call this with the same `init_method` and `size`; rank 0 passes
+    the `store` behind it (rendezvous_store)."""
     global _group
     if size > 1:
         backend = "nccl" if device == "cuda" else "gloo"
@@ -34,8 +46,10 @@ def init_tp(rank: int, size: int, init_method: str, device: str) -> TPGroup:
             # cuda:0, whatever its rank.
             count = torch.cuda.device_count()
             torch.cuda.set_device(0 if count == 1 else rank % count)
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
-                                timeout=timedelta(seconds=300))
+        if store is None:  # NOTE: the same store on every rank, so that their keys agree (no prefix of torch's)
+            host, port = init_method.removeprefix("tcp://").rsplit(":", 1)
+            store = dist.TCPStore(host, int(port), size, is_master=False, timeout=TP_TIMEOUT)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=TP_TIMEOUT)
     _group = TPGroup(rank, size)
     return _group
 

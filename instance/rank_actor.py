@@ -66,15 +66,16 @@ class RayRank:
         return self.status
 
     def settle(self) -> None:
-        """Record how `done` ended (it has)."""
+        """Record how `done` ended (it has). NOTE: through its future, not ray.get, which Ray reports as a
+        blocking call inside the instance's async actor, from whatever thread."""
         import ray
 
-        try:
-            ray.get(self.done)
+        e = self.done.future().exception(timeout=30)
+        if e is None:
             self.status = "rank loop ended"
-        except ray.exceptions.RayActorError as e:
+        elif isinstance(e, ray.exceptions.RayActorError):
             self.status = f"rank actor died ({type(e).__name__})"
-        except ray.exceptions.RayTaskError as e:
+        else:
             self.status = f"rank loop raised {getattr(e, 'cause', None) or e!r}"
 
     def join(self, timeout: float) -> bool:
