@@ -29,7 +29,8 @@ class InstanceActor:
                  namespace: str, registry_lease_s: float, role: Literal["prefill", "decode"] | None = None) -> None:
         """`role`: for a role-switchable worker class (pdserve/serving_actor.py); a role's own class has one."""
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        os.environ.setdefault(envs.PDSERVE_NODE_IP.name, _ray_node_ip())
+        if not envs.PDSERVE_NODE_IP.get():  # NOTE: empty counts as unset (an inherited "" from a process outside Ray)
+            os.environ[envs.PDSERVE_NODE_IP.name] = _ray_node_ip()
         logging.basicConfig(level=logging.INFO, format=f"%(levelname)s {instance_id} %(name)s: %(message)s")
         self.instance_id = instance_id
         self.store = store = MetadataStore(redis_url, namespace, registry_lease_s)
