@@ -97,17 +97,21 @@ class EngineConfig:
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization: {self.gpu_memory_utilization} must be in (0, 1]")
 
-    def resolved(self) -> EngineConfig:
+    def resolved(self, gpus_needed: int | None = None) -> EngineConfig:
         """A copy made concrete for this machine: `device` "auto" becomes cuda or cpu, `async_scheduling` None
-        becomes on (CUDA at TP 1) or off, and the GPUs the TP size needs must be visible. Idempotent. The engine
-        calls it first thing, so everything below LLMEngine sees a resolved config."""
+        becomes on (CUDA at TP 1) or off, and the GPUs this process needs must be visible: `gpus_needed`, by
+        default every rank's (ranks started elsewhere, each with its own GPU, need one here:
+        RankLauncher.gpus_needed_here). Idempotent. The engine calls it first thing, so everything below
+        LLMEngine sees a resolved config."""
         device = self.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         tp = self.tensor_parallel_size
-        if device == "cuda" and tp > torch.cuda.device_count():
-            raise ValueError(f"tensor_parallel_size: {tp} needs that many GPUs; {torch.cuda.device_count()} "
-                             "visible (NCCL cannot put two ranks on one GPU)")
+        need = tp if gpus_needed is None else gpus_needed
+        if device == "cuda" and need > torch.cuda.device_count():
+            what = "that many GPUs" if need == tp else f"{need} GPU(s) in this process"
+            raise ValueError(f"tensor_parallel_size: {tp} needs {what}; {torch.cuda.device_count()} visible "
+                             "(NCCL cannot put two ranks on one GPU)")
         async_scheduling = self.async_scheduling
         if async_scheduling is None:
             async_scheduling = device == "cuda" and tp == 1

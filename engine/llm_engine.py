@@ -31,6 +31,7 @@ from engine.kv_connector import KVConnectorSpec
 from engine.metrics import EngineMetrics
 from engine.model_info import ModelInfo
 from engine.outputs import RequestOutput
+from engine.rank_launcher import ProcessRankLauncher, RankLauncher
 from engine.remote_kv import RemoteKV
 from engine.request import Request, RequestStatus
 from engine.sampler import Sampler
@@ -41,11 +42,14 @@ from engine.tokenizer import IncrementalDetokenizer, encode_prompt, load_tokeniz
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, kv_connector: KVConnectorSpec | None = None) -> None:
-        self.config = config = config.resolved()
+    def __init__(self, config: EngineConfig, kv_connector: KVConnectorSpec | None = None,
+                 rank_launcher: RankLauncher | None = None) -> None:
+        """`rank_launcher`: who starts TP ranks 1..N-1 (None: spawned processes, engine/rank_launcher.py)."""
+        rank_launcher = rank_launcher or ProcessRankLauncher()
+        self.config = config = config.resolved(rank_launcher.gpus_needed_here(config.tensor_parallel_size))
         self.info = ModelInfo.from_config(config)
         self.tokenizer = load_tokenizer(config.model)
-        self.executor = Executor(config)
+        self.executor = Executor(config, rank_launcher)
         self.kv = KVCacheManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching,
                                  config.hash_salt)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,

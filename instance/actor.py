@@ -7,13 +7,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from typing import ClassVar, Literal
 
 from engine import envs
 from engine.config import EngineConfig
+from instance.rank_actor import RayRankLauncher
 from instance.worker import DrainReport, InstanceStats, InstanceWorker
 from kv_transfer import TransferConfig
 from metastore import MetadataStore
+
+log = logging.getLogger(__name__)
+
+REDIS_WAIT_S = 2.0  # how long a dying TP group waits to count its restart in the metadata store
 
 
 class InstanceActor:
@@ -23,10 +29,20 @@ class InstanceActor:
                  namespace: str, registry_lease_s: float, role: Literal["prefill", "decode"] | None = None) -> None:
         """`role`: for a role-switchable worker class (pdserve/serving_actor.py); a role's own class has one."""
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        os.environ.setdefault(envs.PDSERVE_NODE_IP.name, _ray_node_ip())
+        if not envs.PDSERVE_NODE_IP.get():  # NOTE: empty counts as unset (an inherited "" from a process outside Ray)
+            os.environ[envs.PDSERVE_NODE_IP.name] = _ray_node_ip()
         logging.basicConfig(level=logging.INFO, format=f"%(levelname)s {instance_id} %(name)s: %(message)s")
-        store = MetadataStore(redis_url, namespace, registry_lease_s)
-        self.worker = self.worker_cls(instance_id, engine_config, transfer, store, address=instance_id, role=role)
+        self.instance_id = instance_id
+        self.store = store = MetadataStore(redis_url, namespace, registry_lease_s)
+        self._exiting = threading.Lock()
+        launcher = None
+        if engine_config.tensor_parallel_size > 1:
+            # NOTE: ranks 1..N-1 are Ray actors in this actor's placement group (instance/rank_actor.py), which
+            # the cluster made for this instance; a lost rank ends this process and Ray restarts the group.
+            launcher = RayRankLauncher.in_current_group(instance_id, engine_config.tensor_parallel_size)
+        self.worker = self.worker_cls(instance_id, engine_config, transfer, store, address=instance_id, role=role,
+                                      rank_launcher=launcher,
+                                      on_group_lost=self._exit_for_lost_group if launcher else None)
 
     def ready(self) -> str:
         return self.worker.instance_id
@@ -59,8 +75,37 @@ class InstanceActor:
         finally:
             await asyncio.to_thread(self.worker.rejoin)
 
+    async def tp_ranks(self) -> list[int]:
+        """The pid of every TP rank's process, in rank order (rank 0: this actor's). NOTE: awaited, not
+        ray.get: this actor's event loop carries its streams."""
+        ranks = self.worker.engine.executor.ranks
+        pids = await asyncio.wait_for(asyncio.gather(*[r.actor.pid.remote() for r in ranks]), 30)  # type: ignore[attr-defined]
+        return [os.getpid(), *pids]
+
     def shutdown(self, drain_s: float = 0.0) -> None:
         self.worker.shutdown(drain_s)
+
+    def _exit_for_lost_group(self, why: str) -> None:
+        """A rank of this instance's TP group is gone (or the engine failed under it): the group cannot serve.
+        End this process without answering the calls in flight (the router retries or moves them, as for any
+        lost instance: router/recovery.py); Ray restarts this actor, which starts fresh rank actors. Counted in
+        the metadata store (the restarted instance reports it: `pdserve:tp_group_restarts`)."""
+        if not self._exiting.acquire(blocking=False):
+            return  # the other path got here first
+        log.error("instance %s: %s; ending this process so that Ray restarts its whole TP group",
+                  self.instance_id, why)
+        counted: list[int] = []
+        counter = threading.Thread(target=lambda: counted.append(self.store.count_tp_group_restart(
+            self.instance_id)), daemon=True)
+        counter.start()
+        counter.join(REDIS_WAIT_S)  # NOTE: bounded: a Redis outage must not keep a broken group alive
+        if counted:
+            log.error("instance %s: TP group restart %d", self.instance_id, counted[0])
+        else:
+            log.error("instance %s: TP group restart not counted (metadata store unreachable within %g s)",
+                      self.instance_id, REDIS_WAIT_S)
+        logging.shutdown()
+        os._exit(1)  # NOTE: not ray.actor.exit_actor(): an intentional exit would not be restarted
 
 
 def _ray_node_ip() -> str:

@@ -25,12 +25,15 @@ class EngineLoop:
     def __init__(self, step: Callable[[], Sequence[RequestOutput]], has_work: Callable[[], bool],
                  on_idle: Callable[[], None] | None = None, periodic: Callable[[], None] | None = None,
                  after_step: Callable[[], None] | None = None,
+                 on_failure: Callable[[BaseException], None] | None = None,
                  period_s: float = 0.5, idle_wait_s: float = 0.001, name: str = "engine-loop") -> None:
         """`step` advances the engine one iteration; `on_idle` runs when there is no work (e.g. the prefill
         role's engine step, which serves KV release messages); `periodic` runs every `period_s` (e.g. heartbeats
-        with the load); `after_step` runs after every step (e.g. publishing KV events while they are fresh)."""
+        with the load); `after_step` runs after every step (e.g. publishing KV events while they are fresh);
+        `on_failure` runs first when the loop fails (e.g. ending a TP group's process before the pending calls
+        get the error)."""
         self._step, self._has_work, self._on_idle, self._periodic = step, has_work, on_idle, periodic
-        self._after_step = after_step
+        self._after_step, self._on_failure = after_step, on_failure
         self.period_s, self.idle_wait_s = period_s, idle_wait_s
         self._commands: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], Future[Any]]] = \
             queue.SimpleQueue()
@@ -100,6 +103,8 @@ class EngineLoop:
         except BaseException as e:  # an engine failure: fail every pending command, keep the error visible
             log.exception("engine loop failed")
             self.error = e
+            if self._on_failure is not None:
+                self._on_failure(e)
             self._drain(RuntimeError(f"engine loop stopped: {e!r}"))
 
     def _drain(self, error: BaseException | None = None) -> None:

@@ -19,6 +19,7 @@ from engine.engine_stats import EngineStats
 from engine.llm_engine import LLMEngine
 from engine.metrics import MetricsSnapshot
 from engine.outputs import RequestOutput
+from engine.rank_launcher import RankLauncher
 from engine.sampling_params import SamplingParams
 from instance.engine_loop import EngineLoop
 from kv_transfer import NixlConnectorSpec, TransferConfig
@@ -60,19 +61,28 @@ class InstanceWorker:
 
     def __init__(self, instance_id: str, config: EngineConfig, transfer: TransferConfig | None = None,
                  store: MetadataStore | None = None, address: str = "",
-                 role: Literal["prefill", "decode"] | None = None) -> None:
+                 role: Literal["prefill", "decode"] | None = None, rank_launcher: RankLauncher | None = None,
+                 on_group_lost: Callable[[str], None] | None = None) -> None:
+        """`rank_launcher`: who starts TP ranks 1..N-1 (None: spawned processes). `on_group_lost(why)`: called
+        once when the TP group can no longer serve (a rank is gone, or the engine loop failed under it), instead
+        of failing the calls in flight; the instance's Ray actor then ends its process (instance/actor.py)."""
         self.instance_id = instance_id
         if role is not None:
             self.role, self.poll_when_idle = role, role == "prefill"
         self.transfer = transfer or TransferConfig()
-        self.engine = LLMEngine(config, kv_connector=NixlConnectorSpec(instance_id, self.role, self.transfer))
+        self.engine = LLMEngine(config, kv_connector=NixlConnectorSpec(instance_id, self.role, self.transfer),
+                                rank_launcher=rank_launcher)
+        on_failure = None
+        if on_group_lost is not None and self.engine.executor.ranks:
+            self.engine.executor.watch_ranks(lambda rank, how: on_group_lost(f"TP rank {rank} lost ({how})"))
+            on_failure = lambda e: on_group_lost(f"engine loop failed ({e!r})")  # noqa: E731
         self.publisher = None if store is None else InstancePublisher.for_engine(
             store, instance_id, self.role, self.engine, address)
         self.role_switches = 0
         self.loop = EngineLoop(self.engine.step, self.engine.has_unfinished_requests, on_idle=self._on_idle,
                                periodic=self.publisher.tick if self.publisher else None,
                                after_step=self.publisher.publish_events if self.publisher else None,
-                               name=f"{self.role}-{instance_id}").start()
+                               on_failure=on_failure, name=f"{self.role}-{instance_id}").start()
 
     def _on_idle(self) -> None:
         if self.poll_when_idle:  # NOTE: read every time: a role switch changes it

@@ -70,7 +70,9 @@ class AdminChannel:
     timeout allows."""
 
     def __init__(self, url: str, namespace: str = "pdserve") -> None:
-        self.r = redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+        # NOTE: socket_timeout=None said out loud: redis-py 8 reads with a 5 s timeout by default, which cut
+        # every reply wait (an added instance takes longer) short with "Timeout reading from socket".
+        self.r = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=None, health_check_interval=30)
         self.ns = namespace
 
     def _cmd_key(self) -> str:

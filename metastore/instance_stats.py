@@ -29,6 +29,7 @@ class InstanceStatsRecord:
     requests_finished: int = 0  # requests that left the engine, done or aborted (counter)
     prompt_tokens_finished: int = 0  # their prompt tokens (counter)
     output_tokens_finished: int = 0  # their generated tokens (counter)
+    tp_group_restarts: int = 0  # restarts of the instance's TP group after a lost rank (counter, across restarts)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

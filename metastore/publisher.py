@@ -99,6 +99,8 @@ class InstancePublisher:
         self.failures = 0  # heartbeats that could not reach Redis (the lease then lapses: visible to the router)
         self.heartbeats = 0  # heartbeats attempted: the stats record's heartbeat_seq
         self.sender = KVEventSender(store, info.instance_id)
+        # NOTE: read once: only a lost rank changes it, and that ends this process (instance/actor.py)
+        self.tp_group_restarts = store.tp_group_restarts(info.instance_id) if info.tp_size > 1 else 0
 
     @classmethod
     def for_engine(cls, store: MetadataStore, instance_id: str, role: str, engine: LLMEngine,
@@ -146,7 +148,8 @@ class InstancePublisher:
             kv_transfers=kv.get("transfers", 0), kv_transfer_failures=kv.get("fallbacks", 0),
             kv_local_fallbacks=c.kv_load_fallbacks, kv_lease_expiries=kv.get("lease_expired", 0),
             requests_finished=c.requests_finished, prompt_tokens_finished=c.prompt_tokens_finished,
-            output_tokens_finished=c.output_tokens_finished)
+            output_tokens_finished=c.output_tokens_finished,
+            tp_group_restarts=self.tp_group_restarts)
 
     def withdraw(self) -> None:
         """Leave the registry and stay out (no heartbeat, no KV event) until `rejoin`: routers stop placing here

@@ -215,6 +215,17 @@ class MetadataStore:
         pipe.zrem(self._k("live"), instance_id)
         pipe.execute()
 
+    # ---- TP group restarts ---------------------------------------------------------------------------------
+    def count_tp_group_restart(self, instance_id: str) -> int:
+        """One more restart of `instance_id`'s TP group because a rank was lost (written by the dying instance,
+        read by the one Ray starts next: `tp_group_restarts`); returns the new count. Kept until the namespace
+        is cleared: an instance id's restarts survive its processes."""
+        return int(self.r.hincrby(self._k("tp_group_restarts"), instance_id, 1))
+
+    def tp_group_restarts(self, instance_id: str) -> int:
+        raw = self.r.hget(self._k("tp_group_restarts"), instance_id)
+        return int(raw) if raw is not None else 0
+
     # ---- prefix-block index --------------------------------------------------------------------------------
     def apply_kv_events(self, instance_id: str, events: Iterable[KVEvent]) -> None:
         """Keep the index current from an engine's KV events (stored / removed, by block hash), in order.

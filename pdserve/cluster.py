@@ -11,9 +11,11 @@ import signal
 from typing import Any
 
 from engine import envs
+from instance.rank_actor import BUNDLE_CPU
 from metastore import MetadataStore, RedisServer
 from pdserve.config import ServingConfig
 from pdserve.runtime import ClusterInfo, ray_namespace, remove_cluster_file, write_cluster_file
+from pdserve.tp_groups import create_group, remove_group
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,7 @@ class Cluster:
         self.redis: RedisServer | None = None
         self.ray_started = False
         self.actors: dict[str, Any] = {}  # instance id (its actor's name) -> actor handle
+        self.groups: dict[str, Any] = {}  # instance id -> its placement group (tensor_parallel_size > 1 only)
         self.roles: dict[str, str] = {}  # instance id -> the role it serves now (a role switch changes it)
         self.resources: dict[str, dict[str, float]] = {}  # instance id -> its actor's custom resources
         # instances whose node was lost and whose actor Ray cannot place again (pdserve/node_watcher.py)
@@ -73,6 +76,7 @@ class Cluster:
 
     def _create(self, iid: str, role: str) -> Any:
         import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from pdserve.serving_actor import ServingActor
 
@@ -81,21 +85,35 @@ class Cluster:
         engine_config, tp = cfg.pool_engine(role), pool.tensor_parallel_size
         device = cfg.engine.device  # NOTE: "auto" is resolved by each engine on its own node; here, by the cluster
         gpu = device == "cuda" or (device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
-        # NOTE: one actor per instance, of the one class that serves either role (a role switch keeps it); its
-        # engine spawns the other TP ranks next to it, so the actor reserves every rank's GPU (num_gpus=tp) and
-        # they land on one node.
+        # NOTE: one actor per instance, of the one class that serves either role (a role switch keeps it).
+        # At tensor_parallel_size > 1 it is rank 0 of a TP group: bundle 0 of the instance's placement group
+        # (pdserve/tp_groups.py), whose other bundles hold the rank actors it starts (instance/rank_actor.py).
         # NOTE: a lost instance comes back: Ray restarts its actor (the same arguments: it registers again
         # and the router's breaker for it closes on the new pid). Calls in flight when it died fail;
         # the router retries or moves them (router/recovery.py), so Ray must not retry them itself.
         resources = pool.actor_resources()
-        actor_cls = ray.remote(ServingActor).options(name=iid, namespace=self.ray_namespace, num_cpus=0,
-                                                     num_gpus=tp if gpu else 0, max_concurrency=1000,
-                                                     max_restarts=-1, max_task_retries=0,
-                                                     resources=resources)
+        options: dict[str, Any] = dict(num_cpus=0, num_gpus=1 if gpu else 0, resources=resources)
+        if tp > 1:
+            pg = self.groups[iid] = create_group(iid, tp, gpu, resources)
+            options.update(num_cpus=0 if gpu else BUNDLE_CPU,  # NOTE: exactly bundle 0
+                           scheduling_strategy=PlacementGroupSchedulingStrategy(pg, 0))
+        actor_cls = ray.remote(ServingActor).options(name=iid, namespace=self.ray_namespace, max_concurrency=1000,
+                                                     max_restarts=-1, max_task_retries=0, **options)
         actor = actor_cls.remote(iid, engine_config, cfg.kv_transfer, url, cfg.metastore.namespace,
                                  cfg.metastore.registry_lease_s, role)
         self.actors[iid], self.roles[iid], self.resources[iid] = actor, role, resources
         return actor
+
+    def remove(self, iid: str) -> None:
+        """Kill the instance's actor for good (with its TP ranks) and give its placement group back."""
+        import ray
+
+        actor = self.actors.pop(iid)
+        self.roles.pop(iid, None)
+        self.resources.pop(iid, None)
+        ray.kill(actor, no_restart=True)  # NOTE: the actors restart forever otherwise (max_restarts=-1)
+        if (pg := self.groups.pop(iid, None)) is not None:
+            remove_group(iid, pg)
 
     def stop(self, drain_s: float = 0.0) -> None:
         """Stop everything; with `drain_s`, each instance first drains (InstanceWorker.shutdown): decode instances
@@ -112,8 +130,7 @@ class Cluster:
                 ray.get(actor.shutdown.remote(drain_s), timeout=drain_s + 30)
             except Exception as e:
                 log.warning("actor shutdown failed: %s", e)
-            ray.kill(actor)
-        self.actors, self.roles, self.resources = {}, {}, {}
+            self.remove(iid)
         if self.cluster_file_written:
             remove_cluster_file(self.cfg, os.getpid())
             self.cluster_file_written = False

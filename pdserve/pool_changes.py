@@ -17,6 +17,7 @@ from collections import Counter
 from typing import Any
 
 from pdserve.cluster import Cluster
+from pdserve.tp_groups import GroupNotPlacedError
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,12 @@ class PoolChanges:
         used = {instance_index(i) for i in self.cluster.actors if i.startswith(f"{role}-")}
         iid = f"{role}-{min(k for k in range(len(used) + 1) if k not in used)}"
         t0 = time.monotonic()
-        actor = self.cluster._create(iid, role)
+        try:
+            actor = self.cluster._create(iid, role)
+        except GroupNotPlacedError as e:
+            self.counters["add_failures"] += 1
+            log.error("instance %s not added: %s", iid, e)
+            raise AdminError("RESOURCE_EXHAUSTED", str(e)) from None
         try:
             ray.get(actor.ready.remote(), timeout=READY_TIMEOUT_S)
         except Exception as e:
@@ -134,12 +140,7 @@ class PoolChanges:
         return report
 
     def _kill(self, iid: str) -> None:
-        import ray
-
-        actor = self.cluster.actors.pop(iid)
-        self.cluster.roles.pop(iid, None)
-        self.cluster.resources.pop(iid, None)
-        ray.kill(actor, no_restart=True)  # NOTE: the actors restart forever otherwise (max_restarts=-1)
+        self.cluster.remove(iid)  # its actor for good, and its TP placement group
 
     # ---- a pool --------------------------------------------------------------------------------------------
     def scale(self, role: str, replicas: int) -> list[str]:

@@ -9,11 +9,13 @@ decode_worker may import both (docs/structure.md). The router reaches it by name
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 from decode_worker.actor import DecodeActor
 from decode_worker.worker import DecodeWorker
 from engine.config import EngineConfig
+from engine.rank_launcher import RankLauncher
 from kv_transfer import TransferConfig
 from metastore import MetadataStore
 from prefill_worker.actor import PrefillActor
@@ -26,10 +28,11 @@ class ServingWorker(PrefillWorker, DecodeWorker):
 
     def __init__(self, instance_id: str, config: EngineConfig, transfer: TransferConfig | None = None,
                  store: MetadataStore | None = None, address: str = "",
-                 role: Literal["prefill", "decode"] | None = None) -> None:
+                 role: Literal["prefill", "decode"] | None = None, rank_launcher: RankLauncher | None = None,
+                 on_group_lost: Callable[[str], None] | None = None) -> None:
         if role is None:
             raise ValueError("a ServingWorker needs its starting role")
-        super().__init__(instance_id, config, transfer, store, address, role)
+        super().__init__(instance_id, config, transfer, store, address, role, rank_launcher, on_group_lost)
 
 
 class ServingActor(PrefillActor, DecodeActor):

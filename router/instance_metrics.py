@@ -61,6 +61,8 @@ _COUNTERS = (
     ("pdserve:kv_local_fallbacks", "Requests prefilled locally after their KV pull failed", "kv_local_fallbacks"),
     ("pdserve:kv_lease_expiries", "Held KV freed with no reader after its lease (prefill instances)",
      "kv_lease_expiries"),
+    ("pdserve:tp_group_restarts", "Restarts of the instance's TP group (every rank) after a lost rank",
+     "tp_group_restarts"),
 )
 
 

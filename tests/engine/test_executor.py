@@ -115,3 +115,22 @@ def test_tp2_nccl_mqa_equals_tp1_and_transformers(models: dict[str, pathlib.Path
     llm.shutdown()
     assert tp2 == tp1
     assert tp1 == [hf_greedy(model, p, 24) for p in prompts]
+
+
+def test_watch_sees_a_killed_rank(models: dict[str, pathlib.Path]) -> None:
+    """A rank that dies while the engine is idle (no step to notice it) is reported once by `watch_ranks`."""
+    import os
+    import signal
+    import threading
+
+    seen: list[tuple[int, str]] = []
+    called = threading.Event()
+    with LLM(model=str(models["llama"]), dtype="float32", tensor_parallel_size=2, device="cpu") as llm:
+        executor = llm.engine.executor
+        executor.watch_ranks(lambda rank, how: (seen.append((rank, how)), called.set()), period_s=0.1)
+        assert executor.lost_ranks() == []
+        os.kill(executor.ranks[0].proc.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+        assert called.wait(10)
+        assert seen == [(1, "exit code -9")]
+        with pytest.raises(RuntimeError, match="rank 1: exit code -9"):
+            llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2))

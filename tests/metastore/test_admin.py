@@ -36,6 +36,27 @@ def test_command_and_reply_round_trip() -> None:
         executor.close()
 
 
+def test_a_reply_slower_than_the_clients_default_read_timeout_arrives() -> None:
+    """redis-py 8 reads with a 5 s timeout unless told otherwise; the reply wait (an added instance loads its
+    model first) must outlast it."""
+    with RedisServer() as redis:
+        router, executor = AdminChannel(redis.url, "t"), AdminChannel(redis.url, "t")
+
+        def serve_late() -> None:
+            cmd = executor.take(wait_s=5)
+            assert cmd is not None
+            time.sleep(6.5)
+            executor.reply(AdminReply(cmd.id, ["added decode-1 (decode)"]))
+
+        t = threading.Thread(target=serve_late)
+        t.start()
+        reply = router.call(AdminCommand("scale", role="decode", replicas=2), timeout_s=15)
+        t.join(10)
+        assert reply is not None and reply.changes == ["added decode-1 (decode)"]
+        router.close()
+        executor.close()
+
+
 def test_unknown_op_is_refused() -> None:
     with pytest.raises(ValueError, match="not one of"):
         AdminCommand("reboot")  # type: ignore[arg-type]
