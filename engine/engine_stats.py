@@ -41,3 +41,5 @@ class EngineCounters:
     steps: int
     step_s: float
     kv_load_fallbacks: int  # KV loads that failed, each request then prefilled locally
+    computed_tokens: int = 0  # tokens computed by forwards (prompt and generated), a counter
+    compute_s: float = 0.0  # wall time of the steps that computed them: tokens / s is the measured token rate

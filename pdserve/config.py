@@ -21,6 +21,7 @@ import yaml
 from engine.config import EngineConfig
 from kv_transfer.config import TransferConfig
 from metastore.policy import PlacementPolicy
+from router.admission import AdmissionConfig
 
 
 class ConfigError(ValueError):
@@ -138,6 +139,7 @@ class ServingConfig:
     metastore: MetastoreConfig = field(default_factory=MetastoreConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)  # early rejection (router/admission.py)
 
     def pool_engine(self, role: str) -> EngineConfig:
         """The engine configuration of every instance of pool `role` ("prefill" or "decode")."""

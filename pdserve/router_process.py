@@ -52,7 +52,7 @@ def build_router(cfg: ServingConfig, store: MetadataStore, ray_namespace: str) -
     view = ClusterView(store, cfg.placement).start()
     return RouterService(info, load_tokenizer(info.model), view, ray_namespace, srv.max_inflight,
                          srv.max_prompt_bytes, srv.prefill_timeout_s, srv.max_migrations,
-                         InstanceHealth(srv.breaker_threshold, srv.breaker_cooldown_s))
+                         InstanceHealth(srv.breaker_threshold, srv.breaker_cooldown_s), cfg.admission)
 
 
 class StartingRouter(pdserve_pb2_grpc.PDServeServicer):
