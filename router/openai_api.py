@@ -88,7 +88,7 @@ class OpenAIFront:
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
             {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "pdserve",
-             "max_model_len": self.service.info.max_model_len}]})
+             "max_model_len": self.service.info.max_model_len, "vocab_size": self.service.info.vocab_size}]})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, chat=False)
