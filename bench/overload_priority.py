@@ -61,7 +61,7 @@ def phase(early_reject: bool, args: argparse.Namespace, rate: float | None) -> d
     admission = {"early_reject": early_reject, "ttft_slo_ms": {"interactive": args.slo_interactive_ms,
                                                                "batch": args.slo_batch_ms}}
     # NOTE: server.max_inflight out of the way: the refusals measured are early rejection's alone
-    with small_cluster(args.max_num_seqs, server={"max_inflight": 100_000},
+    with small_cluster(args.max_num_seqs, server={"max_inflight": args.max_inflight},
                        sections={"admission": admission}) as (ready, _):
         target = ready.targets[0]
         warm = make_work(8, 0.0, args, 999, 0.0)
@@ -99,9 +99,13 @@ def main() -> int:
     p.add_argument("--slo-batch-ms", type=float, default=5000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=200.0)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--max-inflight", type=int, default=100_000, help="server.max_inflight of both phases")
+    p.add_argument("--only-off", action="store_true", help="measure capacity and the phase without early rejection")
     p.add_argument("--out", default="bench/out/overload_priority.json")
     args = p.parse_args()
     off = phase(False, args, None)
+    if args.only_off:
+        return 0
     on = phase(True, args, off["rate"])
     ratio = on["goodput"] / off["goodput"] if off["goodput"] else float("inf")
     print(f"goodput: early rejection on {on['goodput']:.2f} req/s, off {off['goodput']:.2f} req/s: ratio {ratio:.2f}")

@@ -95,21 +95,33 @@ class Scheduler:
         return budget
 
     def _admit(self, cls: int, budget: int, out: SchedulerOutput, scheduled: set[int]) -> int:
-        """Admit waiting requests of class `cls` from the head of the queue while budget, sequence slots and
-        blocks last (none after a preemption in this step). Returns the budget left."""
-        while self.waiting and self.waiting[0].order[0] == cls and budget > 0 and \
+        """Admit waiting requests of class `cls` in order while budget, sequence slots and blocks last (none
+        after a preemption in this step). Returns the budget left.
+
+        NOTE: once one cannot get its blocks (or a request of a higher class still waits), only requests that
+        already hold theirs (a prompt whose KV was loaded from a prefill instance: it needs one token's room) are
+        admitted past it. Stopping there would deadlock: loaded requests waiting behind a preempted one would
+        keep the blocks it waits for, forever."""
+        i = bisect.bisect_left(self.waiting, (cls, -1), key=_order)  # the first of this class
+        blocked = i > 0  # a request of a higher class still waits
+        while i < len(self.waiting) and self.waiting[i].order[0] == cls and budget > 0 and \
                 len(self.running) < self.max_num_seqs and not out.preempted:
-            request = self.waiting[0]
+            request = self.waiting[i]
+            if blocked and not request.block_ids:
+                i += 1
+                continue
             hits = self.kv.get_computed_blocks(request)
             num_computed = request.num_computed_tokens + len(hits) * self.kv.block_size
             n = request.num_tokens - num_computed
             if n > budget:
                 if not self.enable_chunked_prefill:
-                    break
+                    blocked, i = True, i + 1
+                    continue
                 n = budget
             if not self.kv.allocate_slots(request, n, hits):
-                break
-            self.waiting.pop(0)
+                blocked, i = True, i + 1
+                continue
+            self.waiting.pop(i)
             if request.status is RequestStatus.WAITING and request.num_computed_tokens == 0:
                 # First admission of a fresh request (not a resumed or remotely prefilled one): record its hits.
                 request.num_cached_tokens = len(hits) * self.kv.block_size

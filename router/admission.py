@@ -4,6 +4,8 @@ rather than accept it and serve it late (and delay the requests behind it).
     predicted TTFT = prompt tokens queued on the instance that will prefill it, in its class or a higher one
                      (this router's placements whose prefill has not finished, its own uncached tokens included)
                      / that instance's measured token rate
+                     + the recent gap between that prediction and the TTFTs measured (the part the queue
+                       does not explain: the KV pull, a decode slot, the first step; smoothed, >= 0)
 
 Only the classes at or above the request's count: the engines admit by class (engine/scheduler.py), so an
 interactive request does not wait behind batch prompts. The rate is what the instance's heartbeats report
@@ -27,6 +29,7 @@ from metastore.instance_stats import InstanceStatsRecord
 log = logging.getLogger(__name__)
 
 RATE_SMOOTHING = 0.5  # weight of the newest interval in the smoothed token rate
+GAP_SMOOTHING = 0.2  # weight of the newest request in the smoothed gap between predicted and measured TTFT
 
 
 @dataclass
@@ -63,6 +66,7 @@ class AdmissionConfig:
 class Prediction:
     ttft_ms: float
     slo_ms: float
+    queue_ms: float  # the queue's part of ttft_ms (the rest is the measured gap)
     queued_tokens: int  # ahead of it and its own, in its class or higher, on the instance
     tokens_per_s: float
     measured: bool  # the rate is the instance's (False: admission.default_tokens_per_s)
@@ -86,6 +90,7 @@ class TTFTPredictor:
         self.config = config
         self._last: dict[str, InstanceStatsRecord] = {}  # the record each rate was last updated from
         self.rates: dict[str, float] = {}  # instance -> smoothed tokens per second
+        self.gaps: dict[str, float] = {}  # instance -> smoothed (measured TTFT - queue part), ms, >= 0
         self.defaults_used = 0  # predictions made with the default rate (pdserve:ttft_rate_defaults_total)
         self._warned: set[str] = set()
 
@@ -117,5 +122,12 @@ class TTFTPredictor:
                 log.info("no measured token rate for %s yet: predicting TTFTs with admission.default_tokens_per_s"
                          " %g until its heartbeats report one", instance_id, rate)
         assert rate is not None
-        return Prediction(1000.0 * queued_tokens / rate, self.config.ttft_slo_ms.of(priority), queued_tokens, rate,
-                          measured)
+        queue_ms = 1000.0 * queued_tokens / rate
+        return Prediction(queue_ms + self.gaps.get(instance_id, 0.0), self.config.ttft_slo_ms.of(priority), queue_ms,
+                          queued_tokens, rate, measured)
+
+    def measured(self, instance_id: str, prediction: Prediction, ttft_ms: float) -> None:
+        """A request admitted with `prediction` had its first token after `ttft_ms`: fold the gap in."""
+        gap = max(ttft_ms - prediction.queue_ms, 0.0)
+        old = self.gaps.get(instance_id)
+        self.gaps[instance_id] = gap if old is None else GAP_SMOOTHING * gap + (1 - GAP_SMOOTHING) * old

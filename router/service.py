@@ -35,7 +35,7 @@ from engine.sampling_params import SamplingParams
 from instance.messages import StreamDelta
 from metastore import InstanceInfo
 from router import recovery
-from router.admission import AdmissionConfig, TTFTPredictor
+from router.admission import AdmissionConfig, Prediction, TTFTPredictor
 from router.cluster_view import ClusterState, ClusterView
 from router.generation import GenerateInput, Output, RequestError, delta_logprobs, final_output, routing_of
 from router.health import InstanceHealth
@@ -83,6 +83,7 @@ class RouterService(pb_grpc.PDServeServicer):
         self.metrics = RouterMetrics(lambda: len(self.inflight), self._queued)  # its own registry
         self.admission = admission or AdmissionConfig()
         self.ttft = TTFTPredictor(self.admission)  # early rejection (router/admission.py)
+        self.predicted: dict[str, tuple[str, Prediction, float]] = {}  # admitted: (instance, prediction, start)
         self.metrics.registry.register(InstanceCollector(view, self.health, {
             "recovery": self.counters, "breakers": self.health.counters, "cluster_view": view.counters}))
 
@@ -271,6 +272,16 @@ class RouterService(pb_grpc.PDServeServicer):
             self._release(rid)
             self.metrics.rejected.labels("slo").inc()
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, prediction.reason(priority, target))
+        self.predicted[rid] = (target, prediction, time.perf_counter())
+
+    def _first_token(self, rid: str) -> None:
+        """The request's first token is out: its prefill no longer queues, and its TTFT calibrates the next
+        predictions (when it was predicted)."""
+        self.prefill_finished(rid)
+        predicted = self.predicted.pop(rid, None)
+        if predicted is not None:
+            target, prediction, start = predicted
+            self.ttft.measured(target, prediction, 1000.0 * (time.perf_counter() - start))
 
     async def _run(self, rid: str, tokens: list[int], params: SamplingParams,
                    placement: Placement) -> AsyncIterator[Output]:
@@ -282,7 +293,7 @@ class RouterService(pb_grpc.PDServeServicer):
         async for delta, where, moves in recovery.stream(self, rid, tokens, params, placement, kv_handle):
             first = completion == 0
             if first:  # a local prefill: its first token is out
-                self.prefill_finished(rid)
+                self._first_token(rid)
             logprobs = delta_logprobs(delta, first_logprob if first else None)
             completion += len(delta.token_ids)
             if delta.finished:
@@ -310,6 +321,7 @@ class RouterService(pb_grpc.PDServeServicer):
         NOTE: under the lock, so a placement thread still running for it sees it gone and records nothing."""
         with self._place_lock:
             self.load.finished(rid, self.inflight.pop(rid, None))
+        self.predicted.pop(rid, None)
 
     _final = staticmethod(final_output)
 

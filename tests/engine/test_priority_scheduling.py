@@ -90,3 +90,24 @@ def test_priority_is_validated() -> None:
     assert Priority.parse("Batch") is B
     with pytest.raises(ValueError, match="interactive, batch"):
         Priority.parse("urgent")
+
+
+def loaded(name: str, n: int, arrival: int, priority: Priority, s: Scheduler) -> Request:
+    """A request whose prompt KV was loaded from a prefill instance: it holds its blocks and its first token."""
+    r = req(name, n, arrival, priority)
+    assert s.kv.allocate_slots(r, n)
+    r.num_computed_tokens = n
+    r.append_token(7)
+    return r
+
+
+@pytest.mark.parametrize("head", [I, B])
+def test_a_blocked_head_does_not_hold_up_requests_that_hold_their_kv(head: Priority) -> None:
+    s = make(num_blocks=6, budget=64)
+    s.add(req("p0", 16, 0, head))  # a preempted request: recomputes 16 tokens, 4 blocks
+    done = loaded("k1", 8, 1, B, s)  # 2 blocks held: only 4 free, then...
+    s.add(done)
+    assert s.kv.allocate_slots(req("other", 4, 9, B), 4)  # ...3 after another request's block
+    # p0 cannot get its 4 blocks: k1 (its KV loaded) is admitted past it and decodes, so its blocks come back
+    assert step(s) == [("k1", 1)]
+    assert [r.request_id for r in s.waiting] == ["p0"]

@@ -52,3 +52,14 @@ def test_the_queue_ahead_counts_only_the_class_and_higher() -> None:
     load.finished("b2", placement("p0", "d0", 200))
     load.finished("b1", placement("p0", "d0", 300))
     assert not load.pending_by_class and not load.priority_of and not load.pending_on
+
+
+def test_the_measured_gap_is_added_to_the_queue_part() -> None:
+    p = TTFTPredictor(AdmissionConfig(default_tokens_per_s=1000))
+    first = p.predict("a", 100, I)  # 100 ms of queue, no gap measured yet
+    assert (first.queue_ms, first.ttft_ms) == (pytest.approx(100), pytest.approx(100))
+    p.measured("a", first, 400.0)  # it took 400 ms: 300 ms the queue does not explain
+    assert p.predict("a", 100, I).ttft_ms == pytest.approx(400)
+    p.measured("a", first, 50.0)  # faster than the queue part: a gap of 0, smoothed in
+    assert p.gaps["a"] == pytest.approx(0.8 * 300)
+    assert p.predict("b", 100, I).ttft_ms == pytest.approx(100)  # per instance
