@@ -4,8 +4,10 @@ rather than accept it and serve it late (and delay the requests behind it).
     predicted TTFT = prompt tokens queued on the instance that will prefill it, in its class or a higher one
                      (this router's placements whose prefill has not finished, its own uncached tokens included)
                      / that instance's measured token rate
-                     + the recent gap between that prediction and the TTFTs measured (the part the queue
-                       does not explain: the KV pull, a decode slot, the first step; smoothed, >= 0)
+                     + the recent gap between that prediction and the TTFTs measured in its class on that
+                       instance (the part the queue does not explain: the KV pull, a decode slot, the first
+                       step, and for a lower class the higher-class requests that arrive after it and go
+                       first; smoothed, >= 0)
 
 Only the classes at or above the request's count: the engines admit by class (engine/scheduler.py), so an
 interactive request does not wait behind batch prompts. The rate is what the instance's heartbeats report
@@ -90,7 +92,9 @@ class TTFTPredictor:
         self.config = config
         self._last: dict[str, InstanceStatsRecord] = {}  # the record each rate was last updated from
         self.rates: dict[str, float] = {}  # instance -> smoothed tokens per second
-        self.gaps: dict[str, float] = {}  # instance -> smoothed (measured TTFT - queue part), ms, >= 0
+        # (instance, class) -> smoothed (measured TTFT - queue part), ms, >= 0. NOTE: per class: a batch request
+        # also waits for interactive ones that arrive after it, which must not inflate interactive predictions
+        self.gaps: dict[tuple[str, Priority], float] = {}
         self.defaults_used = 0  # predictions made with the default rate (pdserve:ttft_rate_defaults_total)
         self._warned: set[str] = set()
 
@@ -123,11 +127,14 @@ class TTFTPredictor:
                          " %g until its heartbeats report one", instance_id, rate)
         assert rate is not None
         queue_ms = 1000.0 * queued_tokens / rate
-        return Prediction(queue_ms + self.gaps.get(instance_id, 0.0), self.config.ttft_slo_ms.of(priority), queue_ms,
-                          queued_tokens, rate, measured)
+        gap = self.gaps.get((instance_id, priority), 0.0)
+        return Prediction(queue_ms + gap, self.config.ttft_slo_ms.of(priority), queue_ms, queued_tokens, rate,
+                          measured)
 
-    def measured(self, instance_id: str, prediction: Prediction, ttft_ms: float) -> None:
-        """A request admitted with `prediction` had its first token after `ttft_ms`: fold the gap in."""
+    def measured(self, instance_id: str, priority: Priority, prediction: Prediction, ttft_ms: float) -> None:
+        """A request of class `priority` admitted with `prediction` had its first token after `ttft_ms`: fold
+        the gap in."""
         gap = max(ttft_ms - prediction.queue_ms, 0.0)
-        old = self.gaps.get(instance_id)
-        self.gaps[instance_id] = gap if old is None else GAP_SMOOTHING * gap + (1 - GAP_SMOOTHING) * old
+        key = (instance_id, priority)
+        old = self.gaps.get(key)
+        self.gaps[key] = gap if old is None else GAP_SMOOTHING * gap + (1 - GAP_SMOOTHING) * old

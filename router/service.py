@@ -83,7 +83,8 @@ class RouterService(pb_grpc.PDServeServicer):
         self.metrics = RouterMetrics(lambda: len(self.inflight), self._queued)  # its own registry
         self.admission = admission or AdmissionConfig()
         self.ttft = TTFTPredictor(self.admission)  # early rejection (router/admission.py)
-        self.predicted: dict[str, tuple[str, Prediction, float]] = {}  # admitted: (instance, prediction, start)
+        # admitted with a prediction: (instance, class, prediction, start)
+        self.predicted: dict[str, tuple[str, Priority, Prediction, float]] = {}
         self.metrics.registry.register(InstanceCollector(view, self.health, {
             "recovery": self.counters, "breakers": self.health.counters, "cluster_view": view.counters}))
 
@@ -272,7 +273,7 @@ class RouterService(pb_grpc.PDServeServicer):
             self._release(rid)
             self.metrics.rejected.labels("slo").inc()
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, prediction.reason(priority, target))
-        self.predicted[rid] = (target, prediction, time.perf_counter())
+        self.predicted[rid] = (target, priority, prediction, time.perf_counter())
 
     def _first_token(self, rid: str) -> None:
         """The request's first token is out: its prefill no longer queues, and its TTFT calibrates the next
@@ -280,8 +281,8 @@ class RouterService(pb_grpc.PDServeServicer):
         self.prefill_finished(rid)
         predicted = self.predicted.pop(rid, None)
         if predicted is not None:
-            target, prediction, start = predicted
-            self.ttft.measured(target, prediction, 1000.0 * (time.perf_counter() - start))
+            target, priority, prediction, start = predicted
+            self.ttft.measured(target, priority, prediction, 1000.0 * (time.perf_counter() - start))
 
     async def _run(self, rid: str, tokens: list[int], params: SamplingParams,
                    placement: Placement) -> AsyncIterator[Output]:

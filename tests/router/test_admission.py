@@ -58,8 +58,9 @@ def test_the_measured_gap_is_added_to_the_queue_part() -> None:
     p = TTFTPredictor(AdmissionConfig(default_tokens_per_s=1000))
     first = p.predict("a", 100, I)  # 100 ms of queue, no gap measured yet
     assert (first.queue_ms, first.ttft_ms) == (pytest.approx(100), pytest.approx(100))
-    p.measured("a", first, 400.0)  # it took 400 ms: 300 ms the queue does not explain
+    p.measured("a", I, first, 400.0)  # it took 400 ms: 300 ms the queue does not explain
     assert p.predict("a", 100, I).ttft_ms == pytest.approx(400)
-    p.measured("a", first, 50.0)  # faster than the queue part: a gap of 0, smoothed in
-    assert p.gaps["a"] == pytest.approx(0.8 * 300)
+    p.measured("a", I, first, 50.0)  # faster than the queue part: a gap of 0, smoothed in
+    assert p.gaps[("a", I)] == pytest.approx(0.8 * 300)
     assert p.predict("b", 100, I).ttft_ms == pytest.approx(100)  # per instance
+    assert p.predict("a", 100, B).ttft_ms == pytest.approx(100)  # and per class
