@@ -4,13 +4,13 @@
   1. capacity: a burst of `--capacity-requests` interactive requests sent at once; capacity = requests / s.
   2. overload: Poisson arrivals at `--load` x capacity for `--duration` s, half interactive and half batch (at
      random), with early rejection off (admission.early_reject: false) and then on, each on a fresh cluster,
-     the same workload (same seed) at the same rate.
+     the same workload (same seed) at the same rate; `--rounds` such pairs, alternating.
 
 Per class and phase: p90 TTFT of the served requests against the class's TTFT SLO, the refused requests, and
 goodput = requests that met their class's TTFT SLO and the TPOT SLO, per second of the arrival window (the
 same window in both phases; a refused request is not good). The headline is goodput(on) / goodput(off).
 
-    nice -n -20 .venv/bin/python bench/overload_priority.py [--duration 40] [--load 2]
+    nice -n -20 .venv/bin/python bench/overload_priority.py [--duration 40] [--load 2] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -113,25 +113,37 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--max-inflight", type=int, default=100_000, help="server.max_inflight of both phases")
     p.add_argument("--only-off", action="store_true", help="measure capacity and the phase without early rejection")
+    p.add_argument("--rounds", type=int, default=1, help="off/on pairs, alternating (one capacity measurement)")
     p.add_argument("--rate", type=float, help="the overload rate, req/s (default: --load x the measured capacity)")
     p.add_argument("--out", default="bench/out/overload_priority.json")
     args = p.parse_args()
-    off = phase(False, args, args.rate)
-    if args.only_off:
-        return 0
-    on = phase(True, args, off["rate"])
-    ratio = on["goodput"] / off["goodput"] if off["goodput"] else float("inf")
-    print(f"goodput: early rejection on {on['goodput']:.2f} req/s, off {off['goodput']:.2f} req/s: ratio {ratio:.2f}")
-    for name, s in (("off", off), ("on", on)):
-        for cls in ("interactive", "batch"):
-            c = s[cls]
-            p90 = c["ttft_p90_s"]
-            print(f"early_reject {name:3} {cls:11}: served {c['served']}/{c['sent']}, refused {c['refused']}, "
-                  f"p90 TTFT {'-' if p90 is None else f'{p90 * 1e3:.0f} ms'} (SLO {c['slo_ttft_s'] * 1e3:.0f} ms), "
-                  f"goodput {c['goodput']:.2f} req/s")
+    rounds: list[dict[str, Any]] = []
+    rate = args.rate
+    for i in range(args.rounds):  # NOTE: alternating, so that drift on a shared machine falls on both modes
+        off = phase(False, args, rate)
+        rate = off["rate"]
+        if args.only_off:
+            return 0
+        on = phase(True, args, rate)
+        rounds.append({"off": off, "on": on, "ratio": on["goodput"] / off["goodput"] if off["goodput"] else None})
+        print(f"round {i + 1}: goodput early rejection on {on['goodput']:.2f} req/s, off {off['goodput']:.2f} req/s"
+              f": ratio {rounds[-1]['ratio']}", flush=True)
+    on_mean = sum(r["on"]["goodput"] for r in rounds) / len(rounds)
+    off_mean = sum(r["off"]["goodput"] for r in rounds) / len(rounds)
+    ratio = on_mean / off_mean if off_mean else float("inf")
+    print(f"goodput over {len(rounds)} rounds: early rejection on {on_mean:.2f} req/s, off {off_mean:.2f} req/s: "
+          f"ratio of the means {ratio:.2f}")
+    for i, r in enumerate(rounds):
+        for name in ("off", "on"):
+            for cls in ("interactive", "batch"):
+                c = r[name][cls]
+                p90 = c["ttft_p90_s"]
+                print(f"round {i + 1} early_reject {name:3} {cls:11}: served {c['served']}/{c['sent']}, refused "
+                      f"{c['refused']}, p90 TTFT {'-' if p90 is None else f'{p90 * 1e3:.0f} ms'} (SLO "
+                      f"{c['slo_ttft_s'] * 1e3:.0f} ms), goodput {c['goodput']:.2f} req/s")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "off": off, "on": on, "goodput_ratio": ratio}, indent=1))
+    out.write_text(json.dumps({"args": vars(args), "rounds": rounds, "goodput_ratio": ratio}, indent=1))
     return 0
 
 
