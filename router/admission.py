@@ -7,7 +7,8 @@ rather than accept it and serve it late (and delay the requests behind it).
                      + the recent gap between that prediction and the TTFTs measured in its class on that
                        instance (the part the queue does not explain: the KV pull, a decode slot, the first
                        step, and for a lower class the higher-class requests that arrive after it and go
-                       first; smoothed, >= 0)
+                       first; smoothed, >= 0, and halving every GAP_HALF_LIFE_S without a new measurement:
+                       a class whose requests are all refused measures nothing, and must not stay refused)
 
 Only the classes at or above the request's count: the engines admit by class (engine/scheduler.py), so an
 interactive request does not wait behind batch prompts. The rate is what the instance's heartbeats report
@@ -23,6 +24,7 @@ the others placed), so a prediction errs towards admitting.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 from engine.priority import Priority
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 
 RATE_SMOOTHING = 0.5  # weight of the newest interval in the smoothed token rate
 GAP_SMOOTHING = 0.2  # weight of the newest request in the smoothed gap between predicted and measured TTFT
+GAP_HALF_LIFE_S = 2.0  # the gap halves every this long without a new measurement
 
 
 @dataclass
@@ -94,7 +97,7 @@ class TTFTPredictor:
         self.rates: dict[str, float] = {}  # instance -> smoothed tokens per second
         # (instance, class) -> smoothed (measured TTFT - queue part), ms, >= 0. NOTE: per class: a batch request
         # also waits for interactive ones that arrive after it, which must not inflate interactive predictions
-        self.gaps: dict[tuple[str, Priority], float] = {}
+        self.gaps: dict[tuple[str, Priority], tuple[float, float]] = {}  # -> (gap ms, when measured)
         self.defaults_used = 0  # predictions made with the default rate (pdserve:ttft_rate_defaults_total)
         self._warned: set[str] = set()
 
@@ -127,14 +130,24 @@ class TTFTPredictor:
                          " %g until its heartbeats report one", instance_id, rate)
         assert rate is not None
         queue_ms = 1000.0 * queued_tokens / rate
-        gap = self.gaps.get((instance_id, priority), 0.0)
+        gap = self.gap(instance_id, priority)
         return Prediction(queue_ms + gap, self.config.ttft_slo_ms.of(priority), queue_ms, queued_tokens, rate,
                           measured)
 
-    def measured(self, instance_id: str, priority: Priority, prediction: Prediction, ttft_ms: float) -> None:
+    def gap(self, instance_id: str, priority: Priority, now: float | None = None) -> float:
+        """The smoothed gap (ms), decayed by the time since its last measurement."""
+        entry = self.gaps.get((instance_id, priority))
+        if entry is None:
+            return 0.0
+        gap, at = entry
+        return gap * 0.5 ** (max((time.monotonic() if now is None else now) - at, 0.0) / GAP_HALF_LIFE_S)
+
+    def measured(self, instance_id: str, priority: Priority, prediction: Prediction, ttft_ms: float,
+                 now: float | None = None) -> None:
         """A request of class `priority` admitted with `prediction` had its first token after `ttft_ms`: fold
         the gap in."""
+        now = time.monotonic() if now is None else now
         gap = max(ttft_ms - prediction.queue_ms, 0.0)
         key = (instance_id, priority)
-        old = self.gaps.get(key)
-        self.gaps[key] = gap if old is None else GAP_SMOOTHING * gap + (1 - GAP_SMOOTHING) * old
+        old = self.gap(instance_id, priority, now) if key in self.gaps else None
+        self.gaps[key] = (gap if old is None else GAP_SMOOTHING * gap + (1 - GAP_SMOOTHING) * old, now)

@@ -3,11 +3,13 @@ SLO, and the per-class prompt-token queue the router keeps (router/admission.py,
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from engine.priority import Priority
 from metastore.instance_stats import InstanceStatsRecord
-from router.admission import AdmissionConfig, TTFTPredictor, TTFTSLOs
+from router.admission import GAP_HALF_LIFE_S, AdmissionConfig, TTFTPredictor, TTFTSLOs
 from router.placed_load import PlacedLoad
 from router.placement import Placement
 
@@ -58,9 +60,12 @@ def test_the_measured_gap_is_added_to_the_queue_part() -> None:
     p = TTFTPredictor(AdmissionConfig(default_tokens_per_s=1000))
     first = p.predict("a", 100, I)  # 100 ms of queue, no gap measured yet
     assert (first.queue_ms, first.ttft_ms) == (pytest.approx(100), pytest.approx(100))
-    p.measured("a", I, first, 400.0)  # it took 400 ms: 300 ms the queue does not explain
-    assert p.predict("a", 100, I).ttft_ms == pytest.approx(400)
-    p.measured("a", I, first, 50.0)  # faster than the queue part: a gap of 0, smoothed in
-    assert p.gaps[("a", I)] == pytest.approx(0.8 * 300)
+    t = time.monotonic()
+    p.measured("a", I, first, 400.0, now=t)  # it took 400 ms: 300 ms the queue does not explain
+    assert p.predict("a", 100, I).ttft_ms == pytest.approx(400, abs=1)
+    p.measured("a", I, first, 50.0, now=t)  # faster than the queue part: a gap of 0, smoothed in
+    assert p.gap("a", I, now=t) == pytest.approx(0.8 * 300)
+    # without new measurements it fades (a class whose requests are all refused measures nothing)
+    assert p.gap("a", I, now=t + 2 * GAP_HALF_LIFE_S) == pytest.approx(0.8 * 300 / 4)
     assert p.predict("b", 100, I).ttft_ms == pytest.approx(100)  # per instance
     assert p.predict("a", 100, B).ttft_ms == pytest.approx(100)  # and per class
