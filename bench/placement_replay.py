@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from engine.model_info import ModelInfo  # noqa: E402
 from metastore import InstanceInfo, InstanceStatsRecord, PlacementPolicy  # noqa: E402
+from metastore.nodes import NodeRecord  # noqa: E402
 from metastore.store import IndexSnapshot, Load, block_key  # noqa: E402
 from pdserve.bench import workload  # noqa: E402
 from router.cluster_view import ClusterView  # noqa: E402
@@ -69,6 +70,9 @@ class _Registry:
 
     def index_snapshot(self, instance_id: str) -> IndexSnapshot:
         return IndexSnapshot("0-0", 0, [])
+
+    def nodes(self) -> tuple[NodeRecord, ...]:
+        return ()  # no Ray nodes either
 
 
 def requests(trace: Path, num: int, system_blocks: int) -> list[workload.BenchRequest]:

@@ -29,9 +29,13 @@ from pdserve.ready_line import ReadyLine  # noqa: E402
 @contextlib.contextmanager
 def small_cluster(max_num_seqs: int, pools: dict[str, Any] | None = None,
                   server: dict[str, Any] | None = None,
+                  placement: dict[str, Any] | None = None,
+                  adaptive: dict[str, Any] | None = None,
+                  keep_log: Path | None = None,
                   sections: dict[str, Any] | None = None) -> Iterator[tuple[ReadyLine, int]]:
-    """Start it on deploy/ray/serving-tiny-cpu.yaml with these pools and server settings (and whole other
-    `sections`, e.g. {"admission": {...}}, merged over the file's); stop it after."""
+    """Start it on deploy/ray/serving-tiny-cpu.yaml with these pools, server, placement and adaptive-split
+    settings (and whole other `sections`, e.g. {"admission": {...}}, merged over the file's); stop it after (and
+    copy its log to `keep_log`)."""
     with tempfile.TemporaryDirectory() as tmp:
         model = write_dummy_model(tmp, "small")
         cfg = yaml.safe_load((ROOT / "deploy/ray/serving-tiny-cpu.yaml").read_text())
@@ -39,6 +43,9 @@ def small_cluster(max_num_seqs: int, pools: dict[str, Any] | None = None,
         if pools is not None:
             cfg["pools"] = pools
         cfg["server"].update(server or {})
+        cfg["placement"].update(placement or {})
+        if adaptive is not None:
+            cfg["adaptive"] = adaptive
         merge_mappings(cfg, sections or {})
         (Path(tmp) / "serving.yaml").write_text(yaml.safe_dump(cfg))
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "RAY_AUTH_MODE": "disabled"}
@@ -58,3 +65,5 @@ def small_cluster(max_num_seqs: int, pools: dict[str, Any] | None = None,
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+            if keep_log is not None:
+                keep_log.write_text((Path(tmp) / "serve.log").read_text())

@@ -19,6 +19,7 @@ import torch
 
 from engine.attention import AttentionMetadata
 from engine.inflight import feed_tokens
+from engine.parallel import tp
 
 if TYPE_CHECKING:
     from engine.model_runner import ModelRunner, StepInput
@@ -66,12 +67,16 @@ class DecodeGraphs:
         """Capture every bucket, largest first so the smaller graphs reuse its memory pool."""
         t0 = time.perf_counter()
         pool = None
+        # NOTE: at TP > 1 the graphs hold NCCL all-reduces; torch.distributed's watchdog thread polls its work
+        # events meanwhile, which global capture mode would count as an illegal call during capture.
+        # Every rank captures the same buckets in the same order, so the captured collectives pair up.
+        mode = "thread_local" if tp().size > 1 else "global"
         for b in reversed(self.buckets):
             meta = self._meta(b)
             self.runner.forward_logits(self.input_ids[:b], self.positions[:b], meta)  # compile and warm
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode=mode):
                 self.logits[b] = self.runner.forward_logits(self.input_ids[:b], self.positions[:b], meta)
             pool = graph.pool()
             self.graphs[b] = graph

@@ -52,6 +52,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_chunked_prefill)
         self.metrics = EngineMetrics()
+        # requests finished, their prompt tokens, their generated tokens: the workload the adaptive P/D split
+        # (pdserve/adaptive_split.py) reads from the decode pool's stats records
+        self.finished_totals = (0, 0, 0)
         self.metrics.watch(self.executor.runner.counters)
         stepper = AsyncStepper if config.async_scheduling else SyncStepper
         self.stepper = stepper(self.executor, self.scheduler, Sampler(), config.block_size, self.metrics)
@@ -184,6 +187,8 @@ class LLMEngine:
     def _finish_output(self, request: Request, new: list[int] | None = None,
                        logprobs: list[TokenLogprob | None] | None = None) -> RequestOutput:
         output = self._output(request, new or [], logprobs)
+        n, prompt, generated = self.finished_totals
+        self.finished_totals = (n + 1, prompt + len(request.prompt_token_ids), generated + len(output.token_ids))
         del self.requests[request.request_id], self.detok[request.request_id]
         return output
 
@@ -206,7 +211,8 @@ class LLMEngine:
         kv, pool, m = self.kv, self.kv.pool, self.metrics
         return EngineCounters(pool.num_blocks - pool.num_free_blocks, pool.num_blocks, kv.prefix_queries,
                               kv.prefix_hits, self.scheduler.num_preemptions, m.steps, m.total_s,
-                              m.counters.get("kv_load_fallbacks", 0), self._computed_tokens, self._compute_s)
+                              m.counters.get("kv_load_fallbacks", 0), self._computed_tokens, self._compute_s,
+                              *self.finished_totals)
 
     def stats(self) -> EngineStats:
         sched, kv = self.scheduler, self.kv

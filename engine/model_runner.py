@@ -119,12 +119,7 @@ class ModelRunner:
         self.rope = RotaryEmbedding(mc.head_dim, config.max_model_len, mc.rope, config.torch_dtype, self.device)
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
-            if size > 1:
-                # NOTE: capturing torch.distributed's NCCL all-reduce in the decode graphs hung both ranks on
-                # nvidia-h200-x2 (2026-11-22); until a graph-safe all-reduce exists, TP > 1 decodes eagerly.
-                self.counters["cuda_graphs_off_for_tp"] += 1
-                log.warning("CUDA graphs are off at tensor_parallel_size %d: decode steps run eagerly", size)
-            elif self.attn.name == "triton":
+            if self.attn.name == "triton":
                 self.graphs = DecodeGraphs(self, config.max_num_seqs, config.max_blocks_per_seq)
                 try:
                     self.graphs.capture()

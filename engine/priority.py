@@ -22,7 +22,7 @@ class Priority(enum.IntEnum):
         """'interactive' or 'batch' (any case); ValueError names the valid classes."""
         try:
             return cls[name.upper()]
-        except KeyError:
+        except (KeyError, AttributeError):  # AttributeError: not a string
             raise ValueError(f"priority must be one of {', '.join(p.name.lower() for p in cls)}, got {name!r}") \
                 from None
 

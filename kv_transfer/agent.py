@@ -18,12 +18,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from engine import envs
 from engine.kv_cache import KVCache
 from kv_transfer.config import TransferConfig
 from kv_transfer.descriptor import PROTOCOL_VERSION, AgentDescriptor, check_compatible, same_node
 from kv_transfer.errors import IncompatibleKVError, KVTransferError, PeerGoneError, TransferTimeoutError
-from kv_transfer.plan import plan_reads, sources
+from kv_transfer.plan import block_rows, merged_descriptors, plan_reads, sources
 from kv_transfer.read_state import DONE, IN_FLIGHT, ReadState, ReadStats, error_from
 from kv_transfer.transports import (
     disable_proto_report,
@@ -44,6 +46,13 @@ class _Read:
     num_descs: int
     state: ReadState = IN_FLIGHT
     new_peers: list[AgentDescriptor] = field(default_factory=list)  # whose read transports get logged when done
+
+
+@dataclass(frozen=True)
+class _PreparedPeer:
+    local: Any  # NIXL prepared descriptor list: row b = the piece of this rank's block b
+    remote: Any  # the same for the peer's blocks
+    piece_bytes: int  # bytes per block read from this peer (its heads that this rank holds)
 
 
 class TransferAgent:
@@ -68,6 +77,7 @@ class TransferAgent:
                 enable_prog_thread=progress, backends=["UCX"], num_threads=cfg.num_threads))
         disable_proto_report(self.proto_dir)
         self.reg = self.agent.register_memory(kv.tensor)
+        self.kv = kv  # NOTE: the registered memory must live as long as the agent (a caller may hold no reference)
         self.descriptor = AgentDescriptor(
             version=PROTOCOL_VERSION,
             engine_id=engine_id,
@@ -92,6 +102,7 @@ class TransferAgent:
             node_ip=envs.PDSERVE_NODE_IP.get(),
         )
         self.peers: dict[str, str] = {}  # agent_name -> NIXL remote name
+        self.prepared: dict[str, _PreparedPeer] = {}  # agent_name -> its lists, prepared on the first read
         self.reads: dict[str, _Read] = {}
         self.reported: set[str] = set()  # peers whose read transports were logged
 
@@ -138,23 +149,55 @@ class TransferAgent:
 
     def _post(self, read: _Read, descs: list[AgentDescriptor], local_blocks: list[int],
               remote_blocks: list[int]) -> None:
-        cfg = self.cfg
-        for plan in plan_reads(self.descriptor, descs, local_blocks, remote_blocks, cfg.max_descriptor_bytes):
+        if self.cfg.prepared_descriptors:
+            self._post_prepared(read, descs, local_blocks, remote_blocks)
+            return
+        for plan in plan_reads(self.descriptor, descs, local_blocks, remote_blocks, self.cfg.max_descriptor_bytes):
             peer = self._peer(plan.remote)
             read.num_bytes += plan.num_bytes
             read.num_descs += len(plan.local_rows)
-            # Several handles posted back to back keep more copies in flight than one long list (measured on
-            # H200s: 266 vs 221 GB/s for 512 MB with 4 handles; docs/performance.md).
-            n = len(plan.local_rows)
-            k = cfg.parallel_handles or (4 if self.mem_type == "VRAM" else 1)
-            step = -(-n // max(1, min(k, n)))
-            for i in range(0, n, step):
-                local = self.agent.get_xfer_descs(plan.local_rows[i : i + step], self.mem_type)
-                remote = self.agent.get_xfer_descs(plan.remote_rows[i : i + step], plan.remote.mem_type)
-                handle = self.agent.initialize_xfer("READ", local, remote, peer, b"")
-                read.handles.append(handle)
-                if self.agent.transfer(handle) == "ERR":
-                    raise RuntimeError("transfer() returned ERR")
+            for i, j in self._chunks(len(plan.local_rows)):
+                local = self.agent.get_xfer_descs(plan.local_rows[i:j], self.mem_type)
+                remote = self.agent.get_xfer_descs(plan.remote_rows[i:j], plan.remote.mem_type)
+                self._start(read, self.agent.initialize_xfer("READ", local, remote, peer, b""))
+
+    def _post_prepared(self, read: _Read, descs: list[AgentDescriptor], local_blocks: list[int],
+                       remote_blocks: list[int]) -> None:
+        """Reads by block index: no descriptor list is built per read (issue 20's posting cost)."""
+        local_idx = np.asarray(local_blocks, dtype=np.int32)  # [n]
+        remote_idx = np.asarray(remote_blocks, dtype=np.int32)  # [n]
+        for remote in sources(self.descriptor, descs):
+            lists = self._prepared_lists(remote)
+            read.num_bytes += lists.piece_bytes * len(local_idx)
+            read.num_descs += merged_descriptors(self.descriptor, remote, local_idx, remote_idx)
+            for i, j in self._chunks(len(local_idx)):
+                self._start(read, self.agent.make_prepped_xfer("READ", lists.local, local_idx[i:j], lists.remote,
+                                                               remote_idx[i:j], b""))
+
+    def _prepared_lists(self, remote: AgentDescriptor) -> _PreparedPeer:
+        """This rank's and `remote`'s descriptor lists of every block's piece (prepared once per peer)."""
+        lists = self.prepared.get(remote.agent_name)
+        if lists is None:
+            peer = self._peer(remote)
+            local_rows, remote_rows = block_rows(self.descriptor, remote)  # [blocks, 3] each
+            lists = _PreparedPeer(self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", local_rows, self.mem_type),
+                                  self.agent.prep_xfer_dlist(peer, remote_rows, remote.mem_type),
+                                  int(local_rows[0, 1]))
+            self.prepared[remote.agent_name] = lists
+        return lists
+
+    def _chunks(self, n: int) -> list[tuple[int, int]]:
+        """[i, j) ranges splitting n rows over the configured number of NIXL transfers. Several handles posted
+        back to back keep more copies in flight than one long list (measured on H200s: 266 vs 221 GB/s for
+        512 MB with 4 handles; docs/performance.md)."""
+        k = self.cfg.parallel_handles or (4 if self.mem_type == "VRAM" else 1)
+        step = -(-n // max(1, min(k, n)))
+        return [(i, min(n, i + step)) for i in range(0, n, step)]
+
+    def _start(self, read: _Read, handle: Any) -> None:
+        read.handles.append(handle)
+        if self.agent.transfer(handle) == "ERR":
+            raise RuntimeError("transfer() returned ERR")
 
     def poll(self, xfer_ids: list[str]) -> dict[str, ReadState]:
         """State of each read (a failure carries PeerGoneError, TransferTimeoutError or KVTransferError)."""
@@ -236,6 +279,13 @@ class TransferAgent:
     def close(self) -> None:
         for xid in list(self.reads):
             self.finish(xid)
+        for lists in self.prepared.values():
+            for handle in (lists.local, lists.remote):
+                try:
+                    self.agent.release_dlist_handle(handle)
+                except Exception as e:
+                    log.warning("could not release a prepared descriptor list: %s", e)
+        self.prepared = {}
         try:
             self.agent.deregister_memory(self.reg)
         except Exception as e:

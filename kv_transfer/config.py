@@ -18,6 +18,9 @@ class TransferConfig:
     log_transports: bool = True  # log the UCX transport of each read path (warn on a TCP fallback)
     num_threads: int = 0  # UCX backend worker threads (0 = NIXL default)
     max_descriptor_bytes: int = 16 << 20  # cap of a coalesced run (huge single descriptors were slower)
+    # Read by block index from descriptor lists prepared once per peer (NIXL prep_xfer_dlist / make_prepped_xfer;
+    # NIXL merges adjacent blocks); False builds each read's descriptor list from plan_reads.
+    prepared_descriptors: bool = True
     ucx_env: dict[str, str] = field(default_factory=dict)  # any other UCX_* variable
 
     def __post_init__(self) -> None:

@@ -51,20 +51,61 @@ def sources(local: AgentDescriptor, remotes: list[AgentDescriptor]) -> list[Agen
     return sorted(chosen, key=lambda d: d.tp_rank)
 
 
+@dataclass(frozen=True)
+class Piece:
+    """The bytes of one block that a reader rank copies from one source rank: `size` bytes at `local_offset`
+    inside each local block and `remote_offset` inside each remote block (the heads both ranks hold)."""
+
+    size: int
+    local_offset: int
+    remote_offset: int
+
+
+def piece(local: AgentDescriptor, remote: AgentDescriptor) -> Piece:
+    lo, hi = head_range(local)
+    r_lo, r_hi = head_range(remote)
+    g0, g1 = max(lo, r_lo), min(hi, r_hi)
+    return Piece((g1 - g0) * local.head_bytes, (g0 - lo) * local.head_bytes, (g0 - r_lo) * remote.head_bytes)
+
+
+def block_rows(local: AgentDescriptor, remote: AgentDescriptor) -> tuple[np.ndarray, np.ndarray]:
+    """The piece of every block, as NIXL descriptor rows: ([local.num_blocks, 3], [remote.num_blocks, 3]) uint64
+    (addr, length, device id); row b is block b. Prepared once per peer, a read then names block ids only."""
+    p = piece(local, remote)
+
+    def rows(desc: AgentDescriptor, offset: int) -> np.ndarray:
+        out = np.empty((desc.num_blocks, 3), dtype=np.uint64)  # [num_blocks, 3]
+        out[:, 0] = np.uint64(desc.base_addr + offset) + np.arange(desc.num_blocks, dtype=np.uint64) * np.uint64(
+            desc.block_bytes)
+        out[:, 1] = p.size
+        out[:, 2] = desc.device_id
+        return out
+
+    return rows(local, p.local_offset), rows(remote, p.remote_offset)
+
+
+def merged_descriptors(local: AgentDescriptor, remote: AgentDescriptor, local_idx: np.ndarray,
+                       remote_idx: np.ndarray) -> int:
+    """How many descriptors a read by block index amounts to once adjacent ones merge (NIXL merges rows that
+    are adjacent on both sides): runs of consecutive ids on both sides when the piece is the whole block,
+    else one per block."""
+    n = len(local_idx)
+    if n == 0 or piece(local, remote).size != local.block_bytes or local.block_bytes != remote.block_bytes:
+        return n
+    breaks = (np.diff(local_idx) != 1) | (np.diff(remote_idx) != 1)  # [n - 1]
+    return 1 + int(breaks.sum())
+
+
 def plan_reads(local: AgentDescriptor, remotes: list[AgentDescriptor], local_blocks: list[int],
                remote_blocks: list[int], max_descriptor_bytes: int = 1 << 62) -> list[RankRead]:
     """Descriptor rows that copy remote_blocks[i] into local_blocks[i] for this rank's heads. Coalesced runs
     are cut at `max_descriptor_bytes` (whole blocks; a single block is never split)."""
     assert len(local_blocks) == len(remote_blocks)
-    lo, hi = head_range(local)
     plans: list[RankRead] = []
     for remote in sources(local, remotes):
-        r_lo, r_hi = head_range(remote)
-        g0, g1 = max(lo, r_lo), min(hi, r_hi)
-        piece = (g1 - g0) * local.head_bytes
-        l_off = (g0 - lo) * local.head_bytes
-        r_off = (g0 - r_lo) * remote.head_bytes
-        whole = piece == local.block_bytes == remote.block_bytes
+        p = piece(local, remote)
+        size, l_off, r_off = p.size, p.local_offset, p.remote_offset
+        whole = size == local.block_bytes == remote.block_bytes
         max_run = max(1, max_descriptor_bytes // local.block_bytes) if whole else 1
         runs = _runs(local_blocks, remote_blocks, max_run)
         n = len(runs)
@@ -73,7 +114,7 @@ def plan_reads(local: AgentDescriptor, remotes: list[AgentDescriptor], local_blo
         remote_rows = np.empty((n, 3), dtype=np.uint64)
         local_rows[:, 0] = np.uint64(local.base_addr + l_off) + arr[:, 0] * np.uint64(local.block_bytes)
         remote_rows[:, 0] = np.uint64(remote.base_addr + r_off) + arr[:, 1] * np.uint64(remote.block_bytes)
-        local_rows[:, 1] = remote_rows[:, 1] = arr[:, 2] * np.uint64(piece)
+        local_rows[:, 1] = remote_rows[:, 1] = arr[:, 2] * np.uint64(size)
         local_rows[:, 2] = local.device_id
         remote_rows[:, 2] = remote.device_id
         plans.append(RankRead(remote, local_rows, remote_rows))

@@ -11,6 +11,7 @@ Key layout (docs/metastore.md), all under the namespace prefix `{ns}:`:
     {ns}:kvev:{id}          STREAM the instance's KV events in order: n (sequence), k (s|r), h (hashes, hex)
     {ns}:kvseq:{id}         STR   the sequence number of the instance's last KV event
     {ns}:policy             HASH  PlacementPolicy field -> JSON value
+    {ns}:nodes              HASH  Ray node id -> NodeRecord JSON (metastore/nodes.py)
 
 Leases use the Redis server's clock (TIME), so instances on hosts with skewed clocks agree on expiry.
 """
@@ -29,6 +30,7 @@ import redis
 
 from engine.block_pool import KVEvent
 from metastore.instance_stats import InstanceStatsRecord
+from metastore.nodes import NodeRecord, sorted_nodes
 from metastore.policy import PlacementPolicy
 
 log = logging.getLogger(__name__)
@@ -139,6 +141,7 @@ class MetadataStore:
         if event_stream_len < 1:
             raise ValueError(f"event_stream_len: {event_stream_len} must be >= 1")
         self.r = redis.Redis.from_url(url, socket_timeout=socket_timeout)
+        self.url = url
         self.ns = namespace
         self.registry_lease_s = registry_lease_s
         self.event_stream_len = event_stream_len
@@ -300,6 +303,17 @@ class MetadataStore:
         merged = PlacementPolicy.from_redis({k: json.dumps(v) for k, v in changes.items()}, self.policy())
         self.r.hset(self._k("policy"), mapping={k: v for k, v in merged.to_redis().items() if k in changes})
         return merged
+
+    # ---- nodes (pdserve serve's node watcher; metastore/nodes.py) ---------------------------------------------
+    def write_node(self, record: NodeRecord) -> None:
+        self.r.hset(self._k("nodes"), record.node_id, record.to_json())
+
+    def nodes(self) -> tuple[NodeRecord, ...]:
+        """Every node record, alive nodes first, then by IP."""
+        return sorted_nodes(NodeRecord.from_json(v) for v in self.r.hgetall(self._k("nodes")).values())
+
+    def clear_nodes(self) -> None:
+        self.r.delete(self._k("nodes"))
 
     def close(self) -> None:
         self.r.close()

@@ -13,6 +13,7 @@ import grpc
 
 from api.v1 import pdserve_pb2 as pb
 from api.v1 import pdserve_pb2_grpc as pb_grpc
+from pdserve import client_channel
 
 ROLES = ("prefill", "decode")
 DEFAULT_TIMEOUT_S = 300.0  # drains and new instances take a while
@@ -22,6 +23,7 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--target", required=True, help="HOST:PORT of a pdserve router")
         p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="deadline in seconds")
+        client_channel.add_arguments(p)
 
     scale = sub.add_parser("scale", help="grow or shrink the prefill and/or decode pool of a running cluster")
     common(scale)
@@ -59,12 +61,21 @@ def _print(response: pb.AdminResponse, out: TextIO) -> None:
             out.write(f"{role}: {len(members)} ({', '.join(members) or 'none'})\n")
 
 
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    return client_channel.channel(args.target, args.tls_ca)
+
+
 def _calls(args: argparse.Namespace, calls: list[tuple[str, Any]], out: TextIO = sys.stdout) -> int:
-    with grpc.insecure_channel(args.target) as channel:
+    try:
+        channel = _channel(args)
+    except OSError as e:
+        return _fail(f"--tls-ca: {e}")
+    with channel:
         stub = pb_grpc.AdminStub(channel)
         for method, request in calls:
             try:
-                response = getattr(stub, method)(request, timeout=args.timeout)
+                response = getattr(stub, method)(request, timeout=args.timeout,
+                                                 metadata=client_channel.metadata(args.api_key))
             except grpc.RpcError as e:
                 return _fail(f"{e.code().name}: {e.details()}", 1)
             _print(response, out)
@@ -81,7 +92,11 @@ def _scale(args: argparse.Namespace) -> int:
     calls = [("Scale", pb.ScaleRequest(role=r, replicas=n)) for r, n in wanted.items()]
     if len(calls) == 2:
         # NOTE: when one pool grows and the other shrinks, grow first, so the cluster never runs below both sizes
-        with grpc.insecure_channel(args.target) as channel:
+        try:
+            channel = _channel(args)
+        except OSError as e:
+            return _fail(f"--tls-ca: {e}")
+        with channel:
             try:
                 loads = pb_grpc.PDServeStub(channel).GetLoads(pb.GetLoadsRequest(), timeout=30)
             except grpc.RpcError as e:

@@ -1,4 +1,4 @@
-"""`pdserve` command line: serve, router, generate, status, scale, role, drain, apply, bench, demo."""
+"""`pdserve` command line: serve, router, generate, status, scale, role, drain, apply, key, bench, demo."""
 
 from __future__ import annotations
 
@@ -62,9 +62,17 @@ def _generate(args: argparse.Namespace) -> int:
             return 2
     if args.temperature is not None:
         request.sampling.temperature = args.temperature
-    with grpc.insecure_channel(args.target) as channel:
+    from pdserve import client_channel
+
+    try:
+        chan = client_channel.channel(args.target, args.tls_ca)
+    except OSError as e:
+        print(f"pdserve: --tls-ca: {e}", file=sys.stderr)
+        return 2
+    with chan as channel:
         try:
-            for response in pb_grpc.PDServeStub(channel).Generate(request, timeout=args.timeout):
+            for response in pb_grpc.PDServeStub(channel).Generate(request, timeout=args.timeout,
+                                                                  metadata=client_channel.metadata(args.api_key)):
                 sys.stdout.write(response.text if args.prompt is not None else
                                  "".join(f"{t} " for t in response.token_ids))
                 sys.stdout.flush()
@@ -83,7 +91,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from pdserve.status import main as status_main
 
-    return status_main(args.target, args.timeout)
+    return status_main(args.target, args.timeout, tls_ca=args.tls_ca)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -94,6 +102,18 @@ def _bench(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"pdserve bench: {e}", file=sys.stderr)
         return 2
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from pdserve.plan_cli import profile_main
+
+    return profile_main(args)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from pdserve.plan_cli import plan_main
+
+    return plan_main(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,19 +147,34 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--max-tokens", type=int, default=16)
     gen.add_argument("--temperature", type=float)
     gen.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
+    from pdserve.client_channel import add_arguments as add_channel_arguments
+
+    add_channel_arguments(gen)
     gen.set_defaults(func=_generate)
     status = sub.add_parser("status", help="one table of the instances a router sees, and the active policy")
     status.add_argument("--target", required=True, help="HOST:PORT of a pdserve router")
     status.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
+    status.add_argument("--tls-ca", help="PEM file to verify the router's TLS certificate with (auth.tls is on)")
     status.set_defaults(func=_status)
     from pdserve.admin_cli import add_arguments as add_admin_arguments
 
     add_admin_arguments(sub)
+    from pdserve.key_cli import add_arguments as add_key_arguments
+
+    add_key_arguments(sub)
     from pdserve.bench.cli import add_arguments
 
     bench = sub.add_parser("bench", help="load-test a router: Poisson or trace replay; TTFT, TPOT, goodput")
     add_arguments(bench)
     bench.set_defaults(func=_bench)
+    from pdserve.plan_cli import add_plan_arguments, add_profile_arguments
+
+    profile = sub.add_parser("profile", help="measure an engine's step and KV transfer times; write a profile")
+    add_profile_arguments(profile)
+    profile.set_defaults(func=_profile)
+    plan = sub.add_parser("plan", help="rank the P/D splits of N GPUs by predicted goodput under SLOs")
+    add_plan_arguments(plan)
+    plan.set_defaults(func=_plan)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return int(args.func(args))

@@ -29,6 +29,9 @@ class Cluster:
         self.ray_started = False
         self.actors: dict[str, Any] = {}  # instance id (its actor's name) -> actor handle
         self.roles: dict[str, str] = {}  # instance id -> the role it serves now (a role switch changes it)
+        self.resources: dict[str, dict[str, float]] = {}  # instance id -> its actor's custom resources
+        # instances whose node was lost and whose actor Ray cannot place again (pdserve/node_watcher.py)
+        self.unplaced: frozenset[str] = frozenset()
         self.ray_namespace = ray_namespace(cfg)
         self.cluster_file_written = False
 
@@ -84,13 +87,14 @@ class Cluster:
         # NOTE: a lost instance comes back: Ray restarts its actor (the same arguments: it registers again
         # and the router's breaker for it closes on the new pid). Calls in flight when it died fail;
         # the router retries or moves them (router/recovery.py), so Ray must not retry them itself.
+        resources = pool.actor_resources()
         actor_cls = ray.remote(ServingActor).options(name=iid, namespace=self.ray_namespace, num_cpus=0,
                                                      num_gpus=tp if gpu else 0, max_concurrency=1000,
                                                      max_restarts=-1, max_task_retries=0,
-                                                     resources=pool.actor_resources())
+                                                     resources=resources)
         actor = actor_cls.remote(iid, engine_config, cfg.kv_transfer, url, cfg.metastore.namespace,
                                  cfg.metastore.registry_lease_s, role)
-        self.actors[iid], self.roles[iid] = actor, role
+        self.actors[iid], self.roles[iid], self.resources[iid] = actor, role, resources
         return actor
 
     def stop(self, drain_s: float = 0.0) -> None:
@@ -100,12 +104,16 @@ class Cluster:
 
         for iid in sorted(self.actors, key=lambda i: self.roles[i] == "prefill"):  # decode first
             actor = self.actors[iid]
+            if iid in self.unplaced:  # NOTE: its node is lost and no other node fits it: nothing to drain
+                log.warning("instance %s: its node was lost and it was never placed again; killing its actor", iid)
+                ray.kill(actor)
+                continue
             try:
                 ray.get(actor.shutdown.remote(drain_s), timeout=drain_s + 30)
             except Exception as e:
                 log.warning("actor shutdown failed: %s", e)
             ray.kill(actor)
-        self.actors, self.roles = {}, {}
+        self.actors, self.roles, self.resources = {}, {}, {}
         if self.cluster_file_written:
             remove_cluster_file(self.cfg, os.getpid())
             self.cluster_file_written = False

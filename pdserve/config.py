@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import enum
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ import yaml
 
 from engine.config import EngineConfig
 from kv_transfer.config import TransferConfig
+from metastore.api_keys import ApiKey, check_unique
 from metastore.policy import PlacementPolicy
 from router.admission import AdmissionConfig
 
@@ -28,10 +31,18 @@ class ConfigError(ValueError):
     """A bad serving configuration; the message starts with the dotted key path."""
 
 
-# NOTE: an instance asks for a sliver of its pool's node resource, not all of it: `--resources '{"node_b": 1}'`
-# then places up to 1000 instances (of any pool pinned to it) on that node; the node's own CPU/GPU counts
-# still bound how many really fit.
-NODE_RESOURCE_SHARE = 0.001
+# NOTE: by default an instance asks for a sliver of its pool's node resource, not all of it: `--resources
+# '{"node_b": 1}'` then places up to 1000 instances (of any pool pinned to it) on that node; the node's own CPU/GPU
+# counts still bound how many really fit. `max_per_node` makes the sliver larger.
+MAX_PER_NODE_DEFAULT = 1000
+MAX_PER_NODE_LIMIT = 10_000  # NOTE: Ray keeps resource amounts to 4 decimals
+
+
+def node_resource_share(max_per_node: int) -> float:
+    """What one instance asks of its pool's node resource: `max_per_node` of them fit in one unit. NOTE: rounded
+    down to Ray's 4 decimals, so that max_per_node of them really fit (1/3 -> 0.3333)."""
+    return int(10_000 / max_per_node) / 10_000
+
 RAY_PREDEFINED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
 
@@ -40,18 +51,26 @@ class PoolConfig:
     replicas: int = 1  # instances in this pool (prefill replicas : decode replicas is the P/D ratio)
     tensor_parallel_size: int = 1  # checked by EngineConfig (ServingConfig.check builds each pool's engine)
     # Pin the pool's instances to Ray nodes that offer this custom resource (`ray start --resources
-    # '{"node_b": 1}'`); None: Ray places them anywhere. Each instance takes NODE_RESOURCE_SHARE of it.
+    # '{"node_b": 1}'`); None: Ray places them anywhere. Each instance takes 1/max_per_node of it.
     node_resource: str | None = None
+    # At most this many of the pool's instances on one node: each asks for 1/max_per_node of `node_resource`, of
+    # which each node offers 1 (`--resources '{"decode_slot": 1}'` on every node, max_per_node: 1 spreads the
+    # pool one instance per node, so that losing a node loses only part of it). Needs node_resource.
+    max_per_node: int = MAX_PER_NODE_DEFAULT
 
     def __post_init__(self) -> None:
         if self.node_resource is not None and (not self.node_resource.strip() or self.node_resource in
                                                RAY_PREDEFINED_RESOURCES):
             raise ValueError(f"node_resource: {self.node_resource!r} must name a custom Ray resource (not empty, "
                              f"not one of {', '.join(RAY_PREDEFINED_RESOURCES)})")
+        if not 1 <= self.max_per_node <= MAX_PER_NODE_LIMIT:
+            raise ValueError(f"max_per_node: {self.max_per_node} must be in 1..{MAX_PER_NODE_LIMIT}")
+        if self.max_per_node != MAX_PER_NODE_DEFAULT and self.node_resource is None:
+            raise ValueError("max_per_node needs node_resource (the resource whose unit it divides)")
 
     def actor_resources(self) -> dict[str, float]:
         """The `resources=` of each instance's Ray actor options."""
-        return {self.node_resource: NODE_RESOURCE_SHARE} if self.node_resource else {}
+        return {self.node_resource: node_resource_share(self.max_per_node)} if self.node_resource else {}
 
 
 @dataclass
@@ -131,6 +150,60 @@ class ServerConfig:
 
 
 @dataclass
+class AdaptiveConfig:
+    """The adaptive P/D split (pdserve/adaptive_split.py): re-plan the split from the live workload and move
+    instances between the pools by role switches. Off unless `enabled`."""
+
+    enabled: bool = False
+    profile: str | None = None  # `pdserve profile` output for this engine (required when enabled)
+    slo_ttft_ms: float = 500.0
+    slo_tpot_ms: float = 50.0
+    interval_s: float = 10.0  # re-plan this often
+    window_s: float = 30.0  # from the workload of the last window_s seconds
+    min_requests: int = 20  # no re-plan from a window with fewer finished requests
+    patience: int = 2  # consecutive re-plans that must agree before a change
+    min_gain: float = 0.1  # a change must predict at least this much more goodput (0.1 = 10%)
+    cooldown_s: float = 30.0  # no further change for this long after one
+
+    def __post_init__(self) -> None:
+        if self.enabled and not self.profile:
+            raise ValueError("profile: the adaptive split needs a profile (pdserve profile --out FILE)")
+        for name in ("slo_ttft_ms", "slo_tpot_ms", "interval_s", "window_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: {getattr(self, name)} must be > 0")
+        if self.patience < 1 or self.min_requests < 1 or self.min_gain < 0 or self.cooldown_s < 0:
+            raise ValueError("patience and min_requests must be >= 1, min_gain and cooldown_s >= 0")
+
+
+@dataclass
+class TlsConfig:
+    """TLS for both fronts of every router (gRPC and HTTP): PEM files, read when each router starts."""
+
+    cert: str  # the certificate chain
+    key: str  # its private key
+
+    def __post_init__(self) -> None:
+        for name in ("cert", "key"):
+            path = getattr(self, name)
+            if not os.path.isfile(path) or not os.access(path, os.R_OK):
+                raise ValueError(f"{name}: {path!r} is not a readable file")
+
+
+@dataclass
+class AuthConfig:
+    """API keys and TLS of the routers' fronts (docs/api.md, "Authentication")."""
+
+    # None (no `api_keys`): the routers are open to anyone reaching their ports. A list (even empty): a call
+    # needs `authorization: Bearer KEY` with one of these keys or one added at runtime in Redis.
+    api_keys: list[ApiKey] | None = None
+    tls: TlsConfig | None = None  # None: plaintext
+
+    def __post_init__(self) -> None:
+        if self.api_keys is not None:
+            check_unique(self.api_keys)
+
+
+@dataclass
 class ServingConfig:
     engine: EngineConfig  # every instance's engine, at tensor_parallel_size 1 (see pool_engine)
     pools: PoolsConfig = field(default_factory=PoolsConfig)
@@ -139,6 +212,8 @@ class ServingConfig:
     metastore: MetastoreConfig = field(default_factory=MetastoreConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)  # early rejection (router/admission.py)
 
     def pool_engine(self, role: str) -> EngineConfig:
@@ -168,6 +243,7 @@ _ELSEWHERE: dict[type, dict[str, str]] = {
 }
 # Keys of earlier versions of this file: dotted key -> what replaced it.
 _RENAMED: dict[str, str] = {
+    "placement.adaptive": "the adaptive P/D split has its own section: adaptive.enabled (docs/configuration.md)",
     "metastore.lease_s": "renamed to metastore.registry_lease_s",
     "kv_transfer.lease_s": "renamed to kv_transfer.held_kv_lease_s",
     "scheduler": "its keys moved into the engine section (engine.max_num_seqs, engine.max_num_batched_tokens, ...)",
@@ -269,7 +345,18 @@ def _build(cls: type, data: Any, path: str) -> Any:
 def _convert(tp: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)  # type: ignore[arg-type]
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        parse = getattr(tp, "parse", tp)  # NOTE: an enum with a `parse` (engine.priority.Priority) is named by it
+        try:
+            return parse(value)
+        except (ValueError, TypeError, AttributeError):
+            raise ConfigError(f"{key}: {value!r} is not one of {[getattr(m, 'label', m.value) for m in tp]}") \
+                from None
     args = typing.get_args(tp)
+    if typing.get_origin(tp) is list and value is not None:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        return [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

@@ -22,9 +22,11 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from pdserve.adaptive_split import start_adaptive
 from pdserve.admin_executor import AdminExecutor
 from pdserve.cluster import start_infra, stop_on_signals, supervise_redis
 from pdserve.config import ServingConfig
+from pdserve.node_watcher import NodeWatcher
 from pdserve.ready_line import READY_PREFIX, ReadyLine
 
 log = logging.getLogger(__name__)
@@ -160,10 +162,14 @@ async def run_controller(cfg: ServingConfig, router_args: list[str], stop: async
     routers = RouterSupervisor(cfg, router_args)
     supervisor: asyncio.Task[None] | None = None
     executor: AdminExecutor | None = None
+    adaptive = None
+    watcher: NodeWatcher | None = None
     drain_s = 0.0  # until the routers are up: an error on the way stops everything at once
     try:
         await asyncio.to_thread(cluster.start_pools)
+        watcher = NodeWatcher(cluster, store).start()
         executor = AdminExecutor(cluster, store, overrides).start()
+        adaptive = start_adaptive(cfg.adaptive, cluster.redis_url, cfg.metastore.namespace, store, cluster.roles)
         ready = ReadyLine.join(await routers.start())
         supervisor = asyncio.create_task(routers.supervise())
         if on_ready is not None:
@@ -175,8 +181,12 @@ async def run_controller(cfg: ServingConfig, router_args: list[str], stop: async
         log.warning("draining: SIGTERM to %d routers (up to %.0f s for their requests in flight)",
                     len(routers.routers), drain_s)
     finally:
+        if adaptive is not None:
+            await asyncio.to_thread(adaptive.stop)  # NOTE: first: it may be waiting on the executor
         if executor is not None:
             await asyncio.to_thread(executor.stop)  # NOTE: the change under way finishes first
+        if watcher is not None:
+            await asyncio.to_thread(watcher.stop)
         if supervisor is not None:
             supervisor.cancel()
         await asyncio.to_thread(routers.stop, drain_s)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 
 from aiohttp import web
 
@@ -18,20 +19,21 @@ log = logging.getLogger(__name__)
 
 
 class HttpServer:
-    def __init__(self, front: OpenAIFront, host: str) -> None:
-        self.front, self.host, self.port = front, host, 0
+    def __init__(self, front: OpenAIFront, host: str, tls: bool = False) -> None:
+        self.front, self.host, self.port, self.tls = front, host, 0, tls
         # NOTE: handler_cancellation: a client that disconnects cancels its handler, which aborts the request
         self.runner = web.AppRunner(front.app(), handler_cancellation=True, access_log=None)
 
     @staticmethod
     async def start(service: RouterService, host: str, port: int, model_name: str | None,
-                    grace_s: float) -> HttpServer:
-        """Listen on `port` (0: a free one) at `host`; the model's id is `model_name`, else its directory's
-        basename. `close` gives requests still running up to `grace_s`."""
+                    grace_s: float, ssl_context: ssl.SSLContext | None = None) -> HttpServer:
+        """Listen on `port` (0: a free one) at `host`, HTTPS with `ssl_context`; the model's id is `model_name`,
+        else its directory's basename. `close` gives requests still running up to `grace_s`."""
         name = model_name or os.path.basename(os.path.normpath(service.info.model))
-        server = HttpServer(OpenAIFront(service, name, ChatTemplate.load(service.info.model)), host)
+        server = HttpServer(OpenAIFront(service, name, ChatTemplate.load(service.info.model)), host,
+                            ssl_context is not None)
         await server.runner.setup()
-        site = web.TCPSite(server.runner, host, port, shutdown_timeout=grace_s)
+        site = web.TCPSite(server.runner, host, port, shutdown_timeout=grace_s, ssl_context=ssl_context)
         await site.start()
         server.port = server.runner.addresses[0][1]
         log.info("OpenAI-compatible HTTP API on %s (model %r)", server.url, name)
@@ -39,7 +41,7 @@ class HttpServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def drain(self) -> None:
         """Refuse new requests (503) and answer /health with 503; running ones go on until `close`."""

@@ -138,6 +138,7 @@ class PoolChanges:
 
         actor = self.cluster.actors.pop(iid)
         self.cluster.roles.pop(iid, None)
+        self.cluster.resources.pop(iid, None)
         ray.kill(actor, no_restart=True)  # NOTE: the actors restart forever otherwise (max_restarts=-1)
 
     # ---- a pool --------------------------------------------------------------------------------------------

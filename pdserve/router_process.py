@@ -25,11 +25,13 @@ from engine.tokenizer import load_tokenizer
 from metastore import MetadataStore
 from metastore.admin import AdminChannel
 from pdserve.cluster import STORE_TIMEOUT_S
-from pdserve.config import ServerConfig, ServingConfig
+from pdserve.config import ServerConfig, ServingConfig, TlsConfig
 from pdserve.http_server import HttpServer
 from pdserve.metrics_server import MetricsServer
 from pdserve.ready_line import ReadyLine
 from pdserve.runtime import ClusterInfo
+from pdserve.tls import grpc_credentials, ssl_context
+from router.access import AccessControl
 from router.admin_service import AdminService
 from router.service import RouterService
 from router.wire import ADMIN_SERVICE, SERVICE, add_admin_to_server, add_router_to_server
@@ -50,9 +52,26 @@ def build_router(cfg: ServingConfig, store: MetadataStore, ray_namespace: str) -
     srv = cfg.server
     info = ModelInfo.from_config(cfg.engine)
     view = ClusterView(store, cfg.placement).start()
-    return RouterService(info, load_tokenizer(info.model), view, ray_namespace, srv.max_inflight,
-                         srv.max_prompt_bytes, srv.prefill_timeout_s, srv.max_migrations,
-                         InstanceHealth(srv.breaker_threshold, srv.breaker_cooldown_s), cfg.admission)
+    access = build_access(cfg, store)
+    router = RouterService(info, load_tokenizer(info.model), view, ray_namespace, srv.max_inflight,
+                           srv.max_prompt_bytes, srv.prefill_timeout_s, srv.max_migrations,
+                           InstanceHealth(srv.breaker_threshold, srv.breaker_cooldown_s), access,
+                           cfg.admission)
+    (log.warning if access.open else log.info)("%s", access.describe())
+    return router
+
+
+def build_access(cfg: ServingConfig, store: MetadataStore) -> AccessControl:
+    """The router's API keys (the YAML's, overlaid by Redis's {ns}:apikeys, followed on a thread) and per-key
+    limits (Redis token buckets); open when the YAML has no `auth.api_keys`."""
+    from metastore.api_keys import ApiKeyStore
+    from router.auth import KeyRing
+    from router.rate_limit import RateLimiter
+
+    if cfg.auth.api_keys is None:
+        return AccessControl()
+    keys = KeyRing(cfg.auth.api_keys, ApiKeyStore(store.r, store.ns)).start()
+    return AccessControl(keys, RateLimiter(store.url, store.ns))
 
 
 class StartingRouter(pdserve_pb2_grpc.PDServeServicer):
@@ -89,8 +108,8 @@ class RouterServer:
     NOT_SERVING again once `drain` begins. With `admin`, it serves the Admin service too (from `start` on: it
     needs only Redis; the pools' owner answers its commands once the pools are up)."""
 
-    def __init__(self, srv: ServerConfig, admin: AdminService | None = None) -> None:
-        self.srv, self.admin = srv, admin
+    def __init__(self, srv: ServerConfig, admin: AdminService | None = None, tls: TlsConfig | None = None) -> None:
+        self.srv, self.admin, self.tls = srv, admin, tls
         self.server = grpc.aio.server()
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -109,12 +128,16 @@ class RouterServer:
 
     async def start(self, port: int) -> int:
         """Listen on `port` (0: a free one); returns the port bound."""
-        bound = self.server.add_insecure_port(f"{self.srv.host}:{port}")
+        address = f"{self.srv.host}:{port}"
+        bound = (self.server.add_secure_port(address, grpc_credentials(self.tls)) if self.tls is not None
+                 else self.server.add_insecure_port(address))
         await self.server.start()
         return bound
 
     def attach(self, target: RouterService) -> None:
         self.router.target = target
+        if self.admin is not None:
+            self.admin.access = target.access  # NOTE: the Admin service checks keys against the router's key ring
         self._set(health_pb2.HealthCheckResponse.SERVING)
 
     async def drain(self) -> None:
@@ -127,11 +150,14 @@ class RouterServer:
             self.admin.close()
 
 
-async def start_http(srv: ServerConfig, router: RouterService, port: int | None) -> HttpServer | None:
-    """The router's OpenAI-compatible HTTP API on `port` (0: a free one; None: off), on this event loop."""
+async def start_http(srv: ServerConfig, router: RouterService, port: int | None,
+                     tls: TlsConfig | None = None) -> HttpServer | None:
+    """The router's OpenAI-compatible HTTP API on `port` (0: a free one; None: off), on this event loop; HTTPS
+    with `tls`."""
     if port is None:
         return None
-    return await HttpServer.start(router, srv.host, port, srv.model_name, srv.drain_timeout_s)
+    return await HttpServer.start(router, srv.host, port, srv.model_name, srv.drain_timeout_s,
+                                  ssl_context(tls) if tls is not None else None)
 
 
 async def drain_all(server: RouterServer, http: HttpServer | None) -> None:
@@ -148,7 +174,7 @@ def ready_line(srv: ServerConfig, port: int, metrics: MetricsServer, http: HttpS
 
 
 def admin_service(redis_url: str, cfg: ServingConfig) -> AdminService:
-    return AdminService(AdminChannel(redis_url, cfg.metastore.namespace))
+    return AdminService(AdminChannel(redis_url, cfg.metastore.namespace), auth_required=cfg.auth.api_keys is not None)
 
 
 def announce(ready: ReadyLine) -> None:
@@ -184,12 +210,12 @@ async def serve_router(cfg: ServingConfig, cluster: ClusterInfo, port: int, pare
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):  # NOTE: after ray.init, which installs its own handler
             loop.add_signal_handler(sig, stop.set)
-        server = RouterServer(cfg.server, admin_service(cluster.redis_url, cfg))
+        server = RouterServer(cfg.server, admin_service(cluster.redis_url, cfg), cfg.auth.tls)
         bound = await server.start(port)
         router = await asyncio.to_thread(build_router, cfg, store, cluster.ray_namespace)
         server.attach(router)
         metrics = MetricsServer(router.metrics.registry, cfg.server.host, metrics_port)
-        http = await start_http(cfg.server, router, http_port)
+        http = await start_http(cfg.server, router, http_port, cfg.auth.tls)
         log.info("router pid %d serving on %s:%d, metrics on %s", os.getpid(), cfg.server.host, bound, metrics.url)
         announce(ready_line(cfg.server, bound, metrics, http))
         watcher = asyncio.create_task(_watch_parent(parent_pid, stop)) if parent_pid else None

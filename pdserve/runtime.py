@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine import envs
-from pdserve.config import ServingConfig
+from pdserve.config import MetastoreConfig, ServingConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,24 @@ def ray_namespace(cfg: ServingConfig) -> str:
 
 
 def cluster_file(cfg: ServingConfig) -> Path:
-    return Path(envs.PDSERVE_RUNTIME_DIR.get() or DEFAULT_RUNTIME_DIR) / f"{cfg.metastore.namespace}.json"
+    return cluster_file_of(cfg.metastore.namespace)
+
+
+def cluster_file_of(namespace: str) -> Path:
+    return Path(envs.PDSERVE_RUNTIME_DIR.get() or DEFAULT_RUNTIME_DIR) / f"{namespace}.json"
+
+
+def find_redis_url(metastore: MetastoreConfig) -> str:
+    """The cluster's Redis: the configuration's, else the running cluster's file's (ClusterNotFoundError). For
+    tools that need only Redis (`pdserve key`), so not the whole configuration (nor the model directory)."""
+    if metastore.redis_url:
+        return metastore.redis_url
+    path = cluster_file_of(metastore.namespace)
+    info = _read(path)
+    if info is None or not _alive(info.controller_pid):
+        raise ClusterNotFoundError(f"no running cluster: set metastore.redis_url, or start `pdserve serve` with "
+                                   f"this configuration first (no live cluster file {path})")
+    return info.redis_url
 
 
 def write_cluster_file(cfg: ServingConfig, info: ClusterInfo) -> Path:

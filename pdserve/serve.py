@@ -11,11 +11,13 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from pdserve.adaptive_split import start_adaptive
 from pdserve.admin_executor import AdminExecutor
 from pdserve.cluster import start_infra, stop_on_signals, supervise_redis
 from pdserve.config import ServingConfig
 from pdserve.controller import run_controller
 from pdserve.metrics_server import MetricsServer
+from pdserve.node_watcher import NodeWatcher
 from pdserve.ready_line import ReadyLine
 from pdserve.router_process import (
     RouterServer,
@@ -47,16 +49,18 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
     stop = stop_on_signals(stop)
     watchdog = asyncio.create_task(supervise_redis(cluster.redis)) if cluster.redis is not None else None
     drain_s = 0.0  # until the pools are up and serving: an error on the way stops everything at once
-    server = RouterServer(cfg.server, admin_service(cluster.redis_url, cfg))
+    server = RouterServer(cfg.server, admin_service(cluster.redis_url, cfg), cfg.auth.tls)
     port = await server.start(cfg.server.port)  # health answers NOT_SERVING while the pools start
-    router = metrics = executor = http = None
+    router = metrics = executor = http = adaptive = watcher = None
     try:
         await asyncio.to_thread(cluster.start_pools)
+        watcher = NodeWatcher(cluster, store).start()
         executor = AdminExecutor(cluster, store, overrides).start()
+        adaptive = start_adaptive(cfg.adaptive, cluster.redis_url, cfg.metastore.namespace, store, cluster.roles)
         router = await asyncio.to_thread(build_router, cfg, store, cluster.ray_namespace)
         server.attach(router)
         metrics = MetricsServer(router.metrics.registry, cfg.server.host, cfg.server.metrics_port)
-        http = await start_http(cfg.server, router, cfg.server.http_port)
+        http = await start_http(cfg.server, router, cfg.server.http_port, cfg.auth.tls)
         ready = ready_line(cfg.server, port, metrics, http)
         if on_ready is not None:
             on_ready(ready)
@@ -67,8 +71,12 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
         http = None
         drain_s = cfg.server.drain_timeout_s
     finally:
+        if adaptive is not None:
+            await asyncio.to_thread(adaptive.stop)  # NOTE: first: it may be waiting on the executor
         if executor is not None:
             await asyncio.to_thread(executor.stop)
+        if watcher is not None:
+            await asyncio.to_thread(watcher.stop)
         if watchdog is not None:
             watchdog.cancel()  # NOTE: before the cluster stops Redis on purpose
         if http is not None:  # NOTE: an error before the drain

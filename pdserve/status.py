@@ -1,10 +1,12 @@
 """`pdserve status --target HOST:PORT`: one table of the cluster's instances as that router sees them (role, TP,
-host, state, waiting/running, KV use, prefix-cache hit rate, restarts) and the active placement policy, from
-the router's GetLoads (its memory: no Redis, no instance is asked)."""
+host, state, waiting/running, KV use, prefix-cache hit rate, restarts), the active placement policy and one line
+per Ray node (alive or lost, and what became of a lost node's instances), from the router's GetLoads (its
+memory: no Redis, no instance is asked)."""
 
 from __future__ import annotations
 
 import sys
+import time
 from typing import TextIO
 
 import grpc
@@ -35,10 +37,26 @@ def render(loads: pb.GetLoadsResponse, out: TextIO) -> None:
         out.write("(no instance registered)\n")
     policy = " ".join(f"{k}={v}" for k, v in sorted(loads.policy.items()))
     out.write(f"policy: {policy}\n")
+    for node in loads.nodes:
+        out.write(node_line(node) + "\n")
 
 
-def main(target: str, timeout: float = 10.0, out: TextIO = sys.stdout) -> int:
-    with grpc.insecure_channel(target) as channel:
+def node_line(node: pb.NodeStatus) -> str:
+    """`node IP (ID): STATE; instances: ID (ROLE): STATE, ...` (the lost time in UTC)."""
+    when = f" at {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(node.lost_at))} UTC" if node.lost_at else ""
+    there = ", ".join(f"{i.instance_id} ({i.role}): {i.state}" for i in node.instances) or "none"
+    return f"node {node.node_ip} ({node.node_id}): {node.state}{when}; instances: {there}"
+
+
+def main(target: str, timeout: float = 10.0, out: TextIO = sys.stdout, tls_ca: str | None = None) -> int:
+    from pdserve.client_channel import channel as open_channel
+
+    try:
+        chan = open_channel(target, tls_ca)
+    except OSError as e:
+        print(f"pdserve status: --tls-ca: {e}", file=sys.stderr)
+        return 2
+    with chan as channel:
         try:
             loads = pb_grpc.PDServeStub(channel).GetLoads(pb.GetLoadsRequest(), timeout=timeout)
         except grpc.RpcError as e:

@@ -18,6 +18,8 @@ import redis
 import api.v1.pdserve_pb2 as pb
 from metastore.admin import AdminChannel, AdminCommand, AdminReply
 from metastore.store import ROLES
+from router.access import AccessControl
+from router.generation import RequestError
 from router.wire import refuse_undecodable
 
 log = logging.getLogger(__name__)
@@ -26,12 +28,16 @@ DEFAULT_TIMEOUT_S = 300.0  # a call without a deadline waits this long for the e
 
 
 class AdminService:
-    def __init__(self, channel: AdminChannel) -> None:
-        self.channel = channel
+    def __init__(self, channel: AdminChannel, auth_required: bool = False) -> None:
+        """`auth_required` (the YAML has `auth.api_keys`): every call needs a key whose entry says `admin: true`,
+        checked against the router's keys (`access`, set when the router attaches; until then: UNAVAILABLE)."""
+        self.channel, self.auth_required = channel, auth_required
+        self.access: AccessControl | None = None
         self.counters: Counter[str] = Counter()  # calls per op, and failures: no_reply, redis_errors, refused
 
     async def Scale(self, request: pb.ScaleRequest, context: grpc.aio.ServicerContext) -> pb.AdminResponse:
         await refuse_undecodable(request, context)
+        await self._authorize(context)
         await self._check_role(request.role, context)
         if request.replicas < 0:
             await self._refuse(context, f"replicas: {request.replicas} must be >= 0")
@@ -39,6 +45,7 @@ class AdminService:
 
     async def SetRole(self, request: pb.SetRoleRequest, context: grpc.aio.ServicerContext) -> pb.AdminResponse:
         await refuse_undecodable(request, context)
+        await self._authorize(context)
         await self._check_role(request.role, context)
         if not request.instance_id:
             await self._refuse(context, "instance_id is empty")
@@ -47,12 +54,14 @@ class AdminService:
 
     async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.AdminResponse:
         await refuse_undecodable(request, context)
+        await self._authorize(context)
         if not request.instance_id:
             await self._refuse(context, "instance_id is empty")
         return await self._call(AdminCommand("drain", instance_id=request.instance_id), context)
 
     async def Apply(self, request: pb.ApplyRequest, context: grpc.aio.ServicerContext) -> pb.AdminResponse:
         await refuse_undecodable(request, context)
+        await self._authorize(context)
         try:
             config = json.loads(request.config_json)
         except ValueError as e:
@@ -63,6 +72,26 @@ class AdminService:
         return await self._call(AdminCommand("apply", config=config), context)
 
     # ---- helpers -------------------------------------------------------------------------------------------
+    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        """With auth on: UNAUTHENTICATED without a valid key, PERMISSION_DENIED for a key without `admin: true`.
+        NOTE: memory only (the router's key ring), like the public service's check."""
+        if not self.auth_required:
+            return
+        if self.access is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the router is starting: try again")
+        assert self.access is not None
+        try:
+            key = self.access.authenticate_grpc(context)
+        except RequestError as e:
+            self.counters["unauthenticated"] += 1
+            await context.abort(e.code, e.message)
+        if key is None or not key.admin:
+            self.counters["permission_denied"] += 1
+            name = key.name if key is not None else "?"
+            log.warning("admin call refused: key %r has no admin rights", name)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"key {name!r} may not use the Admin service (its entry needs `admin: true`)")
+
     async def _check_role(self, role: str, context: grpc.aio.ServicerContext) -> None:
         if role not in ROLES:
             await self._refuse(context, f"role {role!r} is not one of {', '.join(ROLES)}")

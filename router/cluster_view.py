@@ -2,7 +2,8 @@
 from Redis by one background thread, so that a placement decision reads no Redis at all.
 
     thread "cluster-view":  every refresh_s: live instances, their loads, the policy   (3 pipelined reads)
-                            every stats_refresh_s: their stats records (one MGET; exported as metrics)
+                            every stats_refresh_s: their stats records (one MGET; exported as metrics) and
+                                            the node records (one HGETALL; `pdserve status`)
                             in between:     XREAD BLOCK on every instance's KV event stream -> PrefixIndex
 
 Redis stays the source of truth. An instance the view has not seen yet (a cold start, a new instance, another
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 import redis
 
 from metastore.instance_stats import InstanceStatsRecord
+from metastore.nodes import NodeRecord
 from metastore.policy import PlacementPolicy
 from metastore.store import InstanceInfo, Load, MetadataStore
 from router.prefix_index import PrefixIndex
@@ -59,6 +61,7 @@ class ClusterView:
         # The instances' last stats records (replaced whole) and, per instance, (heartbeat_seq, when it last
         # changed): read by the metrics collector and GetLoads, never by placement.
         self.instance_stats: dict[str, InstanceStatsRecord] = {}
+        self.nodes: tuple[NodeRecord, ...] = ()  # the node watcher's records (metastore/nodes.py), for operators
         self._heartbeat_seen: dict[str, tuple[int, float]] = {}
         self.restarts: Counter[str] = Counter()  # instance -> re-registrations with a new pid seen here
         self._pids: dict[str, int] = {}
@@ -171,6 +174,7 @@ class ClusterView:
         if now >= self._next_stats:
             self._next_stats = now + self.stats_refresh_s
             self._read_stats(ids, now)
+            self.nodes = self.store.nodes()
         self.synced.set()
 
     # ---- what operators see: restarts and stats records ------------------------------------------------------

@@ -9,6 +9,7 @@ to an HTTP status (openai_errors.py).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import grpc
@@ -17,6 +18,7 @@ from engine.logprobs import TokenLogprob
 from engine.priority import Priority
 from engine.sampling_params import SamplingParams
 from instance.messages import StreamDelta
+from metastore.api_keys import ApiKey
 from router.placement import Placement
 
 
@@ -26,11 +28,10 @@ class GenerateInput:
     params: SamplingParams
     request_id: str = ""  # "": the router picks one
     timeout_s: float | None = None  # the client's deadline from now; None: none
-
-    @property
-    def priority(self) -> Priority:
-        """The request's class; it travels in its SamplingParams to the engines (engine/priority.py)."""
-        return self.params.priority
+    api_key: ApiKey | None = None  # the caller's key (router/access.py); None: the server is open
+    # Its class (engine/priority.py): the request's own field, overridden by its key's when auth is on. The router
+    # puts it into the SamplingParams that travel to the engines (RouterService._generate).
+    priority: Priority = Priority.INTERACTIVE
 
 
 @dataclass(frozen=True)
@@ -66,9 +67,15 @@ class Output:
 class RequestError(Exception):
     """A request refused or failed, with the status a client sees (gRPC's code; HTTP maps it)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.code, self.message = code, message
+        self.retry_after_s = retry_after_s  # a refusal that may pass later: seconds until then (Retry-After)
+
+    @property
+    def retry_after_header(self) -> str | None:
+        """Whole seconds, at least 1, for HTTP's Retry-After and gRPC's `retry-after` trailing metadata."""
+        return None if self.retry_after_s is None else str(max(1, math.ceil(self.retry_after_s)))
 
 
 def routing_of(placement: Placement, cached: int, transferred: int, migrations: int) -> Routing:

@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector
 
 import api.v1.pdserve_pb2 as pb
 from metastore import InstanceInfo, InstanceStatsRecord, Load
+from metastore.nodes import NodeState
 from router.cluster_view import ClusterView
 from router.health import InstanceHealth
 
@@ -98,6 +99,10 @@ class InstanceCollector(Collector):
             for row in rows:
                 c.add_metric([row.info.instance_id, row.info.role], getattr(row.stats, attr))
             yield c
+        lost = CounterMetricFamily("pdserve:nodes_lost", "Ray nodes `pdserve serve` saw alive and then lost "
+                                   "(its node watcher's records)")
+        lost.add_metric([], sum(n.state == NodeState.LOST for n in self.view.nodes))
+        yield lost
         ev = CounterMetricFamily("pdserve:router_events", "The router's recovery, breaker and metadata-store "
                                  "fallback events", labels=["component", "event"])
         for component, counters in self.events.items():
@@ -117,4 +122,7 @@ def loads_response(view: ClusterView, health: InstanceHealth) -> pb.GetLoadsResp
             kv_usage=load.kv_usage, tensor_parallel_size=i.tp_size, host=i.host, pid=i.pid, state=row.state,
             prefix_cache_hit_rate=st.prefix_cache_hit_rate, restarts=row.restarts,
             kv_blocks_used=st.kv_blocks_used, kv_blocks_total=st.kv_blocks_total))
-    return pb.GetLoadsResponse(instances=rows, policy=state.policy.to_redis())
+    nodes = [pb.NodeStatus(node_id=n.node_id, node_ip=n.node_ip, state=n.state.value, lost_at=n.lost_at,
+                           instances=[pb.NodeInstance(instance_id=i.instance_id, role=i.role, state=i.state)
+                                      for i in n.instances]) for n in view.nodes]
+    return pb.GetLoadsResponse(instances=rows, policy=state.policy.to_redis(), nodes=nodes)

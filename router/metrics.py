@@ -44,9 +44,6 @@ class RouterMetrics:
                              "a request that finished", buckets=E2E_BUCKETS, registry=r)
         self.decision = Histogram("pdserve:placement_decision_seconds", "Time a placement decision takes "
                                   "(RouterService.place, from memory)", buckets=DECISION_BUCKETS, registry=r)
-        self.rejected = Counter("pdserve:requests_rejected", "Requests refused at admission, by reason: "
-                                "max_inflight (server.max_inflight), slo (the predicted time to first token is over "
-                                "the class's SLO: admission.ttft_slo_ms)", ["reason"], registry=r)
         self.ttft_rate_defaults = Counter(
             "pdserve:ttft_rate_defaults", "TTFT predictions made with admission.default_tokens_per_s because the "
             "instance had not reported a measured token rate yet", registry=r)
@@ -61,8 +58,6 @@ class RouterMetrics:
         for status in ("OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED",
                        "CANCELLED", "INTERNAL"):
             self.requests.labels(status)  # present at 0 from the start, so rate() works on the first request
-        for reason in ("max_inflight", "slo"):
-            self.rejected.labels(reason)
         for route in ROUTES:
             self.requests_by_route.labels(route)
 

@@ -7,7 +7,9 @@ the prefill and the decode stream, metrics): no extra hop.
 
 Streaming answers are server-sent events ending with `data: [DONE]`. Every generation answer carries the header
 `x-pdserve-routing` (where and why it ran; for a stream, as placed, since headers go out before the tokens).
-Errors are OpenAI's error JSON (openai_request.ApiError) with the HTTP status of the router's error kind.
+Errors are OpenAI's error JSON (openai_request.ApiError) with the HTTP status of the router's error kind; a rate
+limit's 429 carries Retry-After. With API keys on, every /v1 endpoint needs `Authorization: Bearer KEY` (401
+without; router/access.py), checked by a middleware that puts the caller's key on the request.
 A client that goes away mid-request cancels the handler (handler_cancellation), which aborts the request on the
 workers as a cancelled gRPC call does.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 import uuid
@@ -52,6 +55,13 @@ def error_response(e: ApiError) -> web.Response:
     return web.json_response(error_body(e), status=e.status)
 
 
+def refusal(e: RequestError) -> web.Response:
+    """A RequestError's answer; one that may pass later (a rate limit) carries Retry-After."""
+    retry = e.retry_after_header
+    return web.json_response(error_body(api_error(e)), status=_HTTP_STATUS.get(e.code, 500),
+                             headers={"Retry-After": retry} if retry is not None else None)
+
+
 def routing_header(r: Routing) -> str:
     return (f"decode={r.decode_instance}; prefill={r.prefill_instance or r.decode_instance}; "
             f"disaggregated={str(r.disaggregated).lower()}; cached={r.cached_tokens}; migrations={r.migrations}; "
@@ -73,12 +83,25 @@ class OpenAIFront:
         self.token_text = TokenText(service.tokenizer)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.service.max_prompt_bytes * 4 + (1 << 16))
+        app = web.Application(client_max_size=self.service.max_prompt_bytes * 4 + (1 << 16),
+                              middlewares=[self.authenticate])
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat)
         return app
+
+    @web.middleware
+    async def authenticate(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Every /v1 endpoint needs the caller's API key (router/access.py; none when the server is open); the key
+        goes on the request as request["api_key"]. /health stays open."""
+        if request.path.startswith("/v1/"):
+            try:
+                request["api_key"] = self.service.access.authenticate(request.headers.get("Authorization"))
+            except RequestError as e:
+                self.service.refused(e.code)
+                return refusal(e)
+        return await handler(request)
 
     async def health(self, request: web.Request) -> web.Response:
         if self.draining:
@@ -111,7 +134,7 @@ class OpenAIFront:
             req = parse_completion(body, self.model_name)
             prompt = req.prompt  # type: ignore[assignment]
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        return req, GenerateInput(prompt, req.params, rid)
+        return req, GenerateInput(prompt, req.params, rid, priority=req.params.priority)
 
     def _chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
         """The chat's prompt ids: the template's text, tokenized without added special tokens (the template
@@ -136,18 +159,21 @@ class OpenAIFront:
             self.service.refused(grpc.StatusCode.INVALID_ARGUMENT if e.status in (400, 404)
                                  else grpc.StatusCode.UNAVAILABLE)
             return error_response(e)
+        key = request.get("api_key")
+        if key is not None:
+            inp = dataclasses.replace(inp, api_key=key, priority=key.priority)
         stream = self.service.generate(inp)
         async with contextlib.aclosing(stream):  # NOTE: closing it early aborts the request on the workers
             try:
                 first = await anext(stream)  # NOTE: before any header: an early error gets its own status
             except RequestError as e:
-                return error_response(api_error(e))
+                return refusal(e)
             if req.stream:
                 return await self._stream(request, req, inp.request_id, chat, first, stream)
             try:
                 rest = [o async for o in stream] if not first.finished else []
             except RequestError as e:
-                return error_response(api_error(e))
+                return refusal(e)
             return self._whole(inp.request_id, chat, first, rest)
 
     def _chunk(self, rid: str, chat: bool, text: str, finish: str | None, role: bool = False,

@@ -5,15 +5,18 @@
 
 The request flow is `generate` (typed in and out: router/generation.py); the gRPC `Generate` and the OpenAI HTTP
 front (router/openai_api.py) are thin adapters over it. Error mapping: INVALID_ARGUMENT for bad parameters or a
-prompt too long; RESOURCE_EXHAUSTED when a decode instance has no room; UNAVAILABLE when no healthy instance is
-registered or an instance died; DEADLINE_EXCEEDED when the client's deadline passes (the request is aborted on
-the workers); a cancelled call aborts the request on the workers too, so its blocks are freed.
+prompt too long; UNAUTHENTICATED without a valid API key (auth on: router/access.py); RESOURCE_EXHAUSTED when a
+decode instance has no room or the key's rate limit is used up (with `retry-after` trailing metadata); UNAVAILABLE
+when no healthy instance is registered or an instance died; DEADLINE_EXCEEDED when the client's deadline passes
+(the request is aborted on the workers); a cancelled call aborts the request on the workers too, so its blocks
+are freed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -35,6 +38,7 @@ from engine.sampling_params import SamplingParams
 from instance.messages import StreamDelta
 from metastore import InstanceInfo
 from router import recovery
+from router.access import NO_KEY, AccessControl
 from router.admission import AdmissionConfig, Prediction, TTFTPredictor
 from router.cluster_view import ClusterState, ClusterView
 from router.generation import GenerateInput, Output, RequestError, delta_logprobs, final_output, routing_of
@@ -61,7 +65,7 @@ class RouterService(pb_grpc.PDServeServicer):
     def __init__(self, info: ModelInfo, tokenizer: Tokenizer | None, view: ClusterView, ray_namespace: str,
                  max_inflight: int = 256, max_prompt_bytes: int = 1 << 20, prefill_timeout_s: float = 30.0,
                  max_migrations: int = 2, health: InstanceHealth | None = None,
-                 admission: AdmissionConfig | None = None) -> None:
+                 access: AccessControl | None = None, admission: AdmissionConfig | None = None) -> None:
         self.info = info
         self.tokenizer = tokenizer  # None: the model has no tokenizer.json (token-id prompts only)
         self.view = view  # NOTE: placement reads only this memory; its thread follows Redis
@@ -87,6 +91,8 @@ class RouterService(pb_grpc.PDServeServicer):
         self.predicted: dict[str, tuple[str, Priority, Prediction, float]] = {}
         self.metrics.registry.register(InstanceCollector(view, self.health, {
             "recovery": self.counters, "breakers": self.health.counters, "cluster_view": view.counters}))
+        self.access = access or AccessControl()  # API keys and per-key limits (router/access.py); default: open
+        self.access.register(self.metrics.registry)
 
     def _queued(self) -> int:
         """Requests admitted whose first token is not out yet: not placed, or their prefill still pending."""
@@ -94,8 +100,9 @@ class RouterService(pb_grpc.PDServeServicer):
             return sum(p is None for p in self.inflight.values()) + len(self.load.prefill_pending)
 
     def close(self) -> None:
-        """Stop following Redis (the view's thread)."""
+        """Stop following Redis (the view's thread, the API keys' thread)."""
         self.view.close()
+        self.access.close()
 
     # ---- helpers -------------------------------------------------------------------------------------------
     def actor(self, instance_id: str) -> Any:
@@ -176,13 +183,14 @@ class RouterService(pb_grpc.PDServeServicer):
     async def generate(self, inp: GenerateInput) -> AsyncIterator[Output]:
         """_generate, timed: TTFT, inter-token latency and end-to-end, and the request's final status code.
         Raises RequestError; a consumer that stops iterating (client gone) aborts the request on the workers."""
-        timer, status = RequestTimer(self.metrics), "CANCELLED"
+        timer, status, generated = RequestTimer(self.metrics), "CANCELLED", 0
         try:
             # NOTE: aclosing: a consumer that stops (GeneratorExit here) closes _generate now, whose finally
             # releases the slot and aborts the request on the workers, rather than whenever it is collected
             async with contextlib.aclosing(self._generate(inp)) as items:
                 async for out in items:
                     timer.sent()
+                    generated += len(out.token_ids)
                     yield out
             status = "OK"
             timer.finished()
@@ -195,11 +203,12 @@ class RouterService(pb_grpc.PDServeServicer):
             raise
         finally:  # NOTE: a cancelled call (client gone) keeps "CANCELLED"
             self.metrics.requests.labels(status).inc()
+            self.access.charge(inp.api_key, generated)  # the key's token bucket (prompt: at admission)
 
     async def _generate(self, inp: GenerateInput) -> AsyncIterator[Output]:
         rid = inp.request_id or uuid.uuid4().hex
         if len(self.inflight) >= self.max_inflight:
-            self.metrics.rejected.labels("max_inflight").inc()
+            self._count_rejected("max_inflight", inp)
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"admission refused: {len(self.inflight)} requests in flight (server.max_inflight)")
         if rid in self.inflight:
@@ -218,6 +227,11 @@ class RouterService(pb_grpc.PDServeServicer):
         except BaseException:  # cancelled while tokenizing
             self._release(rid)
             raise
+        try:  # NOTE: the key's per-minute limits, across router replicas (one Redis call, awaited)
+            await self.access.admit(inp.api_key, len(tokens))
+        except BaseException:
+            self._release(rid)
+            raise
         try:
             placement = self.place(rid, tokens, hashes=hashes)  # NOTE: from memory, ~0.1 ms: on the loop
         except NoInstanceError as e:
@@ -227,7 +241,7 @@ class RouterService(pb_grpc.PDServeServicer):
             self._release(rid)
             raise
         if self.admission.early_reject:
-            self._admit_by_slo(rid, inp.priority, placement)
+            self._admit_by_slo(rid, inp, placement)
         if rid in self.aborted_before_placement:  # an Abort came while the request was being placed
             self.aborted_before_placement.discard(rid)
             self._release(rid)
@@ -236,7 +250,8 @@ class RouterService(pb_grpc.PDServeServicer):
         finished = False
         try:
             async with asyncio.timeout(inp.timeout_s):
-                async for out in self._run(rid, tokens, inp.params, placement):
+                params = dataclasses.replace(inp.params, priority=inp.priority)  # NOTE: to the engines
+                async for out in self._run(rid, tokens, params, placement):
                     finished = out.finished
                     yield out
         except TimeoutError:
@@ -259,9 +274,14 @@ class RouterService(pb_grpc.PDServeServicer):
             if not finished:  # cancelled by the client, deadline, or error: free the blocks on the workers
                 await asyncio.shield(self._abort_everywhere(rid, latest))
 
-    def _admit_by_slo(self, rid: str, priority: Priority, placement: Placement) -> None:
+    def _count_rejected(self, reason: str, inp: GenerateInput) -> None:
+        assert self.access.rejected is not None  # registered in __init__
+        self.access.rejected.labels(reason, inp.api_key.name if inp.api_key else NO_KEY).inc()
+
+    def _admit_by_slo(self, rid: str, inp: GenerateInput, placement: Placement) -> None:
         """Refuse (RESOURCE_EXHAUSTED, its slot released) a placed request whose predicted time to first token is
         over its class's SLO (router/admission.py). On the event loop: O(instances) dict reads."""
+        priority = inp.priority
         target = placement.prefill_instance or placement.decode_instance
         self.ttft.observe(self.view.instance_stats)
         with self._place_lock:
@@ -271,7 +291,7 @@ class RouterService(pb_grpc.PDServeServicer):
             self.metrics.ttft_rate_defaults.inc()
         if prediction.misses:
             self._release(rid)
-            self.metrics.rejected.labels("slo").inc()
+            self._count_rejected("slo", inp)
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, prediction.reason(priority, target))
         self.predicted[rid] = (target, priority, prediction, time.perf_counter())
 
@@ -330,6 +350,11 @@ class RouterService(pb_grpc.PDServeServicer):
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         """The gRPC front of `generate`: its errors abort the call with their status."""
+        try:
+            key = self.access.authenticate_grpc(context)
+        except RequestError as e:
+            self.refused(e.code)
+            await context.abort(e.code, e.message)
         if isinstance(request, Undecodable):
             self.refused(grpc.StatusCode.INVALID_ARGUMENT)
             await refuse_undecodable(request, context)
@@ -338,13 +363,21 @@ class RouterService(pb_grpc.PDServeServicer):
         except RequestError as e:
             self.refused(e.code)
             await context.abort(e.code, e.message)
+        if key is not None:
+            inp = dataclasses.replace(inp, api_key=key, priority=key.priority)
         try:
             async for out in self.generate(inp):
                 yield to_response(out)
         except RequestError as e:
+            if e.retry_after_header is not None:  # a refusal that may pass later: when (the rate limits)
+                await context.abort(e.code, e.message, trailing_metadata=(("retry-after", e.retry_after_header),))
             await context.abort(e.code, e.message)
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        try:
+            self.access.authenticate_grpc(context)
+        except RequestError as e:
+            await context.abort(e.code, e.message)
         await refuse_undecodable(request, context)
         found = request.request_id in self.inflight
         placement = self.inflight.get(request.request_id)

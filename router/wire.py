@@ -8,7 +8,6 @@ refuses with INVALID_ARGUMENT; the refusals are logged at WARNING at most once p
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -120,11 +119,11 @@ def generate_input(request: pb.GenerateRequest, time_remaining: float | None) ->
     except ValueError as e:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
     try:
-        params = dataclasses.replace(params, priority=Priority(request.priority))
+        priority = Priority(request.priority)
     except ValueError:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown priority {request.priority}") from None
     prompt = request.text if kind == "text" else list(request.token_ids.ids)
-    return GenerateInput(prompt, params, request.request_id, time_remaining)
+    return GenerateInput(prompt, params, request.request_id, time_remaining, priority=priority)
 
 
 def to_response(out: Output) -> pb.GenerateResponse:

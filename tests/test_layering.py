@@ -7,8 +7,8 @@ import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-LAYERS = [("engine", "api"), ("kv_transfer", "metastore"), ("instance",), ("prefill_worker", "decode_worker"),
-          ("router",), ("pdserve",)]
+LAYERS = [("engine", "api"), ("kv_transfer", "metastore"), ("instance", "planner"),
+          ("prefill_worker", "decode_worker"), ("router",), ("pdserve",)]
 LAYER = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
 
 

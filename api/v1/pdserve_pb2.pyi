@@ -215,7 +215,7 @@ class InstanceLoad(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[str] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., kv_usage: _Optional[float] = ..., tensor_parallel_size: _Optional[int] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., prefix_cache_hit_rate: _Optional[float] = ..., restarts: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ...) -> None: ...
 
 class GetLoadsResponse(_message.Message):
-    __slots__ = ("instances", "policy")
+    __slots__ = ("instances", "policy", "nodes")
     class PolicyEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -225,6 +225,32 @@ class GetLoadsResponse(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
     instances: _containers.RepeatedCompositeFieldContainer[InstanceLoad]
     policy: _containers.ScalarMap[str, str]
-    def __init__(self, instances: _Optional[_Iterable[_Union[InstanceLoad, _Mapping]]] = ..., policy: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
+    def __init__(self, instances: _Optional[_Iterable[_Union[InstanceLoad, _Mapping]]] = ..., policy: _Optional[_Mapping[str, str]] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ...) -> None: ...
+
+class NodeStatus(_message.Message):
+    __slots__ = ("node_id", "node_ip", "state", "lost_at", "instances")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_IP_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LOST_AT_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    node_ip: str
+    state: str
+    lost_at: float
+    instances: _containers.RepeatedCompositeFieldContainer[NodeInstance]
+    def __init__(self, node_id: _Optional[str] = ..., node_ip: _Optional[str] = ..., state: _Optional[str] = ..., lost_at: _Optional[float] = ..., instances: _Optional[_Iterable[_Union[NodeInstance, _Mapping]]] = ...) -> None: ...
+
+class NodeInstance(_message.Message):
+    __slots__ = ("instance_id", "role", "state")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    role: str
+    state: str
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...

@@ -88,5 +88,9 @@ def test_bench_run_shows_in_the_scrape_and_in_status(tmp_path: pathlib.Path,
         for iid, role in instances.items():
             row = next(line for line in lines if line.startswith(iid))
             assert role in row and "serving" in row
-        assert lines[-1].startswith("policy: ") and "max_local_prefill_tokens=32" in lines[-1]
+        policy = next(i for i, line in enumerate(lines) if line.startswith("policy: "))
+        assert "max_local_prefill_tokens=32" in lines[policy]
+        # then the one Ray node (pdserve serve's node watcher), alive, with every instance on it
+        assert len(lines) == policy + 2 and lines[-1].startswith("node ") and ": alive; instances: " in lines[-1]
+        assert all(f"{iid} ({role}): serving" in lines[-1] for iid, role in instances.items()), lines[-1]
         srv.wait_idle()

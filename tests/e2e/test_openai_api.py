@@ -67,6 +67,7 @@ def test_health_and_models(srv: Server, client: openai.OpenAI) -> None:
     with urllib.request.urlopen(srv.http_url + "/health", timeout=10) as r:
         assert r.status == 200
     assert [m.id for m in client.models.list().data] == ["llama"]
+    assert srv.log.read_text().count("auth: open (no auth section)") == 1  # no keys: said once, at start
 
 
 def test_completion_equals_grpc_greedy_text(srv: Server, client: openai.OpenAI) -> None:

@@ -45,18 +45,23 @@ def test_tp2_tied_embeddings(models: dict[str, pathlib.Path]) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_tp2_nccl_equals_tp1(models: dict[str, pathlib.Path]) -> None:
-    """TP 2 over NCCL (Triton attention, eager decode: graphs are off for TP > 1) against TP 1 with graphs."""
+    """TP 2 over NCCL with decode CUDA graphs (their all-reduces captured on both ranks) against TP 1 with graphs,
+    and against TP 2 eager."""
     model = models["qwen2"]
     prompts = random_prompts(5, [1, 17, 64, 130, 200], 512, seed=303)
     tp1, llm = _generate(model, prompts, 24, device="cuda")
     assert llm.engine.executor.runner.graphs is not None
     llm.shutdown()
     tp2, llm = _generate(model, prompts, 24, device="cuda", tensor_parallel_size=2)
-    assert llm.engine.executor.runner.graphs is None
-    assert llm.engine.executor.runner.attn.name == "triton"
+    runner = llm.engine.executor.runner
+    assert runner.attn.name == "triton" and runner.graphs is not None
+    assert runner.graphs.replays > 0  # the decode steps ran as graph replays
     assert_all_free(llm.engine)
     llm.shutdown()
-    assert tp2 == tp1
+    eager, llm = _generate(model, prompts, 24, device="cuda", tensor_parallel_size=2, enforce_eager=True)
+    assert llm.engine.executor.runner.graphs is None
+    llm.shutdown()
+    assert tp2 == tp1 == eager
 
 
 def _kv_blocks(worker: Worker, n: int) -> torch.Tensor:

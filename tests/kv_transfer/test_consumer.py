@@ -54,12 +54,16 @@ def test_partial_prefix_hit_transfers_only_missing_blocks(models: dict[str, path
     assert prefill.call("wait_released", 10) == 0
 
 
+@pytest.mark.parametrize("prepared", [True, False], ids=["prepared", "per-read"])
 @pytest.mark.parametrize(("prefill_tp", "decode_tp"), [(1, 2), (2, 1)])
 def test_heterogeneous_tp(models: dict[str, pathlib.Path], prefill_factory, consumer_factory,
-                          prefill_tp: int, decode_tp: int) -> None:
+                          prefill_tp: int, decode_tp: int, prepared: bool) -> None:
+    """Both ways of posting a read: by block index from the lists prepared once per peer, and from descriptor
+    rows built for the read."""
     model = models["mistral"]
     prefill = prefill_factory(model, tensor_parallel_size=prefill_tp)
-    consumer = consumer_factory(model, tensor_parallel_size=decode_tp)
+    consumer = consumer_factory(model, tensor_parallel_size=decode_tp,
+                                cfg=TransferConfig(prepared_descriptors=prepared))
     for i, n in enumerate([7, 48, 150]):
         prompt = random_prompts(1, [n], 512, seed=120 + i)[0]
         handle = (prefill.call("prefill", f"h{i}", prompt))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kv_transfer.plan import head_range, plan_reads
+from kv_transfer.plan import block_rows, head_range, merged_descriptors, plan_reads
 from tests.kv_transfer.conftest import HEAD, desc
 
 
@@ -135,3 +135,21 @@ def test_every_local_head_is_read_exactly_once(heads: int, p: int, d: int) -> No
             assert r_first == head_range(local)[0] + l_slot  # the remote head lands in its own slot
             written += range(r_first, r_first + length // HEAD)
         assert sorted(written) == list(range(*head_range(local))), (rank, written)
+
+
+def test_prepared_block_rows_hold_each_blocks_piece_by_block_id() -> None:
+    """TP 1 -> 2, decode rank 1: row b of each list is the piece of block b (heads 2 and 3)."""
+    remote, r1 = desc(0, 1, 0, name="p"), desc(1, 2, 10**6)
+    local_rows, remote_rows = block_rows(r1, remote)
+    assert local_rows.shape == remote_rows.shape == (64, 3)
+    assert rows(local_rows[:2]) == [(10**6, 2 * HEAD), (10**6 + 2 * HEAD, 2 * HEAD)]
+    assert rows(remote_rows[5:7]) == [(5 * 4 * HEAD + 2 * HEAD, 2 * HEAD), (6 * 4 * HEAD + 2 * HEAD, 2 * HEAD)]
+
+
+def test_merged_descriptors_count_runs_only_for_whole_blocks() -> None:
+    local, remote = desc(0, 1, 0), desc(0, 1, 10**6, name="p")
+    ids = np.array([7, 8, 9, 20], dtype=np.int32)
+    assert merged_descriptors(local, remote, ids, np.array([3, 4, 5, 6], dtype=np.int32)) == 2
+    assert merged_descriptors(local, remote, ids, np.array([3, 4, 9, 10], dtype=np.int32)) == 3
+    half = desc(1, 2, 0)  # a head half of each block: pieces of adjacent blocks are not adjacent in memory
+    assert merged_descriptors(half, remote, ids, np.array([3, 4, 5, 6], dtype=np.int32)) == 4

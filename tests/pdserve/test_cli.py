@@ -25,8 +25,9 @@ def test_help_lists_every_command() -> None:
     done = pdserve("--help")
     assert done.returncode == 0 and done.stderr == ""
     assert done.stdout.startswith("usage: pdserve [-h]\n               "
-                                  "{demo,serve,router,generate,status,scale,role,drain,apply,bench}")
-    for command in ("demo", "serve", "router", "generate", "bench", "scale", "role", "drain", "apply"):
+                                  "{demo,serve,router,generate,status,scale,role,drain,apply,key,bench,")
+    for command in ("demo", "serve", "router", "generate", "bench", "scale", "role", "drain", "apply", "key",
+                    "profile", "plan"):
         assert f"    {command} " in done.stdout
 
 

@@ -168,3 +168,18 @@ def test_node_resource_pins_a_pool_and_is_validated(model: str) -> None:
     for bad in ("GPU", " ", 3):
         with pytest.raises(ConfigError, match=r"pools\.decode\.node_resource"):
             load_config(tiny, {"engine.model": model, "pools.decode.node_resource": bad})
+
+
+def test_max_per_node_divides_the_node_resource(model: str) -> None:
+    tiny = DEPLOY / "serving-tiny-cpu.yaml"
+    for n, share in ((1, 1.0), (2, 0.5), (3, 0.3333), (10_000, 0.0001)):
+        cfg = load_config(tiny, {"engine.model": model, "pools.decode.node_resource": "slot",
+                                 "pools.decode.max_per_node": n})
+        assert cfg.pools.decode.actor_resources() == {"slot": share}
+        assert n * share <= 1.0
+    for bad in (0, 10_001):
+        with pytest.raises(ConfigError, match=r"pools\.decode\.max_per_node"):
+            load_config(tiny, {"engine.model": model, "pools.decode.node_resource": "slot",
+                               "pools.decode.max_per_node": bad})
+    with pytest.raises(ConfigError, match=r"max_per_node needs node_resource"):
+        load_config(tiny, {"engine.model": model, "pools.decode.max_per_node": 1})

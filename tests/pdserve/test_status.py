@@ -54,3 +54,20 @@ def test_ready_line_carries_the_http_urls_after_the_metrics_urls() -> None:
     assert two.format().endswith(" http http://127.0.0.1:9,http://h:10") and ReadyLine.parse(two.format()) == two
     with pytest.raises(ValueError):  # one HTTP URL per router, or none
         ReadyLine(("a:1", "b:2"), ("m1", "m2"), ("http://a:3",))
+
+
+def test_nodes_follow_the_policy_one_line_each() -> None:
+    loads = pb.GetLoadsResponse(policy={"kv_weight": "0.5"}, nodes=[
+        pb.NodeStatus(node_id="aa", node_ip="10.0.0.1", state="alive",
+                      instances=[pb.NodeInstance(instance_id="decode-0", role="decode", state="serving")]),
+        pb.NodeStatus(node_id="bb", node_ip="10.0.0.2", state="lost", lost_at=0.5, instances=[
+            pb.NodeInstance(instance_id="prefill-0", role="prefill",
+                            state="restart pending: no alive node offers resource node_b")]),
+        pb.NodeStatus(node_id="cc", node_ip="10.0.0.3", state="alive")])
+    out = io.StringIO()
+    render(loads, out)
+    assert out.getvalue().splitlines()[3:] == [  # after the header, "(no instance registered)", the policy
+        "node 10.0.0.1 (aa): alive; instances: decode-0 (decode): serving",
+        "node 10.0.0.2 (bb): lost at 1970-01-01 00:00:00 UTC; instances: prefill-0 (prefill): restart pending: no "
+        "alive node offers resource node_b",
+        "node 10.0.0.3 (cc): alive; instances: none"]

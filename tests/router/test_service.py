@@ -19,6 +19,7 @@ from engine.model_info import ModelInfo
 from engine.sampling_params import SamplingParams
 from instance.messages import PrefillDone, StreamDelta
 from metastore import InstanceInfo, InstanceStatsRecord, Load, PlacementPolicy
+from metastore.nodes import NodeRecord
 from metastore.store import IndexSnapshot
 from router.cluster_view import ClusterView
 from router.placement import Placement
@@ -57,6 +58,9 @@ class FakeStore:
     def policy(self, base: PlacementPolicy | None = None) -> PlacementPolicy:
         assert base is not None
         return base
+
+    def nodes(self) -> tuple[NodeRecord, ...]:
+        return ()
 
 
 class Method:

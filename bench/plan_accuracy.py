@@ -1,0 +1,107 @@
+"""`pdserve plan`'s predicted goodput against the goodput measured on the tiny CPU cluster, split by split.
+
+    .venv/bin/python bench/plan_accuracy.py --rate 2 --input-len 192 --output-len 24 --num-requests 80 \
+        --slo-ttft-ms 1500 --slo-tpot-ms 150 --json out.json
+
+The small dummy-weights model of bench/small_cluster.py is profiled first (planner.profile, one torch thread,
+as a Ray actor without CPUs gets), then each split is served for real (`pdserve serve`) and driven by
+`pdserve bench` with Poisson arrivals. The prediction simulates the same split on the arrivals the bench
+actually sent (their send times, prompt and output lengths), so only the model differs, not the workload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from small_cluster import ROOT, small_cluster  # bench/, the script's folder
+
+from pdserve.config import load_config
+from pdserve.dummy_model import write_dummy_model
+from planner.profile import EngineProfile, profile_engine
+from planner.simulate import Arrival, Split, simulate
+
+SPLITS = {"2agg": (Split(0, 2), {"prefill": {"replicas": 0}, "decode": {"replicas": 2}}),
+          "1p1d": (Split(1, 1), {"prefill": {"replicas": 1}, "decode": {"replicas": 1}}),
+          "1agg": (Split(0, 1), {"prefill": {"replicas": 0}, "decode": {"replicas": 1}})}
+
+
+def profile_small(max_num_seqs: int) -> EngineProfile:
+    import torch
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = write_dummy_model(tmp, "small")
+        cfg = load_config(ROOT / "deploy/ray/serving-tiny-cpu.yaml",
+                          {"engine.model": str(model), "engine.load_format": "dummy",
+                           "engine.max_num_seqs": max_num_seqs})
+        return profile_engine(cfg.pool_engine("decode"), progress=lambda m: print(m, flush=True))
+
+
+def measure(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    split, pools = SPLITS[name]
+    placement = {"max_local_prefill_tokens": args.max_local_prefill_tokens}
+    with small_cluster(args.max_num_seqs, pools=pools, placement=placement) as (ready, _):
+        cmd = [sys.executable, "-m", "pdserve.cli", "bench", "--target", ready.targets[0], "--rate", str(args.rate),
+               "--num-requests", str(args.num_requests), "--input-len", f"fixed:{args.input_len}",
+               "--output-len", f"fixed:{args.output_len}", "--slo-ttft-ms", str(args.slo_ttft_ms),
+               "--slo-tpot-ms", str(args.slo_tpot_ms), "--seed", str(args.seed), "--out", str(out / name),
+               "--no-progress"]
+        subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    run = json.loads((out / name / "results.json").read_text())["runs"][0]
+    return {"split": split, "summary": run["summary"], "requests": run["requests"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--splits", nargs="+", default=["1agg", "2agg", "1p1d"], choices=sorted(SPLITS))
+    ap.add_argument("--rate", type=float, default=2.0)
+    ap.add_argument("--input-len", type=int, default=192)
+    ap.add_argument("--output-len", type=int, default=24)
+    ap.add_argument("--num-requests", type=int, default=80)
+    ap.add_argument("--max-num-seqs", type=int, default=16)
+    ap.add_argument("--max-local-prefill-tokens", type=int, default=32)
+    ap.add_argument("--slo-ttft-ms", type=float, default=1500)
+    ap.add_argument("--slo-tpot-ms", type=float, default=150)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    prof = profile_small(args.max_num_seqs)
+    print(f"profile: {prof.step}, transfer {prof.transfer}, median fit error {prof.fit_error:.0%}", flush=True)
+    slo_ttft, slo_tpot = args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.splits:
+            t0 = time.perf_counter()
+            m = measure(name, args, Path(tmp))
+            ok = [r for r in m["requests"] if r["status"] == "OK"]
+            arrivals = sorted((Arrival(r["sent_s"], r["prompt_tokens"], max(1, r["output_tokens"])) for r in ok),
+                              key=lambda a: a.time_s)
+            split = m["split"]
+            if name != "1agg" and split.prefill:
+                split = Split(split.prefill, split.decode, args.max_local_prefill_tokens)
+            sim = simulate(prof, split, arrivals)
+            predicted, measured = sim.goodput(slo_ttft, slo_tpot), m["summary"]["goodput"]
+            row = {"split": split.name(), "measured_goodput": measured, "predicted_goodput": predicted,
+                   "predicted_over_measured": predicted / measured if measured else None,
+                   "measured_p90_ttft_s": m["summary"]["ttft_s_90"], "measured_p90_tpot_s": m["summary"]["tpot_s_90"],
+                   "errors": m["summary"]["errors"], "wall_s": time.perf_counter() - t0}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\n{'split':40s} {'measured':>9s} {'predicted':>9s} {'ratio':>6s}")
+    for r in rows:
+        ratio = f"{r['predicted_over_measured']:.2f}" if r["predicted_over_measured"] else "-"
+        print(f"{r['split']:40s} {r['measured_goodput']:9.2f} {r['predicted_goodput']:9.2f} {ratio:>6s}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "profile": {"step": prof.step.to_dict(),
+                                               "fit_error": prof.fit_error}, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""`pdserve profile` and `pdserve plan` (planner/): measure an engine, then rank the P/D splits of N GPUs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+PROFILE_ROLES = ("decode", "prefill")
+
+
+def add_profile_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="serving YAML; the engine of pool --role is profiled")
+    p.add_argument("--model", help="model directory (overrides engine.model)")
+    p.add_argument("--role", choices=PROFILE_ROLES, default="decode", help="whose engine settings (TP) to profile")
+    p.add_argument("--out", required=True, help="write the profile JSON here")
+
+
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", required=True, help="a profile JSON from `pdserve profile`")
+    p.add_argument("--slo-ttft-ms", type=float, required=True)
+    p.add_argument("--slo-tpot-ms", type=float, required=True)
+    p.add_argument("--gpus", type=int, required=True, help="GPUs (or CPU instance slots) to split")
+    p.add_argument("--trace", help="Mooncake-format JSONL trace (timestamp ms, input_length, output_length)")
+    p.add_argument("--trace-limit", type=int, default=None, help="first N requests of the trace")
+    p.add_argument("--trace-speed", type=float, default=1.0, help="replay the trace this many times faster")
+    p.add_argument("--input-len", type=int, help="prompt tokens of every request (without --trace)")
+    p.add_argument("--output-len", type=int, help="output tokens of every request (without --trace)")
+    p.add_argument("--rate", type=float, help="Poisson arrivals per second (without --trace)")
+    p.add_argument("--num-requests", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def profile_main(args: argparse.Namespace) -> int:
+    import logging
+
+    from pdserve.config import ConfigError, load_config
+    from planner.profile import profile_engine
+
+    try:
+        cfg = load_config(args.config, {"engine.model": args.model} if args.model is not None else {})
+        engine_config = cfg.pool_engine(args.role)
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"pdserve profile: {e}", file=sys.stderr)
+        return 2
+    logging.getLogger("planner").setLevel(logging.INFO)
+    prof = profile_engine(engine_config, progress=lambda m: print(f"pdserve profile: {m}", file=sys.stderr,
+                                                                  flush=True))
+    prof.save(args.out)
+    print(f"pdserve profile: wrote {args.out} ({prof.samples} steps, step model median error "
+          f"{prof.fit_error:.0%})")
+    return 0
+
+
+def plan_main(args: argparse.Namespace) -> int:
+    from planner.plan import SLO, format_ranking, poisson_workload, rank_splits, trace_workload, yaml_fragment
+    from planner.profile import EngineProfile
+
+    try:
+        prof = EngineProfile.load(args.profile)
+        if args.trace:
+            arrivals = trace_workload(args.trace, prof.max_model_len, args.trace_limit, args.trace_speed)
+        elif None in (args.input_len, args.output_len, args.rate):
+            raise ValueError("give --trace, or all of --input-len, --output-len and --rate")
+        else:
+            arrivals = poisson_workload(args.rate, args.input_len, args.output_len, args.num_requests, args.seed)
+        instances = args.gpus // prof.tensor_parallel_size
+        if instances < 1:
+            raise ValueError(f"--gpus {args.gpus} holds no instance of tensor_parallel_size "
+                             f"{prof.tensor_parallel_size}")
+        slo = SLO(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
+    except (ValueError, OSError, KeyError) as e:
+        print(f"pdserve plan: {e}", file=sys.stderr)
+        return 2
+    preds = rank_splits(prof, arrivals, instances, slo)
+    print(format_ranking(preds, slo))
+    print(f"\nrecommended ({preds[0].split.name()}):\n{yaml_fragment(preds[0].split, prof)}")
+    return 0

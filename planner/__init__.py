@@ -1,0 +1,1 @@
+"""Capacity planning for the P/D split: profile an engine, predict the goodput of every split."""

@@ -1,0 +1,149 @@
+"""The adaptive P/D split on the tiny CPU cluster (real Ray, Redis, NIXL, gRPC): two aggregated instances serve
+short prompts, then the workload turns to long prompts under a tight TPOT SLO, which aggregated instances break
+(a decode step that carries a prompt chunk is slow). The controller must keep the split through the short phase,
+move one instance to prefill within 60 s of the change, and the requests sent after the move must meet the SLOs
+more often than those before it; no request fails and every output equals transformers' greedy tokens."""
+
+from __future__ import annotations
+
+import pathlib
+import random
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import pytest
+
+from api.v1 import pdserve_pb2 as pb
+from pdserve.config import load_config
+from planner.profile import profile_engine
+from planner.step_model import StepShape, chunk_pairs
+from tests.e2e.serve_process import ROOT, Server, serve
+from tests.e2e.test_scaling import status
+from tests.model_factory import hf_greedy, make_tiny_model, random_prompts
+
+pytestmark = pytest.mark.slow
+OUTPUT = 16
+SHORT, LONG = 16, 600  # prompt tokens of each phase
+MOVE_WITHIN_S = 60.0
+
+
+@dataclass
+class Sent:
+    t: float  # sent at, from the start of the load
+    phase: str
+    prompt: list[int]
+    ttft_s: float = 0.0
+    tpot_s: float = 0.0
+    tokens: tuple[int, ...] = ()
+    ok: bool = False
+
+
+class PhasedLoad:
+    """Poisson greedy requests from a thread; `phase` picks the prompts (each sent once: no prefix-cache hit
+    shortens a prompt) and the rate. Outputs are kept, to check against transformers after the run."""
+
+    def __init__(self, server: Server, prompts: dict[str, list[list[int]]], rates: dict[str, float]) -> None:
+        self.server, self.prompts, self.rates = server, prompts, rates
+        self.phase = "short"
+        self.sent: list[Sent] = []
+        self.failures: list[str] = []
+        self.start = time.monotonic()
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(48)
+        self._futures: list[Future[None]] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        rng = random.Random(2121)
+        left = {phase: iter(prompts) for phase, prompts in self.prompts.items()}
+        while not self._stop.is_set():
+            phase = self.phase
+            rec = Sent(time.monotonic() - self.start, phase, next(left[phase]))
+            self.sent.append(rec)
+            self._futures.append(self._pool.submit(self._one, rec))
+            self._stop.wait(rng.expovariate(self.rates[phase]))
+
+    def _one(self, rec: Sent) -> None:
+        t0 = time.monotonic()
+        times, tokens = [], []
+        try:
+            req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=rec.prompt),
+                                     sampling=pb.SamplingParams(max_tokens=OUTPUT, temperature=0.0, ignore_eos=True))
+            for r in self.server.stub.Generate(req, timeout=120):
+                times += [time.monotonic()] * len(r.token_ids)
+                tokens += list(r.token_ids)
+        except grpc.RpcError as e:
+            self.failures.append(f"{rec.phase} at {rec.t:.1f} s: {e.code().name}: {e.details()}")
+            return
+        rec.ttft_s, rec.tpot_s = times[0] - t0, (times[-1] - times[0]) / (len(times) - 1)
+        rec.tokens, rec.ok = tuple(tokens), True
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        for f in self._futures:
+            f.result(180)
+        self._pool.shutdown()
+
+
+def attainment(recs: list[Sent], ttft_s: float, tpot_s: float) -> float:
+    done = [r for r in recs if r.ok]
+    return sum(r.ttft_s <= ttft_s and r.tpot_s <= tpot_s for r in done) / max(1, len(done))
+
+
+def test_long_prompts_move_an_instance_to_prefill(tmp_path: pathlib.Path) -> None:
+    model = make_tiny_model(tmp_path / "model", "llama", seed=21, hidden_size=256, intermediate_size=768,
+                            num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, head_dim=32)
+    cfg = load_config(ROOT / "deploy/ray/serving-tiny-cpu.yaml", {"engine.model": str(model)})
+    import torch
+
+    torch.set_num_threads(1)  # NOTE: as a Ray actor without CPUs runs its engine
+    prof = profile_engine(cfg.pool_engine("decode"))
+    prof.save(tmp_path / "profile.json")
+    # SLOs and the long phase's rate from the profile: TPOT 1.3x a decode step of 4 rows at the long context (a
+    # step that also carries a 256-token prompt chunk is several times that); TTFT 4x the long prompt's prefill
+    # alone; long prompts at 75% of what one prefill instance can take.
+    decode_step = prof.step.predict(StepShape(decode_seqs=4, decode_context=4 * (LONG + OUTPUT)))
+    prefill = sum(prof.step.predict(StepShape(prefill_tokens=n, prefill_pairs=chunk_pairs(s, n)))
+                  for s, n in ((0, 256), (256, 256), (512, LONG - 512)))
+    slo_ttft_s, slo_tpot_s = 4 * prefill, 1.3 * decode_step
+    long_rate = min(4.0, max(0.5, 0.75 / prefill))
+    prompts = {"short": random_prompts(200, [SHORT], 512, seed=71), "long": random_prompts(300, [LONG], 512, seed=72)}
+    edits = {"pools": {"prefill": {"replicas": 0}, "decode": {"replicas": 2}},
+             "adaptive": {"enabled": True, "profile": str(tmp_path / "profile.json"),
+                          "slo_ttft_ms": 1e3 * slo_ttft_s, "slo_tpot_ms": 1e3 * slo_tpot_s, "interval_s": 2,
+                          "window_s": 8, "min_requests": 5, "patience": 2, "min_gain": 0.1, "cooldown_s": 30},
+             "server": {"drain_grace_s": 0.6}}
+    with serve(tmp_path, model, edits) as server:
+        load = PhasedLoad(server, prompts, {"short": 4.0, "long": long_rate})
+        try:
+            time.sleep(15)
+            roles = {i: r for i, (r, _) in status(server).items()}
+            assert roles == {"decode-0": "decode", "decode-1": "decode"}, f"moved during the short phase: {roles}"
+            load.phase = "long"
+            t_long = time.monotonic() - load.start
+            while "prefill" not in {r for r, _ in status(server).values()}:
+                waited = time.monotonic() - load.start - t_long
+                plans = [line for line in server.log.read_text().splitlines() if "adaptive split:" in line]
+                assert waited < MOVE_WITHIN_S, f"no instance moved to prefill within {MOVE_WITHIN_S:g} s (long " \
+                    f"prompts at {long_rate:.2f}/s, SLOs {slo_ttft_s:.3f} s, {slo_tpot_s:.4f} s):\n" + \
+                    "\n".join(plans[-12:])
+                time.sleep(1)
+            t_moved = time.monotonic() - load.start
+            time.sleep(15)
+        finally:
+            load.stop()
+    long_before = [r for r in load.sent if r.phase == "long" and r.t < t_moved]
+    long_after = [r for r in load.sent if r.phase == "long" and r.t >= t_moved + 2]
+    before, after = attainment(long_before, slo_ttft_s, slo_tpot_s), attainment(long_after, slo_ttft_s, slo_tpot_s)
+    print(f"moved {t_moved - t_long:.1f} s after the change; SLO attainment of long prompts before {before:.0%} "
+          f"({len(long_before)}), after {after:.0%} ({len(long_after)}); SLOs TTFT {1e3 * slo_ttft_s:.0f} ms, "
+          f"TPOT {1e3 * slo_tpot_s:.1f} ms")
+    assert load.failures == [], load.failures
+    mismatches = [r.t for r in load.sent if r.ok and list(r.tokens) != hf_greedy(model, r.prompt, OUTPUT)]
+    assert mismatches == [], f"{len(mismatches)} outputs differ from transformers (sent at {mismatches} s)"
+    assert len(long_after) >= 10 and after > before, (before, after)

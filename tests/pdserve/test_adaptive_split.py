@@ -1,0 +1,102 @@
+"""The adaptive split's parts: the workload window from stats records, the re-plan, and the hysteresis of its
+decisions against a real Redis and a real Admin channel (this test answers the commands, as the executor would)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from metastore import InstanceInfo, InstanceStatsRecord, Load, MetadataStore, RedisServer
+from metastore.admin import AdminChannel, AdminReply
+from pdserve.adaptive_split import AdaptiveSplit, WorkloadMeter, WorkloadWindow, replan
+from pdserve.config import AdaptiveConfig
+from planner.plan import SLO
+from planner.simulate import Split
+from tests.planner.test_simulate import profile
+
+
+def rec(n: int, prompt: int, output: int, queries: int = 0, hits: int = 0) -> InstanceStatsRecord:
+    return InstanceStatsRecord(requests_finished=n, prompt_tokens_finished=prompt, output_tokens_finished=output,
+                               prefix_cache_queries=queries, prefix_cache_hits=hits)
+
+
+def test_workload_window_differences_the_decode_pools_totals() -> None:
+    m = WorkloadMeter()
+    m.observe(0.0, {"d0": rec(100, 10_000, 500), "d1": rec(7, 70, 7)})  # baselines only
+    m.observe(10.0, {"d0": rec(110, 12_000, 600, 2_000, 500), "d1": rec(17, 2_070, 107)})
+    m.observe(20.0, {"d0": rec(120, 14_000, 700, 4_000, 1_000), "d1": rec(3, 300, 30)})  # d1 restarted
+    w = m.window(20.0, 60.0)
+    assert w == WorkloadWindow(requests=30, rate_rps=1.5, mean_prompt_tokens=6_000 / 30,
+                               mean_output_tokens=300 / 30, prefix_hit_rate=0.25)
+    m.observe(40.0, {"d0": rec(120, 14_000, 700, 4_000, 1_000)})
+    assert m.window(40.0, 25.0) is None  # the window holds no finished request
+
+
+def test_replan_moves_long_prompts_toward_prefill_and_short_ones_back() -> None:
+    prof, slo = profile(per_decode_seq_s=0.0005), SLO(2.0, 0.03)
+    long = replan(prof, slo, WorkloadWindow(100, 1.0, 400, 20, 0.0), Split(0, 2))
+    assert long.target.prefill == 1 and long.best.goodput_rps > long.current.goodput_rps
+    short = replan(prof, slo, WorkloadWindow(100, 1.0, 8, 20, 0.0), Split(1, 1, 32))
+    assert short.target.prefill == 0 or short.target.max_local_prefill_tokens >= 8  # every prompt local
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    with RedisServer() as server:
+        yield server.url
+
+
+@pytest.fixture
+def store(redis_url: str) -> Iterator[MetadataStore]:
+    s = MetadataStore(redis_url, namespace="adaptive", registry_lease_s=30.0)
+    yield s
+    s.close()
+
+
+def test_a_change_needs_patience_and_waits_out_its_cooldown(store: MetadataStore, redis_url: str,
+                                                           tmp_path: Path) -> None:
+    path = tmp_path / "profile.json"
+    profile(per_decode_seq_s=0.0005).save(path)
+    cfg = AdaptiveConfig(enabled=True, profile=str(path), slo_ttft_ms=2000, slo_tpot_ms=30, window_s=100,
+                         min_requests=5, patience=2, cooldown_s=50)
+    roles = {"decode-0": "decode", "decode-1": "decode"}
+    for iid in roles:
+        store.register(InstanceInfo(instance_id=iid, role="decode", address=iid, tp_size=1, block_size=16,
+                                    num_blocks=100, max_num_seqs=4))
+    channel = AdminChannel(redis_url, "adaptive")
+    commands = []
+
+    def executor() -> None:  # answers one command, as pdserve/admin_executor.py would
+        cmd = channel.take(wait_s=30)
+        assert cmd is not None
+        commands.append(cmd)
+        roles[cmd.instance_id] = cmd.role
+        channel.reply(AdminReply(cmd.id, [f"{cmd.instance_id}: decode -> {cmd.role}"]))
+
+    answer = threading.Thread(target=executor, daemon=True)
+    answer.start()
+    ctl = AdaptiveSplit(cfg, store, channel, roles)
+    busy = Load(waiting=3, running=4)
+
+    def publish(t: int) -> None:  # 1 long request a second finished on each decode instance so far
+        for iid in [i for i, r in roles.items() if r == "decode"]:
+            store.heartbeat(iid, busy if iid == "decode-0" else Load(), rec(t, 400 * t, 20 * t))
+
+    publish(0)
+    assert ctl.tick(0.0) is None  # baselines
+    publish(10)
+    first = ctl.tick(10.0)
+    assert first is not None and first.target.prefill == 1 and not commands  # 1 of 2: patience
+    publish(20)
+    ctl.tick(20.0)
+    answer.join(30)
+    assert [(c.op, c.instance_id, c.role) for c in commands] == [("set_role", "decode-1", "prefill")]  # least loaded
+    assert ctl.counters["changes"] == 1 and roles["decode-1"] == "prefill"
+    for t in (30, 40, 50):  # the cooldown: whatever the re-plans say, no further command
+        publish(t)
+        ctl.tick(float(t))
+    assert len(commands) == 1 and ctl.counters["replans"] >= 4
+    channel.close()

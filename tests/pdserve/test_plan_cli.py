@@ -1,0 +1,42 @@
+"""`pdserve profile` on a tiny model with this machine's CPU, then `pdserve plan` from the profile it wrote."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+
+from pdserve.cli import main
+from planner.profile import EngineProfile
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "deploy" / "ray" / "serving-tiny-cpu.yaml"
+
+
+def test_profile_then_plan(models: dict[str, pathlib.Path], tmp_path: pathlib.Path,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "profile.json"
+    assert main(["profile", "--config", str(CONFIG), "--model", str(models["llama"]), "--out", str(out)]) == 0
+    prof = EngineProfile.load(out)
+    assert prof.device == "cpu" and prof.max_num_batched_tokens == 256 and prof.samples >= 20
+    # a prompt token costs time, and so does a step; a transfer of more blocks takes longer
+    assert prof.step.per_prefill_token_s > 0 and prof.step.fixed_s > 0
+    assert prof.transfer.predict(64) > prof.transfer.predict(1) > 0
+    capsys.readouterr()
+    assert main(["plan", "--profile", str(out), "--slo-ttft-ms", "2000", "--slo-tpot-ms", "200", "--gpus", "2",
+                 "--input-len", "200", "--output-len", "16", "--rate", "2", "--num-requests", "100"]) == 0
+    text = capsys.readouterr().out
+    assert "2 aggregated" in text and "1P+1D" in text and "recommended (" in text and "pools:" in text
+
+
+def test_plan_refuses_bad_input(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = ["plan", "--profile", str(tmp_path / "none.json"), "--slo-ttft-ms", "500", "--slo-tpot-ms", "50",
+               "--gpus", "2", "--input-len", "10", "--output-len", "5", "--rate", "1"]
+    assert main(missing) == 2
+    assert "none.json" in capsys.readouterr().err
+    bad = tmp_path / "old.json"
+    bad.write_text(json.dumps({"version": 0}))
+    assert main(["plan", "--profile", str(bad), "--slo-ttft-ms", "500", "--slo-tpot-ms", "50", "--gpus", "2",
+                 "--rate", "1"]) == 2
+    assert "profile version" in capsys.readouterr().err
