@@ -21,6 +21,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pdserve.config import merge_mappings  # noqa: E402
 from pdserve.dummy_model import write_dummy_model  # noqa: E402
 from pdserve.ready_line import ReadyLine  # noqa: E402
 
@@ -30,9 +31,11 @@ def small_cluster(max_num_seqs: int, pools: dict[str, Any] | None = None,
                   server: dict[str, Any] | None = None,
                   placement: dict[str, Any] | None = None,
                   adaptive: dict[str, Any] | None = None,
-                  keep_log: Path | None = None) -> Iterator[tuple[ReadyLine, int]]:
+                  keep_log: Path | None = None,
+                  sections: dict[str, Any] | None = None) -> Iterator[tuple[ReadyLine, int]]:
     """Start it on deploy/ray/serving-tiny-cpu.yaml with these pools, server, placement and adaptive-split
-    settings; stop it after (and copy its log to `keep_log`)."""
+    settings (and whole other `sections`, e.g. {"admission": {...}}, merged over the file's); stop it after (and
+    copy its log to `keep_log`)."""
     with tempfile.TemporaryDirectory() as tmp:
         model = write_dummy_model(tmp, "small")
         cfg = yaml.safe_load((ROOT / "deploy/ray/serving-tiny-cpu.yaml").read_text())
@@ -43,6 +46,7 @@ def small_cluster(max_num_seqs: int, pools: dict[str, Any] | None = None,
         cfg["placement"].update(placement or {})
         if adaptive is not None:
             cfg["adaptive"] = adaptive
+        merge_mappings(cfg, sections or {})
         (Path(tmp) / "serving.yaml").write_text(yaml.safe_dump(cfg))
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "RAY_AUTH_MODE": "disabled"}
         with open(Path(tmp) / "serve.log", "w") as log:

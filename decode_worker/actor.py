@@ -42,13 +42,13 @@ class DecodeActor(InstanceActor):
         try:
             text_sent = text_offset
             while not finished:
-                out, token_ids, merged = await next_outputs(outputs)
+                out, token_ids, merged, logprobs = await next_outputs(outputs)
                 self.stream_outputs += merged
                 self.stream_items += 1
                 items += 1
                 finished = out.finished
                 yield StreamDelta(token_ids, out.text[text_sent:], finished, out.finish_reason,
-                                  out.num_cached_tokens, transferred if finished else 0)
+                                  out.num_cached_tokens, transferred if finished else 0, logprobs)
                 text_sent = len(out.text)
         except (GeneratorExit, asyncio.CancelledError) as e:
             # NOTE: how a stream ends without its consumer: the router cancelled it, or the router process died

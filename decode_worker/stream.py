@@ -12,6 +12,7 @@ import asyncio
 import threading
 from collections.abc import Callable
 
+from engine.logprobs import TokenLogprob
 from engine.outputs import RequestOutput
 
 OutputQueue = asyncio.Queue[RequestOutput]
@@ -48,16 +49,25 @@ class StepMailbox:
             outputs.put_nowait(out)
 
 
-async def next_outputs(outputs: OutputQueue) -> tuple[RequestOutput, list[int], int]:
+async def next_outputs(outputs: OutputQueue) -> tuple[RequestOutput, list[int], int,
+                                                      list[TokenLogprob | None] | None]:
     """Wait for the next output, then take the ones already queued behind it (up to the final one).
 
     Returns the latest output (its text, finish state and counters are cumulative), every new token id in
-    order, and how many outputs were merged (1 when the consumer keeps up)."""
+    order, how many outputs were merged (1 when the consumer keeps up), and the new tokens' logprobs (one per
+    token; None when the request did not ask for them)."""
     out = await outputs.get()
     tokens = list(out.new_token_ids)
+    logprobs = _logprobs_of(out)
     merged = 1
     while not out.finished and not outputs.empty():
         out = outputs.get_nowait()
         tokens += out.new_token_ids
+        if logprobs is not None:
+            logprobs += _logprobs_of(out) or []
         merged += 1
-    return out, tokens, merged
+    return out, tokens, merged, logprobs
+
+
+def _logprobs_of(out: RequestOutput) -> list[TokenLogprob | None] | None:
+    return list(out.new_logprobs) if out.new_logprobs is not None else None

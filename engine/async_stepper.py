@@ -8,6 +8,7 @@ import time
 import torch
 
 from engine.inflight import InflightStep
+from engine.logprobs import LogprobRows
 from engine.model_runner import build_step_input
 from engine.outputs import RequestOutput
 from engine.request import Request
@@ -24,6 +25,7 @@ class AsyncStepper(SyncStepper):
         prev, self._inflight = self._inflight, None
         sampling: list[Request] = []
         tokens: torch.Tensor | None = None
+        logprobs: LogprobRows | None = None
         if len(out):
             inp = build_step_input(out, self.block_size)
             inp.feed = prev.feed(out.requests, inp.query_start_loc) if prev is not None else None
@@ -32,22 +34,24 @@ class AsyncStepper(SyncStepper):
                         if r.num_computed_tokens + n == r.num_tokens]
             if sampling:
                 tokens = self.sampler.sample(logits, sampling)  # [N] on the device; nothing waits
+                logprobs = self.sampler.logprobs(logits, sampling, tokens)
         outputs: list[RequestOutput] = []
         wait_s = 0.0
         if prev is not None:
             t1 = time.perf_counter()
             values = prev.wait()  # NOTE: the step's one wait for the device, while this step's forward runs
             wait_s = time.perf_counter() - t1
-            for request, pending, token in zip(prev.requests, prev.pending, values, strict=True):
+            lps = prev.logprobs.to_host(values) if prev.logprobs is not None else [None] * len(values)
+            for request, pending, token, lp in zip(prev.requests, prev.pending, values, lps, strict=True):
                 if not request.finished:  # aborted since, or stopped: its row in this step is dropped
-                    outputs.append(emit(request, token, pending))
+                    outputs.append(emit(request, token, pending, lp))
         self.scheduler.update_after_step(out)
         if tokens is not None:
             pending = [not r.finished and not r.finishes_by_length_after_next() for r in sampling]
             for request, p in zip(sampling, pending, strict=True):
                 if p:
                     request.append_placeholder()
-            self._inflight = InflightStep.launch(sampling, pending, tokens)
+            self._inflight = InflightStep.launch(sampling, pending, tokens, logprobs)
         if len(out) or prev is not None:
             total = time.perf_counter() - t0
             self.metrics.record_step(total - wait_s, total)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine.logprobs import LogprobRows
 from engine.request import Request
 
 
@@ -44,16 +45,18 @@ class InflightStep:
     tokens: torch.Tensor  # [N] int64 on the device: the next step's feed reads it
     host: torch.Tensor  # [N] int64, pinned on CUDA: filled by a non-blocking copy
     ready: torch.cuda.Event | None  # passed once `host` holds the tokens (None on CPU: already there)
+    logprobs: LogprobRows | None = None  # for the rows that asked; copied to the host before `ready` passes
 
     @classmethod
-    def launch(cls, requests: list[Request], pending: list[bool], tokens: torch.Tensor) -> InflightStep:
+    def launch(cls, requests: list[Request], pending: list[bool], tokens: torch.Tensor,
+               logprobs: LogprobRows | None = None) -> InflightStep:
         if not tokens.is_cuda:
-            return cls(requests, pending, tokens, tokens, None)
+            return cls(requests, pending, tokens, tokens, None, logprobs)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)  # [N]
         host.copy_(tokens, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return cls(requests, pending, tokens, host, ready)
+        return cls(requests, pending, tokens, host, ready, logprobs)
 
     def wait(self) -> list[int]:
         """The sampled token ids (waits for the device)."""

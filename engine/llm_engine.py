@@ -28,6 +28,7 @@ from engine.engine_stats import EngineCounters, EngineLoad, EngineStats
 from engine.executor import Executor
 from engine.kv_cache_manager import KVCacheManager
 from engine.kv_connector import KVConnectorSpec
+from engine.logprobs import TokenLogprob
 from engine.metrics import EngineMetrics
 from engine.model_info import ModelInfo
 from engine.outputs import RequestOutput
@@ -71,6 +72,7 @@ class LLMEngine:
         self.detok: dict[str, IncrementalDetokenizer] = {}
         self._outputs: list[RequestOutput] = []  # made outside step() (aborts), returned by the next step()
         self._arrival = itertools.count()
+        self._computed_tokens, self._compute_s = 0, 0.0
 
     @property
     def num_kv_blocks(self) -> int:
@@ -146,10 +148,16 @@ class LLMEngine:
         if self.remote is not None and (events := self.remote.connector.poll()):
             outputs += self.remote.apply(events, self.requests, self._emit)
         out = self.scheduler.schedule()
-        return outputs + self.stepper.run(out, self._emit, t0)
+        outputs += self.stepper.run(out, self._emit, t0)
+        if out.total_tokens:  # NOTE: for the measured token rate routers predict a TTFT with (heartbeats)
+            self._computed_tokens += out.total_tokens
+            self._compute_s += time.perf_counter() - t0
+        return outputs
 
-    def _emit(self, request: Request, token: int, pending: bool = False) -> RequestOutput:
-        """Append a sampled token (or fill in its placeholder), apply the stop rules; returns its output."""
+    def _emit(self, request: Request, token: int, pending: bool = False,
+              logprob: TokenLogprob | None = None) -> RequestOutput:
+        """Append a sampled token (or fill in its placeholder) with its logprob, apply the stop rules; returns its
+        output."""
         if pending:
             request.resolve_token(token)
         else:
@@ -159,24 +167,30 @@ class LLMEngine:
         matched = detok.add(token) if not (status and request.stop_reason == token) else None
         if matched is not None:
             status, request.stop_reason = RequestStatus.FINISHED_STOPPED, matched
+        logprobs = [logprob] if logprob is not None else None
         if status is None:
-            return self._output(request, [token])
+            return self._output(request, [token], logprobs)
         if matched is None:
             detok.flush()
         self.scheduler.finish(request, status, free_blocks=self.remote is None)
-        output = self._finish_output(request, [token])
+        output = self._finish_output(request, [token], logprobs)
         if self.remote is not None:
             output.kv_handoff = self.remote.finish(request)
         return output
 
-    def _output(self, request: Request, new: list[int]) -> RequestOutput:
+    def _output(self, request: Request, new: list[int],
+                logprobs: list[TokenLogprob | None] | None = None) -> RequestOutput:
+        if logprobs is None and request.sampling_params.logprobs is not None:
+            logprobs = [None] * len(new)  # asked, not computed here (a token sampled elsewhere, or none new)
         return RequestOutput(request.request_id, request.prompt_token_ids, request.output_token_ids, new,
                              text=self.detok[request.request_id].text, finished=request.finished,
                              finish_reason=request.status.value if request.finished else None,
-                             stop_reason=request.stop_reason, num_cached_tokens=request.num_cached_tokens)
+                             stop_reason=request.stop_reason, num_cached_tokens=request.num_cached_tokens,
+                             new_logprobs=logprobs)
 
-    def _finish_output(self, request: Request, new: list[int] | None = None) -> RequestOutput:
-        output = self._output(request, new or [])
+    def _finish_output(self, request: Request, new: list[int] | None = None,
+                       logprobs: list[TokenLogprob | None] | None = None) -> RequestOutput:
+        output = self._output(request, new or [], logprobs)
         n, prompt, generated = self.finished_totals
         self.finished_totals = (n + 1, prompt + len(request.prompt_token_ids), generated + len(output.token_ids))
         del self.requests[request.request_id], self.detok[request.request_id]
@@ -201,7 +215,8 @@ class LLMEngine:
         kv, pool, m = self.kv, self.kv.pool, self.metrics
         return EngineCounters(pool.num_blocks - pool.num_free_blocks, pool.num_blocks, kv.prefix_queries,
                               kv.prefix_hits, self.scheduler.num_preemptions, m.steps, m.total_s,
-                              m.counters.get("kv_load_fallbacks", 0), *self.finished_totals)
+                              m.counters.get("kv_load_fallbacks", 0), self._computed_tokens, self._compute_s,
+                              *self.finished_totals)
 
     def stats(self) -> EngineStats:
         sched, kv = self.scheduler, self.kv

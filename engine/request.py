@@ -38,7 +38,7 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
-    arrival: int  # monotonically increasing admission order; lower = older = higher priority
+    arrival: int  # monotonically increasing admission order; lower = older = first within its class
     eos_token_ids: tuple[int, ...] = ()
     max_model_len: int = 1 << 30
     output_token_ids: list[int] = field(default_factory=list)
@@ -60,6 +60,11 @@ class Request:
         self.all_token_ids = list(self.prompt_token_ids)
         if self.sampling_params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.sampling_params.seed)
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """The scheduler's order: class first (interactive before batch), then age."""
+        return (int(self.sampling_params.priority), self.arrival)
 
     @property
     def num_tokens(self) -> int:

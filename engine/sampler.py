@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.logprobs import LogprobRows
 from engine.request import Request
 
 
@@ -16,6 +17,12 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
         """logits [N, V] float32, one row per request (same order) -> one token id per request."""
         return self.sample(logits, requests).tolist()
+
+    @staticmethod
+    def logprobs(logits: torch.Tensor, requests: list[Request], tokens: torch.Tensor) -> LogprobRows | None:
+        """The sampled tokens' logprobs (and top-k alternatives) for the rows whose request asks; None when
+        none does. logits [N, V], tokens [N] as `sample` returned them. Nothing waits for the device."""
+        return LogprobRows.compute(logits, requests, tokens)
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """Like __call__, but returns the token ids as a tensor [N] int64 on the logits' device, without

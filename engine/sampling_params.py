@@ -5,6 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from engine.priority import Priority
+
+MAX_TOP_LOGPROBS = 20  # as OpenAI's top_logprobs
+
 
 @dataclass
 class SamplingParams:
@@ -25,6 +29,11 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    # None: no logprobs; k >= 0: each sampled token's logprob and the k most likely tokens' (engine/logprobs.py)
+    logprobs: int | None = None
+    # NOTE: here, not a separate argument, because SamplingParams is what already travels unchanged from the
+    # router to every role's engine; the scheduler orders by it (engine/priority.py)
+    priority: Priority = Priority.INTERACTIVE
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -46,6 +55,11 @@ class SamplingParams:
             raise ValueError(f"top_k must be -1, 0 (disabled) or a positive integer, got {self.top_k!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}")
+        if not isinstance(self.priority, Priority):
+            raise ValueError(f"priority must be a Priority, got {self.priority!r}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
 

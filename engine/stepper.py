@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 from engine.executor import Executor
+from engine.logprobs import TokenLogprob
 from engine.metrics import EngineMetrics
 from engine.model_runner import build_step_input
 from engine.outputs import RequestOutput
@@ -20,8 +21,9 @@ from engine.request import Request
 from engine.sampler import Sampler
 from engine.scheduler import Scheduler, SchedulerOutput
 
-# emit(request, token, pending): append a sampled token (pending: it fills a placeholder), apply the stop rules
-Emit = Callable[[Request, int, bool], RequestOutput]
+# emit(request, token, pending, logprob): append a sampled token (pending: it fills a placeholder) with its logprob
+# (None: not asked for), apply the stop rules
+Emit = Callable[[Request, int, bool, TokenLogprob | None], RequestOutput]
 
 
 class SyncStepper:
@@ -37,9 +39,12 @@ class SyncStepper:
         if not sampling:
             return []
         t1 = time.perf_counter()
-        tokens = self.sampler(logits, sampling)  # NOTE: the step's one wait for the device
+        sampled = self.sampler.sample(logits, sampling)  # [N]
+        logprobs = self.sampler.logprobs(logits, sampling, sampled)
+        tokens = sampled.tolist()  # NOTE: the step's one wait for the device
         t2 = time.perf_counter()
-        outputs = [emit(request, token, False) for request, token in zip(sampling, tokens, strict=True)]
+        lps = logprobs.to_host(tokens) if logprobs is not None else [None] * len(tokens)
+        outputs = [emit(request, token, False, lp) for request, token, lp in zip(sampling, tokens, lps, strict=True)]
         t3 = time.perf_counter()
         self.metrics.record_step((t1 - t0) + (t3 - t2), t3 - t0)
         return outputs

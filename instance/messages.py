@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.logprobs import TokenLogprob
 from kv_transfer.handle import KVHandle
 
 
@@ -18,6 +19,8 @@ class PrefillDone:
     """A prefill instance ran the prompt to its first token and holds its KV for a reader."""
 
     kv_handle: KVHandle | None  # where the prompt's KV is, and the first token; None: aborted there
+    # The first token's logprob when the request asked for logprobs (the decode instance does not sample it)
+    first_logprob: TokenLogprob | None = None
 
     @property
     def aborted(self) -> bool:
@@ -35,3 +38,6 @@ class StreamDelta:
     finish_reason: str | None = None  # "stop" | "length" | "abort" on the final item
     cached_tokens: int = 0  # prompt tokens the decode instance served from its prefix cache
     transferred_blocks: int = 0  # KV blocks pulled from the prefill instance (set on the final item)
+    # One per token of token_ids when the request asked for logprobs, else None. An entry is None for a token
+    # this instance did not sample: the first token of a prompt prefilled elsewhere (PrefillDone carries it).
+    logprobs: list[TokenLogprob | None] | None = None

@@ -14,7 +14,6 @@ Only the SHA-256 of a key's secret is stored anywhere (YAML, Redis); the secret 
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import json
 import re
@@ -23,17 +22,14 @@ from dataclasses import asdict, dataclass, field
 
 import redis
 
+# NOTE: a key's class is the engines' own (engine/priority.py), re-exported here for the key's users
+from engine.priority import Priority
+
 KEY_PREFIX = "pdsk-"  # NOTE: a recognisable prefix, so a leaked key is easy to find in logs and repositories
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # a Redis key part and a metric label value
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 TOMBSTONE = json.dumps({"revoked": True})
 
-
-class Priority(enum.Enum):
-    """A key's priority class, carried on each of its requests (router/generation.py GenerateInput.priority)."""
-
-    INTERACTIVE = "interactive"
-    BATCH = "batch"
 
 
 @dataclass(frozen=True)
@@ -71,18 +67,18 @@ class ApiKey:
             raise ValueError(f"key_sha256: {self.key_sha256!r} is not a SHA-256 in hex (64 lowercase hex digits; "
                              "`pdserve key new` prints one)")
         if not isinstance(self.priority, Priority):
-            raise ValueError(f"priority: {self.priority!r} is not one of {[p.value for p in Priority]}")
+            raise ValueError(f"priority: {self.priority!r} is not one of {[p.label for p in Priority]}")
 
     def to_json(self) -> str:
-        return json.dumps({**asdict(self), "priority": self.priority.value})
+        return json.dumps({**asdict(self), "priority": self.priority.label})
 
     @staticmethod
     def from_json(text: str | bytes) -> ApiKey:
         d = json.loads(text)
         try:
-            priority = Priority(d.get("priority", Priority.INTERACTIVE.value))
+            priority = Priority.parse(d.get("priority", Priority.INTERACTIVE.label))
         except ValueError:
-            raise ValueError(f"priority: {d.get('priority')!r} is not one of {[p.value for p in Priority]}") from None
+            raise ValueError(f"priority: {d.get('priority')!r} is not one of {[p.label for p in Priority]}") from None
         return ApiKey(d["name"], d["key_sha256"], priority, KeyLimits(**d.get("limits", {})), d.get("admin", False))
 
 

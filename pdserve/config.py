@@ -24,6 +24,7 @@ from engine.config import EngineConfig
 from kv_transfer.config import TransferConfig
 from metastore.api_keys import ApiKey, check_unique
 from metastore.policy import PlacementPolicy
+from router.admission import AdmissionConfig
 
 
 class ConfigError(ValueError):
@@ -213,6 +214,7 @@ class ServingConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)  # early rejection (router/admission.py)
 
     def pool_engine(self, role: str) -> EngineConfig:
         """The engine configuration of every instance of pool `role` ("prefill" or "decode")."""
@@ -344,10 +346,12 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)  # type: ignore[arg-type]
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        parse = getattr(tp, "parse", tp)  # NOTE: an enum with a `parse` (engine.priority.Priority) is named by it
         try:
-            return tp(value)
-        except ValueError:
-            raise ConfigError(f"{key}: {value!r} is not one of {[m.value for m in tp]}") from None
+            return parse(value)
+        except (ValueError, TypeError, AttributeError):
+            raise ConfigError(f"{key}: {value!r} is not one of {[getattr(m, 'label', m.value) for m in tp]}") \
+                from None
     args = typing.get_args(tp)
     if typing.get_origin(tp) is list and value is not None:
         if not isinstance(value, list):

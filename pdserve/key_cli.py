@@ -29,7 +29,7 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
 
     def entry(p: argparse.ArgumentParser) -> None:
         p.add_argument("--name", required=True, help="the key's name (logs, metrics, its rate-limit buckets)")
-        p.add_argument("--priority", choices=[p.value for p in Priority], default=Priority.INTERACTIVE.value)
+        p.add_argument("--priority", choices=[p.label for p in Priority], default=Priority.INTERACTIVE.label)
         p.add_argument("--tokens-per-minute", type=int, default=0, help="prompt + generated tokens (0: unlimited)")
         p.add_argument("--requests-per-minute", type=int, default=0, help="0: unlimited")
 
@@ -56,12 +56,12 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
 
 
 def _entry(args: argparse.Namespace, sha256: str) -> ApiKey:
-    return ApiKey(args.name, sha256, Priority(args.priority), KeyLimits(args.tokens_per_minute,
+    return ApiKey(args.name, sha256, Priority.parse(args.priority), KeyLimits(args.tokens_per_minute,
                                                                          args.requests_per_minute))
 
 
 def _yaml_entry(key: ApiKey) -> str:
-    d = {"name": key.name, "key_sha256": key.key_sha256, "priority": key.priority.value}
+    d = {"name": key.name, "key_sha256": key.key_sha256, "priority": key.priority.label}
     lim = key.limits
     if not lim.unlimited:
         d["limits"] = {"tokens_per_minute": lim.tokens_per_minute, "requests_per_minute": lim.requests_per_minute}
@@ -96,7 +96,7 @@ def _add(args: argparse.Namespace) -> int:
     _store(args).add(key)
     if secret is not None:
         print(f"key (shown once; give it to {key.name}): {secret}")
-    print(f"added {key.name!r} ({key.priority.value}; {_limits(key.limits)}): the routers accept it within 1 s")
+    print(f"added {key.name!r} ({key.priority.label}; {_limits(key.limits)}): the routers accept it within 1 s")
     return 0
 
 
@@ -115,7 +115,7 @@ def _forget(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     runtime = _store(args).read()
     for key in sorted(runtime.added.values(), key=lambda k: k.name):
-        print(f"{key.name}\tadded\t{key.priority.value}\t{_limits(key.limits)}\t{key.key_sha256}")
+        print(f"{key.name}\tadded\t{key.priority.label}\t{_limits(key.limits)}\t{key.key_sha256}")
     for name in sorted(runtime.revoked):
         print(f"{name}\trevoked")
     for name in runtime.malformed:

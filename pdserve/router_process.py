@@ -55,7 +55,8 @@ def build_router(cfg: ServingConfig, store: MetadataStore, ray_namespace: str) -
     access = build_access(cfg, store)
     router = RouterService(info, load_tokenizer(info.model), view, ray_namespace, srv.max_inflight,
                            srv.max_prompt_bytes, srv.prefill_timeout_s, srv.max_migrations,
-                           InstanceHealth(srv.breaker_threshold, srv.breaker_cooldown_s), access)
+                           InstanceHealth(srv.breaker_threshold, srv.breaker_cooldown_s), access,
+                           cfg.admission)
     (log.warning if access.open else log.info)("%s", access.describe())
     return router
 

@@ -29,4 +29,4 @@ class PrefillActor(InstanceActor):
         except asyncio.CancelledError:
             self.worker.abort(request_id)
             raise
-        return PrefillDone(out.kv_handoff)
+        return PrefillDone(out.kv_handoff, out.new_logprobs[0] if out.new_logprobs else None)

@@ -43,9 +43,10 @@ class AccessControl:
     def register(self, registry: CollectorRegistry) -> None:
         """Its metrics, in the router's registry."""
         self.rejected = Counter("pdserve:requests_rejected", "Requests refused before they ran, by reason "
-                                "(unauthenticated, rate_limited) and API key name (- for none)", ["reason", "key"],
-                                registry=registry)
-        self.rejected.labels("unauthenticated", NO_KEY)  # present at 0 from the start
+                                "(unauthenticated, rate_limited; max_inflight, slo: router/service.py) and API key "
+                                "name (- for none)", ["reason", "key"], registry=registry)
+        for reason in ("unauthenticated", "max_inflight", "slo"):
+            self.rejected.labels(reason, NO_KEY)  # present at 0 from the start
         self.store_fallbacks = Counter("pdserve:ratelimit_store_fallbacks", "Rate-limit decisions made by this "
                                        "router's own buckets because Redis could not be reached", registry=registry)
         if self.limiter is not None:

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 
 import grpc
 
+from engine.logprobs import TokenLogprob
+from engine.priority import Priority
 from engine.sampling_params import SamplingParams
 from instance.messages import StreamDelta
-from metastore.api_keys import ApiKey, Priority
+from metastore.api_keys import ApiKey
 from router.placement import Placement
 
 
@@ -27,7 +29,9 @@ class GenerateInput:
     request_id: str = ""  # "": the router picks one
     timeout_s: float | None = None  # the client's deadline from now; None: none
     api_key: ApiKey | None = None  # the caller's key (router/access.py); None: the server is open
-    priority: Priority = Priority.INTERACTIVE  # its key's priority class
+    # Its class (engine/priority.py): the request's own field, overridden by its key's when auth is on. The router
+    # puts it into the SamplingParams that travel to the engines (RouterService._generate).
+    priority: Priority = Priority.INTERACTIVE
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,8 @@ class Output:
     prompt_tokens: int = 0  # on the final item
     completion_tokens: int = 0  # on the final item
     routing: Routing | None = None
+    # One per token of token_ids when the request asked for logprobs (SamplingParams.logprobs), else None
+    logprobs: list[TokenLogprob] | None = None
 
 
 class RequestError(Exception):
@@ -78,9 +84,22 @@ def routing_of(placement: Placement, cached: int, transferred: int, migrations: 
 
 
 def final_output(rid: str, last: StreamDelta, prompt_tokens: int, completion: int, placement: Placement,
-                 migrations: int = 0) -> Output:
+                 migrations: int = 0, logprobs: list[TokenLogprob] | None = None) -> Output:
     """A request's last item: its last tokens, usage, and where and why it ran. cached_tokens: what the decode
     instance really reused (the index the placement read may lag)."""
     return Output(rid, last.token_ids, last.text, finished=True, finish_reason=last.finish_reason or "",
                   prompt_tokens=prompt_tokens, completion_tokens=completion,
-                  routing=routing_of(placement, last.cached_tokens, last.transferred_blocks, migrations))
+                  routing=routing_of(placement, last.cached_tokens, last.transferred_blocks, migrations),
+                  logprobs=logprobs)
+
+
+def delta_logprobs(delta: StreamDelta, first: TokenLogprob | None) -> list[TokenLogprob] | None:
+    """A stream item's logprobs, one per token, with the first token's from the prefill instance (`first`) where
+    the decode instance did not sample it. RuntimeError if one is missing: an engine bug, never a silent gap."""
+    if delta.logprobs is None:
+        return None
+    out = [first if lp is None and i == 0 and first is not None else lp for i, lp in enumerate(delta.logprobs)]
+    if len(out) != len(delta.token_ids) or any(lp is None for lp in out):
+        raise RuntimeError(f"a stream item has logprobs for {sum(lp is not None for lp in out)} of its "
+                           f"{len(delta.token_ids)} tokens")
+    return out  # type: ignore[return-value]

@@ -44,6 +44,9 @@ class RouterMetrics:
                              "a request that finished", buckets=E2E_BUCKETS, registry=r)
         self.decision = Histogram("pdserve:placement_decision_seconds", "Time a placement decision takes "
                                   "(RouterService.place, from memory)", buckets=DECISION_BUCKETS, registry=r)
+        self.ttft_rate_defaults = Counter(
+            "pdserve:ttft_rate_defaults", "TTFT predictions made with admission.default_tokens_per_s because the "
+            "instance had not reported a measured token rate yet", registry=r)
         self.prompt_tokens = Counter("pdserve:prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("pdserve:generation_tokens", "Tokens generated", registry=r)
         self.cached_tokens = Counter("pdserve:cached_prompt_tokens", "Prompt tokens the decode instance reused "

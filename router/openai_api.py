@@ -30,6 +30,7 @@ from aiohttp import web
 
 from router.chat_template import ChatMessage, ChatTemplate, ChatTemplateError
 from router.generation import GenerateInput, Output, RequestError, Routing
+from router.openai_logprobs import TokenText, chat_logprobs, completion_logprobs
 from router.openai_request import ApiError, CompletionRequest, parse_chat, parse_completion
 from router.service import RouterService
 
@@ -79,6 +80,7 @@ class OpenAIFront:
         self.service, self.model_name, self.template = service, model_name, template
         self.created = int(time.time())
         self.draining = False  # set when the router drains: /health answers 503, new requests are refused
+        self.token_text = TokenText(service.tokenizer)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.service.max_prompt_bytes * 4 + (1 << 16),
@@ -109,7 +111,7 @@ class OpenAIFront:
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
             {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "pdserve",
-             "max_model_len": self.service.info.max_model_len}]})
+             "max_model_len": self.service.info.max_model_len, "vocab_size": self.service.info.vocab_size}]})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, chat=False)
@@ -132,7 +134,7 @@ class OpenAIFront:
             req = parse_completion(body, self.model_name)
             prompt = req.prompt  # type: ignore[assignment]
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        return req, GenerateInput(prompt, req.params, rid)
+        return req, GenerateInput(prompt, req.params, rid, priority=req.params.priority)
 
     def _chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
         """The chat's prompt ids: the template's text, tokenized without added special tokens (the template
@@ -174,12 +176,13 @@ class OpenAIFront:
                 return refusal(e)
             return self._whole(inp.request_id, chat, first, rest)
 
-    def _chunk(self, rid: str, chat: bool, text: str, finish: str | None, role: bool = False) -> dict[str, Any]:
+    def _chunk(self, rid: str, chat: bool, text: str, finish: str | None, role: bool = False,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
         if chat:
             delta = {"role": "assistant", "content": text} if role else {"content": text} if text else {}
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
         return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": self.model_name, "choices": [choice]}
 
@@ -195,15 +198,22 @@ class OpenAIFront:
             data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
             await response.write(f"data: {data}\n\n".encode())
 
-        out, final = first, None
+        out, final, offset = first, None, 0
         try:
             if chat:
                 await send(self._chunk(rid, chat, "", None, role=True))
             while True:
                 if out.finished:
                     final = out
-                if out.text or out.finished:
-                    await send(self._chunk(rid, chat, out.text, _finish(out) if out.finished else None))
+                logprobs = None
+                if out.logprobs:  # NOTE: a chunk per item with tokens, so every token's logprob is sent
+                    if chat:
+                        logprobs = chat_logprobs(out.logprobs, self.token_text)
+                    else:
+                        logprobs, offset = completion_logprobs(out.logprobs, self.token_text, offset)
+                if out.text or out.finished or logprobs is not None:
+                    await send(self._chunk(rid, chat, out.text, _finish(out) if out.finished else None,
+                                           logprobs=logprobs))
                 if out.finished:
                     break
                 out = await anext(rest)
@@ -221,11 +231,16 @@ class OpenAIFront:
         outs = [first, *rest]
         final = outs[-1]
         text = "".join(o.text for o in outs)
+        logprobs: dict[str, Any] | None = None
+        if any(o.logprobs is not None for o in outs):
+            lps = [lp for o in outs for lp in o.logprobs or ()]
+            logprobs = chat_logprobs(lps, self.token_text) if chat else \
+                completion_logprobs(lps, self.token_text)[0]
         if chat:
             choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                      "logprobs": None, "finish_reason": _finish(final)}
+                                      "logprobs": logprobs, "finish_reason": _finish(final)}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": _finish(final)}
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": _finish(final)}
         body = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": self.model_name, "choices": [choice], "usage": usage(final)}
         headers = {ROUTING_HEADER: routing_header(final.routing)} if final.routing else {}

@@ -4,8 +4,9 @@ the HTTP status and the offending parameter, which the front (openai_api.py) ret
 
 Supported: model, prompt (one text or one list of token ids), messages (text content), max_tokens (chat:
 max_completion_tokens too), temperature, top_p, seed, stop, stream, stream_options.include_usage, n = 1, and
-two extensions: top_k, ignore_eos. Refused with 400: logprobs/top_logprobs (the engine's stream does not carry
-logprobs yet), n > 1, echo, best_of > 1, non-zero penalties, batches of prompts.
+logprobs (completions: `logprobs: k`; chat: `logprobs: true` with `top_logprobs: k`; k <= 20), and three
+extensions: top_k, ignore_eos, priority ("interactive", the default, or "batch": engine/priority.py). Refused
+with 400: n > 1, echo, best_of > 1, non-zero penalties, batches of prompts.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from engine.sampling_params import SamplingParams
+from engine.priority import Priority
+from engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from router.chat_template import ChatMessage
 
 
@@ -58,8 +60,6 @@ def _model(body: Any, served: str) -> dict[str, Any]:
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
-    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
-        raise _bad("logprobs are not supported by this server yet", "logprobs")
     if _get(body, "n", (int,), "an integer") not in (None, 1):
         raise _bad("only n = 1 is supported", "n")
     if body.get("echo"):
@@ -71,14 +71,42 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
             raise _bad(f"{name} is not supported", name)
 
 
-def _params(body: dict[str, Any], default_max_tokens: int, max_tokens_names: tuple[str, ...]) -> SamplingParams:
+def _completion_logprobs(body: dict[str, Any]) -> int | None:
+    """/v1/completions: `logprobs: k` (0 <= k <= 20): each token's logprob and the k most likely."""
+    k = _get(body, "logprobs", (int,), "an integer")
+    if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
+        raise _bad(f"'logprobs' must be in [0, {MAX_TOP_LOGPROBS}], got {k}", "logprobs")
+    return k
+
+
+def _chat_logprobs(body: dict[str, Any]) -> int | None:
+    """/v1/chat/completions: `logprobs: true`, and `top_logprobs: k` (0 <= k <= 20) that needs it."""
+    on = _get(body, "logprobs", (bool,), "a boolean")
+    k = _get(body, "top_logprobs", (int,), "an integer")
+    if k is not None and not on:
+        raise _bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
+        raise _bad(f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}], got {k}", "top_logprobs")
+    return (k or 0) if on else None
+
+
+def _priority(body: dict[str, Any]) -> Priority:
+    name = _get(body, "priority", (str,), "a string")
+    try:
+        return Priority.INTERACTIVE if name is None else Priority.parse(name)
+    except ValueError as e:
+        raise _bad(str(e), "priority") from None
+
+
+def _params(body: dict[str, Any], default_max_tokens: int, max_tokens_names: tuple[str, ...],
+            logprobs: int | None) -> SamplingParams:
     max_tokens = default_max_tokens
     for name in max_tokens_names:
         value = _get(body, name, (int,), "an integer")
         if value is not None:
             max_tokens = value
             break
-    kwargs: dict[str, Any] = {"max_tokens": max_tokens}
+    kwargs: dict[str, Any] = {"max_tokens": max_tokens, "logprobs": logprobs, "priority": _priority(body)}
     for name, kinds, what in (("temperature", (int, float), "a number"), ("top_p", (int, float), "a number"),
                               ("seed", (int,), "an integer"), ("top_k", (int,), "an integer"),
                               ("ignore_eos", (bool,), "a boolean")):
@@ -120,7 +148,8 @@ def parse_completion(body: Any, served_model: str) -> CompletionRequest:
     elif not isinstance(prompt, str) or not prompt:
         raise _bad("'prompt' must be a non-empty string or a list of token ids", "prompt")
     stream, include = _stream(body)
-    return CompletionRequest(served_model, prompt, _params(body, 16, ("max_tokens",)), stream, include)
+    params = _params(body, 16, ("max_tokens",), _completion_logprobs(body))
+    return CompletionRequest(served_model, prompt, params, stream, include)
 
 
 def parse_chat(body: Any, served_model: str, max_model_len: int) -> CompletionRequest:
@@ -136,7 +165,7 @@ def parse_chat(body: Any, served_model: str, max_model_len: int) -> CompletionRe
             raise _bad(f"messages[{i}] must be an object with a 'role'", f"messages[{i}].role")
         parsed.append(ChatMessage(m["role"], _content(m.get("content"), i)))
     stream, include = _stream(body)
-    params = _params(body, max_model_len, ("max_completion_tokens", "max_tokens"))
+    params = _params(body, max_model_len, ("max_completion_tokens", "max_tokens"), _chat_logprobs(body))
     return CompletionRequest(served_model, parsed, params, stream, include)
 
 

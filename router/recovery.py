@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import ray
 
+from engine.logprobs import TokenLogprob
 from engine.sampling_params import SamplingParams
 from instance.messages import PrefillDone, StreamDelta
 from kv_transfer.handle import KVHandle
@@ -59,9 +60,10 @@ def _forget(svc: RouterService, iid: str, rid: str) -> None:
 
 
 async def prefill(svc: RouterService, rid: str, tokens: list[int], params: SamplingParams,
-                  placement: Placement) -> tuple[KVHandle | None, Placement, bool]:
+                  placement: Placement) -> tuple[KVHandle | None, Placement, bool, TokenLogprob | None]:
     """Run the remote prefill, retrying elsewhere. Returns (KV handle or None for a local prefill, the
-    placement as it ends up, whether the request was aborted on the prefill instance)."""
+    placement as it ends up, whether the request was aborted on the prefill instance, the first token's
+    logprob when the request asked for logprobs and a prefill instance sampled it)."""
     tried: set[str] = set()
     while placement.prefill_instance is not None:
         iid = placement.prefill_instance
@@ -80,7 +82,7 @@ async def prefill(svc: RouterService, rid: str, tokens: list[int], params: Sampl
         else:
             svc.health.succeeded(iid)
             svc.prefill_finished(rid)
-            return done.kv_handle, placement, done.aborted
+            return done.kv_handle, placement, done.aborted, done.first_logprob
         _failure(svc, iid, dead, why)
         tried.add(iid)
         svc.counters["prefill_retries"] += 1
@@ -88,7 +90,7 @@ async def prefill(svc: RouterService, rid: str, tokens: list[int], params: Sampl
         svc.counters["local_prefill_fallbacks" if placement.prefill_instance is None else "prefill_moves"] += 1
         log.warning("request %s: prefill on %s failed (%s); retrying on %s", rid, iid, why,
                     placement.prefill_instance or f"{placement.decode_instance} (local prefill)")
-    return None, placement, False
+    return None, placement, False, None
 
 
 async def stream(svc: RouterService, rid: str, tokens: list[int], params: SamplingParams, placement: Placement,

@@ -33,13 +33,15 @@ import api.v1.pdserve_pb2 as pb
 import api.v1.pdserve_pb2_grpc as pb_grpc
 from engine.block_hash import hash_blocks
 from engine.model_info import ModelInfo
+from engine.priority import Priority
 from engine.sampling_params import SamplingParams
 from instance.messages import StreamDelta
 from metastore import InstanceInfo
 from router import recovery
-from router.access import AccessControl
+from router.access import NO_KEY, AccessControl
+from router.admission import AdmissionConfig, Prediction, TTFTPredictor
 from router.cluster_view import ClusterState, ClusterView
-from router.generation import GenerateInput, Output, RequestError, final_output, routing_of
+from router.generation import GenerateInput, Output, RequestError, delta_logprobs, final_output, routing_of
 from router.health import InstanceHealth
 from router.instance_metrics import InstanceCollector, loads_response
 from router.metrics import RequestTimer, RouterMetrics
@@ -63,7 +65,7 @@ class RouterService(pb_grpc.PDServeServicer):
     def __init__(self, info: ModelInfo, tokenizer: Tokenizer | None, view: ClusterView, ray_namespace: str,
                  max_inflight: int = 256, max_prompt_bytes: int = 1 << 20, prefill_timeout_s: float = 30.0,
                  max_migrations: int = 2, health: InstanceHealth | None = None,
-                 access: AccessControl | None = None) -> None:
+                 access: AccessControl | None = None, admission: AdmissionConfig | None = None) -> None:
         self.info = info
         self.tokenizer = tokenizer  # None: the model has no tokenizer.json (token-id prompts only)
         self.view = view  # NOTE: placement reads only this memory; its thread follows Redis
@@ -83,6 +85,10 @@ class RouterService(pb_grpc.PDServeServicer):
         self.aborted_before_placement: set[str] = set()
         self._actors: dict[str, Any] = {}
         self.metrics = RouterMetrics(lambda: len(self.inflight), self._queued)  # its own registry
+        self.admission = admission or AdmissionConfig()
+        self.ttft = TTFTPredictor(self.admission)  # early rejection (router/admission.py)
+        # admitted with a prediction: (instance, class, prediction, start)
+        self.predicted: dict[str, tuple[str, Priority, Prediction, float]] = {}
         self.metrics.registry.register(InstanceCollector(view, self.health, {
             "recovery": self.counters, "breakers": self.health.counters, "cluster_view": view.counters}))
         self.access = access or AccessControl()  # API keys and per-key limits (router/access.py); default: open
@@ -202,11 +208,14 @@ class RouterService(pb_grpc.PDServeServicer):
     async def _generate(self, inp: GenerateInput) -> AsyncIterator[Output]:
         rid = inp.request_id or uuid.uuid4().hex
         if len(self.inflight) >= self.max_inflight:
+            self._count_rejected("max_inflight", inp)
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"admission refused: {len(self.inflight)} requests in flight (server.max_inflight)")
         if rid in self.inflight:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"request id {rid!r} is already in flight")
         self.inflight[rid] = None  # NOTE: take the admission slot before any await, or a burst all gets in
+        with self._place_lock:
+            self.load.classify(rid, inp.priority)
         try:
             if isinstance(inp.prompt, list) and len(inp.prompt) <= INLINE_PROMPT_TOKENS:
                 tokens, hashes = self._prepare(inp.prompt)  # NOTE: ~0.1 ms: a thread hop would cost more
@@ -231,6 +240,8 @@ class RouterService(pb_grpc.PDServeServicer):
         except BaseException:  # cancelled while placing: the placement thread records nothing after this
             self._release(rid)
             raise
+        if self.admission.early_reject:
+            self._admit_by_slo(rid, inp, placement)
         if rid in self.aborted_before_placement:  # an Abort came while the request was being placed
             self.aborted_before_placement.discard(rid)
             self._release(rid)
@@ -239,7 +250,8 @@ class RouterService(pb_grpc.PDServeServicer):
         finished = False
         try:
             async with asyncio.timeout(inp.timeout_s):
-                async for out in self._run(rid, tokens, inp.params, placement):
+                params = dataclasses.replace(inp.params, priority=inp.priority)  # NOTE: to the engines
+                async for out in self._run(rid, tokens, params, placement):
                     finished = out.finished
                     yield out
         except TimeoutError:
@@ -262,9 +274,39 @@ class RouterService(pb_grpc.PDServeServicer):
             if not finished:  # cancelled by the client, deadline, or error: free the blocks on the workers
                 await asyncio.shield(self._abort_everywhere(rid, latest))
 
+    def _count_rejected(self, reason: str, inp: GenerateInput) -> None:
+        assert self.access.rejected is not None  # registered in __init__
+        self.access.rejected.labels(reason, inp.api_key.name if inp.api_key else NO_KEY).inc()
+
+    def _admit_by_slo(self, rid: str, inp: GenerateInput, placement: Placement) -> None:
+        """Refuse (RESOURCE_EXHAUSTED, its slot released) a placed request whose predicted time to first token is
+        over its class's SLO (router/admission.py). On the event loop: O(instances) dict reads."""
+        priority = inp.priority
+        target = placement.prefill_instance or placement.decode_instance
+        self.ttft.observe(self.view.instance_stats)
+        with self._place_lock:
+            queued = self.load.queued_for(target, priority)  # NOTE: its own tokens included (placed above)
+        prediction = self.ttft.predict(target, queued, priority)
+        if not prediction.measured:
+            self.metrics.ttft_rate_defaults.inc()
+        if prediction.misses:
+            self._release(rid)
+            self._count_rejected("slo", inp)
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, prediction.reason(priority, target))
+        self.predicted[rid] = (target, priority, prediction, time.perf_counter())
+
+    def _first_token(self, rid: str) -> None:
+        """The request's first token is out: its prefill no longer queues, and its TTFT calibrates the next
+        predictions (when it was predicted)."""
+        self.prefill_finished(rid)
+        predicted = self.predicted.pop(rid, None)
+        if predicted is not None:
+            target, priority, prediction, start = predicted
+            self.ttft.measured(target, priority, prediction, 1000.0 * (time.perf_counter() - start))
+
     async def _run(self, rid: str, tokens: list[int], params: SamplingParams,
                    placement: Placement) -> AsyncIterator[Output]:
-        kv_handle, placement, aborted = await recovery.prefill(self, rid, tokens, params, placement)
+        kv_handle, placement, aborted, first_logprob = await recovery.prefill(self, rid, tokens, params, placement)
         if aborted:  # aborted on the prefill instance
             yield self._final(rid, ABORTED, len(tokens), 0, placement)
             return
@@ -272,15 +314,16 @@ class RouterService(pb_grpc.PDServeServicer):
         async for delta, where, moves in recovery.stream(self, rid, tokens, params, placement, kv_handle):
             first = completion == 0
             if first:  # a local prefill: its first token is out
-                self.prefill_finished(rid)
+                self._first_token(rid)
+            logprobs = delta_logprobs(delta, first_logprob if first else None)
             completion += len(delta.token_ids)
             if delta.finished:
                 self._count_finished(len(tokens), completion, delta.cached_tokens, where, moves)
-                yield self._final(rid, delta, len(tokens), completion, where, moves)
+                yield self._final(rid, delta, len(tokens), completion, where, moves, logprobs)
                 return
             # NOTE: the first item carries where it runs (the HTTP front's routing header goes out before the body)
             routing = routing_of(where, where.cached_tokens, 0, moves) if first else None
-            yield Output(rid, delta.token_ids, delta.text, routing=routing)
+            yield Output(rid, delta.token_ids, delta.text, routing=routing, logprobs=logprobs)
 
     def _count_finished(self, prompt: int, completion: int, cached: int, placement: Placement, moves: int) -> None:
         m = self.metrics
@@ -299,6 +342,7 @@ class RouterService(pb_grpc.PDServeServicer):
         NOTE: under the lock, so a placement thread still running for it sees it gone and records nothing."""
         with self._place_lock:
             self.load.finished(rid, self.inflight.pop(rid, None))
+        self.predicted.pop(rid, None)
 
     _final = staticmethod(final_output)
 

@@ -19,6 +19,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 import api.v1.pdserve_pb2 as pb
+from engine.priority import Priority
 from router.generation import GenerateInput, Output, RequestError
 from router.request import sampling_params
 
@@ -117,8 +118,12 @@ def generate_input(request: pb.GenerateRequest, time_remaining: float | None) ->
         params = sampling_params(request.sampling)
     except ValueError as e:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+    try:
+        priority = Priority(request.priority)
+    except ValueError:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown priority {request.priority}") from None
     prompt = request.text if kind == "text" else list(request.token_ids.ids)
-    return GenerateInput(prompt, params, request.request_id, time_remaining)
+    return GenerateInput(prompt, params, request.request_id, time_remaining, priority=priority)
 
 
 def to_response(out: Output) -> pb.GenerateResponse:

@@ -55,6 +55,7 @@ __all__ = [
     "build_tokenizer",
     "hf_greedy",
     "hf_greedy_batch",
+    "hf_logprobs",
     "make_tiny_model",
     "random_prompts",
 ]
@@ -268,3 +269,13 @@ def random_prompts(n: int, lengths: list[int] | None, vocab_size: int, seed: int
         length = lengths[i % len(lengths)] if lengths else rng.randint(1, 64)
         prompts.append([rng.randrange(3, vocab_size) for _ in range(length)])
     return prompts
+
+
+def hf_logprobs(model_dir: pathlib.Path, prompt_ids: list[int], generated: list[int]) -> torch.Tensor:
+    """transformers' log_softmax over the logits at each generated token's position: [len(generated), V]
+    float32 (row i is the distribution generated[i] was drawn from), from one forward over prompt + generated."""
+    model = _load(model_dir)
+    input_ids = torch.tensor([prompt_ids + generated[:-1]], dtype=torch.long)
+    with torch.no_grad():
+        logits = model(input_ids, attention_mask=torch.ones_like(input_ids)).logits[0].float()  # [T, V]
+    return torch.log_softmax(logits[len(prompt_ids) - 1:], dim=-1)  # [len(generated), V]

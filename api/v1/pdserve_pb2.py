@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61pi/v1/pdserve.proto\x12\npdserve.v1\".\n\x0cScaleRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\x05\"3\n\x0eSetRoleRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\"#\n\x0c\x44rainRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"#\n\x0c\x41pplyRequest\x12\x13\n\x0b\x63onfig_json\x18\x01 \x01(\t\"#\n\x0bPoolMembers\x12\x14\n\x0cinstance_ids\x18\x01 \x03(\t\"\xb3\x01\n\rAdminResponse\x12\x0f\n\x07\x63hanges\x18\x01 \x03(\t\x12\x15\n\rneeds_restart\x18\x02 \x03(\t\x12\x33\n\x05pools\x18\x03 \x03(\x0b\x32$.pdserve.v1.AdminResponse.PoolsEntry\x1a\x45\n\nPoolsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.pdserve.v1.PoolMembers:\x02\x38\x01\"\x88\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x17\n\nignore_eos\x18\x08 \x01(\x08H\x05\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_ignore_eos\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x98\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParamsB\x08\n\x06prompt\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xaa\x01\n\x07Routing\x12\x18\n\x10prefill_instance\x18\x01 \x01(\t\x12\x17\n\x0f\x64\x65\x63ode_instance\x18\x02 \x01(\t\x12\x15\n\rdisaggregated\x18\x03 \x01(\x08\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12\x1a\n\x12transferred_blocks\x18\x05 \x01(\r\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x12\n\nmigrations\x18\x07 \x01(\r\"\xb8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12$\n\x07routing\x18\x07 \x01(\x0b\x32\x13.pdserve.v1.Routing\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\x7f\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x15\n\reos_token_ids\x18\x06 \x03(\r\"\x11\n\x0fGetLoadsRequest\"\x8f\x02\n\x0cInstanceLoad\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07waiting\x18\x03 \x01(\r\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x10\n\x08kv_usage\x18\x05 \x01(\x02\x12\x1c\n\x14tensor_parallel_size\x18\x06 \x01(\r\x12\x0c\n\x04host\x18\x07 \x01(\t\x12\x0b\n\x03pid\x18\x08 \x01(\r\x12\r\n\x05state\x18\t \x01(\t\x12\x1d\n\x15prefix_cache_hit_rate\x18\n \x01(\x02\x12\x10\n\x08restarts\x18\x0b \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x0c \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\r \x01(\r\"\xcf\x01\n\x10GetLoadsResponse\x12+\n\tinstances\x18\x01 \x03(\x0b\x32\x18.pdserve.v1.InstanceLoad\x12\x38\n\x06policy\x18\x02 \x03(\x0b\x32(.pdserve.v1.GetLoadsResponse.PolicyEntry\x12%\n\x05nodes\x18\x03 \x03(\x0b\x32\x16.pdserve.v1.NodeStatus\x1a-\n\x0bPolicyEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"{\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07node_ip\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0f\n\x07lost_at\x18\x04 \x01(\x01\x12+\n\tinstances\x18\x05 \x03(\x0b\x32\x18.pdserve.v1.NodeInstance\"@\n\x0cNodeInstance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t2\x9f\x02\n\x07PDServe\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.pdserve.v1.GetModelInfoRequest\x1a\x15.pdserve.v1.ModelInfo\x12\x45\n\x08GetLoads\x12\x1b.pdserve.v1.GetLoadsRequest\x1a\x1c.pdserve.v1.GetLoadsResponse2\x83\x02\n\x05\x41\x64min\x12<\n\x05Scale\x12\x18.pdserve.v1.ScaleRequest\x1a\x19.pdserve.v1.AdminResponse\x12@\n\x07SetRole\x12\x1a.pdserve.v1.SetRoleRequest\x1a\x19.pdserve.v1.AdminResponse\x12<\n\x05\x44rain\x12\x18.pdserve.v1.DrainRequest\x1a\x19.pdserve.v1.AdminResponse\x12<\n\x05\x41pply\x12\x18.pdserve.v1.ApplyRequest\x1a\x19.pdserve.v1.AdminResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61pi/v1/pdserve.proto\x12\npdserve.v1\".\n\x0cScaleRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\x05\"3\n\x0eSetRoleRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\"#\n\x0c\x44rainRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"#\n\x0c\x41pplyRequest\x12\x13\n\x0b\x63onfig_json\x18\x01 \x01(\t\"#\n\x0bPoolMembers\x12\x14\n\x0cinstance_ids\x18\x01 \x03(\t\"\xb3\x01\n\rAdminResponse\x12\x0f\n\x07\x63hanges\x18\x01 \x03(\t\x12\x15\n\rneeds_restart\x18\x02 \x03(\t\x12\x33\n\x05pools\x18\x03 \x03(\x0b\x32$.pdserve.v1.AdminResponse.PoolsEntry\x1a\x45\n\nPoolsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.pdserve.v1.PoolMembers:\x02\x38\x01\"\x88\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x17\n\nignore_eos\x18\x08 \x01(\x08H\x05\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_ignore_eos\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xc0\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12&\n\x08priority\x18\x05 \x01(\x0e\x32\x14.pdserve.v1.PriorityB\x08\n\x06prompt\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xaa\x01\n\x07Routing\x12\x18\n\x10prefill_instance\x18\x01 \x01(\t\x12\x17\n\x0f\x64\x65\x63ode_instance\x18\x02 \x01(\t\x12\x15\n\rdisaggregated\x18\x03 \x01(\x08\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12\x1a\n\x12transferred_blocks\x18\x05 \x01(\r\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x12\n\nmigrations\x18\x07 \x01(\r\"\xb8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12$\n\x07routing\x18\x07 \x01(\x0b\x32\x13.pdserve.v1.Routing\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\x7f\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x15\n\reos_token_ids\x18\x06 \x03(\r\"\x11\n\x0fGetLoadsRequest\"\x8f\x02\n\x0cInstanceLoad\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07waiting\x18\x03 \x01(\r\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x10\n\x08kv_usage\x18\x05 \x01(\x02\x12\x1c\n\x14tensor_parallel_size\x18\x06 \x01(\r\x12\x0c\n\x04host\x18\x07 \x01(\t\x12\x0b\n\x03pid\x18\x08 \x01(\r\x12\r\n\x05state\x18\t \x01(\t\x12\x1d\n\x15prefix_cache_hit_rate\x18\n \x01(\x02\x12\x10\n\x08restarts\x18\x0b \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x0c \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\r \x01(\r\"\xcf\x01\n\x10GetLoadsResponse\x12+\n\tinstances\x18\x01 \x03(\x0b\x32\x18.pdserve.v1.InstanceLoad\x12\x38\n\x06policy\x18\x02 \x03(\x0b\x32(.pdserve.v1.GetLoadsResponse.PolicyEntry\x12%\n\x05nodes\x18\x03 \x03(\x0b\x32\x16.pdserve.v1.NodeStatus\x1a-\n\x0bPolicyEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"{\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07node_ip\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0f\n\x07lost_at\x18\x04 \x01(\x01\x12+\n\tinstances\x18\x05 \x03(\x0b\x32\x18.pdserve.v1.NodeInstance\"@\n\x0cNodeInstance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t*8\n\x08Priority\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x00\x12\x12\n\x0ePRIORITY_BATCH\x10\x01\x32\x9f\x02\n\x07PDServe\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.pdserve.v1.GetModelInfoRequest\x1a\x15.pdserve.v1.ModelInfo\x12\x45\n\x08GetLoads\x12\x1b.pdserve.v1.GetLoadsRequest\x1a\x1c.pdserve.v1.GetLoadsResponse2\x83\x02\n\x05\x41\x64min\x12<\n\x05Scale\x12\x18.pdserve.v1.ScaleRequest\x1a\x19.pdserve.v1.AdminResponse\x12@\n\x07SetRole\x12\x1a.pdserve.v1.SetRoleRequest\x1a\x19.pdserve.v1.AdminResponse\x12<\n\x05\x44rain\x12\x18.pdserve.v1.DrainRequest\x1a\x19.pdserve.v1.AdminResponse\x12<\n\x05\x41pply\x12\x18.pdserve.v1.ApplyRequest\x1a\x19.pdserve.v1.AdminResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADMINRESPONSE_POOLSENTRY']._serialized_options = b'8\001'
   _globals['_GETLOADSRESPONSE_POLICYENTRY']._loaded_options = None
   _globals['_GETLOADSRESPONSE_POLICYENTRY']._serialized_options = b'8\001'
+  _globals['_PRIORITY']._serialized_start=2250
+  _globals['_PRIORITY']._serialized_end=2306
   _globals['_SCALEREQUEST']._serialized_start=36
   _globals['_SCALEREQUEST']._serialized_end=82
   _globals['_SETROLEREQUEST']._serialized_start=84
@@ -54,35 +56,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=697
   _globals['_TOKENIDS']._serialized_end=720
   _globals['_GENERATEREQUEST']._serialized_start=723
-  _globals['_GENERATEREQUEST']._serialized_end=875
-  _globals['_USAGE']._serialized_start=877
-  _globals['_USAGE']._serialized_end=934
-  _globals['_ROUTING']._serialized_start=937
-  _globals['_ROUTING']._serialized_end=1107
-  _globals['_GENERATERESPONSE']._serialized_start=1110
-  _globals['_GENERATERESPONSE']._serialized_end=1294
-  _globals['_ABORTREQUEST']._serialized_start=1296
-  _globals['_ABORTREQUEST']._serialized_end=1330
-  _globals['_ABORTRESPONSE']._serialized_start=1332
-  _globals['_ABORTRESPONSE']._serialized_end=1362
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1364
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1385
-  _globals['_MODELINFO']._serialized_start=1387
-  _globals['_MODELINFO']._serialized_end=1514
-  _globals['_GETLOADSREQUEST']._serialized_start=1516
-  _globals['_GETLOADSREQUEST']._serialized_end=1533
-  _globals['_INSTANCELOAD']._serialized_start=1536
-  _globals['_INSTANCELOAD']._serialized_end=1807
-  _globals['_GETLOADSRESPONSE']._serialized_start=1810
-  _globals['_GETLOADSRESPONSE']._serialized_end=2017
-  _globals['_GETLOADSRESPONSE_POLICYENTRY']._serialized_start=1972
-  _globals['_GETLOADSRESPONSE_POLICYENTRY']._serialized_end=2017
-  _globals['_NODESTATUS']._serialized_start=2019
-  _globals['_NODESTATUS']._serialized_end=2142
-  _globals['_NODEINSTANCE']._serialized_start=2144
-  _globals['_NODEINSTANCE']._serialized_end=2208
-  _globals['_PDSERVE']._serialized_start=2211
-  _globals['_PDSERVE']._serialized_end=2498
-  _globals['_ADMIN']._serialized_start=2501
-  _globals['_ADMIN']._serialized_end=2760
+  _globals['_GENERATEREQUEST']._serialized_end=915
+  _globals['_USAGE']._serialized_start=917
+  _globals['_USAGE']._serialized_end=974
+  _globals['_ROUTING']._serialized_start=977
+  _globals['_ROUTING']._serialized_end=1147
+  _globals['_GENERATERESPONSE']._serialized_start=1150
+  _globals['_GENERATERESPONSE']._serialized_end=1334
+  _globals['_ABORTREQUEST']._serialized_start=1336
+  _globals['_ABORTREQUEST']._serialized_end=1370
+  _globals['_ABORTRESPONSE']._serialized_start=1372
+  _globals['_ABORTRESPONSE']._serialized_end=1402
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1404
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1425
+  _globals['_MODELINFO']._serialized_start=1427
+  _globals['_MODELINFO']._serialized_end=1554
+  _globals['_GETLOADSREQUEST']._serialized_start=1556
+  _globals['_GETLOADSREQUEST']._serialized_end=1573
+  _globals['_INSTANCELOAD']._serialized_start=1576
+  _globals['_INSTANCELOAD']._serialized_end=1847
+  _globals['_GETLOADSRESPONSE']._serialized_start=1850
+  _globals['_GETLOADSRESPONSE']._serialized_end=2057
+  _globals['_GETLOADSRESPONSE_POLICYENTRY']._serialized_start=2012
+  _globals['_GETLOADSRESPONSE_POLICYENTRY']._serialized_end=2057
+  _globals['_NODESTATUS']._serialized_start=2059
+  _globals['_NODESTATUS']._serialized_end=2182
+  _globals['_NODEINSTANCE']._serialized_start=2184
+  _globals['_NODEINSTANCE']._serialized_end=2248
+  _globals['_PDSERVE']._serialized_start=2309
+  _globals['_PDSERVE']._serialized_end=2596
+  _globals['_ADMIN']._serialized_start=2599
+  _globals['_ADMIN']._serialized_end=2858
 # @@protoc_insertion_point(module_scope)

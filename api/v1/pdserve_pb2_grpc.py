@@ -27,7 +27,8 @@ if _version_not_supported:
 
 class PDServeStub(object):
     """The router's service. Errors are gRPC status codes: INVALID_ARGUMENT (bad parameters, prompt too long),
-    RESOURCE_EXHAUSTED (admission refused), UNAVAILABLE (no healthy instance), DEADLINE_EXCEEDED (the
+    RESOURCE_EXHAUSTED (admission refused: server.max_inflight, or the predicted time to first token is over the
+    class's SLO: admission.ttft_slo_ms), UNAVAILABLE (no healthy instance), DEADLINE_EXCEEDED (the
     deadline is honoured end to end), CANCELLED (the request is aborted on the workers).
     """
 
@@ -61,7 +62,8 @@ class PDServeStub(object):
 
 class PDServeServicer(object):
     """The router's service. Errors are gRPC status codes: INVALID_ARGUMENT (bad parameters, prompt too long),
-    RESOURCE_EXHAUSTED (admission refused), UNAVAILABLE (no healthy instance), DEADLINE_EXCEEDED (the
+    RESOURCE_EXHAUSTED (admission refused: server.max_inflight, or the predicted time to first token is over the
+    class's SLO: admission.ttft_slo_ms), UNAVAILABLE (no healthy instance), DEADLINE_EXCEEDED (the
     deadline is honoured end to end), CANCELLED (the request is aborted on the workers).
     """
 
@@ -125,7 +127,8 @@ def add_PDServeServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class PDServe(object):
     """The router's service. Errors are gRPC status codes: INVALID_ARGUMENT (bad parameters, prompt too long),
-    RESOURCE_EXHAUSTED (admission refused), UNAVAILABLE (no healthy instance), DEADLINE_EXCEEDED (the
+    RESOURCE_EXHAUSTED (admission refused: server.max_inflight, or the predicted time to first token is over the
+    class's SLO: admission.ttft_slo_ms), UNAVAILABLE (no healthy instance), DEADLINE_EXCEEDED (the
     deadline is honoured end to end), CANCELLED (the request is aborted on the workers).
     """
 

@@ -10,11 +10,16 @@ import grpc
 
 from api.v1 import pdserve_pb2 as pb
 from api.v1 import pdserve_pb2_grpc as pb_grpc
-from pdserve.bench import report, runner, workload
+from pdserve.bench import openai_client, report, runner, workload
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", required=True, help="HOST:PORT of a pdserve router")
+    p.add_argument("--target", required=True,
+                   help="a pdserve router: HOST:PORT (--api grpc) or http://HOST:PORT (--api openai)")
+    p.add_argument("--api", choices=("grpc", "openai"), default="grpc",
+                   help="the front to drive: the gRPC API, or the OpenAI-compatible HTTP API (/v1/completions)")
+    p.add_argument("--batch-share", type=float, default=0.0,
+                   help="share of requests sent in the batch priority class (the rest interactive), at random")
     p.add_argument("--num-requests", type=int, default=100, help="requests per run (the run's count bound)")
     p.add_argument("--duration", type=float, default=300.0,
                    help="time bound of a run in seconds: later arrivals are not sent, stragglers are cancelled")
@@ -39,9 +44,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.target) as channel:
-        info = pb_grpc.PDServeStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
-    vocab, max_len = info.vocab_size, info.max_model_len
+    if args.api == "openai":
+        if not args.target.startswith(("http://", "https://")):
+            raise ValueError(f"--api openai: --target must be http://HOST:PORT, got {args.target!r}")
+        model, vocab, max_len = asyncio.run(openai_client.model_info(args.target.rstrip("/")))
+    else:
+        with grpc.insecure_channel(args.target) as channel:
+            info = pb_grpc.PDServeStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+        model, vocab, max_len = info.model, info.vocab_size, info.max_model_len
+    if not 0.0 <= args.batch_share <= 1.0:
+        raise ValueError(f"--batch-share must be in [0, 1], got {args.batch_share}")
     rates = [float(r) for r in args.rates.split(",")] if args.rates else [args.rate]
     runs = []
     for i, rate in enumerate(rates):
@@ -53,15 +65,16 @@ def main(args: argparse.Namespace) -> int:
             work = workload.poisson(args.num_requests, rate, workload.Distribution(args.input_len),
                                     workload.Distribution(args.output_len), vocab, args.seed + i, args.prefix_groups,
                                     args.prefix_len)
-        results, elapsed = asyncio.run(runner.run(args.target, work, args.duration,
-                                                  temperature=args.temperature, progress=not args.no_progress))
+        work = workload.with_priorities(work, args.batch_share, args.seed + i)
+        results, elapsed = asyncio.run(runner.run(args.target, work, args.duration, temperature=args.temperature,
+                                                  progress=not args.no_progress, api=args.api, model=model))
         summary = report.summarize(results, elapsed, args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
         runs.append({"rate": 0.0 if args.trace else rate, "summary": summary, "results": results})
         print(report.table(summary, None if args.trace else rate), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k != "func"}
-    config["model"] = {"name": info.model, "vocab_size": vocab, "max_model_len": max_len}
+    config["model"] = {"name": model, "vocab_size": vocab, "max_model_len": max_len}
     report.write_json(out / "results.json", config, runs)
     plots = report.write_plots(out, runs)
     print(f"wrote {out / 'results.json'}, " + ", ".join(str(p) for p in plots))

@@ -1,12 +1,16 @@
-"""Sends a workload to a router over gRPC at its arrival times and measures every request."""
+"""Sends a workload to a router at its arrival times and measures every request: over gRPC (here), or over the
+OpenAI-compatible HTTP front (`api="openai"`: pdserve/bench/openai_client.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
+import aiohttp
 import grpc
 
 from api.v1 import pdserve_pb2 as pb
@@ -31,6 +35,7 @@ class Result:
     transferred_blocks: int = 0
     decode_instance: str = ""
     prefill_instance: str = ""
+    priority: str = "interactive"
     token_times: list[float] = field(default_factory=list, repr=False)
 
 
@@ -58,9 +63,10 @@ class Progress:
 
 async def _one(stub: pb_grpc.PDServeStub, req: BenchRequest, start: float, timeout: float,
                temperature: float) -> Result:
-    res = Result(req.index, len(req.tokens))
+    res = Result(req.index, len(req.tokens), priority=req.priority)
     grpc_req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=req.tokens), sampling=pb.SamplingParams(
-        max_tokens=req.max_tokens, temperature=temperature, ignore_eos=True))
+        max_tokens=req.max_tokens, temperature=temperature, ignore_eos=True),
+        priority=pb.PRIORITY_BATCH if req.priority == "batch" else pb.PRIORITY_INTERACTIVE)
     t0 = time.perf_counter()
     res.sent_s = t0 - start
     try:
@@ -85,23 +91,40 @@ async def _one(stub: pb_grpc.PDServeStub, req: BenchRequest, start: float, timeo
 
 
 async def run(target: str, workload: list[BenchRequest], max_duration_s: float, request_timeout_s: float = 120,
-              temperature: float = 0.0, progress: bool = True) -> tuple[list[Result], float]:
+              temperature: float = 0.0, progress: bool = True, api: str = "grpc",
+              model: str = "") -> tuple[list[Result], float]:
     """Send every request at its arrival time (requests whose arrival is past `max_duration_s` are NOT_SENT;
-    ones still running at the bound are cancelled, CANCELLED). Returns results in workload order and the
+    ones still running at the bound are cancelled, CANCELLED). `api`: "grpc" (`target` HOST:PORT) or "openai"
+    (`target` http://HOST:PORT, `model` the served model's id). Returns results in workload order and the
     run's wall time."""
+    from pdserve.bench import openai_client
+
     bar = Progress(len(workload), progress)
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.PDServeStub(channel)
+    async with contextlib.AsyncExitStack() as stack:
+        if api == "openai":
+            # NOTE: no connection limit: the bench must not queue requests the server should see
+            session = await stack.enter_async_context(aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)))
+
+            def send(req: BenchRequest, start: float) -> Awaitable[Result]:
+                return openai_client.one(session, target.rstrip("/"), model, req, start, request_timeout_s,
+                                         temperature)
+        else:
+            channel = await stack.enter_async_context(grpc.aio.insecure_channel(target))
+            stub = pb_grpc.PDServeStub(channel)
+
+            def send(req: BenchRequest, start: float) -> Awaitable[Result]:
+                return _one(stub, req, start, request_timeout_s, temperature)
         start = time.perf_counter()
 
         async def scheduled(req: BenchRequest) -> Result:
             delay = req.arrival_s - (time.perf_counter() - start)
             if req.arrival_s > max_duration_s:
-                result = Result(req.index, len(req.tokens), status="NOT_SENT", error="past the run's time bound")
+                result = Result(req.index, len(req.tokens), status="NOT_SENT", error="past the run's time bound",
+                                priority=req.priority)
             else:
                 if delay > 0:
                     await asyncio.sleep(delay)
-                result = await _one(stub, req, start, request_timeout_s, temperature)
+                result = await send(req, start)
             bar.update(result)
             return result
 
@@ -114,7 +137,8 @@ async def run(target: str, workload: list[BenchRequest], max_duration_s: float, 
             if task in done and not task.cancelled():
                 results.append(task.result())
             else:
-                results.append(Result(req.index, len(req.tokens), status="CANCELLED", error="run time bound"))
+                results.append(Result(req.index, len(req.tokens), status="CANCELLED", error="run time bound",
+                                      priority=req.priority))
         elapsed = time.perf_counter() - start
     bar.close()
     return results, elapsed

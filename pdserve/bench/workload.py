@@ -6,6 +6,7 @@ reproducible and equal hash ids produce equal token blocks, which is what makes 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -22,6 +23,7 @@ class BenchRequest:
     tokens: list[int]
     max_tokens: int
     hash_ids: tuple[int, ...] = ()  # trace replay: the prompt's block ids
+    priority: str = "interactive"  # its class (engine/priority.py): "interactive" | "batch"
 
 
 class Distribution:
@@ -99,3 +101,11 @@ def mooncake_trace(path: str | Path, num: int, vocab: int, time_scale: float = 1
     if not out:
         raise ValueError(f"trace {path} has no requests")
     return out
+
+
+def with_priorities(work: list[BenchRequest], batch_share: float, seed: int) -> list[BenchRequest]:
+    """The workload with a random `batch_share` of its requests in the batch class (the rest interactive)."""
+    if batch_share <= 0:
+        return work
+    rng = random.Random(seed ^ 0x5EED)
+    return [dataclasses.replace(r, priority="batch" if rng.random() < batch_share else "interactive") for r in work]

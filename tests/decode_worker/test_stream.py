@@ -32,13 +32,13 @@ def test_a_step_burst_costs_one_wakeup_and_a_lagging_consumer_gets_it_merged() -
         t.join()
         assert mailbox.wakeups == 1  # six outputs, one wake-up
         await asyncio.sleep(0)
-        out, tokens, merged = await next_outputs(a)
+        out, tokens, merged, _ = await next_outputs(a)
         assert (tokens, merged, out.finished, out.text) == ([10, 11, 12], 3, True, "<10><11><12>")
-        out, tokens, merged = await next_outputs(b)
+        out, tokens, merged, _ = await next_outputs(b)
         assert (tokens, merged, out.finished) == ([20, 21, 22], 3, False)
         put_b(output("b", [20, 21, 22, 23], 1, finished=True))
         put_b(output("b", [20, 21, 22, 23, 24], 1))  # never merged past the final output
-        out, tokens, merged = await next_outputs(b)
+        out, tokens, merged, _ = await next_outputs(b)
         assert (tokens, merged, out.finished) == ([23], 1, True) and mailbox.wakeups == 2
 
     asyncio.run(main())

@@ -114,7 +114,7 @@ def test_bad_requests_get_openai_errors(srv: Server, client: openai.OpenAI) -> N
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.chat.completions.create(model="llama", messages=MESSAGES, max_tokens=0)  # type: ignore[arg-type]
     with pytest.raises(openai.BadRequestError, match="logprobs"):
-        client.completions.create(model="llama", prompt=PROMPT, logprobs=2)
+        client.completions.create(model="llama", prompt=PROMPT, logprobs=21)
     srv.wait_idle()  # nothing was left running on the pools
 
 

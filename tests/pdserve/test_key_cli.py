@@ -30,7 +30,8 @@ def test_new_prints_the_secret_and_its_yaml_entry(capsys: pytest.CaptureFixture[
     out = capsys.readouterr().out
     secret = re.search(r"(pdsk-\S+)", out)[1]  # type: ignore[index]
     entry = yaml.safe_load(out.split("auth.api_keys entry:\n", 1)[1])[0]
-    assert ApiKey(entry["name"], entry["key_sha256"], Priority(entry["priority"]), KeyLimits(**entry["limits"])) == \
+    priority = Priority.parse(entry["priority"])
+    assert ApiKey(entry["name"], entry["key_sha256"], priority, KeyLimits(**entry["limits"])) == \
         ApiKey("team-a", hash_key(secret), Priority.BATCH, KeyLimits(tokens_per_minute=1000))
 
 

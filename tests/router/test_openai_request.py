@@ -41,7 +41,10 @@ def test_completion_fields_become_sampling_params() -> None:
     ({"model": "m", "prompt": "hi", "seed": 1.5}, 400, "seed"),
     ({"model": "m", "prompt": "hi", "stop": ["a", 1]}, 400, "stop"),
     ({"model": "m", "prompt": "hi", "n": 2}, 400, "n"),
-    ({"model": "m", "prompt": "hi", "logprobs": 1}, 400, "logprobs"),
+    ({"model": "m", "prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    ({"model": "m", "prompt": "hi", "logprobs": True}, 400, "logprobs"),
+    ({"model": "m", "prompt": "hi", "priority": "urgent"}, 400, "priority"),
+    ({"model": "m", "prompt": "hi", "priority": 0}, 400, "priority"),
     ({"model": "m", "prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
 ])
 def test_bad_completion_bodies(body: dict[str, Any], status: int, param: str) -> None:
@@ -61,6 +64,24 @@ def test_chat_messages_and_max_tokens() -> None:
     e = refused(parse_chat, {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
                 "m", 128)
     assert e.param == "messages[0].content"
-    assert refused(parse_chat, {"model": "m", "messages": [{"role": "u", "content": "x"}], "logprobs": True},
-                   "m", 128).param == "logprobs"
+    msgs = [{"role": "u", "content": "x"}]
+    assert refused(parse_chat, {"model": "m", "messages": msgs, "top_logprobs": 2}, "m", 128).param == "top_logprobs"
+    assert refused(parse_chat, {"model": "m", "messages": msgs, "logprobs": True, "top_logprobs": 21}, "m",
+                   128).param == "top_logprobs"
+    assert refused(parse_chat, {"model": "m", "messages": msgs, "logprobs": 1}, "m", 128).param == "logprobs"
     assert refused(parse_chat, ["not", "an", "object"], "m", 128).status == 400
+
+
+def test_logprobs_and_priority_become_sampling_params() -> None:
+    from engine.priority import Priority
+
+    msgs = [{"role": "u", "content": "x"}]
+    assert parse_completion({"model": "m", "prompt": "hi", "logprobs": 3}, "m").params.logprobs == 3
+    assert parse_completion({"model": "m", "prompt": "hi", "logprobs": 0}, "m").params.logprobs == 0
+    assert parse_completion({"model": "m", "prompt": "hi"}, "m").params.logprobs is None
+    assert parse_chat({"model": "m", "messages": msgs, "logprobs": True}, "m", 9).params.logprobs == 0
+    assert parse_chat({"model": "m", "messages": msgs, "logprobs": True, "top_logprobs": 4}, "m", 9).params.logprobs \
+        == 4
+    assert parse_chat({"model": "m", "messages": msgs, "logprobs": False}, "m", 9).params.logprobs is None
+    assert parse_completion({"model": "m", "prompt": "hi"}, "m").params.priority is Priority.INTERACTIVE
+    assert parse_chat({"model": "m", "messages": msgs, "priority": "batch"}, "m", 9).params.priority is Priority.BATCH

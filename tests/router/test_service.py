@@ -24,7 +24,7 @@ from metastore.store import IndexSnapshot
 from router.cluster_view import ClusterView
 from router.placement import Placement
 from router.service import RouterService
-from router.wire import to_response
+from router.wire import generate_input, to_response
 
 INFO = ModelInfo(model="/m", vocab_size=512, max_model_len=256, block_size=16, hash_salt="s",
                  eos_token_ids=(2,), dtype="float32")
@@ -319,3 +319,27 @@ def test_a_failure_after_a_move_aborts_the_request_where_it_runs_now() -> None:
         generate(svc, list(range(3, 23)), max_tokens=8, temperature=0.0)
     assert other.abort.calls == [("r1",)]  # freed where it ran last, not on the instance it left
     assert not svc.inflight
+
+
+def test_the_request_class_reaches_the_instances_in_its_sampling_params() -> None:
+    import dataclasses
+
+    from engine.priority import Priority
+    from router.generation import GenerateInput
+
+    def run(inp: GenerateInput) -> SamplingParams:
+        decode = FakeActor(deltas=[StreamDelta([9], "a", finished=True, finish_reason="length")])
+        svc = service({"d0": decode})
+
+        async def collect() -> None:
+            _ = [o async for o in svc.generate(inp)]
+
+        asyncio.run(collect())
+        (_, _, params, _, _, _), = decode.generate.calls
+        return params
+
+    grpc_inp = generate_input(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6, 7]), priority=pb.PRIORITY_BATCH,
+                                                 sampling=pb.SamplingParams(max_tokens=1)), None)
+    assert grpc_inp.priority is Priority.BATCH and run(grpc_inp).priority is Priority.BATCH
+    # a key's class (auth) replaces GenerateInput.priority: that is what the engines get
+    assert run(dataclasses.replace(grpc_inp, priority=Priority.INTERACTIVE)).priority is Priority.INTERACTIVE
