@@ -6,17 +6,21 @@
 The small dummy-weights model of bench/small_cluster.py is profiled first (planner.profile, one torch thread,
 as a Ray actor without CPUs gets), then each split is served for real (`pdserve serve`) and driven by
 `pdserve bench` with Poisson arrivals. The prediction simulates the same split on the arrivals the bench
-actually sent (their send times, prompt and output lengths), so only the model differs, not the workload.
+actually sent (their send times, prompt and output lengths), so only the model differs, not the workload. A
+second prediction is calibrated as the adaptive split calibrates itself at runtime: the profile scaled by the
+decode pool's measured mean step time (the router's per-instance counters) over the simulated one.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +58,22 @@ def measure(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
                "--slo-tpot-ms", str(args.slo_tpot_ms), "--seed", str(args.seed), "--out", str(out / name),
                "--no-progress"]
         subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+        step_s = decode_step_seconds(ready.metrics_urls[0])
     run = json.loads((out / name / "results.json").read_text())["runs"][0]
-    return {"split": split, "summary": run["summary"], "requests": run["requests"]}
+    return {"split": split, "summary": run["summary"], "requests": run["requests"], "decode_step_s": step_s}
+
+
+def decode_step_seconds(metrics_url: str) -> float:
+    """The decode pool's mean engine step time over the run, from the router's per-instance counters (what the
+    adaptive split calibrates its profile with)."""
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    totals = {"pdserve:engine_steps_total": 0.0, "pdserve:engine_step_seconds_total": 0.0}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0]
+        if name in totals and 'role="decode"' in line:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    steps = totals["pdserve:engine_steps_total"]
+    return totals["pdserve:engine_step_seconds_total"] / steps if steps else 0.0
 
 
 def main() -> None:
@@ -88,16 +106,26 @@ def main() -> None:
                 split = Split(split.prefill, split.decode, args.max_local_prefill_tokens)
             sim = simulate(prof, split, arrivals)
             predicted, measured = sim.goodput(slo_ttft, slo_tpot), m["summary"]["goodput"]
+            # calibrated as the adaptive split does at runtime: the profile scaled by the measured decode step
+            # time over the simulated one
+            slowdown = m["decode_step_s"] / sim.decode_step_s if m["decode_step_s"] and sim.decode_step_s else 1.0
+            scaled = dataclasses.replace(prof, step=prof.step.scaled(slowdown))
+            calibrated = simulate(scaled, split, arrivals).goodput(slo_ttft, slo_tpot)
             row = {"split": split.name(), "measured_goodput": measured, "predicted_goodput": predicted,
                    "predicted_over_measured": predicted / measured if measured else None,
+                   "slowdown": slowdown, "calibrated_goodput": calibrated,
+                   "calibrated_over_measured": calibrated / measured if measured else None,
                    "measured_p90_ttft_s": m["summary"]["ttft_s_90"], "measured_p90_tpot_s": m["summary"]["tpot_s_90"],
                    "errors": m["summary"]["errors"], "wall_s": time.perf_counter() - t0}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\n{'split':40s} {'measured':>9s} {'predicted':>9s} {'ratio':>6s}")
+    print(f"\n{'split':40s} {'measured':>9s} {'predicted':>9s} {'ratio':>6s} {'slowdown':>8s} {'calibrated':>10s} "
+          f"{'ratio':>6s}")
     for r in rows:
         ratio = f"{r['predicted_over_measured']:.2f}" if r["predicted_over_measured"] else "-"
-        print(f"{r['split']:40s} {r['measured_goodput']:9.2f} {r['predicted_goodput']:9.2f} {ratio:>6s}")
+        cal = f"{r['calibrated_over_measured']:.2f}" if r["calibrated_over_measured"] else "-"
+        print(f"{r['split']:40s} {r['measured_goodput']:9.2f} {r['predicted_goodput']:9.2f} {ratio:>6s} "
+              f"{r['slowdown']:8.2f} {r['calibrated_goodput']:10.2f} {cal:>6s}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "profile": {"step": prof.step.to_dict(),
                                                "fit_error": prof.fit_error}, "rows": rows}, indent=1))
