@@ -108,7 +108,11 @@ class ServerConfig:
     # gRPC routers. 1: in the `pdserve serve` process. N >= 2: `pdserve serve` is the controller (Redis, Ray, the
     # pools) and supervises N router processes, each attached to the same Ray cluster and Redis.
     routers: int = 1
-    max_inflight: int = 256  # requests the router serves at once; more are refused with RESOURCE_EXHAUSTED
+    max_inflight: int = 256  # requests the router serves at once; more wait in its admission queue
+    # Requests that may wait for one of the max_inflight slots, admitted by priority class then age; beyond, or
+    # after admission_timeout_s of waiting, RESOURCE_EXHAUSTED. 0: no queue (refused at once).
+    max_queued: int = 0
+    admission_timeout_s: float = 30.0
     # A text prompt over this many UTF-8 bytes is refused (INVALID_ARGUMENT) before it is tokenized.
     max_prompt_bytes: int = 1 << 20
     # A prefill call unanswered after this long goes to another prefill instance, else the decode instance.
@@ -126,6 +130,9 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.max_inflight < 1:
             raise ValueError(f"max_inflight: {self.max_inflight} must be >= 1")
+        if self.max_queued < 0 or self.admission_timeout_s <= 0:
+            raise ValueError(f"max_queued: {self.max_queued} must be >= 0 and admission_timeout_s: "
+                             f"{self.admission_timeout_s} > 0")
         if self.max_prompt_bytes < 1:
             raise ValueError(f"max_prompt_bytes: {self.max_prompt_bytes} must be >= 1")
         for name in ("prefill_timeout_s", "breaker_cooldown_s", "drain_timeout_s", "drain_grace_s"):

@@ -33,6 +33,7 @@ from pdserve.runtime import ClusterInfo
 from pdserve.tls import grpc_credentials, ssl_context
 from router.access import AccessControl
 from router.admin_service import AdminService
+from router.admission_queue import AdmissionQueue
 from router.service import RouterService
 from router.wire import ADMIN_SERVICE, SERVICE, add_admin_to_server, add_router_to_server
 
@@ -56,7 +57,7 @@ def build_router(cfg: ServingConfig, store: MetadataStore, ray_namespace: str) -
     router = RouterService(info, load_tokenizer(info.model), view, ray_namespace, srv.max_inflight,
                            srv.max_prompt_bytes, srv.prefill_timeout_s, srv.max_migrations,
                            InstanceHealth(srv.breaker_threshold, srv.breaker_cooldown_s), access,
-                           cfg.admission)
+                           cfg.admission, AdmissionQueue(srv.max_inflight, srv.max_queued, srv.admission_timeout_s))
     (log.warning if access.open else log.info)("%s", access.describe())
     return router
 

@@ -40,6 +40,7 @@ from metastore import InstanceInfo
 from router import recovery
 from router.access import NO_KEY, AccessControl
 from router.admission import AdmissionConfig, Prediction, TTFTPredictor
+from router.admission_queue import AdmissionQueue, AdmissionRefused
 from router.cluster_view import ClusterState, ClusterView
 from router.generation import GenerateInput, Output, RequestError, delta_logprobs, final_output, routing_of
 from router.health import InstanceHealth
@@ -65,7 +66,8 @@ class RouterService(pb_grpc.PDServeServicer):
     def __init__(self, info: ModelInfo, tokenizer: Tokenizer | None, view: ClusterView, ray_namespace: str,
                  max_inflight: int = 256, max_prompt_bytes: int = 1 << 20, prefill_timeout_s: float = 30.0,
                  max_migrations: int = 2, health: InstanceHealth | None = None,
-                 access: AccessControl | None = None, admission: AdmissionConfig | None = None) -> None:
+                 access: AccessControl | None = None, admission: AdmissionConfig | None = None,
+                 admission_queue: AdmissionQueue | None = None) -> None:
         self.info = info
         self.tokenizer = tokenizer  # None: the model has no tokenizer.json (token-id prompts only)
         self.view = view  # NOTE: placement reads only this memory; its thread follows Redis
@@ -77,6 +79,8 @@ class RouterService(pb_grpc.PDServeServicer):
         self._known_state: ClusterState | None = None
         self._place_lock = threading.Lock()  # placement decisions and their records, one at a time
         self.max_inflight = max_inflight
+        # the max_inflight slots, with the queue (by class, then age) in front of them: router/admission_queue.py
+        self.slots = admission_queue or AdmissionQueue(max_inflight)
         self.max_prompt_bytes = max_prompt_bytes
         self.prefill_timeout_s, self.max_migrations = prefill_timeout_s, max_migrations
         self.health = health or InstanceHealth()
@@ -207,13 +211,17 @@ class RouterService(pb_grpc.PDServeServicer):
 
     async def _generate(self, inp: GenerateInput) -> AsyncIterator[Output]:
         rid = inp.request_id or uuid.uuid4().hex
-        if len(self.inflight) >= self.max_inflight:
-            self._count_rejected("max_inflight", inp)
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"admission refused: {len(self.inflight)} requests in flight (server.max_inflight)")
         if rid in self.inflight:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"request id {rid!r} is already in flight")
-        self.inflight[rid] = None  # NOTE: take the admission slot before any await, or a burst all gets in
+        try:  # NOTE: no suspension when a slot is free, so a burst cannot all get in before one records it
+            await self.slots.acquire(inp.priority)
+        except AdmissionRefused as e:
+            self._count_rejected("max_inflight", inp)
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, e.message) from None
+        if rid in self.inflight:  # the same id came in while this one waited in the queue
+            self.slots.release()
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"request id {rid!r} is already in flight")
+        self.inflight[rid] = None
         with self._place_lock:
             self.load.classify(rid, inp.priority)
         try:
@@ -341,7 +349,10 @@ class RouterService(pb_grpc.PDServeServicer):
         """The request is over (finished, failed, cancelled, refused): drop its slot and any pending prefill.
         NOTE: under the lock, so a placement thread still running for it sees it gone and records nothing."""
         with self._place_lock:
+            held = rid in self.inflight
             self.load.finished(rid, self.inflight.pop(rid, None))
+        if held:
+            self.slots.release()  # NOTE: to the first queued request by (class, age), if any
         self.predicted.pop(rid, None)
 
     _final = staticmethod(final_output)
