@@ -62,7 +62,7 @@ def test_a_wait_times_out_and_a_cancelled_waiter_leaks_no_slot() -> None:
     async def run() -> None:
         q = AdmissionQueue(1, max_queued=4, timeout_s=0.05)
         await q.acquire(I)
-        with pytest.raises(AdmissionRefused, match="no slot within 0.05 s"):
+        with pytest.raises(AdmissionRefused, match=r"no slot within 0\.05 s"):
             await q.acquire(I)
         assert q.timed_out == 1
         waiter = asyncio.create_task(AdmissionQueue.acquire(q, B))
