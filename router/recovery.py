@@ -26,7 +26,7 @@ from engine.logprobs import TokenLogprob
 from engine.sampling_params import SamplingParams
 from instance.messages import PrefillDone, StreamDelta
 from kv_transfer.handle import KVHandle
-from router.placement import Placement
+from router.placement import NoInstanceError, Placement
 
 if TYPE_CHECKING:
     from router.service import RouterService
@@ -86,7 +86,16 @@ async def prefill(svc: RouterService, rid: str, tokens: list[int], params: Sampl
         _failure(svc, iid, dead, why)
         tried.add(iid)
         svc.counters["prefill_retries"] += 1
-        placement = await asyncio.to_thread(svc.place, rid, tokens, placement.decode_instance, frozenset(tried))
+        try:
+            placement = await asyncio.to_thread(svc.place, rid, tokens, placement.decode_instance, frozenset(tried))
+        except NoInstanceError:
+            # NOTE: the decode instance placed with it is unusable too (a lost node takes both): nothing has
+            # decoded yet, so choose the decode instance again as well
+            tried.add(placement.decode_instance)
+            svc.counters["decode_moves_before_prefill"] += 1
+            log.warning("request %s: decode instance %s is unusable too; placing the request again", rid,
+                        placement.decode_instance)
+            placement = await asyncio.to_thread(svc.place, rid, tokens, None, frozenset(tried))
         svc.counters["local_prefill_fallbacks" if placement.prefill_instance is None else "prefill_moves"] += 1
         log.warning("request %s: prefill on %s failed (%s); retrying on %s", rid, iid, why,
                     placement.prefill_instance or f"{placement.decode_instance} (local prefill)")
