@@ -114,6 +114,8 @@ def test_replan_scales_the_profile_by_the_measured_step_time() -> None:
     simulated = simulate(prof, Split(0, 2), arrivals).decode_step_s
     assert simulated > 0
     as_profiled = replan(prof, slo, work, Split(0, 2))
-    slower = replan(prof, slo, WorkloadWindow(100, 0.5, 400, 20, 0.0, 3 * simulated), Split(0, 2))
+    slower = replan(prof, slo, WorkloadWindow(100, 0.5, 400, 20, 0.0, 3 * simulated), Split(0, 2), calibrate=True)
+    measured_only = replan(prof, slo, WorkloadWindow(100, 0.5, 400, 20, 0.0, 3 * simulated), Split(0, 2))
     assert as_profiled.slowdown == 1.0 and slower.slowdown == pytest.approx(3.0)
+    assert measured_only.slowdown == pytest.approx(3.0) and measured_only.current == as_profiled.current
     assert slower.current.goodput_rps < as_profiled.current.goodput_rps
