@@ -28,7 +28,6 @@ from pdserve.bench.workload import BenchRequest, Distribution, poisson
 from pdserve.config import load_config
 from pdserve.dummy_model import write_dummy_model
 from planner.profile import profile_engine
-from planner.step_model import StepShape, chunk_pairs
 
 SHORT, LONG, OUTPUT, WINDOW_S = 16, 600, 16, 10.0
 
@@ -82,9 +81,7 @@ def main() -> None:
                           {"engine.model": str(model), "engine.load_format": "dummy"})
         prof = profile_engine(cfg.pool_engine("decode"), progress=lambda m: print(m, flush=True))
         prof.save(Path(tmp) / "profile.json")
-        decode = prof.step.predict(StepShape(decode_seqs=4, decode_context=4 * (LONG + OUTPUT)))
-        prefill = sum(prof.step.predict(StepShape(prefill_tokens=n, prefill_pairs=chunk_pairs(s, n)))
-                      for s, n in ((0, 256), (256, 256), (512, LONG - 512)))
+        decode, prefill = prof.decode_step_seconds(4, LONG + OUTPUT), prof.prefill_seconds(LONG)
         ttft_s, tpot_s = 4 * prefill, 1.3 * decode
         long_rate = args.long_rate or min(2.0, max(0.5, 0.75 / prefill))
         out.update(slo_ttft_s=ttft_s, slo_tpot_s=tpot_s, long_rate=long_rate, profile_fit_error=prof.fit_error)

@@ -76,8 +76,8 @@ class WorkloadMeter:
             self.deltas.popleft()
         if len(self.deltas) < 2:
             return None
-        n, prompt, output, queries, hits, steps, step_s = (sum(d[i] for d in list(self.deltas)[1:])
-                                                           for i in range(1, 8))
+        rows = list(self.deltas)[1:]  # NOTE: the first row is the window's baseline
+        n, prompt, output, queries, hits, steps, step_s = (sum(d[i] for d in rows) for i in range(1, 8))
         span = self.deltas[-1][0] - self.deltas[0][0]
         if n == 0 or span <= 0:
             return None
@@ -106,17 +106,18 @@ def replan(profile: EngineProfile, slo: SLO, work: WorkloadWindow, current: Spli
     scaled by it saw no split meet the SLOs."""
     uncached = max(1, round(work.mean_prompt_tokens * (1 - work.prefix_hit_rate)))
     arrivals = poisson_workload(work.rate_rps, uncached, max(1, round(work.mean_output_tokens)), SIMULATED_REQUESTS)
-    slowdown = 1.0
-    if work.decode_step_s > 0:
-        simulated = simulate(profile, current, arrivals).decode_step_s
-        if simulated > 0:
-            slowdown = min(MAX_SLOWDOWN, max(1 / MAX_SLOWDOWN, work.decode_step_s / simulated))
-            if calibrate:
-                profile = dataclasses.replace(profile, step=profile.step.scaled(slowdown))
     splits = candidate_splits(current.instances, arrivals)
     if current not in splits:
         splits.append(current)
-    preds = {s: SplitPrediction.of(simulate(profile, s, arrivals), slo) for s in splits}
+    runs = {s: simulate(profile, s, arrivals) for s in splits}
+    simulated = runs[current].decode_step_s
+    slowdown = 1.0
+    if work.decode_step_s > 0 and simulated > 0:
+        slowdown = min(MAX_SLOWDOWN, max(1 / MAX_SLOWDOWN, work.decode_step_s / simulated))
+        if calibrate:
+            scaled = dataclasses.replace(profile, step=profile.step.scaled(slowdown))
+            runs = {s: simulate(scaled, s, arrivals) for s in splits}
+    preds = {s: SplitPrediction.of(r, slo) for s, r in runs.items()}
     best = max(preds.values(), key=lambda p: (p.goodput_rps, p.split == current, -p.split.prefill))
     return Decision(best.split, preds[current], best, slowdown)
 

@@ -57,8 +57,8 @@ def poisson_workload(rate: float, input_len: int, output_len: int, num_requests:
 
 def trace_workload(path: str | Path, max_model_len: int, limit: int | None = None,
                    speed: float = 1.0) -> list[Arrival]:
-    """A Mooncake-format JSONL trace (timestamp ms, input_length, output_length); prompts are cut to fit
-    max_model_len with their outputs (counted in the returned note by the caller); `speed` > 1 compresses time."""
+    """A Mooncake-format JSONL trace (timestamp ms, input_length, output_length); outputs are capped at half of
+    max_model_len and prompts cut so that prompt + output fit it; `speed` > 1 compresses time."""
     out = []
     with open(path) as f:
         for n, line in enumerate(f):

@@ -46,6 +46,19 @@ class EngineProfile:
     version: int = PROFILE_VERSION
     notes: list[str] = field(default_factory=list)
 
+    def prefill_seconds(self, prompt_tokens: int) -> float:
+        """One prompt prefilled alone, in chunks of the step budget (max_num_batched_tokens)."""
+        total, done = 0.0, 0
+        while done < prompt_tokens:
+            n = min(self.max_num_batched_tokens, prompt_tokens - done)
+            total += self.step.predict(StepShape(prefill_tokens=n, prefill_pairs=chunk_pairs(done, n)))
+            done += n
+        return total
+
+    def decode_step_seconds(self, rows: int, context: int) -> float:
+        """A decode-only step of `rows` requests, each attending to `context` tokens."""
+        return self.step.predict(StepShape(decode_seqs=rows, decode_context=rows * context))
+
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=1))
 

@@ -78,7 +78,6 @@ class RouterService(pb_grpc.PDServeServicer):
         self.shared_prefixes = SharedPrefixes()
         self._known_state: ClusterState | None = None
         self._place_lock = threading.Lock()  # placement decisions and their records, one at a time
-        self.max_inflight = max_inflight
         # the max_inflight slots, with the queue (by class, then age) in front of them: router/admission_queue.py
         self.slots = admission_queue or AdmissionQueue(max_inflight)
         self.max_prompt_bytes = max_prompt_bytes

@@ -19,7 +19,6 @@ import pytest
 from api.v1 import pdserve_pb2 as pb
 from pdserve.config import load_config
 from planner.profile import profile_engine
-from planner.step_model import StepShape, chunk_pairs
 from tests.e2e.serve_process import ROOT, Server, serve
 from tests.e2e.test_scaling import status
 from tests.model_factory import hf_greedy, make_tiny_model, random_prompts
@@ -107,9 +106,8 @@ def test_long_prompts_move_an_instance_to_prefill(tmp_path: pathlib.Path) -> Non
     # SLOs and the long phase's rate from the profile: TPOT 1.2x a decode step of 4 rows at the long context (a
     # step that also carries a 256-token prompt chunk is several times that); TTFT 4x the long prompt's prefill
     # alone; long prompts at 75% of what one prefill instance can take.
-    decode_step = prof.step.predict(StepShape(decode_seqs=4, decode_context=4 * (LONG + OUTPUT)))
-    prefill = sum(prof.step.predict(StepShape(prefill_tokens=n, prefill_pairs=chunk_pairs(s, n)))
-                  for s, n in ((0, 256), (256, 256), (512, LONG - 512)))
+    decode_step = prof.decode_step_seconds(4, LONG + OUTPUT)
+    prefill = prof.prefill_seconds(LONG)
     slo_ttft_s, slo_tpot_s = 4 * prefill, 1.2 * decode_step
     long_rate = min(4.0, max(0.5, 0.75 / prefill))
     prompts = {"short": random_prompts(200, [SHORT], 512, seed=71), "long": random_prompts(300, [LONG], 512, seed=72)}

@@ -107,3 +107,9 @@ def test_step_model_fit_recovers_known_coefficients() -> None:
     fitted = StepTimeModel.fit([(s, truth.predict(s)) for s in shapes])
     for s in shapes:
         assert fitted.predict(s) == pytest.approx(truth.predict(s), rel=1e-6)
+
+
+def test_profile_prefill_and_decode_step_helpers() -> None:
+    prof = profile(per_decode_seq_s=0.0005)
+    assert prof.prefill_seconds(300) == pytest.approx(0.01 + 0.256 + 0.01 + 0.044)  # chunks of 256 and 44
+    assert prof.decode_step_seconds(4, 600) == pytest.approx(0.01 + 4 * 0.0005)
