@@ -54,13 +54,16 @@ class Switch(Generic[T]):
         return {parse_bool: "bool", parse_str: "str"}.get(self.parse, "?")  # type: ignore[call-overload]
 
 
-# NOTE: the three PDSERVE_* switches are opt-outs for A/B measurements on GPU, not correctness switches.
+# NOTE: the four PDSERVE_* switches above are opt-outs for A/B measurements on GPU, not correctness switches.
 PDSERVE_PDL = Switch("PDSERVE_PDL", True, "launch the Triton decode kernels with programmatic dependent launch "
                      "(only where the GPU is sm_90+ and Triton accepts launch_pdl)", parse_bool)
 PDSERVE_FUSED_OPS = Switch("PDSERVE_FUSED_OPS", True, "fused Triton RMSNorm/RoPE/SiLU-and-mul kernels on CUDA "
                            "(off: the PyTorch reference ops)", parse_bool)
 PDSERVE_SKINNY_GEMM = Switch("PDSERVE_SKINNY_GEMM", True, "tune the small-batch Triton GEMM against cuBLAS at "
                              "start-up (off: cuBLAS for every linear layer)", parse_bool)
+PDSERVE_DENSE_PREFILL = Switch("PDSERVE_DENSE_PREFILL", True, "a prefill step of one fresh bf16/fp16 prompt "
+                               "attends with PyTorch's fused SDPA (cuDNN on Hopper) over its contiguous K/V (off: "
+                               "the Triton paged kernel for every step)", parse_bool)
 TRITON_INTERPRET = Switch("TRITON_INTERPRET", False, "Triton's CPU interpreter: the Triton attention backend and "
                           "the interpretable GPU tests run on CPU", parse_bool)
 RAY_ADDRESS: Switch[str | None] = Switch("RAY_ADDRESS", None, "the Ray cluster `pdserve serve` joins when "
@@ -75,5 +78,5 @@ PDSERVE_RUNTIME_DIR: Switch[str | None] = Switch(
 PDSERVE_NODE_IP = Switch("PDSERVE_NODE_IP", "", "this node's address as its peers reach it (set from Ray's node IP "
                          "in each instance; empty: unknown, same-host checks use the hostname)", parse_str)
 
-SWITCHES: tuple[Switch, ...] = (PDSERVE_PDL, PDSERVE_FUSED_OPS, PDSERVE_SKINNY_GEMM, TRITON_INTERPRET, RAY_ADDRESS,
-                                PDSERVE_RUNTIME_DIR, PDSERVE_NODE_IP)
+SWITCHES: tuple[Switch, ...] = (PDSERVE_PDL, PDSERVE_FUSED_OPS, PDSERVE_SKINNY_GEMM, PDSERVE_DENSE_PREFILL,
+                                TRITON_INTERPRET, RAY_ADDRESS, PDSERVE_RUNTIME_DIR, PDSERVE_NODE_IP)

@@ -7,8 +7,9 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
-from engine import pdl
+from engine import envs, pdl
 from engine.attention.backend import AttentionBackend, AttentionMetadata
 from engine.attention.triton_kernels import (
     paged_attention_kernel,
@@ -22,6 +23,8 @@ from engine.models import fused_ops
 from engine.models.rotary import RotaryEmbedding
 
 LOG2E = 1.4426950408889634
+DENSE_DTYPES = (torch.bfloat16, torch.float16)  # SDPA's fused kernels; float32 steps stay on the paged kernel
+DENSE_PREFILL_MIN_TOKENS = 256  # below this a prompt's attention is a sliver of its step: not worth the switch
 
 
 def _pow2(n: int) -> int:
@@ -43,6 +46,8 @@ class TritonPagedAttention(AttentionBackend):
         self.prefill_cfg = (max(64, _pow2(self.group)), max(64, block_size), 4, 2)
         self._launch: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
         self._splits = 1
+        self._dense = False  # this step is one fresh prompt: SDPA over its contiguous K/V (see prepare)
+        self.dense_prefill_steps = 0  # steps that took that path (bf16/fp16 ones; float32 stays paged)
         self.num_sms = torch.cuda.get_device_properties().multi_processor_count if torch.cuda.is_available() \
             else 132
         # Decode programs wanted per SM before the context is split further. NOTE: 2, not 1: at batch 32 and
@@ -61,6 +66,13 @@ class TritonPagedAttention(AttentionBackend):
     def prepare(self, meta: AttentionMetadata) -> None:
         """Launch shape for this step. NOTE: only host ints from `meta` are read, never device tensors."""
         self._splits = 1
+        # NOTE: one sequence with no cached context (its whole K/V is this step's): PyTorch's fused SDPA over the
+        # contiguous q/k/v (cuDNN on Hopper: 607 against our paged kernel's 354 TFLOP/s at 8k tokens,
+        # bench/attention_kernels.py, 2026-11-30). Several prompts in one step, or a chunk after cached tokens,
+        # stay on the paged kernel: SDPA has no varlen form here without a per-sequence loop.
+        self._dense = (meta.seq_lens.shape[0] == 1 and meta.max_query_len == meta.max_seq_len
+                       and meta.max_query_len >= DENSE_PREFILL_MIN_TOKENS and envs.PDSERVE_DENSE_PREFILL.get())
+        self.dense_prefill_steps += self._dense
         if meta.max_query_len <= 1:
             block_m, block_n, warps, stages = self.decode_cfg
             self._splits = self.decode_splits(meta.seq_lens.shape[0])
@@ -79,6 +91,8 @@ class TritonPagedAttention(AttentionBackend):
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, Hq, D]
         store_kv(k, v, kv_cache, layer, meta.slot_mapping)
+        if self._dense and q.dtype in DENSE_DTYPES:
+            return self._attend_dense(q, k, v)
         return self._attend(layer, q, kv_cache, meta)
 
     def forward_rotary(
@@ -95,8 +109,19 @@ class TritonPagedAttention(AttentionBackend):
         """One kernel rotates q in place and stores rotated keys and the values (k itself stays unrotated)."""
         if not fused_ops.enabled(q):  # PDSERVE_FUSED_OPS=0: the separate kernels, for A/B runs
             return super().forward_rotary(layer, q, k, v, kv_cache, meta, rope, positions)
-        rope_store_kv(q, k, v, kv_cache, layer, meta.slot_mapping, positions, rope.cos, rope.sin)
+        dense = self._dense and q.dtype in DENSE_DTYPES
+        rope_store_kv(q, k, v, kv_cache, layer, meta.slot_mapping, positions, rope.cos, rope.sin, write_k=dense)
+        if dense:
+            return self._attend_dense(q, k, v)
         return self._attend(layer, q, kv_cache, meta)
+
+    def _attend_dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention of one fresh sequence over this step's rotated q, k, v ([T, H, D] each, any row
+        strides): SDPA on [1, H, T, D] views, whose output comes back in q's [T, Hq, D] memory order."""
+        out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                                             v.transpose(0, 1).unsqueeze(0), is_causal=True, scale=self.scale,
+                                             enable_gqa=self.group > 1)  # [1, Hq, T, D]
+        return out.squeeze(0).transpose(0, 1)  # [T, Hq, D]
 
     def _attend(self, layer: int, q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         kc, vc = kv_cache.k[layer], kv_cache.v[layer]  # [num_blocks, Hkv, bs, D] each, strided views
@@ -147,9 +172,10 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, layer: int, sl
 
 
 def rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, layer: int,
-                  slot_mapping: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+                  slot_mapping: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  write_k: bool = False) -> None:
     """Rotate q ([T, Hq, D]) in place; store rotated k and v ([T, Hkv, D]) at slot_mapping ([T]; -1 = skip) in
-    layer `layer`. positions [T]; cos/sin [P, D] tables."""
+    layer `layer` (and with `write_k`, rotate k in place too). positions [T]; cos/sin [P, D] tables."""
     kc, vc = kv_cache.k[layer], kv_cache.v[layer]  # [num_blocks, Hkv, bs, D] each, strided views
     num_q, num_kv, head_dim = q.shape[1], k.shape[1], q.shape[2]
     rope_store_kv_kernel[(q.shape[0],)](
@@ -158,5 +184,5 @@ def rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: K
         kc.stride(0), kc.stride(1), kc.stride(2), cos.stride(0),
         NUM_Q=num_q, NUM_KV=num_kv, BLOCK_HQ=_pow2(num_q), BLOCK_HKV=_pow2(num_kv),
         HALF=head_dim // 2, BLOCK_HALF=_pow2(head_dim // 2), HEAD_DIM=head_dim, BLOCK_D=max(16, _pow2(head_dim)),
-        BLOCK_SIZE=kv_cache.layout.block_size, USE_PDL=pdl.enabled(), **pdl.launch_kwargs(),
+        BLOCK_SIZE=kv_cache.layout.block_size, USE_PDL=pdl.enabled(), WRITE_K=write_k, **pdl.launch_kwargs(),
     )

@@ -59,11 +59,12 @@ def rope_store_kv_kernel(
     stride_cb, stride_ch, stride_cs, stride_c,
     NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, USE_PDL: tl.constexpr, WRITE_K: tl.constexpr,
 ):
     """Rotary embedding ("rotate half", float32, rounded once) of token t's queries in place and of its keys on
     their way into the cache, plus the value store: the RoPE and K/V-store kernels of a layer in one. The keys
-    in `k_ptr` stay unrotated; attention reads them from the cache."""
+    in `k_ptr` stay unrotated (attention reads them from the cache), unless WRITE_K: then they are rotated in
+    place too, for an attention that reads this step's K/V contiguous (a fresh prompt's dense prefill)."""
     t = tl.program_id(0).to(tl.int64)
     if USE_PDL:  # engine/pdl.py's contract: nothing is read or written before the wait
         tl.extra.cuda.gdc_wait()
@@ -90,6 +91,9 @@ def rope_store_kv_kernel(
         k2 = tl.load(kp + HALF, mask=k_ok, other=0.0).to(tl.float32)
         tl.store(kc_ptr + dst + j[None, :], (k1 * c - k2 * s).to(kc_ptr.dtype.element_ty), mask=k_ok)
         tl.store(kc_ptr + dst + HALF + j[None, :], (k2 * c + k1 * s).to(kc_ptr.dtype.element_ty), mask=k_ok)
+        if WRITE_K:
+            tl.store(kp, (k1 * c - k2 * s).to(k_ptr.dtype.element_ty), mask=k_ok)
+            tl.store(kp + HALF, (k2 * c + k1 * s).to(k_ptr.dtype.element_ty), mask=k_ok)
         d = tl.arange(0, BLOCK_D)
         v_ok = (h[:, None] < NUM_KV) & (d[None, :] < HEAD_DIM)
         v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=v_ok)  # [BLOCK_HKV, BLOCK_D]

@@ -206,3 +206,49 @@ def test_forward_rotary_matches_reference(dtype: torch.dtype) -> None:
     err = (got.float() - want.float()).abs().max().item()
     assert err <= 2 * TOL[dtype], f"seed {seed}: max abs error {err}"
     assert (tri_cache.tensor.float() - ref_cache.tensor.float()).abs().max().item() <= 4 * TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rotary", [False, True], ids=["forward", "forward_rotary"])
+def test_dense_prefill_of_one_fresh_prompt_matches_reference(dtype: torch.dtype, rotary: bool,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """One fresh prompt (no cached context, >= DENSE_PREFILL_MIN_TOKENS) attends with SDPA over its contiguous
+    K/V: same output and same stored K/V as the reference; with a cached context, or PDSERVE_DENSE_PREFILL=0, the
+    paged kernel runs instead."""
+    if rotary and _device() == "cpu":
+        pytest.skip("forward_rotary fuses only for CUDA tensors (the CPU run takes the reference path)")
+    if _device() == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's CPU interpreter computes bf16 tl.dot wrongly (checked with a 16x16 dot)")
+    from engine.attention.triton_backend import DENSE_PREFILL_MIN_TOKENS, TritonPagedAttention
+    from engine.model_config import RopeConfig
+    from engine.models.rotary import RotaryEmbedding
+
+    Hq, Hkv, D, bs, device = 32, 8, 128, 16, _device()
+    seed = int.from_bytes(os.urandom(4), "little")
+    gen = torch.Generator().manual_seed(seed)
+    T = DENSE_PREFILL_MIN_TOKENS + 45
+    layout = KVLayout(64, Hkv, 1, bs, D, torch.empty((), dtype=dtype).element_size())
+    rope = RotaryEmbedding(D, 4096, RopeConfig(theta=500000.0), dtype, device)
+    q = torch.randn(T, Hq, D, generator=gen).to(device, dtype)  # [T, Hq, D]
+    kv = torch.randn(T, 2 * Hkv, D, generator=gen).to(device, dtype)  # [T, 2 Hkv, D]
+    for ctx, dense_env, dense in ((0, "1", True), (16, "1", False), (0, "0", False)):
+        monkeypatch.setenv("PDSERVE_DENSE_PREFILL", dense_env)
+        meta, _ = _batch(torch.Generator().manual_seed(seed), [T - ctx], [ctx], 64, bs, device)
+        ref_cache, tri_cache = KVCache(layout, dtype, device), KVCache(layout, dtype, device)
+        ref = TorchPagedAttention(Hq, Hkv, D, D**-0.5, bs)
+        tri = TritonPagedAttention(Hq, Hkv, D, D**-0.5, bs)
+        ref.prepare(meta)
+        tri.prepare(meta)
+        assert tri._dense is dense, (ctx, dense_env)
+        qq, kk, vv = q[ctx:].clone(), kv[ctx:, :Hkv].clone(), kv[ctx:, Hkv:].clone()
+        if rotary:
+            positions = torch.arange(ctx, T, device=device)
+            want = ref.forward_rotary(0, qq.clone(), kk.clone(), vv.clone(), ref_cache, meta, rope, positions)
+            got = tri.forward_rotary(0, qq.clone(), kk.clone(), vv.clone(), tri_cache, meta, rope, positions)
+        else:
+            want = ref.forward(0, qq, kk, vv, ref_cache, meta)
+            got = tri.forward(0, qq, kk, vv, tri_cache, meta)
+        assert got.shape == want.shape == (T - ctx, Hq, D)
+        err = (got.float() - want.float()).abs().max().item()
+        assert err <= 2 * TOL[dtype], f"seed {seed}, ctx {ctx}: max abs error {err}"
+        assert (tri_cache.tensor.float() - ref_cache.tensor.float()).abs().max().item() <= 4 * TOL[dtype]
