@@ -2,15 +2,20 @@
 1 prefill + 1 decode instance of the small dummy-weights model: bench/small_cluster.py).
 
   1. capacity: a burst of `--capacity-requests` interactive requests sent at once; capacity = requests / s.
-  2. overload: Poisson arrivals at `--load` x capacity for `--duration` s, half interactive and half batch (at
-     random), with early rejection off (admission.early_reject: false) and then on, each on a fresh cluster,
-     the same workload (same seed) at the same rate; `--rounds` such pairs, alternating.
+  2. overload: Poisson arrivals at `--load` x capacity for `--duration` s, interactive and batch at random
+     (`--batch-share` batch), with early rejection off (admission.early_reject: false) and then on, each on a
+     fresh cluster, the same workload (same seed) at the same rate; `--rounds` such pairs, alternating.
 
 Per class and phase: p90 TTFT of the served requests against the class's TTFT SLO, the refused requests, and
 goodput = requests that met their class's TTFT SLO and the TPOT SLO, per second of the arrival window (the
 same window in both phases; a refused request is not good). The headline is goodput(on) / goodput(off).
 
-    nice -n -20 .venv/bin/python bench/overload_priority.py [--duration 40] [--load 2] [--rounds 2]
+With `--max-queued N` the router queues what finds `--max-inflight` requests in flight (server.max_queued, each
+wait bounded by `--admission-timeout-s`), so that without early rejection a request is accepted and served late
+rather than refused; with it, the queue refuses what it predicts would wait past the class's SLO.
+
+    nice -n -20 .venv/bin/python bench/overload_priority.py [--duration 40] [--load 2] [--rounds 2] \
+        [--max-inflight 64 --max-queued 2000]
 """
 
 from __future__ import annotations
@@ -72,8 +77,9 @@ def _phase(early_reject: bool, args: argparse.Namespace, rate: float | None) -> 
     slo = {"interactive": args.slo_interactive_ms / 1e3, "batch": args.slo_batch_ms / 1e3}
     admission = {"early_reject": early_reject, "ttft_slo_ms": {"interactive": args.slo_interactive_ms,
                                                                "batch": args.slo_batch_ms}}
-    # NOTE: server.max_inflight out of the way: the refusals measured are early rejection's alone
-    with small_cluster(args.max_num_seqs, server={"max_inflight": args.max_inflight},
+    server = {"max_inflight": args.max_inflight, "max_queued": args.max_queued,
+              "admission_timeout_s": args.admission_timeout_s}
+    with small_cluster(args.max_num_seqs, server=server,
                        sections={"admission": admission}) as (ready, _):
         target = ready.targets[0]
         warm = make_work(8, 0.0, args, 999, 0.0)
@@ -87,7 +93,7 @@ def _phase(early_reject: bool, args: argparse.Namespace, rate: float | None) -> 
             print(f"capacity {capacity:.2f} req/s ({args.capacity_requests} requests at once in {elapsed:.1f} s); "
                   f"overload rate {rate:.2f} req/s", flush=True)
         n = int(rate * args.duration)
-        work = make_work(n, rate, args, args.seed, 0.5)
+        work = make_work(n, rate, args, args.seed, args.batch_share)
         t0 = time.perf_counter()
         results, elapsed = asyncio.run(runner.run(target, work, args.duration + 5, request_timeout_s=300,
                                                   progress=False))
@@ -111,7 +117,12 @@ def main() -> int:
     p.add_argument("--slo-batch-ms", type=float, default=5000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=200.0)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--batch-share", type=float, default=0.5, help="share of the overload's requests in the batch "
+                   "class (the rest interactive)")
     p.add_argument("--max-inflight", type=int, default=100_000, help="server.max_inflight of both phases")
+    p.add_argument("--max-queued", type=int, default=0,
+                   help="server.max_queued of both phases (0: refuse at once past --max-inflight)")
+    p.add_argument("--admission-timeout-s", type=float, default=30.0, help="server.admission_timeout_s")
     p.add_argument("--only-off", action="store_true", help="measure capacity and the phase without early rejection")
     p.add_argument("--rounds", type=int, default=1, help="off/on pairs, alternating (one capacity measurement)")
     p.add_argument("--rate", type=float, help="the overload rate, req/s (default: --load x the measured capacity)")

@@ -1,10 +1,12 @@
-"""How the CLI's gRPC clients (`pdserve generate`, `pdserve status`) reach a router: a plaintext channel, or a TLS
-one verifying the server against `--tls-ca` (a PEM file: the router's certificate or its CA), and the
-`authorization: Bearer KEY` metadata of `--api-key` (docs/api.md, "Authentication" and "TLS")."""
+"""How the CLI's clients (`pdserve generate`, `pdserve status`, the admin commands, `pdserve bench` on either
+front) reach a router: a plaintext channel, or a TLS one verifying the server against `--tls-ca` (a PEM file: the
+router's certificate or its CA), and the `authorization: Bearer KEY` metadata (or HTTP header) of `--api-key`
+(docs/api.md, "Authentication" and "TLS")."""
 
 from __future__ import annotations
 
 import argparse
+import ssl
 
 import grpc
 
@@ -24,3 +26,21 @@ def channel(target: str, tls_ca: str | None) -> grpc.Channel:
 
 def metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
     return (("authorization", f"Bearer {api_key}"),) if api_key else None
+
+
+def aio_channel(target: str, tls_ca: str | None) -> grpc.aio.Channel:
+    """The asyncio form of `channel` (the bench's). OSError when `tls_ca` cannot be read."""
+    if tls_ca is None:
+        return grpc.aio.insecure_channel(target)
+    with open(tls_ca, "rb") as f:
+        return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=f.read()))
+
+
+def http_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def ssl_context(tls_ca: str | None) -> ssl.SSLContext | None:
+    """For an https:// target: verify the router against `tls_ca` (None: the system's CAs). OSError when it
+    cannot be read."""
+    return None if tls_ca is None else ssl.create_default_context(cafile=tls_ca)

@@ -1,11 +1,15 @@
 """SLO-aware early rejection: refuse at once a request that would miss its class's time-to-first-token SLO,
 rather than accept it and serve it late (and delay the requests behind it).
 
-    predicted TTFT = prompt tokens queued on the instance that will prefill it, in its class or a higher one
+    predicted TTFT = the time it already waited in the router's admission queue (router/admission_queue.py,
+                     which refuses before that when the queue predicts a wait over the SLO)
+                     + prompt tokens queued on the instance that will prefill it, in its class or a higher one
                      (this router's placements whose prefill has not finished, its own uncached tokens included)
                      / that instance's measured token rate
                      + the recent gap between that prediction and the TTFTs measured in its class on that
-                       instance (the part the queue does not explain: the KV pull, a decode slot, the first
+                       instance, as its smoothed mean plus GAP_DEVIATIONS smoothed deviations (the SLO is a
+                       percentile; the mean alone is missed by half the requests that match it)
+                       (the part the queue does not explain: the KV pull, a decode slot, the first
                        step, and for a lower class the higher-class requests that arrive after it and go
                        first; smoothed, >= 0, and halving every GAP_HALF_LIFE_S without a new measurement:
                        a class whose requests are all refused measures nothing, and must not stay refused)
@@ -35,6 +39,9 @@ log = logging.getLogger(__name__)
 RATE_SMOOTHING = 0.5  # weight of the newest interval in the smoothed token rate
 GAP_SMOOTHING = 0.2  # weight of the newest request in the smoothed gap between predicted and measured TTFT
 GAP_HALF_LIFE_S = 2.0  # the gap halves every this long without a new measurement
+# The gap predicted is its smoothed mean plus this many smoothed absolute deviations: about the 90th percentile
+# of a normal error (mean deviation ~0.8 sigma, p90 at 1.28 sigma), as the SLO is met or missed at a percentile
+GAP_DEVIATIONS = 1.6
 
 
 @dataclass
@@ -61,20 +68,30 @@ class AdmissionConfig:
     ttft_slo_ms: TTFTSLOs = field(default_factory=TTFTSLOs)
     # An instance's token rate until its heartbeats have measured one (tokens per second; err low: it refuses)
     default_tokens_per_s: float = 2000.0
+    # The share of each SLO a prediction keeps free: a request is refused when its predicted TTFT is over
+    # SLO x (1 - slo_headroom). NOTE: the prediction is a mean; the SLO is met or missed at a percentile
+    slo_headroom: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.default_tokens_per_s > 0:
             raise ValueError(f"default_tokens_per_s: {self.default_tokens_per_s} must be > 0")
+        if not 0 <= self.slo_headroom < 1:
+            raise ValueError(f"slo_headroom: {self.slo_headroom} must be in [0, 1)")
+
+    def budget_ms(self, priority: Priority) -> float:
+        """What a request of this class's predicted TTFT may reach before it is refused."""
+        return self.ttft_slo_ms.of(priority) * (1 - self.slo_headroom)
 
 
 @dataclass(frozen=True)
 class Prediction:
     ttft_ms: float
-    slo_ms: float
+    slo_ms: float  # the class's SLO less the headroom (AdmissionConfig.budget_ms)
     queue_ms: float  # the queue's part of ttft_ms (the rest is the measured gap)
     queued_tokens: int  # ahead of it and its own, in its class or higher, on the instance
     tokens_per_s: float
     measured: bool  # the rate is the instance's (False: admission.default_tokens_per_s)
+    waited_ms: float = 0.0  # in the router's admission queue, before it was placed (part of ttft_ms)
 
     @property
     def misses(self) -> bool:
@@ -83,8 +100,11 @@ class Prediction:
     def reason(self, priority: Priority, instance_id: str) -> str:
         rate = f"{self.tokens_per_s:.0f} tokens/s" + ("" if self.measured else " (default, not yet measured)")
         return (f"early rejection: the predicted time to first token is {self.ttft_ms:.0f} ms, over the "
-                f"{priority.label} class's SLO of {self.slo_ms:g} ms (admission.ttft_slo_ms): {self.queued_tokens}"
-                f" prompt tokens queued on {instance_id} at {rate}; retry later")
+                f"{priority.label} class's budget of {self.slo_ms:g} ms (admission.ttft_slo_ms less "
+                f"admission.slo_headroom): {self.queued_tokens}"
+                f" prompt tokens queued on {instance_id} at {rate}"
+                + (f", after {self.waited_ms:.0f} ms in the admission queue" if self.waited_ms else "")
+                + "; retry later")
 
 
 class TTFTPredictor:
@@ -97,7 +117,8 @@ class TTFTPredictor:
         self.rates: dict[str, float] = {}  # instance -> smoothed tokens per second
         # (instance, class) -> smoothed (measured TTFT - queue part), ms, >= 0. NOTE: per class: a batch request
         # also waits for interactive ones that arrive after it, which must not inflate interactive predictions
-        self.gaps: dict[tuple[str, Priority], tuple[float, float]] = {}  # -> (gap ms, when measured)
+        # -> (mean gap ms, mean absolute deviation ms, when measured)
+        self.gaps: dict[tuple[str, Priority], tuple[float, float, float]] = {}
         self.defaults_used = 0  # predictions made with the default rate (pdserve:ttft_rate_defaults_total)
         self._warned: set[str] = set()
 
@@ -118,7 +139,8 @@ class TTFTPredictor:
                 old = self.rates.get(iid)
                 self.rates[iid] = rate if old is None else RATE_SMOOTHING * rate + (1 - RATE_SMOOTHING) * old
 
-    def predict(self, instance_id: str, queued_tokens: int, priority: Priority) -> Prediction:
+    def predict(self, instance_id: str, queued_tokens: int, priority: Priority,
+                waited_ms: float = 0.0) -> Prediction:
         rate = self.rates.get(instance_id)
         measured = rate is not None and rate > 0
         if not measured:
@@ -131,23 +153,33 @@ class TTFTPredictor:
         assert rate is not None
         queue_ms = 1000.0 * queued_tokens / rate
         gap = self.gap(instance_id, priority)
-        return Prediction(queue_ms + gap, self.config.ttft_slo_ms.of(priority), queue_ms, queued_tokens, rate,
-                          measured)
+        return Prediction(waited_ms + queue_ms + gap, self.config.budget_ms(priority), queue_ms,
+                          queued_tokens, rate, measured, waited_ms)
 
     def gap(self, instance_id: str, priority: Priority, now: float | None = None) -> float:
-        """The smoothed gap (ms), decayed by the time since its last measurement."""
+        """The gap (ms) to add to the queue's part: smoothed mean + GAP_DEVIATIONS x smoothed deviation,
+        decayed by the time since the last measurement."""
+        mean, dev = self._gap_parts(instance_id, priority, now)
+        return mean + GAP_DEVIATIONS * dev
+
+    def _gap_parts(self, instance_id: str, priority: Priority, now: float | None) -> tuple[float, float]:
         entry = self.gaps.get((instance_id, priority))
         if entry is None:
-            return 0.0
-        gap, at = entry
-        return gap * 0.5 ** (max((time.monotonic() if now is None else now) - at, 0.0) / GAP_HALF_LIFE_S)
+            return 0.0, 0.0
+        mean, dev, at = entry
+        decay = 0.5 ** (max((time.monotonic() if now is None else now) - at, 0.0) / GAP_HALF_LIFE_S)
+        return mean * decay, dev * decay
 
     def measured(self, instance_id: str, priority: Priority, prediction: Prediction, ttft_ms: float,
                  now: float | None = None) -> None:
         """A request of class `priority` admitted with `prediction` had its first token after `ttft_ms`: fold
         the gap in."""
         now = time.monotonic() if now is None else now
-        gap = max(ttft_ms - prediction.queue_ms, 0.0)
+        gap = max(ttft_ms - prediction.queue_ms, 0.0)  # NOTE: ttft_ms counts from placement, after the wait
         key = (instance_id, priority)
-        old = self.gap(instance_id, priority, now) if key in self.gaps else None
-        self.gaps[key] = (gap if old is None else GAP_SMOOTHING * gap + (1 - GAP_SMOOTHING) * old, now)
+        if key not in self.gaps:
+            self.gaps[key] = (gap, 0.0, now)
+            return
+        mean, dev = self._gap_parts(instance_id, priority, now)
+        self.gaps[key] = (GAP_SMOOTHING * gap + (1 - GAP_SMOOTHING) * mean,
+                          GAP_SMOOTHING * abs(gap - mean) + (1 - GAP_SMOOTHING) * dev, now)

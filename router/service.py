@@ -212,10 +212,11 @@ class RouterService(pb_grpc.PDServeServicer):
         rid = inp.request_id or uuid.uuid4().hex
         if rid in self.inflight:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"request id {rid!r} is already in flight")
+        slo_s = self.admission.budget_ms(inp.priority) / 1e3 if self.admission.early_reject else None
         try:  # NOTE: no suspension when a slot is free, so a burst cannot all get in before one records it
-            await self.slots.acquire(inp.priority)
+            waited_s = await self.slots.acquire(inp.priority, slo_s)
         except AdmissionRefused as e:
-            self._count_rejected("max_inflight", inp)
+            self._count_rejected(e.reason, inp)
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, e.message) from None
         if rid in self.inflight:  # the same id came in while this one waited in the queue
             self.slots.release()
@@ -248,7 +249,7 @@ class RouterService(pb_grpc.PDServeServicer):
             self._release(rid)
             raise
         if self.admission.early_reject:
-            self._admit_by_slo(rid, inp, placement)
+            self._admit_by_slo(rid, inp, placement, waited_s)
         if rid in self.aborted_before_placement:  # an Abort came while the request was being placed
             self.aborted_before_placement.discard(rid)
             self._release(rid)
@@ -285,15 +286,16 @@ class RouterService(pb_grpc.PDServeServicer):
         assert self.access.rejected is not None  # registered in __init__
         self.access.rejected.labels(reason, inp.api_key.name if inp.api_key else NO_KEY).inc()
 
-    def _admit_by_slo(self, rid: str, inp: GenerateInput, placement: Placement) -> None:
-        """Refuse (RESOURCE_EXHAUSTED, its slot released) a placed request whose predicted time to first token is
-        over its class's SLO (router/admission.py). On the event loop: O(instances) dict reads."""
+    def _admit_by_slo(self, rid: str, inp: GenerateInput, placement: Placement, waited_s: float) -> None:
+        """Refuse (RESOURCE_EXHAUSTED, its slot released) a placed request whose predicted time to first token,
+        `waited_s` in the admission queue included, is over its class's SLO (router/admission.py). On the event
+        loop: O(instances) dict reads."""
         priority = inp.priority
         target = placement.prefill_instance or placement.decode_instance
         self.ttft.observe(self.view.instance_stats)
         with self._place_lock:
             queued = self.load.queued_for(target, priority)  # NOTE: its own tokens included (placed above)
-        prediction = self.ttft.predict(target, queued, priority)
+        prediction = self.ttft.predict(target, queued, priority, 1000.0 * waited_s)
         if not prediction.measured:
             self.metrics.ttft_rate_defaults.inc()
         if prediction.misses:

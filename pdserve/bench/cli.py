@@ -6,10 +6,9 @@ import argparse
 import asyncio
 from pathlib import Path
 
-import grpc
-
 from api.v1 import pdserve_pb2 as pb
 from api.v1 import pdserve_pb2_grpc as pb_grpc
+from pdserve import client_channel
 from pdserve.bench import openai_client, report, runner, workload
 
 
@@ -41,16 +40,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--out", default="bench/out", help="directory for results.json, cdf.png, goodput.png")
     p.add_argument("--no-progress", action="store_true")
+    client_channel.add_arguments(p)  # --api-key, --tls-ca: for a router with auth on (never written to results)
 
 
 def main(args: argparse.Namespace) -> int:
     if args.api == "openai":
         if not args.target.startswith(("http://", "https://")):
-            raise ValueError(f"--api openai: --target must be http://HOST:PORT, got {args.target!r}")
-        model, vocab, max_len = asyncio.run(openai_client.model_info(args.target.rstrip("/")))
+            raise ValueError(f"--api openai: --target must be http(s)://HOST:PORT, got {args.target!r}")
+        model, vocab, max_len = asyncio.run(openai_client.model_info(args.target.rstrip("/"), args.api_key,
+                                                                     args.tls_ca))
     else:
-        with grpc.insecure_channel(args.target) as channel:
-            info = pb_grpc.PDServeStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+        with client_channel.channel(args.target, args.tls_ca) as channel:
+            info = pb_grpc.PDServeStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=30,
+                                                             metadata=client_channel.metadata(args.api_key))
         model, vocab, max_len = info.model, info.vocab_size, info.max_model_len
     if not 0.0 <= args.batch_share <= 1.0:
         raise ValueError(f"--batch-share must be in [0, 1], got {args.batch_share}")
@@ -67,13 +69,15 @@ def main(args: argparse.Namespace) -> int:
                                     args.prefix_len)
         work = workload.with_priorities(work, args.batch_share, args.seed + i)
         results, elapsed = asyncio.run(runner.run(args.target, work, args.duration, temperature=args.temperature,
-                                                  progress=not args.no_progress, api=args.api, model=model))
+                                                  progress=not args.no_progress, api=args.api, model=model,
+                                                  api_key=args.api_key, tls_ca=args.tls_ca))
         summary = report.summarize(results, elapsed, args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
         runs.append({"rate": 0.0 if args.trace else rate, "summary": summary, "results": results})
         print(report.table(summary, None if args.trace else rate), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in vars(args).items() if k != "func"}
+    config = {k: v for k, v in vars(args).items() if k not in ("func", "api_key")}  # NOTE: never the key itself
+    config["api_key_given"] = args.api_key is not None
     config["model"] = {"name": model, "vocab_size": vocab, "max_model_len": max_len}
     report.write_json(out / "results.json", config, runs)
     plots = report.write_plots(out, runs)

@@ -15,14 +15,19 @@ from typing import Any
 
 import aiohttp
 
+from pdserve import client_channel
 from pdserve.bench.runner import Result
 from pdserve.bench.workload import BenchRequest
 
 
-async def model_info(base_url: str) -> tuple[str, int, int]:
+async def model_info(base_url: str, api_key: str | None = None, tls_ca: str | None = None) -> tuple[str, int, int]:
     """(model id, vocab size, max model len) from GET /v1/models."""
-    async with aiohttp.ClientSession() as session, session.get(base_url + "/v1/models") as r:
-        r.raise_for_status()
+    connector = aiohttp.TCPConnector(ssl=client_channel.ssl_context(tls_ca) or True)
+    async with aiohttp.ClientSession(connector=connector, headers=client_channel.http_headers(api_key)) as session, \
+            session.get(base_url + "/v1/models") as r:
+        if r.status != 200:
+            err = (await r.json(content_type=None) or {}).get("error", {})
+            raise ValueError(f"GET {base_url}/v1/models: HTTP {r.status}: {err.get('message', r.reason)}")
         m = (await r.json())["data"][0]
     return m["id"], int(m["vocab_size"]), int(m["max_model_len"])
 

@@ -15,6 +15,7 @@ import grpc
 
 from api.v1 import pdserve_pb2 as pb
 from api.v1 import pdserve_pb2_grpc as pb_grpc
+from pdserve import client_channel
 from pdserve.bench.workload import BenchRequest
 
 
@@ -62,7 +63,7 @@ class Progress:
 
 
 async def _one(stub: pb_grpc.PDServeStub, req: BenchRequest, start: float, timeout: float,
-               temperature: float) -> Result:
+               temperature: float, metadata: tuple[tuple[str, str], ...] | None = None) -> Result:
     res = Result(req.index, len(req.tokens), priority=req.priority)
     grpc_req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=req.tokens), sampling=pb.SamplingParams(
         max_tokens=req.max_tokens, temperature=temperature, ignore_eos=True),
@@ -70,7 +71,7 @@ async def _one(stub: pb_grpc.PDServeStub, req: BenchRequest, start: float, timeo
     t0 = time.perf_counter()
     res.sent_s = t0 - start
     try:
-        async for msg in stub.Generate(grpc_req, timeout=timeout):
+        async for msg in stub.Generate(grpc_req, timeout=timeout, metadata=metadata):
             now = time.perf_counter()
             res.token_times += [now - t0] * len(msg.token_ids)
             res.output_tokens += len(msg.token_ids)
@@ -92,28 +93,31 @@ async def _one(stub: pb_grpc.PDServeStub, req: BenchRequest, start: float, timeo
 
 async def run(target: str, workload: list[BenchRequest], max_duration_s: float, request_timeout_s: float = 120,
               temperature: float = 0.0, progress: bool = True, api: str = "grpc",
-              model: str = "") -> tuple[list[Result], float]:
+              model: str = "", api_key: str | None = None, tls_ca: str | None = None) -> tuple[list[Result], float]:
     """Send every request at its arrival time (requests whose arrival is past `max_duration_s` are NOT_SENT;
     ones still running at the bound are cancelled, CANCELLED). `api`: "grpc" (`target` HOST:PORT) or "openai"
-    (`target` http://HOST:PORT, `model` the served model's id). Returns results in workload order and the
-    run's wall time."""
+    (`target` http(s)://HOST:PORT, `model` the served model's id); `api_key` and `tls_ca` as in
+    pdserve/client_channel.py. Returns results in workload order and the run's wall time."""
     from pdserve.bench import openai_client
 
     bar = Progress(len(workload), progress)
     async with contextlib.AsyncExitStack() as stack:
         if api == "openai":
             # NOTE: no connection limit: the bench must not queue requests the server should see
-            session = await stack.enter_async_context(aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)))
+            connector = aiohttp.TCPConnector(limit=0, ssl=client_channel.ssl_context(tls_ca) or True)
+            session = await stack.enter_async_context(aiohttp.ClientSession(
+                connector=connector, headers=client_channel.http_headers(api_key)))
 
             def send(req: BenchRequest, start: float) -> Awaitable[Result]:
                 return openai_client.one(session, target.rstrip("/"), model, req, start, request_timeout_s,
                                          temperature)
         else:
-            channel = await stack.enter_async_context(grpc.aio.insecure_channel(target))
+            channel = await stack.enter_async_context(client_channel.aio_channel(target, tls_ca))
             stub = pb_grpc.PDServeStub(channel)
+            metadata = client_channel.metadata(api_key)
 
             def send(req: BenchRequest, start: float) -> Awaitable[Result]:
-                return _one(stub, req, start, request_timeout_s, temperature)
+                return _one(stub, req, start, request_timeout_s, temperature, metadata)
         start = time.perf_counter()
 
         async def scheduled(req: BenchRequest) -> Result:

@@ -264,3 +264,25 @@ def test_a_key_over_its_token_limit_is_refused_on_both_routers_others_go_on(
     assert rejected == 3
     assert all(value(scrape(u), "pdserve:ratelimit_store_fallbacks", "pdserve:ratelimit_store_fallbacks_total") == 0
                for u in srv.metrics_urls)
+
+
+def test_bench_drives_both_fronts_with_a_key_over_tls(srv: Server, cert: tuple[pathlib.Path, pathlib.Path],
+                                                      tmp_path: pathlib.Path) -> None:
+    """`pdserve bench --api-key --tls-ca` on the gRPC and the HTTPS front; the key never reaches results.json;
+    without a key every request is refused (gRPC) or the bench stops before its first one, saying why (HTTP)."""
+    from tests.e2e.test_bench import bench
+
+    common = ["--num-requests", "4", "--rate", "8", "--input-len", "fixed:16", "--output-len", "fixed:3",
+              "--api-key", SECRETS["free"], "--tls-ca", str(cert[0])]
+    for name, target, extra in (("grpc", srv.targets[0], []), ("http", srv.http_urls[1], ["--api", "openai"])):
+        out = bench(target, tmp_path / name, *common, *extra)
+        summary = out["runs"][0]["summary"]
+        assert summary["succeeded"] == 4, summary
+        assert SECRETS["free"] not in (tmp_path / name / "results.json").read_text()
+        assert out["config"]["api_key_given"] is True
+    # gRPC's GetModelInfo is open: the run goes, and every request is refused, as the report says
+    nokey = bench(srv.targets[0], tmp_path / "nokey", "--num-requests", "2", "--tls-ca", str(cert[0]))
+    assert nokey["runs"][0]["summary"]["errors"] == {"UNAUTHENTICATED": 2}
+    with pytest.raises(ValueError, match="HTTP 401"):  # /v1/models needs a key
+        bench(srv.http_urls[0], tmp_path / "nokey-http", "--num-requests", "1", "--api", "openai", "--tls-ca",
+              str(cert[0]))

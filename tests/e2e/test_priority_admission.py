@@ -104,7 +104,7 @@ def test_early_rejection_refuses_a_request_over_its_class_slo(srv: Server, tmp_p
     with serve(tmp_path, models["llama"], edits) as strict:
         client = openai.OpenAI(base_url=strict.http_url + "/v1", api_key="unused", timeout=60, max_retries=0)
         # 400 prompt tokens cannot be prefilled in 1 ms at any rate this CPU reaches: refused before it runs
-        with pytest.raises(openai.RateLimitError, match="over the interactive class's SLO of 1 ms"):
+        with pytest.raises(openai.RateLimitError, match=r"over the interactive class's budget of 1 ms"):
             client.completions.create(model="llama", prompt=prompt, max_tokens=4)
         with pytest.raises(grpc.RpcError) as e:
             strict.generate(prompt, max_tokens=4)
@@ -121,3 +121,29 @@ def test_early_rejection_refuses_a_request_over_its_class_slo(srv: Server, tmp_p
     c = client.completions.create(model="llama", prompt=prompt, max_tokens=4, extra_body={"ignore_eos": True})
     assert c.usage is not None and c.usage.completion_tokens == 4
     assert rejected(srv.metrics_url) == 0
+
+
+def test_early_rejection_caps_a_wait_in_the_admission_queue_at_the_slo(tmp_path: pathlib.Path,
+                                                                        models: dict[str, pathlib.Path]) -> None:
+    """One slot (server.max_inflight 1) and a queue: a long request holds the slot; an interactive request
+    queued behind it is refused once its wait reaches the class's TTFT SLO (not after admission_timeout_s),
+    counted with reason="slo"; a batch request (SLO 60 s) waits and is served."""
+    long_prompt, short = random_prompts(2, [64, 16], 512, seed=8)
+    edits = {"server": {"max_inflight": 1, "max_queued": 8, "admission_timeout_s": 120},
+             "admission": {"early_reject": True, "ttft_slo_ms": {"interactive": 400, "batch": 60000}}}
+    with serve(tmp_path, models["llama"], edits) as one:
+        holder = one.stub.Generate(request(long_prompt, pb.PRIORITY_BATCH, max_tokens=900), timeout=120)
+        got = len(next(holder).token_ids)  # its first token: it holds the one slot until its 900th (seconds)
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as e:
+            list(one.stub.Generate(request(short, pb.PRIORITY_INTERACTIVE, max_tokens=2), timeout=60))
+        waited = time.monotonic() - t0
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
+        assert "no slot within the interactive class's TTFT budget of 400 ms" in e.value.details()
+        assert 0.35 < waited < 10, waited  # the SLO, not admission_timeout_s (120 s)
+        assert rejected(one.metrics_url) == 1
+        batch = one.stub.Generate(request(short, pb.PRIORITY_BATCH, max_tokens=2), timeout=120)
+        assert got + sum(len(o.token_ids) for o in holder) == 900  # the holder finishes...
+        assert sum(len(o.token_ids) for o in batch) == 2  # ...and the queued batch request gets the slot
+        assert rejected(one.metrics_url) == 1
+        one.wait_idle()

@@ -9,7 +9,7 @@ import pytest
 
 from engine.priority import Priority
 from metastore.instance_stats import InstanceStatsRecord
-from router.admission import GAP_HALF_LIFE_S, AdmissionConfig, TTFTPredictor, TTFTSLOs
+from router.admission import GAP_DEVIATIONS, GAP_HALF_LIFE_S, AdmissionConfig, TTFTPredictor, TTFTSLOs
 from router.placed_load import PlacedLoad
 from router.placement import Placement
 
@@ -30,7 +30,7 @@ def test_rate_is_measured_between_records_and_smoothed() -> None:
     pred = p.predict("a", 4000, B)
     assert pred.measured and pred.ttft_ms == pytest.approx(2000) and not pred.misses  # batch SLO 5000 ms
     assert p.predict("a", 4000, I).misses  # interactive SLO 500 ms
-    assert "over the interactive class's SLO of 500 ms" in p.predict("a", 4000, I).reason(I, "a")
+    assert "over the interactive class's budget of 500 ms" in p.predict("a", 4000, I).reason(I, "a")
 
 
 def test_slos_are_validated() -> None:
@@ -64,8 +64,19 @@ def test_the_measured_gap_is_added_to_the_queue_part() -> None:
     p.measured("a", I, first, 400.0, now=t)  # it took 400 ms: 300 ms the queue does not explain
     assert p.predict("a", 100, I).ttft_ms == pytest.approx(400, abs=1)
     p.measured("a", I, first, 50.0, now=t)  # faster than the queue part: a gap of 0, smoothed in
-    assert p.gap("a", I, now=t) == pytest.approx(0.8 * 300)
+    # the mean moves 20% of the way to 0, the mean deviation 20% of the way to |0 - 300|: mean + 1.6 deviations
+    want = 0.8 * 300 + GAP_DEVIATIONS * 0.2 * 300
+    assert p.gap("a", I, now=t) == pytest.approx(want)
     # without new measurements it fades (a class whose requests are all refused measures nothing)
-    assert p.gap("a", I, now=t + 2 * GAP_HALF_LIFE_S) == pytest.approx(0.8 * 300 / 4)
+    assert p.gap("a", I, now=t + 2 * GAP_HALF_LIFE_S) == pytest.approx(want / 4)
     assert p.predict("b", 100, I).ttft_ms == pytest.approx(100)  # per instance
     assert p.predict("a", 100, B).ttft_ms == pytest.approx(100)  # and per class
+
+
+def test_the_headroom_lowers_the_budget_and_is_checked() -> None:
+    cfg = AdmissionConfig(slo_headroom=0.2, ttft_slo_ms=TTFTSLOs(interactive=500, batch=5000))
+    assert cfg.budget_ms(I) == pytest.approx(400) and cfg.budget_ms(B) == pytest.approx(4000)
+    p = TTFTPredictor(AdmissionConfig(default_tokens_per_s=1000, slo_headroom=0.2))
+    assert not p.predict("a", 390, I).misses and p.predict("a", 410, I).misses  # 410 ms: under 500, over 400
+    with pytest.raises(ValueError, match="slo_headroom"):
+        AdmissionConfig(slo_headroom=1.0)

@@ -75,3 +75,34 @@ def test_a_wait_times_out_and_a_cancelled_waiter_leaks_no_slot() -> None:
         assert await q.acquire(B) == 0.0
 
     asyncio.run(run())
+
+
+def test_early_rejection_refuses_a_predicted_wait_over_the_slo_and_caps_the_wait_at_it() -> None:
+    async def run() -> None:
+        q = AdmissionQueue(1, max_queued=16, timeout_s=30.0)
+        await q.acquire(I)  # the one slot
+        assert q.expected_wait_s(B) is None  # no hand-off measured: nothing predicted, nothing refused
+        waiters = [asyncio.create_task(q.acquire(B, slo_s=10.0)) for _ in range(3)]
+        await asyncio.sleep(0)
+        for _ in range(2):  # hand-offs while requests waited all along: intervals of ~20 ms
+            await asyncio.sleep(0.02)
+            q.release()
+        await asyncio.sleep(0)
+        assert q.handoff_interval_s is not None and 0.015 < q.handoff_interval_s < 0.5
+        assert q.ahead(B) == 1 and q.ahead(I) == 0
+        # a batch request would wait behind 1: 2 intervals; an interactive one behind none: 1 interval
+        assert q.expected_wait_s(B) == pytest.approx(2 * q.handoff_interval_s)
+        assert q.expected_wait_s(I) == pytest.approx(q.handoff_interval_s)
+        with pytest.raises(AdmissionRefused, match="early rejection: 1 requests of its class") as e:
+            await q.acquire(B, slo_s=q.handoff_interval_s * 1.5)
+        assert e.value.reason == "slo" and q.slo_refused == 1
+        # ...while an interactive request with the same SLO waits behind nobody, and is let in: its wait is
+        # capped at the SLO (no slot comes), and refused for it, not for admission_timeout_s
+        with pytest.raises(AdmissionRefused, match=r"no slot within the interactive class.s TTFT budget") as e:
+            await q.acquire(I, slo_s=q.handoff_interval_s * 1.5)
+        assert e.value.reason == "slo" and q.slo_refused == 2 and q.timed_out == 0
+        q.release()
+        await asyncio.gather(*waiters)
+        assert q.queued == 0 and q.used == 1
+
+    asyncio.run(run())
