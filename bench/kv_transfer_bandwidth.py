@@ -95,10 +95,14 @@ def main() -> None:
     ap.add_argument("--ucx-tls", default=None)
     ap.add_argument("--max-desc-mb", type=int, default=16)
     ap.add_argument("--parallel-handles", type=int, default=None, help="default: 4 on GPU, 1 on CPU")
+    ap.add_argument("--num-threads", type=int, default=0, help="UCX worker threads (kv_transfer.num_threads)")
+    ap.add_argument("--progress-thread", choices=("on", "off"), default=None,
+                    help="NIXL's progress thread (default: on for GPU, off for a CPU driver rank)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     cfg = TransferConfig(ucx_tls=args.ucx_tls, max_descriptor_bytes=args.max_desc_mb << 20,
-                         parallel_handles=args.parallel_handles)
+                         parallel_handles=args.parallel_handles, num_threads=args.num_threads,
+                         progress_thread=None if args.progress_thread is None else args.progress_thread == "on")
     block_bytes = KV_HEADS * LAYERS * 2 * BLOCK * HEAD_DIM * 2
     max_blocks = max(args.sizes_mb) * 2**20 // block_bytes
     dev_h, dev_r = ("cuda:0", "cuda:1") if args.gpu else ("cpu", "cpu")
