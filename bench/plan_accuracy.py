@@ -7,8 +7,10 @@ The small dummy-weights model of bench/small_cluster.py is profiled first (plann
 as a Ray actor without CPUs gets), then each split is served for real (`pdserve serve`) and driven by
 `pdserve bench` with Poisson arrivals. The prediction simulates the same split on the arrivals the bench
 actually sent (their send times, prompt and output lengths), so only the model differs, not the workload. A
-second prediction is calibrated as the adaptive split calibrates itself at runtime: the profile scaled by the
-decode pool's measured mean step time (the router's per-instance counters) over the simulated one.
+second prediction is calibrated: the profile's step times scaled by the decode pool's measured mean step time
+(the router's per-instance counters) over the simulated one, as the adaptive split calibrates itself at
+runtime, and the transfer's fixed part raised to the router's measured mean KV hand-off
+(`pdserve:kv_handoff_seconds`) less the profiled per-block time.
 """
 
 from __future__ import annotations
@@ -58,22 +60,34 @@ def measure(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
                "--slo-tpot-ms", str(args.slo_tpot_ms), "--seed", str(args.seed), "--out", str(out / name),
                "--no-progress"]
         subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True, timeout=1800)
-        step_s = decode_step_seconds(ready.metrics_urls[0])
+        text = urllib.request.urlopen(ready.metrics_urls[0], timeout=10).read().decode()
     run = json.loads((out / name / "results.json").read_text())["runs"][0]
-    return {"split": split, "summary": run["summary"], "requests": run["requests"], "decode_step_s": step_s}
+    return {"split": split, "summary": run["summary"], "requests": run["requests"],
+            "decode_step_s": decode_step_seconds(text), "handoff_s": handoff_seconds(text)}
 
 
-def decode_step_seconds(metrics_url: str) -> float:
+def decode_step_seconds(metrics: str) -> float:
     """The decode pool's mean engine step time over the run, from the router's per-instance counters (what the
     adaptive split calibrates its profile with)."""
-    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
     totals = {"pdserve:engine_steps_total": 0.0, "pdserve:engine_step_seconds_total": 0.0}
-    for line in text.splitlines():
+    for line in metrics.splitlines():
         name = line.split("{", 1)[0]
         if name in totals and 'role="decode"' in line:
             totals[name] += float(line.rsplit(" ", 1)[1])
     steps = totals["pdserve:engine_steps_total"]
     return totals["pdserve:engine_step_seconds_total"] / steps if steps else 0.0
+
+
+def handoff_seconds(metrics: str) -> float | None:
+    """The mean KV hand-off of the run's disaggregated requests (pdserve:kv_handoff_seconds: prefill reply to
+    first token out of the decode instance), or None when none was disaggregated."""
+    values = {}
+    for line in metrics.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in ("pdserve:kv_handoff_seconds_sum", "pdserve:kv_handoff_seconds_count"):
+            values[name] = float(line.rsplit(" ", 1)[1])
+    count = values.get("pdserve:kv_handoff_seconds_count", 0.0)
+    return values["pdserve:kv_handoff_seconds_sum"] / count if count else None
 
 
 def main() -> None:
@@ -109,11 +123,20 @@ def main() -> None:
             # calibrated as the adaptive split does at runtime: the profile scaled by the measured decode step
             # time over the simulated one
             slowdown = m["decode_step_s"] / sim.decode_step_s if m["decode_step_s"] and sim.decode_step_s else 1.0
-            scaled = dataclasses.replace(prof, step=prof.step.scaled(slowdown))
+            # ...and the transfer's fixed part by the measured hand-off (the control path around the NIXL read:
+            # the prefill actor's reply, the decode admission, the release acknowledgement), where there was one
+            transfer = prof.transfer
+            if m["handoff_s"] is not None:
+                blocks = -(-args.input_len // prof.block_size)
+                fixed = max(transfer.fixed_s, m["handoff_s"] - transfer.per_block_s * blocks)
+                transfer = dataclasses.replace(transfer, fixed_s=fixed)
+            scaled = dataclasses.replace(prof, step=prof.step.scaled(slowdown), transfer=transfer)
             calibrated = simulate(scaled, split, arrivals).goodput(slo_ttft, slo_tpot)
             row = {"split": split.name(), "measured_goodput": measured, "predicted_goodput": predicted,
                    "predicted_over_measured": predicted / measured if measured else None,
-                   "slowdown": slowdown, "calibrated_goodput": calibrated,
+                   "slowdown": slowdown, "handoff_s": m["handoff_s"],
+                   "profiled_transfer_s": prof.transfer.predict(-(-args.input_len // prof.block_size)),
+                   "calibrated_goodput": calibrated,
                    "calibrated_over_measured": calibrated / measured if measured else None,
                    "measured_p90_ttft_s": m["summary"]["ttft_s_90"], "measured_p90_tpot_s": m["summary"]["tpot_s_90"],
                    "errors": m["summary"]["errors"], "wall_s": time.perf_counter() - t0}

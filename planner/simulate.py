@@ -8,7 +8,8 @@ predicts for its shape. The router places a request as pdserve's does in spirit:
 instance has `prefill_queue_threshold` prompts waiting, or `max_prefill_queue_tokens` prompt tokens queued while
 the decode instance has fewer) is prefilled on the decode instance that will decode
 it; otherwise on the prefill instance with the fewest prompt tokens queued, whose first token ends its TTFT,
-and its KV then moves to the decode instance (the profile's transfer model) before decoding starts there.
+and its KV then moves to the decode instance (the profile's transfer model); its first token is out when the KV
+is there (pdserve streams it from the decode instance), and decoding starts there.
 Queueing is what the simulation adds to a capacity model: the TTFT of a request includes every step that ran
 before its prompt's last chunk.
 """
@@ -150,15 +151,19 @@ def simulate(profile: EngineProfile, split: Split, arrivals: list[Arrival]) -> S
             if r.computed < r.arrival.prompt_tokens:
                 continue
             inst.waiting.remove(r)
-            r.first_token_s, r.generated = now, 1
-            if r.generated >= r.arrival.output_tokens:
-                r.finish_s = now
-            elif inst.role == "decode":
-                inst.running.append(r)
-            else:  # hand the KV to its decode instance
+            r.generated = 1
+            if inst.role != "decode":  # hand the KV to its decode instance
+                # NOTE: the client sees the first token when the decode instance has the KV (pdserve streams it
+                # from there, after the pull and its acknowledgement): the hand-off is in the TTFT
                 assert r.decode_on is not None
                 blocks = -(-r.arrival.prompt_tokens // profile.block_size)
                 heapq.heappush(events, (now + profile.transfer.predict(blocks), next(seq), "kv", r))
+                continue
+            r.first_token_s = now
+            if r.generated >= r.arrival.output_tokens:
+                r.finish_s = now
+            else:
+                inst.running.append(r)
         start_step(inst, now)
 
     def place(r: _Req, now: float) -> None:
@@ -181,8 +186,12 @@ def simulate(profile: EngineProfile, split: Split, arrivals: list[Arrival]) -> S
         elif kind == "step":
             inst, rows, chunks = payload  # type: ignore[misc]
             finish_step(inst, rows, chunks, now)
-        else:  # "kv": the KV of a remotely prefilled request is on its decode instance
+        else:  # "kv": the KV of a remotely prefilled request is on its decode instance: its first token is out
             assert isinstance(payload, _Req) and payload.decode_on is not None
+            payload.first_token_s = now
+            if payload.generated >= payload.arrival.output_tokens:
+                payload.finish_s = now
+                continue
             payload.decode_on.ready.append(payload)
             if not payload.decode_on.busy:
                 start_step(payload.decode_on, now)

@@ -42,6 +42,11 @@ class RouterMetrics:
                              "request (a message may carry several tokens)", buckets=ITL_BUCKETS, registry=r)
         self.e2e = Histogram("pdserve:e2e_request_latency_seconds", "Time from arrival to the last message of "
                              "a request that finished", buckets=E2E_BUCKETS, registry=r)
+        self.handoff = Histogram(
+            "pdserve:kv_handoff_seconds", "Of a request prefilled on a prefill instance: time from the prefill "
+            "instance's reply (the KV is held for the decode instance) to the first token out of the decode "
+            "instance: the decode admission, the KV pull, the release acknowledgement and the first stream "
+            "message. What disaggregation adds to its time to first token", buckets=ITL_BUCKETS, registry=r)
         self.decision = Histogram("pdserve:placement_decision_seconds", "Time a placement decision takes "
                                   "(RouterService.place, from memory)", buckets=DECISION_BUCKETS, registry=r)
         self.ttft_rate_defaults = Counter(

@@ -319,11 +319,14 @@ class RouterService(pb_grpc.PDServeServicer):
         if aborted:  # aborted on the prefill instance
             yield self._final(rid, ABORTED, len(tokens), 0, placement)
             return
+        prefilled = time.perf_counter() if kv_handle is not None else None  # the hand-off starts
         completion = 0
         async for delta, where, moves in recovery.stream(self, rid, tokens, params, placement, kv_handle):
             first = completion == 0
             if first:  # a local prefill: its first token is out
                 self._first_token(rid)
+                if prefilled is not None and not moves:
+                    self.metrics.handoff.observe(time.perf_counter() - prefilled)
             logprobs = delta_logprobs(delta, first_logprob if first else None)
             completion += len(delta.token_ids)
             if delta.finished:

@@ -30,10 +30,12 @@ def test_aggregated_request_prefills_then_decodes_in_place() -> None:
     assert tpot == pytest.approx(0.01)  # two decode steps of 10 ms
 
 
-def test_disaggregated_request_pays_the_transfer_in_its_tpot() -> None:
+def test_disaggregated_request_pays_the_hand_off_in_its_ttft() -> None:
     ttft, tpot = one(Split(1, 1))
-    assert ttft == pytest.approx(0.11)  # the prefill instance's first token
-    assert tpot == pytest.approx((0.005 + 0.02) / 2)  # KV hand-off, then two decode steps
+    assert ttft == pytest.approx(0.11 + 0.005)  # prefilled there, then the KV hand-off: the first token is out
+    assert tpot == pytest.approx(0.02 / 2)  # then two decode steps
+    ttft, tpot = one(Split(1, 1), output=1)  # a one-token answer is done when the KV has moved
+    assert ttft == pytest.approx(0.115) and tpot == 0.0
 
 
 def test_conditional_split_prefills_short_prompts_where_they_decode() -> None:
@@ -56,15 +58,15 @@ def test_prefill_queue_threshold_sends_prompts_local_when_the_pool_is_backed_up(
     arrivals = [Arrival(0.0, 100, 2) for _ in range(3)]
     res = simulate(profile(), Split(1, 1, prefill_queue_threshold=2), arrivals)
     ttfts = sorted(r.ttft_s for r in res.results)
-    # two prompts queue on the prefill instance, one after the other; the third goes local
-    assert ttfts == pytest.approx([0.11, 0.11, 0.22])
+    # two prompts queue on the prefill instance, one after the other (+ 5 ms of hand-off each); the third goes local
+    assert ttfts == pytest.approx([0.11, 0.115, 0.225])
 
 
 def test_queued_prompt_tokens_send_prompts_local() -> None:
     arrivals = [Arrival(0.0, 100, 2) for _ in range(3)]
     res = simulate(profile(), Split(1, 1, max_prefill_queue_tokens=200), arrivals)
     # the prefill instance holds 100 then 200 queued tokens: the third prompt goes to the idle decode instance
-    assert sorted(r.ttft_s for r in res.results) == pytest.approx([0.11, 0.11, 0.22])
+    assert sorted(r.ttft_s for r in res.results) == pytest.approx([0.11, 0.115, 0.225])
 
 
 def test_max_num_seqs_caps_a_decode_instance() -> None:
