@@ -37,6 +37,10 @@ from pdserve.bench.report import percentile  # noqa: E402
 from pdserve.bench.runner import Result  # noqa: E402
 
 VOCAB = 4096  # below the small dummy model's vocabulary
+# What refused a request, from its message's start (router/admission.py, router/admission_queue.py,
+# engine/remote_kv.py)
+REFUSALS = (("early rejection", "early rejection"), ("admission queue", "admission refused"),
+            ("decode KV full", "no KV blocks free"))
 
 
 def make_work(n: int, rate: float, args: argparse.Namespace, seed: int, batch_share: float) -> list:
@@ -53,7 +57,12 @@ def summarize(results: list[Result], window_s: float, slo: dict[str, float], tpo
         good = [r for r in ok if r.ttft_s <= slo[cls] and (r.tpot_s is None or r.tpot_s <= tpot_s)]
         ttfts = [r.ttft_s for r in ok]
         refused = sum(r.status == "RESOURCE_EXHAUSTED" for r in mine)
-        out[cls] = {"sent": len(mine), "served": len(ok), "refused": refused,
+        why: dict[str, int] = {}
+        for r in mine:
+            if r.status == "RESOURCE_EXHAUSTED":
+                key = next((k for k, prefix in REFUSALS if r.error.startswith(prefix)), r.error[:60])
+                why[key] = why.get(key, 0) + 1
+        out[cls] = {"sent": len(mine), "served": len(ok), "refused": refused, "refused_by": why,
                     "other_errors": sum(r.status not in ("OK", "RESOURCE_EXHAUSTED") for r in mine),
                     "ttft_p50_s": percentile(ttfts, 50), "ttft_p90_s": percentile(ttfts, 90), "slo_ttft_s": slo[cls],
                     "good": len(good), "goodput": len(good) / window_s}
@@ -149,9 +158,10 @@ def main() -> int:
             for cls in ("interactive", "batch"):
                 c = r[name][cls]
                 p90 = c["ttft_p90_s"]
+                shown = "-" if p90 is None else f"{p90 * 1e3:.0f} ms"
                 print(f"round {i + 1} early_reject {name:3} {cls:11}: served {c['served']}/{c['sent']}, refused "
-                      f"{c['refused']}, p90 TTFT {'-' if p90 is None else f'{p90 * 1e3:.0f} ms'} (SLO "
-                      f"{c['slo_ttft_s'] * 1e3:.0f} ms), goodput {c['goodput']:.2f} req/s")
+                      f"{c['refused']} {c['refused_by']}, p90 TTFT {shown} (SLO {c['slo_ttft_s'] * 1e3:.0f} ms), "
+                      f"goodput {c['goodput']:.2f} req/s")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "rounds": rounds, "goodput_ratio": ratio}, indent=1))
