@@ -37,10 +37,11 @@ from pdserve.bench.report import percentile  # noqa: E402
 from pdserve.bench.runner import Result  # noqa: E402
 
 VOCAB = 4096  # below the small dummy model's vocabulary
-# What refused a request, from its message's start (router/admission.py, router/admission_queue.py,
-# engine/remote_kv.py)
-REFUSALS = (("early rejection", "early rejection"), ("admission queue", "admission refused"),
-            ("decode KV full", "no KV blocks free"))
+# What refused a request: the first prefix its message starts with (router/admission.py,
+# router/admission_queue.py, engine/remote_kv.py)
+REFUSALS = (("slo: predicted at placement", "early rejection: the predicted time"),
+            ("slo: queue wait capped", "early rejection: no slot"), ("slo: predicted queue wait", "early rejection: "),
+            ("admission queue", "admission refused"), ("decode KV full", "no KV blocks free"))
 
 
 def make_work(n: int, rate: float, args: argparse.Namespace, seed: int, batch_share: float) -> list:
