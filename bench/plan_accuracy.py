@@ -26,6 +26,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 from small_cluster import ROOT, small_cluster  # bench/, the script's folder
 
 from pdserve.config import load_config
@@ -62,32 +64,27 @@ def measure(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
         subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True, timeout=1800)
         text = urllib.request.urlopen(ready.metrics_urls[0], timeout=10).read().decode()
     run = json.loads((out / name / "results.json").read_text())["runs"][0]
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
     return {"split": split, "summary": run["summary"], "requests": run["requests"],
-            "decode_step_s": decode_step_seconds(text), "handoff_s": handoff_seconds(text)}
+            "decode_step_s": decode_step_seconds(samples), "handoff_s": handoff_seconds(samples)}
 
 
-def decode_step_seconds(metrics: str) -> float:
+def _total(samples: list[Sample], name: str, **labels: str) -> float:
+    return sum(s.value for s in samples if s.name == name and labels.items() <= s.labels.items())
+
+
+def decode_step_seconds(samples: list[Sample]) -> float:
     """The decode pool's mean engine step time over the run, from the router's per-instance counters (what the
     adaptive split calibrates its profile with)."""
-    totals = {"pdserve:engine_steps_total": 0.0, "pdserve:engine_step_seconds_total": 0.0}
-    for line in metrics.splitlines():
-        name = line.split("{", 1)[0]
-        if name in totals and 'role="decode"' in line:
-            totals[name] += float(line.rsplit(" ", 1)[1])
-    steps = totals["pdserve:engine_steps_total"]
-    return totals["pdserve:engine_step_seconds_total"] / steps if steps else 0.0
+    steps = _total(samples, "pdserve:engine_steps_total", role="decode")
+    return _total(samples, "pdserve:engine_step_seconds_total", role="decode") / steps if steps else 0.0
 
 
-def handoff_seconds(metrics: str) -> float | None:
+def handoff_seconds(samples: list[Sample]) -> float | None:
     """The mean KV hand-off of the run's disaggregated requests (pdserve:kv_handoff_seconds: prefill reply to
     first token out of the decode instance), or None when none was disaggregated."""
-    values = {}
-    for line in metrics.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in ("pdserve:kv_handoff_seconds_sum", "pdserve:kv_handoff_seconds_count"):
-            values[name] = float(line.rsplit(" ", 1)[1])
-    count = values.get("pdserve:kv_handoff_seconds_count", 0.0)
-    return values["pdserve:kv_handoff_seconds_sum"] / count if count else None
+    count = _total(samples, "pdserve:kv_handoff_seconds_count")
+    return _total(samples, "pdserve:kv_handoff_seconds_sum") / count if count else None
 
 
 def main() -> None:
@@ -125,9 +122,8 @@ def main() -> None:
             slowdown = m["decode_step_s"] / sim.decode_step_s if m["decode_step_s"] and sim.decode_step_s else 1.0
             # ...and the transfer's fixed part by the measured hand-off (the control path around the NIXL read:
             # the prefill actor's reply, the decode admission, the release acknowledgement), where there was one
-            transfer = prof.transfer
+            transfer, blocks = prof.transfer, -(-args.input_len // prof.block_size)
             if m["handoff_s"] is not None:
-                blocks = -(-args.input_len // prof.block_size)
                 fixed = max(transfer.fixed_s, m["handoff_s"] - transfer.per_block_s * blocks)
                 transfer = dataclasses.replace(transfer, fixed_s=fixed)
             scaled = dataclasses.replace(prof, step=prof.step.scaled(slowdown), transfer=transfer)
@@ -135,7 +131,7 @@ def main() -> None:
             row = {"split": split.name(), "measured_goodput": measured, "predicted_goodput": predicted,
                    "predicted_over_measured": predicted / measured if measured else None,
                    "slowdown": slowdown, "handoff_s": m["handoff_s"],
-                   "profiled_transfer_s": prof.transfer.predict(-(-args.input_len // prof.block_size)),
+                   "profiled_transfer_s": prof.transfer.predict(blocks),
                    "calibrated_goodput": calibrated,
                    "calibrated_over_measured": calibrated / measured if measured else None,
                    "measured_p90_ttft_s": m["summary"]["ttft_s_90"], "measured_p90_tpot_s": m["summary"]["tpot_s_90"],

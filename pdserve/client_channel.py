@@ -16,12 +16,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-ca", help="PEM file to verify the router's TLS certificate with (auth.tls is on)")
 
 
+def _credentials(tls_ca: str) -> grpc.ChannelCredentials:
+    """OSError when `tls_ca` cannot be read."""
+    with open(tls_ca, "rb") as f:
+        return grpc.ssl_channel_credentials(root_certificates=f.read())
+
+
 def channel(target: str, tls_ca: str | None) -> grpc.Channel:
     """OSError when `tls_ca` cannot be read."""
-    if tls_ca is None:
-        return grpc.insecure_channel(target)
-    with open(tls_ca, "rb") as f:
-        return grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=f.read()))
+    return grpc.insecure_channel(target) if tls_ca is None else grpc.secure_channel(target, _credentials(tls_ca))
 
 
 def metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
@@ -32,8 +35,7 @@ def aio_channel(target: str, tls_ca: str | None) -> grpc.aio.Channel:
     """The asyncio form of `channel` (the bench's). OSError when `tls_ca` cannot be read."""
     if tls_ca is None:
         return grpc.aio.insecure_channel(target)
-    with open(tls_ca, "rb") as f:
-        return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=f.read()))
+    return grpc.aio.secure_channel(target, _credentials(tls_ca))
 
 
 def http_headers(api_key: str | None) -> dict[str, str]:

@@ -20,11 +20,16 @@ from pdserve.bench.runner import Result
 from pdserve.bench.workload import BenchRequest
 
 
+def session(api_key: str | None, tls_ca: str | None, limit: int = 100) -> aiohttp.ClientSession:
+    """An HTTP session that sends `api_key` and verifies an https:// router against `tls_ca` (limit 0: no cap
+    on open connections)."""
+    connector = aiohttp.TCPConnector(limit=limit, ssl=client_channel.ssl_context(tls_ca) or True)
+    return aiohttp.ClientSession(connector=connector, headers=client_channel.http_headers(api_key))
+
+
 async def model_info(base_url: str, api_key: str | None = None, tls_ca: str | None = None) -> tuple[str, int, int]:
     """(model id, vocab size, max model len) from GET /v1/models."""
-    connector = aiohttp.TCPConnector(ssl=client_channel.ssl_context(tls_ca) or True)
-    async with aiohttp.ClientSession(connector=connector, headers=client_channel.http_headers(api_key)) as session, \
-            session.get(base_url + "/v1/models") as r:
+    async with session(api_key, tls_ca) as http, http.get(base_url + "/v1/models") as r:
         if r.status != 200:
             err = (await r.json(content_type=None) or {}).get("error", {})
             raise ValueError(f"GET {base_url}/v1/models: HTTP {r.status}: {err.get('message', r.reason)}")

@@ -10,7 +10,6 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
-import aiohttp
 import grpc
 
 from api.v1 import pdserve_pb2 as pb
@@ -104,9 +103,7 @@ async def run(target: str, workload: list[BenchRequest], max_duration_s: float, 
     async with contextlib.AsyncExitStack() as stack:
         if api == "openai":
             # NOTE: no connection limit: the bench must not queue requests the server should see
-            connector = aiohttp.TCPConnector(limit=0, ssl=client_channel.ssl_context(tls_ca) or True)
-            session = await stack.enter_async_context(aiohttp.ClientSession(
-                connector=connector, headers=client_channel.http_headers(api_key)))
+            session = await stack.enter_async_context(openai_client.session(api_key, tls_ca, limit=0))
 
             def send(req: BenchRequest, start: float) -> Awaitable[Result]:
                 return openai_client.one(session, target.rstrip("/"), model, req, start, request_timeout_s,
