@@ -4,8 +4,8 @@
 #   bash bench/disagg_vs_aggregated.sh deploy/ray/bench-h200x2-disagg.yaml OUT_DIR [RATES]
 #
 # Environment: SHAPE (dummy model shape, default llama3-8b), INPUT_LEN (default normal:3000:300), OUTPUT_LEN
-# (default fixed:150), NUM_REQUESTS per rate (default 200), DURATION per rate in s (default 25), PDSERVE (the
-# CLI, default "python3 -m pdserve.cli"). A short warm-up run (4 requests, not reported) compiles the kernels.
+# (default fixed:150), NUM_REQUESTS per rate (default 200), DURATION per rate in s (default 25), SLO_TTFT_MS and
+# SLO_TPOT_MS (goodput's SLOs, default 500 and 50), PDSERVE (the CLI, default "python3 -m pdserve.cli"). A short warm-up run (4 requests, not reported) compiles the kernels.
 set -euo pipefail
 cfg=$1
 out=$2
@@ -15,7 +15,7 @@ mkdir -p "$out"
 source "$(dirname "$0")/serve_warm.sh"  # sets target and pid; stops the server on exit
 $pdserve bench --target "$target" --rates "$rates" --num-requests "${NUM_REQUESTS:-200}" \
   --duration "${DURATION:-25}" --input-len "${INPUT_LEN:-normal:3000:300}" --output-len "${OUTPUT_LEN:-fixed:150}" \
-  --out "$out" --no-progress
+  --slo-ttft-ms "${SLO_TTFT_MS:-500}" --slo-tpot-ms "${SLO_TPOT_MS:-50}" --out "$out" --no-progress
 python3 "$(dirname "$0")/actor_stats.py" >"$out/actor_stats.json" || echo "actor stats not read" >&2
 # The actors log to Ray's session directory, not to serve.err: keep the KV transport lines (which UCX transport
 # each read used, TCP fallbacks) and the engines' start-up lines (attention backend, CUDA graphs).

@@ -37,11 +37,13 @@ from pdserve.bench.report import percentile  # noqa: E402
 from pdserve.bench.runner import Result  # noqa: E402
 
 VOCAB = 4096  # below the small dummy model's vocabulary
-# What refused a request: the first prefix its message starts with (router/admission.py,
+# What refused a request: the first of these its message holds (router/admission.py,
 # router/admission_queue.py, engine/remote_kv.py)
 REFUSALS = (("slo: predicted at placement", "early rejection: the predicted time"),
+            ("slo: recent TPOT", "lately been"),
             ("slo: queue wait capped", "early rejection: no slot"), ("slo: predicted queue wait", "early rejection: "),
-            ("admission queue", "admission refused"), ("decode KV full", "no KV blocks free"))
+            ("admission queue", "admission refused"),
+            ("decode KV too small", "KV blocks; this instance's cache has"))
 
 
 def make_work(n: int, rate: float, args: argparse.Namespace, seed: int, batch_share: float) -> list:
@@ -57,15 +59,20 @@ def summarize(results: list[Result], window_s: float, slo: dict[str, float], tpo
         ok = [r for r in mine if r.status == "OK" and r.ttft_s is not None]
         good = [r for r in ok if r.ttft_s <= slo[cls] and (r.tpot_s is None or r.tpot_s <= tpot_s)]
         ttfts = [r.ttft_s for r in ok]
+        tpots = [r.tpot_s for r in ok if r.tpot_s is not None]
         refused = sum(r.status == "RESOURCE_EXHAUSTED" for r in mine)
         why: dict[str, int] = {}
         for r in mine:
             if r.status == "RESOURCE_EXHAUSTED":
-                key = next((k for k, prefix in REFUSALS if r.error.startswith(prefix)), r.error[:60])
+                key = next((k for k, part in REFUSALS if part in r.error), r.error[:60])
                 why[key] = why.get(key, 0) + 1
         out[cls] = {"sent": len(mine), "served": len(ok), "refused": refused, "refused_by": why,
                     "other_errors": sum(r.status not in ("OK", "RESOURCE_EXHAUSTED") for r in mine),
                     "ttft_p50_s": percentile(ttfts, 50), "ttft_p90_s": percentile(ttfts, 90), "slo_ttft_s": slo[cls],
+                    "tpot_p50_s": percentile(tpots, 50), "tpot_p90_s": percentile(tpots, 90),
+                    "missed_ttft": sum(r.ttft_s > slo[cls] for r in ok),
+                    "missed_tpot_only": sum(r.ttft_s <= slo[cls] and r.tpot_s is not None and r.tpot_s > tpot_s
+                                            for r in ok),
                     "good": len(good), "goodput": len(good) / window_s}
     out["goodput"] = sum(out[c]["good"] for c in ("interactive", "batch")) / window_s
     return out
@@ -86,7 +93,8 @@ def phase(early_reject: bool, args: argparse.Namespace, rate: float | None) -> d
 def _phase(early_reject: bool, args: argparse.Namespace, rate: float | None) -> dict[str, Any]:
     slo = {"interactive": args.slo_interactive_ms / 1e3, "batch": args.slo_batch_ms / 1e3}
     admission = {"early_reject": early_reject, "ttft_slo_ms": {"interactive": args.slo_interactive_ms,
-                                                               "batch": args.slo_batch_ms}}
+                                                               "batch": args.slo_batch_ms},
+                 "tpot_slo_ms": None if args.no_tpot_reject else args.slo_tpot_ms}
     server = {"max_inflight": args.max_inflight, "max_queued": args.max_queued,
               "admission_timeout_s": args.admission_timeout_s}
     with small_cluster(args.max_num_seqs, server=server,
@@ -127,6 +135,8 @@ def main() -> int:
     p.add_argument("--slo-batch-ms", type=float, default=5000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=200.0)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--no-tpot-reject", action="store_true", help="early rejection on TTFT only (no "
+                   "admission.tpot_slo_ms)")
     p.add_argument("--batch-share", type=float, default=0.5, help="share of the overload's requests in the batch "
                    "class (the rest interactive)")
     p.add_argument("--max-inflight", type=int, default=100_000, help="server.max_inflight of both phases")
@@ -160,8 +170,10 @@ def main() -> int:
                 c = r[name][cls]
                 p90 = c["ttft_p90_s"]
                 shown = "-" if p90 is None else f"{p90 * 1e3:.0f} ms"
+                tpot = "-" if c["tpot_p90_s"] is None else f"{c['tpot_p90_s'] * 1e3:.0f} ms"
                 print(f"round {i + 1} early_reject {name:3} {cls:11}: served {c['served']}/{c['sent']}, refused "
                       f"{c['refused']} {c['refused_by']}, p90 TTFT {shown} (SLO {c['slo_ttft_s'] * 1e3:.0f} ms), "
+                      f"p90 TPOT {tpot}, missed TTFT {c['missed_ttft']}, TPOT only {c['missed_tpot_only']}, "
                       f"goodput {c['goodput']:.2f} req/s")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

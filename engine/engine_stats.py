@@ -46,3 +46,5 @@ class EngineCounters:
     requests_finished: int = 0  # requests that left the engine (done or aborted)
     prompt_tokens_finished: int = 0  # their prompt tokens
     output_tokens_finished: int = 0  # their generated tokens
+    kv_loads_queued: int = 0  # KV loads that found no room and waited for it (a counter; engine/remote_kv.py)
+    kv_loads_waiting: int = 0  # KV loads waiting for room now (a gauge)

@@ -94,8 +94,9 @@ class LLMEngine:
         """Queue a request. With `kv_source` (the decode role: where a prefill instance holds the prompt's KV),
         the KV connector loads the prompt instead of computing it. `resumed`: tokens the request already
         generated elsewhere (a migrated stream): they count as its output (max_tokens, stop rules, text) and are
-        computed here with the prompt. Returns the number of KV blocks being loaded (0 without a source). Raises
-        ValueError for bad input, NoKVSpaceError when a load finds no room."""
+        computed here with the prompt. Returns the number of KV blocks being loaded (0 without a source, or while
+        the load waits for room: engine/remote_kv.py). Raises ValueError for bad input, NoKVSpaceError for a
+        prompt larger than the whole cache."""
         if request_id in self.requests or (self.remote is not None and request_id in self.remote.held):
             raise ValueError(f"request id {request_id!r} is already in flight")
         prompt_ids = self.encode(prompt)
@@ -145,8 +146,12 @@ class LLMEngine:
         with async scheduling the previous step's."""
         t0 = time.perf_counter()
         outputs, self._outputs = self._outputs, []
-        if self.remote is not None and (events := self.remote.connector.poll()):
-            outputs += self.remote.apply(events, self.requests, self._emit)
+        if self.remote is not None:
+            if events := self.remote.connector.poll():
+                outputs += self.remote.apply(events, self.requests, self._emit)
+            for request in self.remote.start_pending():  # NOTE: loads that waited for room; these were refused
+                request.status = RequestStatus.WAITING
+                self.scheduler.add(request)
         out = self.scheduler.schedule()
         outputs += self.stepper.run(out, self._emit, t0)
         if out.total_tokens:  # NOTE: for the measured token rate routers predict a TTFT with (heartbeats)
@@ -216,7 +221,8 @@ class LLMEngine:
         return EngineCounters(pool.num_blocks - pool.num_free_blocks, pool.num_blocks, kv.prefix_queries,
                               kv.prefix_hits, self.scheduler.num_preemptions, m.steps, m.total_s,
                               m.counters.get("kv_load_fallbacks", 0), self._computed_tokens, self._compute_s,
-                              *self.finished_totals)
+                              *self.finished_totals, kv_loads_queued=m.counters.get("kv_loads_queued", 0),
+                              kv_loads_waiting=len(self.remote.pending) if self.remote else 0)
 
     def stats(self) -> EngineStats:
         sched, kv = self.scheduler, self.kv

@@ -6,10 +6,18 @@ Blocks owned by no live request:
     `released` (the reader is done, or its lease expired) or the request is aborted;
   - quarantined: blocks a failed or cancelled read may still write into, until the connector reports the read
     `settled`. Their request prefills into fresh blocks meanwhile (or, if aborted, is gone).
+
+A load that finds no room waits (`pending`, by class then arrival, as the scheduler orders requests) instead of
+being refused: its prompt's KV is already computed and held on the prefill instance, so refusing it would throw
+that work away and fail the request. Each step starts the pending loads in order while blocks last, keeping one
+free block per running request for its next token (or starting it would preempt, i.e. recompute, one of them).
+A load that waits past the prefill side's lease finds its source released and is prefilled here instead (the
+failed-load path, counted as a fallback). Counted: `kv_loads_queued` (loads that had to wait).
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -33,16 +41,63 @@ class RemoteKV:
         self.connector, self.kv, self.scheduler, self.metrics = connector, kv, scheduler, metrics
         self.held: dict[str, Request] = {}
         self.quarantined: dict[str, list[int]] = {}
+        # loads waiting for room, sorted by Request.order (class, arrival), each with its source
+        self.pending: list[tuple[Request, Any]] = []
+        self._free_when_stuck = -1  # free blocks when the head of `pending` last found no room
 
     def start_load(self, request: Request, source: Any) -> int:
-        """Reserve blocks for the prompt (prefix-cache hits reused) and have the connector load the rest. The
-        request waits outside the scheduler until `apply` sees its load finish. Returns the blocks to load.
-        Raises NoKVSpaceError when the cache has no room now, ValueError for a source the connector refuses."""
+        """Reserve blocks for the prompt (prefix-cache hits reused) and have the connector load the rest, or,
+        without room now, queue the load (`pending`). The request waits outside the scheduler until `apply` sees
+        its load finish. Returns the blocks being loaded (0 while it waits). Raises NoKVSpaceError for a prompt
+        larger than the whole cache, ValueError for a source the connector refuses."""
+        blocks = -(-request.num_prompt_tokens // self.kv.block_size)
+        if blocks > self.kv.pool.num_blocks:
+            raise NoKVSpaceError(f"the {request.num_prompt_tokens}-token prompt needs {blocks} KV blocks; this "
+                                 f"instance's cache has {self.kv.pool.num_blocks}")
+        request.status = RequestStatus.WAITING_FOR_KV
+        ahead = self.pending and self.pending[0][0].order <= request.order  # NOTE: no overtaking within a class
+        if not ahead:
+            loading = self._try_start(request, source)
+            if loading is not None:
+                return loading
+        bisect.insort(self.pending, (request, source), key=lambda e: e[0].order)
+        self.metrics.count("kv_loads_queued")
+        log.debug("no KV room for %s's %d-token prompt now: its load waits (%d waiting)", request.request_id,
+                  request.num_prompt_tokens, len(self.pending))
+        return 0
+
+    def start_pending(self) -> list[Request]:
+        """Start the waiting loads in order while there is room (each step, before scheduling). Returns the
+        requests whose source the connector refused now: the caller prefills them locally."""
+        refused: list[Request] = []
+        if not self.pending or self.kv.pool.num_free_blocks <= self._free_when_stuck:
+            return refused  # NOTE: nothing freed since the head last found no room: skip its prefix lookup
+        while self.pending:
+            request, source = self.pending[0]
+            try:
+                started = self._try_start(request, source)
+            except ValueError as e:
+                log.warning("the KV source of %s was refused after it waited: prefilling it here (%s)",
+                            request.request_id, e)
+                self.metrics.count("kv_load_fallbacks")
+                self.metrics.count("kv_load_fallbacks_ValueError")
+                started = 0
+                refused.append(request)
+            if started is None:
+                self._free_when_stuck = self.kv.pool.num_free_blocks
+                return refused
+            self.pending.pop(0)
+        self._free_when_stuck = -1
+        return refused
+
+    def _try_start(self, request: Request, source: Any) -> int | None:
+        """Allocate and start the load if the blocks are free, keeping one per running request; None if not."""
         bs = self.kv.block_size
         hits = self.kv.get_computed_blocks(request)
-        if not self.kv.allocate_slots(request, request.num_prompt_tokens - len(hits) * bs, hits):
-            raise NoKVSpaceError(f"no KV blocks free for the {request.num_prompt_tokens}-token prompt right now")
-        request.status = RequestStatus.WAITING_FOR_KV
+        need = -(-request.num_prompt_tokens // bs) - len(hits)
+        if need + len(self.scheduler.running) > self.kv.pool.num_free_blocks or \
+                not self.kv.allocate_slots(request, request.num_prompt_tokens - len(hits) * bs, hits):
+            return None
         request.num_cached_tokens, request.num_cached_blocks = len(hits) * bs, len(hits)
         try:
             return self.connector.start_load(request, source, len(hits))
@@ -52,7 +107,11 @@ class RemoteKV:
 
     def cancel_load(self, request: Request) -> None:
         """An aborted request that was waiting for its KV: free its blocks, or quarantine them while a read
-        may still write into them."""
+        may still write into them (or, if its load had not started, just forget it)."""
+        for i, (waiting, _) in enumerate(self.pending):
+            if waiting is request:
+                del self.pending[i]
+                return
         if self.connector.cancel_load(request.request_id):
             self.kv.free(request)
         else:

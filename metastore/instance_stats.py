@@ -26,6 +26,8 @@ class InstanceStatsRecord:
     kv_transfer_failures: int = 0  # pulls that failed, each then prefilled locally (decode; counter)
     kv_local_fallbacks: int = 0  # requests prefilled locally after a failed pull (decode; counter)
     kv_lease_expiries: int = 0  # held KV freed because no reader came within its lease (prefill; counter)
+    kv_loads_queued: int = 0  # pulls that found no free blocks and waited for them (decode; counter)
+    kv_loads_waiting: int = 0  # pulls waiting for free blocks now (decode; gauge)
     computed_tokens: int = 0  # tokens its forwards computed (counter)
     compute_seconds: float = 0.0  # wall time of the steps that computed them (counter): the measured token rate
     requests_finished: int = 0  # requests that left the engine, done or aborted (counter)

@@ -3,23 +3,28 @@ rather than accept it and serve it late (and delay the requests behind it).
 
     predicted TTFT = the time it already waited in the router's admission queue (router/admission_queue.py,
                      which refuses before that when the queue predicts a wait over the SLO)
-                     + prompt tokens queued on the instance that will prefill it, in its class or a higher one
-                     (this router's placements whose prefill has not finished, its own uncached tokens included)
-                     / that instance's measured token rate
+                     + the prompt tokens ahead of it on the instance that will prefill it, in its class or a
+                       higher one: what this router admitted there whose first token has not come out yet
+                       (router/first_token_flow.py), plus its own uncached tokens
+                     / the rate at which they drain: the instance's measured throughput to first token (prompt
+                       tokens per busy second), less the rate at which this router admits prompt tokens of
+                       higher classes there (they arrive after it and go first: a batch request drains only with
+                       what interactive arrivals leave, and not at all when they take everything; at least
+                       MIN_DRAIN_SHARE)
                      + the recent gap between that prediction and the TTFTs measured in its class on that
                        instance, as its smoothed mean plus GAP_DEVIATIONS smoothed deviations (the SLO is a
                        percentile; the mean alone is missed by half the requests that match it)
-                       (the part the queue does not explain: the KV pull, a decode slot, the first
-                       step, and for a lower class the higher-class requests that arrive after it and go
-                       first; smoothed, >= 0, and halving every GAP_HALF_LIFE_S without a new measurement:
-                       a class whose requests are all refused measures nothing, and must not stay refused)
+                       (what the flow model gets wrong; smoothed, and halving every GAP_HALF_LIFE_S without a
+                       new measurement: a class whose requests are all refused measures nothing, and must not
+                       stay refused)
 
 Only the classes at or above the request's count: the engines admit by class (engine/scheduler.py), so an
-interactive request does not wait behind batch prompts. The rate is what the instance's heartbeats report
-(`computed_tokens / compute_seconds` between two stats records, smoothed); until an instance has reported
-one, `admission.default_tokens_per_s` stands in (a fallback that is logged and counted:
-`pdserve:ttft_rate_defaults_total`). A refusal is RESOURCE_EXHAUSTED (HTTP 429), counted as
-`pdserve:requests_rejected_total{reason="slo"}`.
+interactive request does not wait behind batch prompts. The throughput counts every stage to the first token
+(prefill queue, prefill, KV hand-off, a decode slot), so the slowest one sets it. Until an instance has
+MIN_BUSY_S of it, the instance's heartbeats stand in (`computed_tokens / compute_seconds` between two stats
+records, smoothed: its prefill rate), and before those `admission.default_tokens_per_s` (a fallback that is
+logged and counted: `pdserve:ttft_rate_defaults_total`). A refusal is RESOURCE_EXHAUSTED (HTTP 429), counted
+as `pdserve:requests_rejected_total{reason="slo"}`.
 
 NOTE: each router sees only what it placed itself; with several routers the queue is underestimated (by what
 the others placed), so a prediction errs towards admitting.
@@ -33,6 +38,8 @@ from dataclasses import dataclass, field
 
 from engine.priority import Priority
 from metastore.instance_stats import InstanceStatsRecord
+from router.decaying_estimate import DecayingEstimate
+from router.first_token_flow import FirstTokenFlow
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +49,11 @@ GAP_HALF_LIFE_S = 2.0  # the gap halves every this long without a new measuremen
 # The gap predicted is its smoothed mean plus this many smoothed absolute deviations: about the 90th percentile
 # of a normal error (mean deviation ~0.8 sigma, p90 at 1.28 sigma), as the SLO is met or missed at a percentile
 GAP_DEVIATIONS = 1.6
+TPOT_SMOOTHING = 0.2  # weight of the newest finished request in a class's smoothed TPOT on a decode instance
+TPOT_HALF_LIFE_S = 5.0  # ...which halves every this long without one
+# The least share of an instance's rate a class's queue is predicted to drain at, whatever the higher classes
+# take: their arrival rate is an estimate, and a class predicted to drain at zero would be refused outright
+MIN_DRAIN_SHARE = 0.05
 
 
 @dataclass
@@ -71,12 +83,18 @@ class AdmissionConfig:
     # The share of each SLO a prediction keeps free: a request is refused when its predicted TTFT is over
     # SLO x (1 - slo_headroom). NOTE: the prediction is a mean; the SLO is met or missed at a percentile
     slo_headroom: float = 0.0
+    # With a TPOT SLO (ms; every class), a request is also refused while the TPOT its class has had lately on
+    # the decode instance it would use (smoothed mean + GAP_DEVIATIONS deviations) is over it: a request that
+    # will miss its TPOT takes prefill and decode time from those that can still meet theirs. None: off
+    tpot_slo_ms: float | None = None
 
     def __post_init__(self) -> None:
         if not self.default_tokens_per_s > 0:
             raise ValueError(f"default_tokens_per_s: {self.default_tokens_per_s} must be > 0")
         if not 0 <= self.slo_headroom < 1:
             raise ValueError(f"slo_headroom: {self.slo_headroom} must be in [0, 1)")
+        if self.tpot_slo_ms is not None and not self.tpot_slo_ms > 0:
+            raise ValueError(f"tpot_slo_ms: {self.tpot_slo_ms} must be > 0 (milliseconds), or null (off)")
 
     def budget_ms(self, priority: Priority) -> float:
         """What a request of this class's predicted TTFT may reach before it is refused."""
@@ -89,16 +107,29 @@ class Prediction:
     slo_ms: float  # the class's SLO less the headroom (AdmissionConfig.budget_ms)
     queue_ms: float  # the queue's part of ttft_ms (the rest is the measured gap)
     queued_tokens: int  # ahead of it and its own, in its class or higher, on the instance
-    tokens_per_s: float
+    tokens_per_s: float  # the instance's throughput to first token (or its prefill rate, or the default)
     measured: bool  # the rate is the instance's (False: admission.default_tokens_per_s)
     waited_ms: float = 0.0  # in the router's admission queue, before it was placed (part of ttft_ms)
+    drain_tokens_per_s: float = 0.0  # what the higher classes' admissions leave of tokens_per_s (0: all of it)
+    tpot_ms: float = 0.0  # the class's recent TPOT on the decode instance (0: none measured)
+    tpot_slo_ms: float | None = None  # admission.tpot_slo_ms
+
+    @property
+    def misses_tpot(self) -> bool:
+        return self.tpot_slo_ms is not None and self.tpot_ms > self.tpot_slo_ms
 
     @property
     def misses(self) -> bool:
-        return self.ttft_ms > self.slo_ms
+        return self.ttft_ms > self.slo_ms or self.misses_tpot
 
-    def reason(self, priority: Priority, instance_id: str) -> str:
+    def reason(self, priority: Priority, instance_id: str, decode_id: str = "") -> str:
+        if self.ttft_ms <= self.slo_ms and self.misses_tpot:
+            return (f"early rejection: the {priority.label} class's time per output token on "
+                    f"{decode_id or instance_id} has lately been {self.tpot_ms:.0f} ms, over the TPOT SLO of "
+                    f"{self.tpot_slo_ms:g} ms (admission.tpot_slo_ms); retry later")
         rate = f"{self.tokens_per_s:.0f} tokens/s" + ("" if self.measured else " (default, not yet measured)")
+        if self.drain_tokens_per_s and self.drain_tokens_per_s < self.tokens_per_s:
+            rate += f", {self.drain_tokens_per_s:.0f} of them left by higher classes' arrivals"
         return (f"early rejection: the predicted time to first token is {self.ttft_ms:.0f} ms, over the "
                 f"{priority.label} class's budget of {self.slo_ms:g} ms (admission.ttft_slo_ms less "
                 f"admission.slo_headroom): {self.queued_tokens}"
@@ -108,17 +139,18 @@ class Prediction:
 
 
 class TTFTPredictor:
-    """Per-instance token rates from the stats records, and the prediction. Not thread-safe: the router calls it
-    on its event loop; the records dict it reads is replaced whole by the view's thread."""
+    """Per-instance flows to first token and prefill rates, and the prediction. Not thread-safe: the router calls
+    it on its event loop; the records dict it reads is replaced whole by the view's thread."""
 
     def __init__(self, config: AdmissionConfig) -> None:
         self.config = config
         self._last: dict[str, InstanceStatsRecord] = {}  # the record each rate was last updated from
-        self.rates: dict[str, float] = {}  # instance -> smoothed tokens per second
-        # (instance, class) -> smoothed (measured TTFT - queue part), ms, >= 0. NOTE: per class: a batch request
-        # also waits for interactive ones that arrive after it, which must not inflate interactive predictions
-        # -> (mean gap ms, mean absolute deviation ms, when measured)
-        self.gaps: dict[tuple[str, Priority], tuple[float, float, float]] = {}
+        self.rates: dict[str, float] = {}  # instance -> smoothed prefill tokens per second (heartbeats)
+        self.flows: dict[str, FirstTokenFlow] = {}  # instance -> what this router admitted there, to first token
+        # (instance, class) -> smoothed (measured TTFT - queue part), ms. NOTE: per class: a batch request also
+        # waits for interactive ones that arrive after it, which must not inflate interactive predictions
+        self.gaps: dict[tuple[str, Priority], DecayingEstimate] = {}
+        self.tpots: dict[tuple[str, Priority], DecayingEstimate] = {}  # (decode instance, class) -> TPOT ms
         self.defaults_used = 0  # predictions made with the default rate (pdserve:ttft_rate_defaults_total)
         self._warned: set[str] = set()
 
@@ -139,9 +171,19 @@ class TTFTPredictor:
                 old = self.rates.get(iid)
                 self.rates[iid] = rate if old is None else RATE_SMOOTHING * rate + (1 - RATE_SMOOTHING) * old
 
-    def predict(self, instance_id: str, queued_tokens: int, priority: Priority,
-                waited_ms: float = 0.0) -> Prediction:
-        rate = self.rates.get(instance_id)
+    def _flow(self, instance_id: str, now: float) -> FirstTokenFlow:
+        flow = self.flows.get(instance_id)
+        if flow is None:
+            flow = self.flows[instance_id] = FirstTokenFlow(now)
+        return flow
+
+    def predict(self, instance_id: str, tokens: int, priority: Priority, waited_ms: float = 0.0,
+                now: float | None = None, decode_id: str | None = None) -> Prediction:
+        """The TTFT of a request of class `priority` with `tokens` prompt tokens to prefill on the instance (and,
+        with a TPOT SLO, its class's recent TPOT on `decode_id`, the instance that decodes it)."""
+        now = time.monotonic() if now is None else now
+        flow = self._flow(instance_id, now)
+        rate = flow.throughput(now) or self.rates.get(instance_id)
         measured = rate is not None and rate > 0
         if not measured:
             rate = self.config.default_tokens_per_s
@@ -149,37 +191,53 @@ class TTFTPredictor:
             if instance_id not in self._warned:
                 self._warned.add(instance_id)
                 log.info("no measured token rate for %s yet: predicting TTFTs with admission.default_tokens_per_s"
-                         " %g until its heartbeats report one", instance_id, rate)
+                         " %g until it has one", instance_id, rate)
         assert rate is not None
-        queue_ms = 1000.0 * queued_tokens / rate
-        gap = self.gap(instance_id, priority)
-        return Prediction(waited_ms + queue_ms + gap, self.config.budget_ms(priority), queue_ms,
-                          queued_tokens, rate, measured, waited_ms)
+        higher = sum(flow.admission_rate(p, now) for p in Priority if p < priority)
+        drain = max(rate - higher, MIN_DRAIN_SHARE * rate)
+        queued = flow.ahead(priority) + tokens
+        queue_ms = 1000.0 * queued / drain
+        ttft = max(waited_ms + queue_ms + self.gap(instance_id, priority, now), waited_ms)
+        tpot = self.tpots.get((decode_id or instance_id, priority))
+        return Prediction(ttft, self.config.budget_ms(priority), queue_ms, queued, rate, measured, waited_ms, drain,
+                          tpot.value(now, GAP_DEVIATIONS) if tpot else 0.0, self.config.tpot_slo_ms)
+
+    def tpot_measured(self, decode_id: str, priority: Priority, tpot_ms: float, now: float | None = None) -> None:
+        """A request of class `priority` decoded on `decode_id` finished with this mean time per output token."""
+        key = (decode_id, priority)
+        if key not in self.tpots:
+            self.tpots[key] = DecayingEstimate(TPOT_SMOOTHING, TPOT_HALF_LIFE_S)
+        self.tpots[key].add(tpot_ms, time.monotonic() if now is None else now)
+
+    def admitted(self, instance_id: str, priority: Priority, tokens: int, now: float | None = None) -> None:
+        """A request of class `priority` was admitted with `tokens` prompt tokens to prefill on the instance."""
+        now = time.monotonic() if now is None else now
+        self._flow(instance_id, now).admitted(priority, tokens, now)
+
+    def abandoned(self, instance_id: str, priority: Priority, tokens: int, now: float | None = None) -> None:
+        """An admitted request ended (failed, cancelled) before its first token."""
+        now = time.monotonic() if now is None else now
+        self._flow(instance_id, now).left(priority, tokens, now, first_token=False)
+
+    def arrival_rate(self, instance_id: str, priority: Priority, now: float | None = None) -> float:
+        """Prompt tokens per second of class `priority` admitted to the instance lately (decayed)."""
+        now = time.monotonic() if now is None else now
+        return self._flow(instance_id, now).admission_rate(priority, now)
 
     def gap(self, instance_id: str, priority: Priority, now: float | None = None) -> float:
         """The gap (ms) to add to the queue's part: smoothed mean + GAP_DEVIATIONS x smoothed deviation,
         decayed by the time since the last measurement."""
-        mean, dev = self._gap_parts(instance_id, priority, now)
-        return mean + GAP_DEVIATIONS * dev
-
-    def _gap_parts(self, instance_id: str, priority: Priority, now: float | None) -> tuple[float, float]:
         entry = self.gaps.get((instance_id, priority))
-        if entry is None:
-            return 0.0, 0.0
-        mean, dev, at = entry
-        decay = 0.5 ** (max((time.monotonic() if now is None else now) - at, 0.0) / GAP_HALF_LIFE_S)
-        return mean * decay, dev * decay
+        return entry.value(time.monotonic() if now is None else now, GAP_DEVIATIONS) if entry else 0.0
 
     def measured(self, instance_id: str, priority: Priority, prediction: Prediction, ttft_ms: float,
-                 now: float | None = None) -> None:
-        """A request of class `priority` admitted with `prediction` had its first token after `ttft_ms`: fold
-        the gap in."""
+                 tokens: int = 0, now: float | None = None) -> None:
+        """A request of class `priority` with `tokens` prompt tokens to prefill, admitted with `prediction`, had
+        its first token after `ttft_ms`: it leaves the flow, and the gap is folded in. NOTE: may be negative (the
+        flow model overestimates a lightly loaded instance)."""
         now = time.monotonic() if now is None else now
-        gap = max(ttft_ms - prediction.queue_ms, 0.0)  # NOTE: ttft_ms counts from placement, after the wait
+        self._flow(instance_id, now).left(priority, tokens, now, first_token=True)
         key = (instance_id, priority)
         if key not in self.gaps:
-            self.gaps[key] = (gap, 0.0, now)
-            return
-        mean, dev = self._gap_parts(instance_id, priority, now)
-        self.gaps[key] = (GAP_SMOOTHING * gap + (1 - GAP_SMOOTHING) * mean,
-                          GAP_SMOOTHING * abs(gap - mean) + (1 - GAP_SMOOTHING) * dev, now)
+            self.gaps[key] = DecayingEstimate(GAP_SMOOTHING, GAP_HALF_LIFE_S)
+        self.gaps[key].add(ttft_ms - prediction.queue_ms, now)  # NOTE: ttft_ms counts from placement, after the wait

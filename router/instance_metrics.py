@@ -47,6 +47,7 @@ _GAUGES = (
     ("pdserve:num_requests_running", "Requests running on the instance", "running"),
     ("pdserve:kv_cache_used_blocks", "KV blocks in use (per rank)", "kv_blocks_used"),
     ("pdserve:kv_cache_total_blocks", "KV blocks of the instance's cache (per rank)", "kv_blocks_total"),
+    ("pdserve:kv_loads_waiting", "KV pulls waiting for free blocks (decode instances)", "kv_loads_waiting"),
 )
 _COUNTERS = (
     ("pdserve:prefix_cache_queries_tokens", "Prompt tokens looked up in the prefix cache", "prefix_cache_queries"),
@@ -61,6 +62,8 @@ _COUNTERS = (
     ("pdserve:kv_local_fallbacks", "Requests prefilled locally after their KV pull failed", "kv_local_fallbacks"),
     ("pdserve:kv_lease_expiries", "Held KV freed with no reader after its lease (prefill instances)",
      "kv_lease_expiries"),
+    ("pdserve:kv_loads_queued", "KV pulls that found no free blocks and waited for them (decode instances)",
+     "kv_loads_queued"),
     ("pdserve:tp_group_restarts", "Restarts of the instance's TP group (every rank) after a lost rank",
      "tp_group_restarts"),
 )

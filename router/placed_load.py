@@ -4,8 +4,6 @@ instances' heartbeats, which lag a burst by up to a heartbeat period.
     requests_on[instance]  requests placed there (decode or prefill) and not yet finished
     pending_on[instance]   prompt tokens sent there whose prefill has not finished
                            (until the prefill returns, or a local prefill's first token)
-    pending_by_class[(instance, class)]  the same by priority class (router/admission.py), for requests
-                           classified before placement (`classify`); others count as interactive
 
 Counts that reach zero are removed, so both maps hold only busy instances. Not thread-safe: the router updates
 it under its placement lock.
@@ -13,7 +11,6 @@ it under its placement lock.
 
 from __future__ import annotations
 
-from engine.priority import Priority
 from router.placement import Placement
 
 
@@ -30,16 +27,6 @@ class PlacedLoad:
         self.requests_on: dict[str, int] = {}
         self.pending_on: dict[str, int] = {}
         self.prefill_pending: dict[str, tuple[str, int]] = {}  # request -> (instance, prompt tokens)
-        self.pending_by_class: dict[tuple[str, Priority], int] = {}
-        self.priority_of: dict[str, Priority] = {}
-
-    def classify(self, request_id: str, priority: Priority) -> None:
-        """The request's class, before it is placed (dropped when it finishes)."""
-        self.priority_of[request_id] = priority
-
-    def queued_for(self, instance_id: str, priority: Priority) -> int:
-        """Prompt tokens pending on the instance in `priority`'s class or a higher one."""
-        return sum(self.pending_by_class.get((instance_id, p), 0) for p in Priority if p <= priority)
 
     def placed(self, request_id: str, placement: Placement, before: Placement | None) -> None:
         """The request runs at `placement` now (`before`: where it ran until now, when re-placed)."""
@@ -50,20 +37,15 @@ class PlacedLoad:
         target = placement.prefill_instance or placement.decode_instance
         self.prefill_pending[request_id] = (target, placement.effective_prefill_tokens)
         _add(self.pending_on, target, placement.effective_prefill_tokens)
-        key = (target, self.priority_of.get(request_id, Priority.INTERACTIVE))
-        _add(self.pending_by_class, key, placement.effective_prefill_tokens)  # type: ignore[arg-type]
 
     def prefill_finished(self, request_id: str) -> None:
         pending = self.prefill_pending.pop(request_id, None)
         if pending is not None:
             _add(self.pending_on, pending[0], -pending[1])
-            key = (pending[0], self.priority_of.get(request_id, Priority.INTERACTIVE))
-            _add(self.pending_by_class, key, -pending[1])  # type: ignore[arg-type]
 
     def finished(self, request_id: str, placement: Placement | None) -> None:
         """The request placed at `placement` (None: not placed) is over."""
         self._unplace(request_id, placement)
-        self.priority_of.pop(request_id, None)
 
     def _unplace(self, request_id: str, placement: Placement | None) -> None:
         if placement is not None:

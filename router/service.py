@@ -91,7 +91,8 @@ class RouterService(pb_grpc.PDServeServicer):
         self.admission = admission or AdmissionConfig()
         self.ttft = TTFTPredictor(self.admission)  # early rejection (router/admission.py)
         # admitted with a prediction: (instance, class, prediction, start)
-        self.predicted: dict[str, tuple[str, Priority, Prediction, float]] = {}
+        # request -> (instance, class, its prediction, when placed, its prompt tokens to prefill)
+        self.predicted: dict[str, tuple[str, Priority, Prediction, float, int]] = {}
         self.metrics.registry.register(InstanceCollector(view, self.health, {
             "recovery": self.counters, "breakers": self.health.counters, "cluster_view": view.counters}))
         self.access = access or AccessControl()  # API keys and per-key limits (router/access.py); default: open
@@ -222,8 +223,6 @@ class RouterService(pb_grpc.PDServeServicer):
             self.slots.release()
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"request id {rid!r} is already in flight")
         self.inflight[rid] = None
-        with self._place_lock:
-            self.load.classify(rid, inp.priority)
         try:
             if isinstance(inp.prompt, list) and len(inp.prompt) <= INLINE_PROMPT_TOKENS:
                 tokens, hashes = self._prepare(inp.prompt)  # NOTE: ~0.1 ms: a thread hop would cost more
@@ -293,16 +292,18 @@ class RouterService(pb_grpc.PDServeServicer):
         priority = inp.priority
         target = placement.prefill_instance or placement.decode_instance
         self.ttft.observe(self.view.instance_stats)
-        with self._place_lock:
-            queued = self.load.queued_for(target, priority)  # NOTE: its own tokens included (placed above)
-        prediction = self.ttft.predict(target, queued, priority, 1000.0 * waited_s)
+        tokens = placement.effective_prefill_tokens
+        prediction = self.ttft.predict(target, tokens, priority, 1000.0 * waited_s,
+                                       decode_id=placement.decode_instance)
         if not prediction.measured:
             self.metrics.ttft_rate_defaults.inc()
         if prediction.misses:
             self._release(rid)
             self._count_rejected("slo", inp)
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, prediction.reason(priority, target))
-        self.predicted[rid] = (target, priority, prediction, time.perf_counter())
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               prediction.reason(priority, target, placement.decode_instance))
+        self.ttft.admitted(target, priority, tokens)
+        self.predicted[rid] = (target, priority, prediction, time.perf_counter(), tokens)
 
     def _first_token(self, rid: str) -> None:
         """The request's first token is out: its prefill no longer queues, and its TTFT calibrates the next
@@ -310,8 +311,8 @@ class RouterService(pb_grpc.PDServeServicer):
         self.prefill_finished(rid)
         predicted = self.predicted.pop(rid, None)
         if predicted is not None:
-            target, priority, prediction, start = predicted
-            self.ttft.measured(target, priority, prediction, 1000.0 * (time.perf_counter() - start))
+            target, priority, prediction, start, tokens = predicted
+            self.ttft.measured(target, priority, prediction, 1000.0 * (time.perf_counter() - start), tokens)
 
     async def _run(self, rid: str, tokens: list[int], params: SamplingParams,
                    placement: Placement) -> AsyncIterator[Output]:
@@ -320,16 +321,20 @@ class RouterService(pb_grpc.PDServeServicer):
             yield self._final(rid, ABORTED, len(tokens), 0, placement)
             return
         prefilled = time.perf_counter() if kv_handle is not None else None  # the hand-off starts
-        completion = 0
+        completion, first_at = 0, 0.0
         async for delta, where, moves in recovery.stream(self, rid, tokens, params, placement, kv_handle):
             first = completion == 0
             if first:  # a local prefill: its first token is out
+                first_at = time.perf_counter()
                 self._first_token(rid)
                 if prefilled is not None and not moves:
                     self.metrics.handoff.observe(time.perf_counter() - prefilled)
             logprobs = delta_logprobs(delta, first_logprob if first else None)
             completion += len(delta.token_ids)
             if delta.finished:
+                if self.admission.early_reject and completion > 1 and where.decode_instance:
+                    tpot_ms = 1000.0 * (time.perf_counter() - first_at) / (completion - 1)
+                    self.ttft.tpot_measured(where.decode_instance, params.priority, tpot_ms)
                 self._count_finished(len(tokens), completion, delta.cached_tokens, where, moves)
                 yield self._final(rid, delta, len(tokens), completion, where, moves, logprobs)
                 return
@@ -357,7 +362,10 @@ class RouterService(pb_grpc.PDServeServicer):
             self.load.finished(rid, self.inflight.pop(rid, None))
         if held:
             self.slots.release()  # NOTE: to the first queued request by (class, age), if any
-        self.predicted.pop(rid, None)
+        predicted = self.predicted.pop(rid, None)
+        if predicted is not None:  # admitted, but over before its first token
+            target, priority, _, _, tokens = predicted
+            self.ttft.abandoned(target, priority, tokens)
 
     _final = staticmethod(final_output)
 

@@ -4,6 +4,7 @@ block accounting is checked with exact block ids. (The NIXL connector itself: te
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 from collections import Counter
 from typing import Any
@@ -11,8 +12,8 @@ from typing import Any
 import pytest
 
 from engine import EngineConfig, LLMEngine, SamplingParams
-from engine.errors import NoKVSpaceError
 from engine.kv_connector import KVConnector, KVConnectorEvents, KVRanks, LoadDone, LoadFailed
+from engine.priority import Priority
 from engine.request import Request
 from tests.conftest import assert_all_free, run_to_completion
 from tests.model_factory import hf_greedy, random_prompts
@@ -155,16 +156,50 @@ def test_cancelled_load_frees_or_quarantines(make) -> None:
     engine.step()
 
 
-def test_refused_source_and_full_cache_leave_nothing_behind(make) -> None:
-    engine, _ = make(hold=False)
+def test_refused_source_leaves_nothing_behind(make) -> None:
+    engine, conn = make(hold=False)
     with pytest.raises(ValueError, match="refused"):
         engine.add_request("x", list(range(3, 20)), GREEDY, kv_source="refuse")
-    with pytest.raises(NoKVSpaceError):
-        engine.add_request("y", list(range(3, 255)), GREEDY, kv_source="src")  # 16 blocks, needs 16...
-        engine.add_request("z", list(range(3, 100)), GREEDY, kv_source="src")  # ...so none is left for z
-    engine.abort_request("y")
     engine.step()
-    assert "x" not in engine.requests and "z" not in engine.requests
+    assert "x" not in engine.requests and not conn.loads
+
+
+def test_a_load_without_room_waits_for_it_by_class_then_arrival(make) -> None:
+    engine, conn = make(hold=False)
+    batch = dataclasses.replace(GREEDY, priority=Priority.BATCH)
+    assert engine.add_request("y", list(range(3, 255)), GREEDY, kv_source="src") == 16  # the whole cache
+    assert engine.add_request("z", list(range(3, 100)), batch, kv_source="src") == 0  # 7 blocks: it waits
+    assert engine.add_request("w", list(range(3, 40)), batch, kv_source="src") == 0  # behind z, same class
+    assert engine.add_request("i", list(range(60, 70)), GREEDY, kv_source="src") == 0  # interactive: ahead of z
+    assert engine.remote is not None
+    assert [r.request_id for r, _ in engine.remote.pending] == ["i", "z", "w"]
+    assert sorted(conn.loads) == ["y"] and engine.metrics.snapshot().counters["kv_loads_queued"] == 3
+    engine.step()  # nothing freed: nothing starts
+    assert sorted(conn.loads) == ["y"]
+    engine.abort_request("w")  # a waiting load is forgotten: no block, no connector call
+    engine.abort_request("y")  # its 16 blocks come back
+    outs = {o.request_id: o.finish_reason for o in engine.step()}
+    assert outs == {"w": "abort", "y": "abort"}
+    assert conn.loads["i"] == ([15], 0) and conn.loads["z"] == ([14, 13, 12, 11, 10, 9, 8], 0)
+    assert not engine.remote.pending and "w" not in conn.loads
+    conn.next.loaded += [LoadDone("i", 7), LoadDone("z", 7)]
+    assert {o.request_id for o in run_to_completion_outputs(engine)} == {"i", "z"}
+
+
+def test_a_waiting_load_keeps_a_block_free_for_each_running_request(make) -> None:
+    engine, conn = make(hold=False)
+    engine.add_request("run", list(range(3, 20)), GREEDY)  # local: 2 blocks, then running
+    engine.step()
+    assert len(engine.scheduler.running) == 1
+    # 14 blocks free: a 14-block prompt would leave none for the running request's next token
+    assert engine.add_request("big", list(range(20, 20 + 14 * 16)), GREEDY, kv_source="src") == 0
+    assert "big" not in conn.loads
+    while engine.scheduler.running:
+        engine.step()
+    engine.step()  # "run" finished and freed its blocks: the load starts
+    assert len(conn.loads["big"][0]) == 14
+    engine.abort_request("big")
+    engine.step()
 
 
 def run_to_completion_outputs(engine: LLMEngine) -> list:
