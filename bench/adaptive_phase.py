@@ -4,9 +4,10 @@ then long ones, on the tiny CPU cluster (the small dummy-weights model of bench/
     .venv/bin/python bench/adaptive_phase.py --short-s 30 --long-s 90 --json out.json
 
 The model is profiled first (planner.profile, one torch thread); the SLOs and the long phase's rate come from
-the profile as in tests/e2e/test_adaptive_split.py (TPOT 1.3x a 4-row decode step at the long context, TTFT 4x
-a long prompt's prefill, long prompts at 75% of one prefill instance's rate). The same arrivals (pdserve
-bench's workload) go to both runs: 2 aggregated instances fixed, and the same start with `adaptive.enabled`.
+the profile as in tests/e2e/test_adaptive_split.py (TPOT 1.2x a 4-row decode step at the long context, TTFT 6x
+a long prompt's prefill, long prompts at 50% of one prefill instance's rate, at most 3/s; each factor an
+option). The same arrivals (pdserve bench's workload) go to both runs: 2 aggregated instances fixed, and the
+same start with `adaptive.enabled`.
 Reported per run: goodput (requests in SLO per second of sending) in 10-s windows by send time, over the short
 phase, the long phase, and its last 30 s; when the first request was prefilled on a prefill instance (the
 split moved).
@@ -66,8 +67,12 @@ def main() -> None:
     ap.add_argument("--short-s", type=float, default=30)
     ap.add_argument("--long-s", type=float, default=90)
     ap.add_argument("--short-rate", type=float, default=4.0)
-    ap.add_argument("--long-rate", type=float, help="long prompts per second (default: 75%% of one prefill "
-                                                     "instance's rate by the profile, at most 2)")
+    ap.add_argument("--long-rate", type=float, help="long prompts per second (default: --long-share of one "
+                                                     "prefill instance's rate by the profile, at most 3)")
+    ap.add_argument("--long-share", type=float, default=0.5)
+    ap.add_argument("--ttft-x", type=float, default=6.0, help="TTFT SLO: this many long-prompt prefills")
+    ap.add_argument("--tpot-x", type=float, default=1.2, help="TPOT SLO: this many 4-row decode steps")
+    ap.add_argument("--min-gain", type=float, default=0.02, help="adaptive.min_gain")
     ap.add_argument("--log", help="copy each run's serve log here (suffixed with the run's name)")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -82,8 +87,8 @@ def main() -> None:
         prof = profile_engine(cfg.pool_engine("decode"), progress=lambda m: print(m, flush=True))
         prof.save(Path(tmp) / "profile.json")
         decode, prefill = prof.decode_step_seconds(4, LONG + OUTPUT), prof.prefill_seconds(LONG)
-        ttft_s, tpot_s = 4 * prefill, 1.3 * decode
-        long_rate = args.long_rate or min(2.0, max(0.5, 0.75 / prefill))
+        ttft_s, tpot_s = args.ttft_x * prefill, args.tpot_x * decode
+        long_rate = args.long_rate or min(3.0, max(0.5, args.long_share / prefill))
         out.update(slo_ttft_s=ttft_s, slo_tpot_s=tpot_s, long_rate=long_rate, profile_fit_error=prof.fit_error)
         print(f"SLOs TTFT {1e3 * ttft_s:.0f} ms, TPOT {1e3 * tpot_s:.1f} ms; long prompts at {long_rate:.2f}/s",
               flush=True)
@@ -91,7 +96,7 @@ def main() -> None:
         for mode in ("fixed", "adaptive"):
             adaptive = {"enabled": mode == "adaptive", "profile": str(Path(tmp) / "profile.json"),
                         "slo_ttft_ms": 1e3 * ttft_s, "slo_tpot_ms": 1e3 * tpot_s, "interval_s": 2, "window_s": 8,
-                        "min_requests": 5, "patience": 2, "min_gain": 0.1, "cooldown_s": 30}
+                        "min_requests": 5, "patience": 2, "min_gain": args.min_gain, "cooldown_s": 30}
             pools = {"prefill": {"replicas": 0}, "decode": {"replicas": 2}}
             log = Path(f"{args.log}.{mode}") if args.log else None
             with small_cluster(16, pools=pools, adaptive=adaptive, server={"drain_grace_s": 0.6},

@@ -41,12 +41,14 @@ def _time_graph(fn, reps: int = 20) -> float:  # type: ignore[no-untyped-def]
     return time_cuda(graph.replay, 5) / reps
 
 
-def _setup(seq_lens: list[int], q_lens: list[int]) -> tuple[KVCache, AttentionMetadata, torch.Tensor]:
+def _setup(seq_lens: list[int], q_lens: list[int], ordered: bool = False) -> tuple[KVCache, AttentionMetadata,
+                                                                                    torch.Tensor]:
+    """`ordered`: each sequence's pages in order and adjacent in memory (one contiguous run), not at random."""
     blocks = [-(-s // BS) for s in seq_lens]
     layout = KVLayout(sum(blocks) + 8, HKV, 1, BS, D, 2)
     cache = KVCache(layout, torch.bfloat16, "cuda")
     cache.tensor.normal_()
-    perm = torch.randperm(layout.num_blocks)[: sum(blocks)]
+    perm = (torch.arange if ordered else torch.randperm)(layout.num_blocks)[: sum(blocks)]
     tables = torch.zeros(len(seq_lens), max(blocks), dtype=torch.int32)  # [B, max_blocks]
     at = 0
     for i, n in enumerate(blocks):
@@ -101,13 +103,16 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--split-sweep", action="store_true", help="decode: time programs_per_sm 1, 2, 4, 8")
     ap.add_argument("--decode-sweep", action="store_true", help="decode: time (BLOCK_N, warps, stages) tiles")
+    ap.add_argument("--ordered-pages", action="store_true", help="pages in order and adjacent (what paging "
+                    "costs: the same kernel without scattered pages)")
     ap.add_argument("--json")
     args = ap.parse_args()
-    res: dict = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
+    res: dict = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+                 "ordered_pages": args.ordered_pages}
     res["copy_GBps"] = copy_bandwidth() / 1e9
 
     L = args.prefill_len
-    cache, meta, q = _setup([L], [L])
+    cache, meta, q = _setup([L], [L], args.ordered_pages)
     attn = TritonPagedAttention(HQ, HKV, D, D**-0.5, BS)
     kv = torch.randn(L, HKV, D, dtype=torch.bfloat16, device="cuda")
     flops = 4 * HQ * D * L * (L + 1) / 2
