@@ -90,8 +90,7 @@ class RouterService(pb_grpc.PDServeServicer):
         self.metrics = RouterMetrics(lambda: len(self.inflight), self._queued)  # its own registry
         self.admission = admission or AdmissionConfig()
         self.ttft = TTFTPredictor(self.admission)  # early rejection (router/admission.py)
-        # admitted with a prediction: (instance, class, prediction, start)
-        # request -> (instance, class, its prediction, when placed, its prompt tokens to prefill)
+        # admitted with a prediction: request -> (instance, class, prediction, when placed, prompt tokens to prefill)
         self.predicted: dict[str, tuple[str, Priority, Prediction, float, int]] = {}
         self.metrics.registry.register(InstanceCollector(view, self.health, {
             "recovery": self.counters, "breakers": self.health.counters, "cluster_view": view.counters}))
