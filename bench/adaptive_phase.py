@@ -4,10 +4,10 @@ then long ones, on the tiny CPU cluster (the small dummy-weights model of bench/
     .venv/bin/python bench/adaptive_phase.py --short-s 30 --long-s 90 --json out.json
 
 The model is profiled first (planner.profile, one torch thread); the SLOs and the long phase's rate come from
-the profile as in tests/e2e/test_adaptive_split.py (TPOT 1.2x a 4-row decode step at the long context, TTFT 6x
-a long prompt's prefill, long prompts at 50% of one prefill instance's rate, at most 3/s; each factor an
-option). The same arrivals (pdserve bench's workload) go to both runs: 2 aggregated instances fixed, and the
-same start with `adaptive.enabled`.
+the profile (TPOT 1.2x a 4-row decode step at the long context, TTFT 6x a long prompt's prefill, long prompts at
+50% of one prefill instance's rate, at most 3/s; each factor an option; tests/e2e/test_adaptive_split.py uses
+TTFT 4x and 75%, at most 4/s). The same arrivals (pdserve bench's workload) go to both runs: 2 aggregated
+instances fixed, and the same start with `adaptive.enabled`.
 Reported per run: goodput (requests in SLO per second of sending) in 10-s windows by send time, over the short
 phase, the long phase, and its last 30 s; when the first request was prefilled on a prefill instance (the
 split moved).
