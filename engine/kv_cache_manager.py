@@ -35,16 +35,17 @@ class KVCacheManager:
         self.prefix_hits += len(hits) * self.block_size
         return hits
 
-    def allocate_slots(self, request: Request, num_new_tokens: int, computed_blocks: list[int] = ()) -> bool:
+    def allocate_slots(self, request: Request, num_new_tokens: int, computed_blocks: list[int] = (),
+                       keep_free: int = 0) -> bool:
         """Make room for `num_new_tokens` beyond the request's computed tokens (plus `computed_blocks`, prefix
         hits prepended to a request that holds no blocks yet). Returns False, changing nothing, if the pool
-        cannot supply the blocks."""
+        cannot supply the blocks and still have `keep_free` left."""
         bs = self.block_size
         num_computed = request.num_computed_tokens + len(computed_blocks) * bs
         need = -(-(num_computed + num_new_tokens) // bs) - len(request.block_ids) - len(computed_blocks)
         # NOTE: hits on cached-free blocks leave the free queue when touched, so they count against capacity.
         reclaimed = sum(1 for b in computed_blocks if self.pool.ref_cnt[b] == 0)
-        if max(need, 0) > self.pool.num_free_blocks - reclaimed:
+        if max(need, 0) + keep_free > self.pool.num_free_blocks - reclaimed:
             return False
         if computed_blocks:
             assert not request.block_ids, "prefix hits are only prepended to a request holding no blocks"

@@ -94,9 +94,8 @@ class RemoteKV:
         """Allocate and start the load if the blocks are free, keeping one per running request; None if not."""
         bs = self.kv.block_size
         hits = self.kv.get_computed_blocks(request)
-        need = -(-request.num_prompt_tokens // bs) - len(hits)
-        if need + len(self.scheduler.running) > self.kv.pool.num_free_blocks or \
-                not self.kv.allocate_slots(request, request.num_prompt_tokens - len(hits) * bs, hits):
+        if not self.kv.allocate_slots(request, request.num_prompt_tokens - len(hits) * bs, hits,
+                                      keep_free=len(self.scheduler.running)):
             return None
         request.num_cached_tokens, request.num_cached_blocks = len(hits) * bs, len(hits)
         try:

@@ -204,10 +204,8 @@ class TTFTPredictor:
 
     def tpot_measured(self, decode_id: str, priority: Priority, tpot_ms: float, now: float | None = None) -> None:
         """A request of class `priority` decoded on `decode_id` finished with this mean time per output token."""
-        key = (decode_id, priority)
-        if key not in self.tpots:
-            self.tpots[key] = DecayingEstimate(TPOT_SMOOTHING, TPOT_HALF_LIFE_S)
-        self.tpots[key].add(tpot_ms, time.monotonic() if now is None else now)
+        _fold(self.tpots, (decode_id, priority), TPOT_SMOOTHING, TPOT_HALF_LIFE_S, tpot_ms,
+              time.monotonic() if now is None else now)
 
     def admitted(self, instance_id: str, priority: Priority, tokens: int, now: float | None = None) -> None:
         """A request of class `priority` was admitted with `tokens` prompt tokens to prefill on the instance."""
@@ -221,8 +219,8 @@ class TTFTPredictor:
 
     def arrival_rate(self, instance_id: str, priority: Priority, now: float | None = None) -> float:
         """Prompt tokens per second of class `priority` admitted to the instance lately (decayed)."""
-        now = time.monotonic() if now is None else now
-        return self._flow(instance_id, now).admission_rate(priority, now)
+        flow = self.flows.get(instance_id)
+        return flow.admission_rate(priority, time.monotonic() if now is None else now) if flow else 0.0
 
     def gap(self, instance_id: str, priority: Priority, now: float | None = None) -> float:
         """The gap (ms) to add to the queue's part: smoothed mean + GAP_DEVIATIONS x smoothed deviation,
@@ -237,7 +235,14 @@ class TTFTPredictor:
         flow model overestimates a lightly loaded instance)."""
         now = time.monotonic() if now is None else now
         self._flow(instance_id, now).left(priority, tokens, now, first_token=True)
-        key = (instance_id, priority)
-        if key not in self.gaps:
-            self.gaps[key] = DecayingEstimate(GAP_SMOOTHING, GAP_HALF_LIFE_S)
-        self.gaps[key].add(ttft_ms - prediction.queue_ms, now)  # NOTE: ttft_ms counts from placement, after the wait
+        # NOTE: ttft_ms counts from placement, after the wait
+        _fold(self.gaps, (instance_id, priority), GAP_SMOOTHING, GAP_HALF_LIFE_S, ttft_ms - prediction.queue_ms, now)
+
+
+def _fold(table: dict[tuple[str, Priority], DecayingEstimate], key: tuple[str, Priority], smoothing: float,
+          half_life_s: float, x: float, now: float) -> None:
+    """Add `x` to the estimate at `key`, made on its first value."""
+    estimate = table.get(key)
+    if estimate is None:
+        estimate = table[key] = DecayingEstimate(smoothing, half_life_s)
+    estimate.add(x, now)

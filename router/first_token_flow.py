@@ -35,11 +35,15 @@ class DecayedRate:
         self.total, self.at = 0.0, 0.0
 
     def add(self, n: float, now: float) -> None:
-        self.total = self.total * _decay(now - self.at) + n
+        self.total = self.total_at(now) + n
         self.at = now
 
+    def total_at(self, now: float) -> float:
+        """The decayed sum of the sizes."""
+        return self.total * _decay(now - self.at)
+
     def rate(self, now: float) -> float:
-        return self.total * _decay(now - self.at) / WINDOW_S
+        return self.total_at(now) / WINDOW_S
 
 
 class FirstTokenFlow:
@@ -48,14 +52,13 @@ class FirstTokenFlow:
     def __init__(self, now: float) -> None:
         self.outstanding: dict[Priority, int] = {}  # class -> prompt tokens admitted without a first token
         self.requests = 0  # admitted requests without a first token (any class)
-        self.first_tokens = 0.0  # decayed prompt tokens of the requests whose first token came out
+        self.answered = DecayedRate()  # prompt tokens of the requests whose first token came out
         self.busy_s = 0.0  # decayed seconds during which `requests` was > 0
         self.at = now
         self.admissions = {p: DecayedRate() for p in Priority}
 
     def _advance(self, now: float) -> None:
         decay = _decay(now - self.at)
-        self.first_tokens *= decay
         # NOTE: the busy time since `at`, decayed as it accrued: the integral of exp(-(now - s) / WINDOW_S) ds
         self.busy_s = self.busy_s * decay + (WINDOW_S * (1.0 - decay) if self.requests else 0.0)
         self.at = max(now, self.at)
@@ -72,7 +75,7 @@ class FirstTokenFlow:
         self.outstanding[priority] = max(self.outstanding.get(priority, 0) - tokens, 0)
         self.requests = max(self.requests - 1, 0)
         if first_token:
-            self.first_tokens += tokens
+            self.answered.add(tokens, now)
 
     def ahead(self, priority: Priority) -> int:
         """Outstanding prompt tokens of `priority`'s class or a higher one."""
@@ -81,9 +84,10 @@ class FirstTokenFlow:
     def throughput(self, now: float) -> float | None:
         """Prompt tokens per busy second whose first token came out lately; None before MIN_BUSY_S of it."""
         self._advance(now)
-        if self.busy_s < MIN_BUSY_S or self.first_tokens <= 0:
+        answered = self.answered.total_at(now)
+        if self.busy_s < MIN_BUSY_S or answered <= 0:
             return None
-        return self.first_tokens / self.busy_s
+        return answered / self.busy_s
 
     def admission_rate(self, priority: Priority, now: float) -> float:
         return self.admissions[priority].rate(now)
