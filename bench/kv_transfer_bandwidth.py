@@ -51,7 +51,7 @@ def holder(conn: Any, num_blocks: int, device: str, cfg: TransferConfig) -> None
     cache = make_cache(num_blocks, device)
     cache.tensor.normal_()
     agent = make_agent(cache, "holder", cfg)
-    conn.send((agent.describe(), cache.tensor.float().sum(dim=(1, 2, 3, 4, 5)).tolist()))
+    conn.send((agent.describe(), cache.block_sums()))
     while not conn.poll(0.001):  # serve the agent (as the prefill worker's loop does) until the reader is done
         agent.receive()
     agent.close()
@@ -125,7 +125,7 @@ def main() -> None:
         for label, src, prepared in patterns(contig_src, src_ids):
             agent.cfg.prepared_descriptors = prepared
             secs, post, descs = timed_read(agent, remote, list(range(n)), src, args.iters, f"{label}{mb}")
-            ok = all(abs(cache.tensor[i].float().sum().item() - sums[s]) < 1e-3 * max(1.0, abs(sums[s]))
+            ok = all(abs(cache.block(i).float().sum().item() - sums[s]) < 1e-3 * max(1.0, abs(sums[s]))
                      for i, s in enumerate(src[:8]))
             row[label] = {"seconds": secs, "post_seconds": post, "GBps": n * block_bytes / secs / 1e9,
                           "descriptors": descs, "verified": ok}

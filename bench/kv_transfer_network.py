@@ -42,7 +42,7 @@ def holder(ip: str, port: int, num_blocks: int, cfg: TransferConfig) -> None:
     cache.tensor.normal_()
     agent = make_agent(cache, "holder", cfg)
     raw = memoryview(cache.tensor.view(-1).view(torch.uint8).numpy())  # the cache's bytes, no copy
-    sums = cache.tensor.float().sum(dim=(1, 2, 3, 4, 5)).tolist()
+    sums = cache.block_sums()
     with socket.create_server((ip, port + 1)) as data_server, Listener((ip, port), authkey=AUTH) as listener:
         with listener.accept() as conn:
             data, _ = data_server.accept()
@@ -96,7 +96,7 @@ def reader(ip: str, port: int, sizes_mb: list[int], iters: int, cfg: TransferCon
         row: dict[str, Any] = {"size_mb": mb, "blocks": n}
         for label, src in (("contiguous", runs), ("scattered", scattered)):
             secs, _post, descs = timed_read(agent, remote, list(range(n)), src, iters, f"{label}{mb}")
-            ok = all(abs(cache.tensor[i].float().sum().item() - sums[s]) < 1e-3 * max(1.0, abs(sums[s]))
+            ok = all(abs(cache.block(i).float().sum().item() - sums[s]) < 1e-3 * max(1.0, abs(sums[s]))
                      for i, s in enumerate(src[:8]))
             row[label] = {"seconds": secs, "GBps": n * BLOCK_BYTES / secs / 1e9, "descriptors": descs,
                           "verified": ok}

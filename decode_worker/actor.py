@@ -13,6 +13,7 @@ from instance.actor import InstanceActor
 from instance.messages import StreamDelta
 from instance.worker import InstanceStats
 from kv_transfer import KVHandle
+from kv_transfer.handle import StreamedKV
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +26,12 @@ class DecodeActor(InstanceActor):
     stream_items = 0  # stream items they went out in (fewer: a consumer lagged, outputs were merged)
     streams_abandoned = 0  # streams whose consumer went away before the final item (the request was aborted)
 
+    async def kv_source_lost(self, request_id: str) -> None:
+        """The prefill instance streaming this request's KV failed: prefill it here (router/layer_wise.py)."""
+        await asyncio.wrap_future(self.worker.kv_source_lost(request_id))
+
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
-                       kv_handle: KVHandle | None = None, resumed: list[int] = (),  # type: ignore[assignment]
+                       kv_handle: KVHandle | StreamedKV | None = None, resumed: list[int] = (),  # type: ignore[assignment]
                        text_offset: int = 0) -> AsyncIterator[StreamDelta]:
         """Stream the request's tokens: one item per step while the consumer keeps up, else the tokens of every
         step since its last item, in order. The final item carries the routing counts. Cancelling the stream

@@ -9,6 +9,7 @@ from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from instance.worker import InstanceWorker
 from kv_transfer import KVHandle
+from kv_transfer.handle import StreamedKV
 
 
 class DecodeWorker(InstanceWorker):
@@ -16,9 +17,10 @@ class DecodeWorker(InstanceWorker):
     poll_when_idle = False
 
     def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
-                 sink: Callable[[RequestOutput], None], kv: KVHandle | None = None,
+                 sink: Callable[[RequestOutput], None], kv: KVHandle | StreamedKV | None = None,
                  resumed: list[int] = ()) -> Future[int]:  # type: ignore[assignment]
         """Queue a request: prefilled here when `kv` is None, else decoded over KV pulled from a prefill
-        instance; `resumed` continues a stream that moved here (LLMEngine.add_request). The Future gives the
-        number of blocks being transferred; `sink` receives every output."""
+        instance (which may still be computing it: StreamedKV); `resumed` continues a stream that moved here
+        (LLMEngine.add_request). The Future gives the number of blocks being transferred; `sink` receives every
+        output."""
         return self.submit(request_id, prompt, params, sink, kv, resumed)

@@ -40,6 +40,9 @@ class EngineConfig:
     # CUDA at tensor_parallel_size 1, off otherwise. step() then returns a step's tokens one call later.
     async_scheduling: bool | None = None
     cache_salt: str = ""
+    # KV cache layer groups (docs/kv-layout.md): the unit of layer-wise KV streaming from a prefill instance; the
+    # cache gets the largest divisor of the model's layer count that is <= this. Prefill and decode must agree.
+    kv_layer_groups: int = 4
     model_config: ModelConfig = field(init=False, repr=False)
     torch_dtype: torch.dtype = field(init=False, repr=False)
 
@@ -80,6 +83,8 @@ class EngineConfig:
         check_kv_head_split(mc.num_key_value_heads, tp)
         # NOTE: shared with engine/model_info.py (the router's model facts), so the two cannot drift.
         self.max_model_len = mc.resolve_max_model_len(self.max_model_len)
+        if self.kv_layer_groups < 1:
+            raise ValueError(f"kv_layer_groups: {self.kv_layer_groups} must be >= 1")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs: {self.max_num_seqs} must be >= 1")
         if self.max_num_batched_tokens < 1:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from engine.config import EngineConfig
-from engine.kv_connector import KVConnectorSpec, KVConnectorWorker
+from engine.kv_connector import KVConnectorSpec, KVConnectorWorker, LayerHook
 from engine.model_runner import StepInput
 from engine.parallel import destroy_tp, init_tp, rendezvous_store
 from engine.rank_launcher import ProcessRankLauncher, RankHandle, RankLauncher
@@ -49,13 +49,15 @@ class Executor:
             init_tp(0, self.size, init_method, config.device, store)
         self.worker = Worker(config)
         self.runner = self.worker.runner
+        self.layer_hook: LayerHook | None = None  # for the next execute only, on rank 0 (engine/kv_connector.py)
 
     def execute(self, inp: StepInput, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
         if self.size > 1:
             assert inp.feed is None, "async scheduling runs at tensor_parallel_size 1 only"
             self._check_ranks()
             broadcast((Worker.execute, (inp,)))
-        return self.runner.execute(inp, prev_tokens)
+        hook, self.layer_hook = self.layer_hook, None
+        return self.runner.execute(inp, prev_tokens, hook)
 
     def attach_kv_workers(self, spec: KVConnectorSpec) -> RankGroup:
         """Build the KV connector's worker part on every rank; returns the handle that calls them."""

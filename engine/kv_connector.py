@@ -11,6 +11,13 @@
         (a hand-off: the engine keeps the blocks for a reader, until `released` names the request)
     abort of a loading request                     ─────►  cancel_load(id) -> True when nothing writes any more
     abort of a held request                        ─────►  drop_held(id)
+    abort of any other request                     ─────►  request_aborted(id)
+    the source of a loading request failed         ─────►  source_lost(id)
+
+Layer-wise streaming (the prefill role):
+    add_request(..., kv_reader=R)                  ─────►  stream_to(id, R): tell R how the prompt's KV grows
+    every step, once scheduled                     ─────►  layer_hook(scheduled) -> hook or None
+        the driver rank's forward calls hook(g) after each layer group g (engine/models/llama.py)
 
 Worker side: `KVConnectorSpec.make_worker` builds one worker part per TP rank, in the rank's own process (it
 owns that rank's slice of the KV cache); the scheduler side reaches all of them with `KVRanks.call(fn, ...)`,
@@ -29,9 +36,14 @@ if TYPE_CHECKING:
     from engine.config import EngineConfig
     from engine.kv_cache import KVCache
     from engine.request import Request
+    from engine.scheduler import SchedulerOutput
 
 W = TypeVar("W")
 R = TypeVar("R")
+
+# hook(g): the forward on the driver rank has issued layer group g's layers (all ranks' KV of the group follows:
+# every layer ends in an all-reduce over the TP ranks)
+LayerHook = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -108,6 +120,25 @@ class KVConnector(ABC):
 
     def drop_held(self, request_id: str) -> None:
         """A request whose blocks were held was aborted: the engine freed them; forget it."""
+        return None
+
+    def source_lost(self, request_id: str) -> None:
+        """Someone outside (the router) saw the source of a loading request fail: stop waiting for it (the
+        engine then prefills the prompt here, as for any failed load)."""
+        return None
+
+    def request_aborted(self, request_id: str) -> None:
+        """A request that was neither loading nor held was aborted (its blocks are freed)."""
+        return None
+
+    def stream_to(self, request_id: str, reader: Any) -> None:
+        """Stream the KV progress of the (just queued) request to `reader` as its layers are computed. Raises
+        ValueError for a reader this connector cannot serve."""
+        raise ValueError("this instance does not stream KV to readers")
+
+    def layer_hook(self, scheduled: SchedulerOutput) -> LayerHook | None:
+        """Called once the step is scheduled, before its forward: the hook the forward calls after each layer
+        group, or None (the common case: nothing to signal)."""
         return None
 
     @abstractmethod

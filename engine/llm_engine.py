@@ -90,13 +90,15 @@ class LLMEngine:
             raise ValueError("stop strings need a tokenizer.json in the model directory")
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    kv_source: Any | None = None, resumed: list[int] = ()) -> int:  # type: ignore[assignment]
+                    kv_source: Any | None = None, resumed: list[int] = (),  # type: ignore[assignment]
+                    kv_reader: Any | None = None) -> int:
         """Queue a request. With `kv_source` (the decode role: where a prefill instance holds the prompt's KV),
-        the KV connector loads the prompt instead of computing it. `resumed`: tokens the request already
-        generated elsewhere (a migrated stream): they count as its output (max_tokens, stop rules, text) and are
-        computed here with the prompt. Returns the number of KV blocks being loaded (0 without a source, or while
-        the load waits for room: engine/remote_kv.py). Raises ValueError for bad input, NoKVSpaceError for a
-        prompt larger than the whole cache."""
+        the KV connector loads the prompt instead of computing it; with `kv_reader` (the prefill role), the
+        connector streams the prompt's KV progress to that reader, layer group by layer group. `resumed`: tokens
+        the request already generated elsewhere (a migrated stream): they count as its output (max_tokens, stop
+        rules, text) and are computed here with the prompt. Returns the number of KV blocks being loaded (0
+        without a source, or while the load waits for room: engine/remote_kv.py). Raises ValueError for bad input,
+        NoKVSpaceError for a prompt larger than the whole cache."""
         if request_id in self.requests or (self.remote is not None and request_id in self.remote.held):
             raise ValueError(f"request id {request_id!r} is already in flight")
         prompt_ids = self.encode(prompt)
@@ -109,6 +111,10 @@ class LLMEngine:
             for token in resumed:
                 request.append_token(int(token))
                 detok.add(int(token))
+        if kv_reader is not None:
+            if self.remote is None or kv_source is not None:
+                raise ValueError("kv_reader needs a KV connector, and a prompt computed here (no kv_source)")
+            self.remote.connector.stream_to(request_id, kv_reader)
         if kv_source is None:
             self.scheduler.add(request)
             loading = 0
@@ -132,7 +138,15 @@ class LLMEngine:
             request.status = RequestStatus.FINISHED_ABORTED
         else:
             self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+            if self.remote is not None:
+                self.remote.connector.request_aborted(request_id)
         self._outputs.append(self._finish_output(request))
+
+    def kv_source_lost(self, request_id: str) -> None:
+        """The prefill instance computing a loading request's prompt failed (its router saw it): the request is
+        prefilled here instead (a failed load, logged and counted)."""
+        if self.remote is not None:
+            self.remote.connector.source_lost(request_id)
 
     def has_unfinished_requests(self) -> bool:
         """True while any request is queued, running or loading its KV, or a cancelled read is still in flight
@@ -153,6 +167,8 @@ class LLMEngine:
                 request.status = RequestStatus.WAITING
                 self.scheduler.add(request)
         out = self.scheduler.schedule()
+        if self.remote is not None and len(out):
+            self.executor.layer_hook = self.remote.connector.layer_hook(out)
         outputs += self.stepper.run(out, self._emit, t0)
         if out.total_tokens:  # NOTE: for the measured token rate routers predict a TTFT with (heartbeats)
             self._computed_tokens += out.total_tokens
@@ -228,6 +244,13 @@ class LLMEngine:
         sched, kv = self.scheduler, self.kv
         return EngineStats(len(sched.waiting), len(sched.running), kv.stats(), kv.usage, kv.prefix_queries,
                            kv.prefix_hits, sched.num_preemptions, len(self.remote.held) if self.remote else 0)
+
+    @property
+    def kv_ranks(self) -> Any:
+        """The KV connector's worker parts (engine.kv_connector.KVRanks); ValueError without a connector."""
+        if self._kv_ranks is None:
+            raise ValueError("this engine was built without a KV connector")
+        return self._kv_ranks
 
     def replace_kv_connector(self, spec: KVConnectorSpec) -> None:
         """Swap the scheduler side of the KV connector for `spec`'s (e.g. a role switch: the producer for the

@@ -13,7 +13,8 @@ from engine.attention import AttentionMetadata, select_backend
 from engine.config import EngineConfig
 from engine.cuda_graph import DecodeGraphs, batch_buckets
 from engine.inflight import feed_tokens
-from engine.kv_cache import KVCache, KVLayout
+from engine.kv_cache import KVCache, KVLayout, layer_groups_for
+from engine.kv_connector import LayerHook
 from engine.kv_heads import KVHeadSplit
 from engine.models import skinny_gemm
 from engine.models.layers import RowParallelLinear
@@ -109,6 +110,7 @@ class ModelRunner:
             block_size=config.block_size,
             head_dim=mc.head_dim,
             element_size=torch.empty((), dtype=config.torch_dtype).element_size(),
+            num_layer_groups=layer_groups_for(mc.num_hidden_layers, config.kv_layer_groups),
         )
         self.kv_cache = KVCache(self.layout, config.torch_dtype, self.device)
         backend_cls = select_backend(config.attention_backend, config.device, config.block_size, mc.head_dim,
@@ -176,10 +178,12 @@ class ModelRunner:
             gc.collect()
             torch.cuda.empty_cache()
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions [T] -> final hidden states [T, hidden]."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                layer_hook: LayerHook | None = None) -> torch.Tensor:
+        """input_ids, positions [T] -> final hidden states [T, hidden]. `layer_hook(g)` is called after each
+        layer group's layers are issued (layer-wise KV streaming)."""
         self.attn.prepare(meta)
-        return self.model(input_ids, StepContext(positions, meta, self.kv_cache, self.attn, self.rope))
+        return self.model(input_ids, StepContext(positions, meta, self.kv_cache, self.attn, self.rope, layer_hook))
 
     def forward_logits(self, input_ids: torch.Tensor, positions: torch.Tensor,
                        meta: AttentionMetadata) -> torch.Tensor:
@@ -195,10 +199,11 @@ class ModelRunner:
         return t
 
     @torch.inference_mode()
-    def execute(self, inp: StepInput, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def execute(self, inp: StepInput, prev_tokens: torch.Tensor | None = None,
+                layer_hook: LayerHook | None = None) -> torch.Tensor:
         """Run one forward over the batch; returns logits [N, vocab] float32 for inp.logits_indices.
         `prev_tokens` [P] int64 (on this device): the previous step's sampled tokens, which `inp.feed` places."""
-        if self.graphs is not None and self.graphs.can_run(inp):
+        if layer_hook is None and self.graphs is not None and self.graphs.can_run(inp):
             return self.graphs.run(inp, prev_tokens)
         dev = self._to_device
         meta = AttentionMetadata(
@@ -213,5 +218,5 @@ class ModelRunner:
         if inp.feed is not None:
             assert prev_tokens is not None, "a step with placeholder inputs needs the previous step's tokens"
             input_ids = feed_tokens(input_ids, dev(inp.feed), prev_tokens)
-        hidden = self.forward(input_ids, dev(inp.positions), meta)  # [T, hidden]
+        hidden = self.forward(input_ids, dev(inp.positions), meta, layer_hook)  # [T, hidden]
         return self.model.compute_logits(hidden[dev(inp.logits_indices)])  # [N, vocab]

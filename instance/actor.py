@@ -15,6 +15,7 @@ from engine.config import EngineConfig
 from instance.rank_actor import RayRankLauncher
 from instance.worker import DrainReport, InstanceStats, InstanceWorker
 from kv_transfer import TransferConfig
+from kv_transfer.handle import KVEndpoint
 from metastore import MetadataStore
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,9 @@ class InstanceActor:
 
     def stats(self) -> InstanceStats:
         return self.worker.stats()
+
+    async def kv_endpoint(self) -> KVEndpoint:
+        return await asyncio.wrap_future(self.worker.kv_endpoint())
 
     def role(self) -> str:
         return self.worker.role

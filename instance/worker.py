@@ -23,6 +23,8 @@ from engine.rank_launcher import RankLauncher
 from engine.sampling_params import SamplingParams
 from instance.engine_loop import EngineLoop
 from kv_transfer import NixlConnectorSpec, TransferConfig
+from kv_transfer.agent import TransferAgent
+from kv_transfer.handle import KVEndpoint, KVReader
 from metastore import InstancePublisher, MetadataStore
 
 log = logging.getLogger(__name__)
@@ -90,12 +92,27 @@ class InstanceWorker:
 
     def submit(self, request_id: str, prompt: list[int], params: SamplingParams,
                sink: Callable[[RequestOutput], None], kv_source: Any | None = None,
-               resumed: list[int] = ()) -> Future[int]:  # type: ignore[assignment]
+               resumed: list[int] = (), kv_reader: KVReader | None = None) -> Future[int]:  # type: ignore[assignment]
         """Queue a request (LLMEngine.add_request); `sink` receives its outputs on the loop thread. The Future
         gives the number of KV blocks being loaded (ValueError for bad input, NoKVSpaceError when a load finds
         no room)."""
-        return self.loop.add(
-            request_id, lambda: self.engine.add_request(request_id, prompt, params, kv_source, resumed), sink)
+        return self.loop.add(request_id, lambda: self.engine.add_request(request_id, prompt, params, kv_source,
+                                                                         resumed, kv_reader), sink)
+
+    def kv_source_lost(self, request_id: str) -> Future[None]:
+        return self.loop.call(self.engine.kv_source_lost, request_id)
+
+    def kv_endpoint(self) -> Future[KVEndpoint]:
+        """This instance's agents and reader identity (the same in either role), read on the loop thread (the
+        only one that uses the agent)."""
+        def read() -> KVEndpoint:
+            ranks = self.engine.kv_ranks
+            agent = ranks.local
+            assert isinstance(agent, TransferAgent)
+            return KVEndpoint(self.instance_id, list(ranks.descriptors),
+                              KVReader(agent.name, agent.partial_metadata_b64()))
+
+        return self.loop.call(read)
 
     def abort(self, request_id: str) -> Future[None]:
         return self.loop.call(self.engine.abort_request, request_id)

@@ -25,7 +25,7 @@ from engine.kv_cache import KVCache
 from kv_transfer.config import TransferConfig
 from kv_transfer.descriptor import PROTOCOL_VERSION, AgentDescriptor, check_compatible, same_node
 from kv_transfer.errors import IncompatibleKVError, KVTransferError, PeerGoneError, TransferTimeoutError
-from kv_transfer.plan import block_rows, merged_descriptors, plan_reads, sources
+from kv_transfer.plan import all_groups, block_rows, merged_descriptors, plan_reads, sources, unit_indices
 from kv_transfer.read_state import DONE, IN_FLIGHT, ReadState, ReadStats, error_from
 from kv_transfer.transports import (
     disable_proto_report,
@@ -100,6 +100,7 @@ class TransferAgent:
             model_fingerprint=model_fingerprint,
             host=socket.gethostname(),
             node_ip=envs.PDSERVE_NODE_IP.get(),
+            num_layer_groups=lo.num_layer_groups,
         )
         self.peers: dict[str, str] = {}  # agent_name -> NIXL remote name
         self.prepared: dict[str, _PreparedPeer] = {}  # agent_name -> its lists, prepared on the first read
@@ -118,6 +119,10 @@ class TransferAgent:
             self.peers[desc.agent_name] = name
         return name
 
+    def know(self, desc: AgentDescriptor) -> None:
+        """Load a peer's metadata now (e.g. to send it notifications before reading from it)."""
+        self._peer(desc)
+
     def add_peer_metadata(self, agent_name: str, metadata_b64: str) -> None:
         """Learn a peer from its metadata alone (to send it notifications)."""
         if agent_name not in self.peers:
@@ -126,9 +131,9 @@ class TransferAgent:
 
     # ---- reads (decode side) -------------------------------------------------------------------------------
     def start_read(self, xfer_id: str, remotes: list[AgentDescriptor], local_blocks: list[int],
-                   remote_blocks: list[int]) -> KVTransferError | None:
-        """Post READs of remote_blocks into local_blocks for this rank's heads. Returns None, or why not
-        (IncompatibleKVError, PeerGoneError, KVTransferError)."""
+                   remote_blocks: list[int], groups: range | None = None) -> KVTransferError | None:
+        """Post READs of remote_blocks into local_blocks for this rank's heads, in the layer groups `groups`
+        (None: all). Returns None, or why not (IncompatibleKVError, PeerGoneError, KVTransferError)."""
         try:
             for d in remotes:
                 check_compatible(self.descriptor, d)
@@ -141,18 +146,20 @@ class TransferAgent:
         self.reads[xfer_id] = read
         try:
             with quiet_stdout() if read.new_peers else _nothing():
-                self._post(read, remotes, local_blocks, remote_blocks)
+                self._post(read, remotes, local_blocks, remote_blocks,
+                           all_groups(self.descriptor) if groups is None else groups)
         except Exception as e:
             read.state = ReadState.failed(error_from(e))
             return read.state.error
         return None
 
     def _post(self, read: _Read, descs: list[AgentDescriptor], local_blocks: list[int],
-              remote_blocks: list[int]) -> None:
+              remote_blocks: list[int], groups: range) -> None:
         if self.cfg.prepared_descriptors:
-            self._post_prepared(read, descs, local_blocks, remote_blocks)
+            self._post_prepared(read, descs, local_blocks, remote_blocks, groups)
             return
-        for plan in plan_reads(self.descriptor, descs, local_blocks, remote_blocks, self.cfg.max_descriptor_bytes):
+        for plan in plan_reads(self.descriptor, descs, local_blocks, remote_blocks, self.cfg.max_descriptor_bytes,
+                               groups):
             peer = self._peer(plan.remote)
             read.num_bytes += plan.num_bytes
             read.num_descs += len(plan.local_rows)
@@ -162,11 +169,11 @@ class TransferAgent:
                 self._start(read, self.agent.initialize_xfer("READ", local, remote, peer, b""))
 
     def _post_prepared(self, read: _Read, descs: list[AgentDescriptor], local_blocks: list[int],
-                       remote_blocks: list[int]) -> None:
-        """Reads by block index: no descriptor list is built per read (issue 20's posting cost)."""
-        local_idx = np.asarray(local_blocks, dtype=np.int32)  # [n]
-        remote_idx = np.asarray(remote_blocks, dtype=np.int32)  # [n]
+                       remote_blocks: list[int], groups: range) -> None:
+        """Reads by (group, block) index: no descriptor list is built per read (issue 20's posting cost)."""
+        local_idx = unit_indices(self.descriptor, np.asarray(local_blocks), groups)  # [len(groups) · n]
         for remote in sources(self.descriptor, descs):
+            remote_idx = unit_indices(remote, np.asarray(remote_blocks), groups)  # [len(groups) · n]
             lists = self._prepared_lists(remote)
             read.num_bytes += lists.piece_bytes * len(local_idx)
             read.num_descs += merged_descriptors(self.descriptor, remote, local_idx, remote_idx)
@@ -179,7 +186,7 @@ class TransferAgent:
         lists = self.prepared.get(remote.agent_name)
         if lists is None:
             peer = self._peer(remote)
-            local_rows, remote_rows = block_rows(self.descriptor, remote)  # [blocks, 3] each
+            local_rows, remote_rows = block_rows(self.descriptor, remote)  # [G · blocks, 3] each
             lists = _PreparedPeer(self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", local_rows, self.mem_type),
                                   self.agent.prep_xfer_dlist(peer, remote_rows, remote.mem_type),
                                   int(local_rows[0, 1]))

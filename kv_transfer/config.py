@@ -11,6 +11,7 @@ class TransferConfig:
     transfer_timeout_s: float = 10.0  # a read not done by then fails with TransferTimeoutError
     held_kv_lease_s: float = 30.0  # prefill side frees held blocks if no reader releases them by then
     ack_timeout_s: float = 5.0  # reader waits this long for the holder to confirm it still held the blocks
+    stream_timeout_s: float = 60.0  # a streamed load with no word from its prefill instance this long fails
     ucx_tls: str | None = None  # UCX_TLS, e.g. "rc,cuda_ipc,cuda_copy" or "shm,self"; None = UCX decides
     ucx_net_devices: str | None = None  # UCX_NET_DEVICES, e.g. "mlx5_0:1"
     progress_thread: bool | None = None  # NIXL's progress thread; None: on for GPU and non-driver ranks
@@ -26,6 +27,8 @@ class TransferConfig:
     def __post_init__(self) -> None:
         if self.transfer_timeout_s <= 0:
             raise ValueError(f"transfer_timeout_s: {self.transfer_timeout_s} must be > 0")
+        if self.stream_timeout_s <= 0:
+            raise ValueError(f"stream_timeout_s: {self.stream_timeout_s} must be > 0")
         if self.held_kv_lease_s <= 0:
             raise ValueError(f"held_kv_lease_s: {self.held_kv_lease_s} must be > 0")
         if self.parallel_handles is not None and self.parallel_handles < 1:

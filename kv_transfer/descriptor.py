@@ -15,8 +15,8 @@ from engine.kv_heads import KVHeadSplit
 from kv_transfer.errors import IncompatibleKVError
 
 PROTOCOL_VERSION = 1
-LAYOUT = "block,kv_head,layer,kv,token,dim"
-OPTIONAL_FIELDS = ("node_ip",)  # added to version 1 later; absent from an older peer's descriptor
+LAYOUT = "layer_group,block,kv_head,layer,kv,token,dim"
+OPTIONAL_FIELDS = ("node_ip", "num_layer_groups")  # added to version 1 later: an older peer's descriptor lacks them
 
 
 def same_node(a: AgentDescriptor, b: AgentDescriptor) -> bool:
@@ -38,8 +38,8 @@ class AgentDescriptor:
     base_addr: int
     num_blocks: int
     block_size: int  # tokens per block
-    block_bytes: int
-    head_bytes: int  # bytes of one KV head of one block (all layers, K and V)
+    block_bytes: int  # bytes of one block in one layer group (group g, block b at base + (g·num_blocks + b)·this)
+    head_bytes: int  # bytes of one KV head of one block in one layer group (its layers, K and V)
     num_kv_heads: int  # on this rank
     total_kv_heads: int
     num_layers: int
@@ -50,6 +50,7 @@ class AgentDescriptor:
     model_fingerprint: str
     host: str = ""  # hostname: tells a same-host path (shm, cuda_ipc) from a cross-node one (RDMA)
     node_ip: str = ""  # the node's address as Ray sees it (engine.envs.PDSERVE_NODE_IP); "" when unknown
+    num_layer_groups: int = 1  # the cache's layer groups (engine/kv_cache.py): the unit of layer-wise streaming
     layout: str = LAYOUT
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,7 +94,7 @@ class AgentDescriptor:
 def check_compatible(local: AgentDescriptor, remote: AgentDescriptor) -> None:
     """Refuse to pair workers whose KV is not interchangeable; the message names what differs."""
     for name in ("model_fingerprint", "dtype", "layout", "block_size", "num_layers", "head_dim",
-                 "total_kv_heads"):
+                 "total_kv_heads", "num_layer_groups"):
         a, b = getattr(local, name), getattr(remote, name)
         if a != b:
             raise IncompatibleKVError(f"cannot pair KV caches: {name} differs (local {a!r}, remote {b!r})")

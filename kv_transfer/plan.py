@@ -4,9 +4,10 @@ Rank r of a TP-t side with H KV heads holds the global heads `engine.kv_heads.KV
 [r·H/t, (r+1)·H/t) when t divides H, or the single head r // (t/H) when t is a multiple of H (then t/H ranks
 hold identical replicas of it). The reader pulls each of its heads exactly once: from the one remote rank that
 holds it, or, when the remote side replicates it, from one replica only, chosen by the reader's rank (readers
-spread over the replicas). In the cache layout (docs/kv-layout.md) a head range inside a block is one
-contiguous piece, and when the piece is the whole block on both sides, runs of consecutive block ids on both
-sides coalesce into one descriptor.
+spread over the replicas). In the cache layout (docs/kv-layout.md) a head range inside a block of one layer
+group is one contiguous piece, and when the piece is the whole block on both sides, runs of consecutive block ids
+on both sides coalesce into one descriptor per group. A read names the layer groups it covers (all, or the ones
+a streaming prefill has finished).
 """
 
 from __future__ import annotations
@@ -68,20 +69,31 @@ def piece(local: AgentDescriptor, remote: AgentDescriptor) -> Piece:
     return Piece((g1 - g0) * local.head_bytes, (g0 - lo) * local.head_bytes, (g0 - r_lo) * remote.head_bytes)
 
 
+def all_groups(desc: AgentDescriptor) -> range:
+    return range(desc.num_layer_groups)
+
+
 def block_rows(local: AgentDescriptor, remote: AgentDescriptor) -> tuple[np.ndarray, np.ndarray]:
-    """The piece of every block, as NIXL descriptor rows: ([local.num_blocks, 3], [remote.num_blocks, 3]) uint64
-    (addr, length, device id); row b is block b. Prepared once per peer, a read then names block ids only."""
+    """The piece of every (layer group, block), as NIXL descriptor rows: ([G·local.num_blocks, 3],
+    [G·remote.num_blocks, 3]) uint64 (addr, length, device id); row g·num_blocks + b is group g of block b, the
+    order of memory. Prepared once per peer, a read then names row indices only (`unit_indices`)."""
     p = piece(local, remote)
 
     def rows(desc: AgentDescriptor, offset: int) -> np.ndarray:
-        out = np.empty((desc.num_blocks, 3), dtype=np.uint64)  # [num_blocks, 3]
-        out[:, 0] = np.uint64(desc.base_addr + offset) + np.arange(desc.num_blocks, dtype=np.uint64) * np.uint64(
-            desc.block_bytes)
+        n = desc.num_layer_groups * desc.num_blocks
+        out = np.empty((n, 3), dtype=np.uint64)  # [G·num_blocks, 3]
+        out[:, 0] = np.uint64(desc.base_addr + offset) + np.arange(n, dtype=np.uint64) * np.uint64(desc.block_bytes)
         out[:, 1] = p.size
         out[:, 2] = desc.device_id
         return out
 
     return rows(local, p.local_offset), rows(remote, p.remote_offset)
+
+
+def unit_indices(desc: AgentDescriptor, blocks: np.ndarray, groups: range) -> np.ndarray:
+    """Rows of `block_rows` for `blocks` [n] in each of `groups`, group by group: [len(groups)·n] int32."""
+    g = np.asarray(groups, dtype=np.int64)[:, None]  # [len(groups), 1]
+    return (g * desc.num_blocks + blocks.astype(np.int64)[None, :]).reshape(-1).astype(np.int32)
 
 
 def merged_descriptors(local: AgentDescriptor, remote: AgentDescriptor, local_idx: np.ndarray,
@@ -90,6 +102,7 @@ def merged_descriptors(local: AgentDescriptor, remote: AgentDescriptor, local_id
     are adjacent on both sides): runs of consecutive ids on both sides when the piece is the whole block,
     else one per block."""
     n = len(local_idx)
+    # NOTE: indices are rows of `block_rows`, in memory order, so consecutive ones are adjacent bytes
     if n == 0 or piece(local, remote).size != local.block_bytes or local.block_bytes != remote.block_bytes:
         return n
     breaks = (np.diff(local_idx) != 1) | (np.diff(remote_idx) != 1)  # [n - 1]
@@ -97,19 +110,24 @@ def merged_descriptors(local: AgentDescriptor, remote: AgentDescriptor, local_id
 
 
 def plan_reads(local: AgentDescriptor, remotes: list[AgentDescriptor], local_blocks: list[int],
-               remote_blocks: list[int], max_descriptor_bytes: int = 1 << 62) -> list[RankRead]:
-    """Descriptor rows that copy remote_blocks[i] into local_blocks[i] for this rank's heads. Coalesced runs
-    are cut at `max_descriptor_bytes` (whole blocks; a single block is never split)."""
+               remote_blocks: list[int], max_descriptor_bytes: int = 1 << 62,
+               groups: range | None = None) -> list[RankRead]:
+    """Descriptor rows that copy remote_blocks[i] into local_blocks[i] for this rank's heads, in each layer group
+    of `groups` (None: all). Coalesced runs are cut at `max_descriptor_bytes` (whole blocks; a single block is
+    never split)."""
     assert len(local_blocks) == len(remote_blocks)
+    groups = all_groups(local) if groups is None else groups
     plans: list[RankRead] = []
     for remote in sources(local, remotes):
         p = piece(local, remote)
         size, l_off, r_off = p.size, p.local_offset, p.remote_offset
         whole = size == local.block_bytes == remote.block_bytes
         max_run = max(1, max_descriptor_bytes // local.block_bytes) if whole else 1
-        runs = _runs(local_blocks, remote_blocks, max_run)
+        # (local unit, remote unit, length) per run, a unit being (group g, block b) = row g·num_blocks + b
+        runs = [(g * local.num_blocks + lb, g * remote.num_blocks + rb, k) for g in groups
+                for lb, rb, k in _runs(local_blocks, remote_blocks, max_run)]
         n = len(runs)
-        arr = np.asarray(runs, dtype=np.uint64).reshape(n, 3)  # [n, 3]: (local block, remote block, length)
+        arr = np.asarray(runs, dtype=np.uint64).reshape(n, 3)  # [n, 3]
         local_rows = np.empty((n, 3), dtype=np.uint64)
         remote_rows = np.empty((n, 3), dtype=np.uint64)
         local_rows[:, 0] = np.uint64(local.base_addr + l_off) + arr[:, 0] * np.uint64(local.block_bytes)

@@ -118,6 +118,9 @@ class ServerConfig:
     # A prefill call unanswered after this long goes to another prefill instance, else the decode instance.
     prefill_timeout_s: float = 30.0
     max_migrations: int = 2  # decode instances a stream may move off (each lost under it) before UNAVAILABLE
+    # Layer-wise KV streaming: a disaggregated request's decode call goes out with its prefill call, and the
+    # decode instance reads each layer group of the prompt's KV as it is computed (router/layer_wise.py).
+    layer_wise_kv: bool = True
     breaker_threshold: int = 3  # failures in a row that open an instance's circuit breaker (death: the first)
     breaker_cooldown_s: float = 5.0  # an open breaker lets one probe request through after this long
     # On SIGTERM: new requests are refused at once; those in flight (and KV held for a reader) get this long.

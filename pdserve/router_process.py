@@ -57,7 +57,8 @@ def build_router(cfg: ServingConfig, store: MetadataStore, ray_namespace: str) -
     router = RouterService(info, load_tokenizer(info.model), view, ray_namespace, srv.max_inflight,
                            srv.max_prompt_bytes, srv.prefill_timeout_s, srv.max_migrations,
                            InstanceHealth(srv.breaker_threshold, srv.breaker_cooldown_s), access,
-                           cfg.admission, AdmissionQueue(srv.max_inflight, srv.max_queued, srv.admission_timeout_s))
+                           cfg.admission, AdmissionQueue(srv.max_inflight, srv.max_queued, srv.admission_timeout_s),
+                           srv.layer_wise_kv)
     (log.warning if access.open else log.info)("%s", access.describe())
     return router
 

@@ -25,7 +25,7 @@ import ray
 from engine.logprobs import TokenLogprob
 from engine.sampling_params import SamplingParams
 from instance.messages import PrefillDone, StreamDelta
-from kv_transfer.handle import KVHandle
+from kv_transfer.handle import KVHandle, StreamedKV
 from router.placement import NoInstanceError, Placement
 
 if TYPE_CHECKING:
@@ -45,12 +45,12 @@ class StreamLostError(RuntimeError):
 STREAM_AHEAD_ITEMS = 8
 
 
-def _failure(svc: RouterService, iid: str, dead: bool, why: str) -> None:
+def failure(svc: RouterService, iid: str, dead: bool, why: str) -> None:
     info = svc.known.get(iid)
     svc.health.failed(iid, info.pid if info else 0, dead, why)
 
 
-def _forget(svc: RouterService, iid: str, rid: str) -> None:
+def forget(svc: RouterService, iid: str, rid: str) -> None:
     """Best effort, never awaited: free whatever the request holds on an instance we stopped waiting for (a
     stalled one answers when it resumes; a dead one's blocks went with it)."""
     try:
@@ -78,12 +78,12 @@ async def prefill(svc: RouterService, rid: str, tokens: list[int], params: Sampl
             why, dead = f"lost ({type(e).__name__})", True
         except TimeoutError:
             why, dead = f"no answer within {svc.prefill_timeout_s:g} s (server.prefill_timeout_s)", False
-            _forget(svc, iid, rid)
+            forget(svc, iid, rid)
         else:
             svc.health.succeeded(iid)
             svc.prefill_finished(rid)
             return done.kv_handle, placement, done.aborted, done.first_logprob
-        _failure(svc, iid, dead, why)
+        failure(svc, iid, dead, why)
         tried.add(iid)
         svc.counters["prefill_retries"] += 1
         try:
@@ -103,7 +103,7 @@ async def prefill(svc: RouterService, rid: str, tokens: list[int], params: Sampl
 
 
 async def stream(svc: RouterService, rid: str, tokens: list[int], params: SamplingParams, placement: Placement,
-                 kv_handle: KVHandle | None) -> AsyncIterator[tuple[StreamDelta, Placement, int]]:
+                 kv_handle: KVHandle | StreamedKV | None) -> AsyncIterator[tuple[StreamDelta, Placement, int]]:
     """The decode stream's items, moved to another decode instance if this one is lost. Yields (item, the
     placement it came from, moves so far)."""
     generated: list[int] = []
@@ -129,13 +129,13 @@ async def stream(svc: RouterService, rid: str, tokens: list[int], params: Sampli
             return
         except LOST as e:
             why = f"lost ({type(e).__name__})"
-        _failure(svc, iid, True, why)
+        failure(svc, iid, True, why)
         lost.add(iid)
         if len(lost) > svc.max_migrations:
             raise StreamLostError(f"request {rid}: decode instances {sorted(lost)} were lost "
                                   f"(server.max_migrations {svc.max_migrations})")
         if kv_handle is not None and placement.prefill_instance:
-            _forget(svc, placement.prefill_instance, rid)  # its held KV will not be read now
+            forget(svc, placement.prefill_instance, rid)  # its held KV will not be read now
         kv_handle = None
         moved = await asyncio.to_thread(svc.place, rid, tokens + generated, None, frozenset(lost), True)
         placement = dataclasses.replace(moved, reason=f"{moved.reason}; moved from {iid} ({why}) after "

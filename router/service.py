@@ -35,9 +35,10 @@ from engine.block_hash import hash_blocks
 from engine.model_info import ModelInfo
 from engine.priority import Priority
 from engine.sampling_params import SamplingParams
-from instance.messages import StreamDelta
+from instance.messages import PrefillDone, StreamDelta
+from kv_transfer.handle import KVEndpoint, KVHandle, StreamedKV
 from metastore import InstanceInfo
-from router import recovery
+from router import layer_wise, recovery
 from router.access import NO_KEY, AccessControl
 from router.admission import AdmissionConfig, Prediction, TTFTPredictor
 from router.admission_queue import AdmissionQueue, AdmissionRefused
@@ -67,7 +68,7 @@ class RouterService(pb_grpc.PDServeServicer):
                  max_inflight: int = 256, max_prompt_bytes: int = 1 << 20, prefill_timeout_s: float = 30.0,
                  max_migrations: int = 2, health: InstanceHealth | None = None,
                  access: AccessControl | None = None, admission: AdmissionConfig | None = None,
-                 admission_queue: AdmissionQueue | None = None) -> None:
+                 admission_queue: AdmissionQueue | None = None, layer_wise_kv: bool = True) -> None:
         self.info = info
         self.tokenizer = tokenizer  # None: the model has no tokenizer.json (token-id prompts only)
         self.view = view  # NOTE: placement reads only this memory; its thread follows Redis
@@ -82,6 +83,11 @@ class RouterService(pb_grpc.PDServeServicer):
         self.slots = admission_queue or AdmissionQueue(max_inflight)
         self.max_prompt_bytes = max_prompt_bytes
         self.prefill_timeout_s, self.max_migrations = prefill_timeout_s, max_migrations
+        # layer-wise KV streaming (router/layer_wise.py): instances' KV endpoints by (instance, pid), and the
+        # prefill calls in flight alongside their decode streams
+        self.layer_wise_kv = layer_wise_kv
+        self.kv_endpoints: dict[tuple[str, int], KVEndpoint] = {}
+        self.prefilling: dict[str, asyncio.Future[PrefillDone]] = {}
         self.health = health or InstanceHealth()
         self.known: dict[str, InstanceInfo] = {}  # the registry entries placement last saw (their pids)
         self.counters: Counter[str] = Counter()  # recovery: prefill_retries, migrations, ... (router/recovery.py)
@@ -315,13 +321,19 @@ class RouterService(pb_grpc.PDServeServicer):
 
     async def _run(self, rid: str, tokens: list[int], params: SamplingParams,
                    placement: Placement) -> AsyncIterator[Output]:
-        kv_handle, placement, aborted, first_logprob = await recovery.prefill(self, rid, tokens, params, placement)
+        kv_source: KVHandle | StreamedKV | None = None
+        if placement.prefill_instance is not None and self.layer_wise_kv:
+            kv_source = await layer_wise.start(self, rid, tokens, params, placement)
+        aborted, first_logprob = False, None
+        if kv_source is None:
+            kv_source, placement, aborted, first_logprob = await recovery.prefill(self, rid, tokens, params,
+                                                                                  placement)
         if aborted:  # aborted on the prefill instance
             yield self._final(rid, ABORTED, len(tokens), 0, placement)
             return
-        prefilled = time.perf_counter() if kv_handle is not None else None  # the hand-off starts
+        prefilled = time.perf_counter() if isinstance(kv_source, KVHandle) else None  # the hand-off starts
         completion, first_at = 0, 0.0
-        async for delta, where, moves in recovery.stream(self, rid, tokens, params, placement, kv_handle):
+        async for delta, where, moves in recovery.stream(self, rid, tokens, params, placement, kv_source):
             first = completion == 0
             if first:  # a local prefill: its first token is out
                 first_at = time.perf_counter()

@@ -9,6 +9,7 @@ from torch import nn
 
 from engine.attention import AttentionBackend, AttentionMetadata
 from engine.kv_cache import KVCache
+from engine.kv_connector import LayerHook
 from engine.kv_heads import KVHeadSplit
 from engine.model_config import ModelConfig
 from engine.models.layers import (
@@ -25,12 +26,13 @@ class StepContext:
     """What every layer needs for one step besides the hidden states (built once per step)."""
 
     def __init__(self, positions: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache,
-                 attn: AttentionBackend, rope: RotaryEmbedding) -> None:
+                 attn: AttentionBackend, rope: RotaryEmbedding, layer_hook: LayerHook | None = None) -> None:
         self.positions = positions  # [T] int64
         self.meta = meta
         self.kv_cache = kv_cache
         self.attn = attn
         self.rope = rope
+        self.layer_hook = layer_hook  # called with g after layer group g (engine/kv_connector.py)
 
 
 class LlamaAttention(nn.Module):
@@ -119,8 +121,11 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:  # [T] -> [T, hidden]
         x = self.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
-        for layer in self.layers:
+        hook, per_group = ctx.layer_hook, ctx.kv_cache.layout.layers_per_group
+        for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, ctx)
+            if hook is not None and (i + 1) % per_group == 0:
+                hook(i // per_group)
         return self.norm(x, residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] float32

@@ -38,7 +38,7 @@ def make(name: str, num_blocks: int) -> tuple[KVCache, TransferAgent]:
 
 
 def digests(cache: KVCache, blocks: range) -> list[str]:
-    return [hashlib.sha256(cache.tensor[b].contiguous().numpy().tobytes()).hexdigest() for b in blocks]
+    return [hashlib.sha256(cache.block(b).contiguous().numpy().tobytes()).hexdigest() for b in blocks]
 
 
 def holder(ip: str, port: int, n: int) -> None:

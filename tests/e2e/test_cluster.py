@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pathlib
+import re
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import grpc
@@ -42,9 +44,19 @@ def test_health_and_reflection(server: Server) -> None:
     assert "pdserve.v1.PDServe" in {s.name for s in reply.list_services_response.service}
 
 
+def router_event(server: Server, event: str) -> float:
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    m = re.search(rf'^pdserve:router_events_total\{{component="recovery",event="{event}"\}} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
 def test_long_prompt_is_disaggregated_and_exact(server: Server, models: dict[str, pathlib.Path]) -> None:
+    """Layer-wise (the default): the decode call goes out with the prefill call, and the decode instance reads the
+    KV group by group as the prefill instance writes it."""
     prompt = random_prompts(1, [100], 512, seed=300)[0]
+    streamed = router_event(server, "layer_wise")
     out = server.generate(prompt)
+    assert router_event(server, "layer_wise") == streamed + 1
     r = routing(out)
     assert r.disaggregated and r.prefill_instance == "prefill-0" and r.decode_instance == "decode-0"
     assert r.transferred_blocks == 7  # ceil(100 / 16)

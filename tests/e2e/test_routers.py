@@ -43,7 +43,8 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, model: pathlib.Path) -> Iterator[Server]:
-    edits = {"server": {"routers": 2, "max_inflight": 64}, "engine": {"max_model_len": 8192}}
+    # NOTE: the hand-off after the prefill (layer-wise streaming off): this module covers that path end to end
+    edits = {"server": {"routers": 2, "max_inflight": 64, "layer_wise_kv": False}, "engine": {"max_model_len": 8192}}
     with serve(tmp_path_factory.mktemp("routers"), model, edits) as srv:
         yield srv
 

@@ -65,9 +65,10 @@ def test_tp2_nccl_equals_tp1(models: dict[str, pathlib.Path]) -> None:
 
 
 def _kv_blocks(worker: Worker, n: int) -> torch.Tensor:
-    """The first n blocks of a rank's KV cache: [n, H_local, L, 2, block_size, D] (runs on every rank). NOTE: a
-    host copy: a CUDA tensor would cross the process boundary by CUDA IPC, which the executor's pipe does not do."""
-    return worker.runner.kv_cache.tensor[:n].to("cpu", copy=True)
+    """The first n blocks of a rank's KV cache: [n, G, H_local, L / G, 2, block_size, D] (runs on every rank).
+    NOTE: a host copy: a CUDA tensor would cross the process boundary by CUDA IPC, which the executor's pipe does
+    not do."""
+    return worker.runner.kv_cache.tensor[:, :n].transpose(0, 1).to("cpu", copy=True)
 
 
 @pytest.mark.parametrize(("model", "size", "replicas"), [("llama_mqa", 2, 2), ("llama", 4, 2)])
@@ -82,7 +83,7 @@ def test_tp_above_kv_heads_replicates_them(models: dict[str, pathlib.Path], mode
     with LLM(model=str(path), dtype="float32", tensor_parallel_size=1, device="cpu",
              enable_prefix_caching=False) as llm:
         tp1 = [o.token_ids for o in llm.generate(prompts, params)]
-        kv1 = _kv_blocks(llm.engine.executor.worker, 9)  # [9, H, L, 2, bs, D]
+        kv1 = _kv_blocks(llm.engine.executor.worker, 9)  # [9, G, H, L / G, 2, bs, D]
     with LLM(model=str(path), dtype="float32", tensor_parallel_size=size, device=device_for_tp(size),
              enable_prefix_caching=False) as llm:
         tpn = [o.token_ids for o in llm.generate(prompts, params)]
@@ -90,13 +91,13 @@ def test_tp_above_kv_heads_replicates_them(models: dict[str, pathlib.Path], mode
         runner = llm.engine.executor.runner
         assert (runner.layout.num_kv_heads, runner.kv_heads.replicas) == (1, replicas)
         # NOTE: the test reads every rank's cache through the executor's own fan-out (no NIXL involved).
-        per_rank = llm.engine.executor._on_every_rank(_kv_blocks, 9)  # each [9, 1, L, 2, bs, D], on the host
+        per_rank = llm.engine.executor._on_every_rank(_kv_blocks, 9)  # each [9, G, 1, L / G, 2, bs, D], on the host
     assert tpn == tp1
     assert tp1 == [hf_greedy(path, p, 16) for p in prompts]
     for rank, kv in enumerate(per_rank):
         head = rank // replicas
         assert torch.equal(kv, per_rank[head * replicas]), f"rank {rank} differs from its head's first replica"
-        torch.testing.assert_close(kv[:, 0], kv1[:, head], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(kv[:, :, 0], kv1[:, :, head], rtol=1e-4, atol=1e-4)
     assert kv1.abs().sum() > 0
 
 

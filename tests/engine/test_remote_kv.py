@@ -119,7 +119,7 @@ def test_loaded_prompt_decodes_from_its_first_token(make, models: dict[str, path
     blocks, cached = conn.loads["r"]
     assert blocks[:2] == [0, 1] and cached == 2 and blocks[2] not in (0, 1)
     kv = engine.executor.runner.kv_cache.tensor
-    kv[blocks[2]].copy_(kv[2])  # "load" the last block: what a transfer would have written
+    kv[:, blocks[2]].copy_(kv[:, 2])  # "load" the last block: what a transfer would have written
     conn.next.loaded.append(LoadDone("r", first))
     outs = run_to_completion(engine)
     assert outs["r"] == hf_greedy(models["llama"], prompt, 4)

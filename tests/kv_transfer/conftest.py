@@ -46,6 +46,7 @@ def consumer_factory() -> Iterator:
     yield make
     for engine in made:
         try:
+            settle(engine)
             assert not connector(engine).unsettled and engine.remote is not None and not engine.remote.quarantined
             assert_all_free(engine)
         finally:
@@ -67,6 +68,15 @@ def prefill_factory() -> Iterator:
     yield make
     for p in made:
         p.close()
+
+
+def settle(engine: LLMEngine, timeout: float = 5) -> None:
+    """Step an engine with no request left until its connector's work is done too (a cancelled read settling, a
+    release being flushed out: kv_transfer/consumer.py)."""
+    deadline = time.monotonic() + timeout
+    while engine.has_unfinished_requests() and time.monotonic() < deadline:
+        engine.step()
+        time.sleep(0.001)
 
 
 def decode(engine: LLMEngine, rid: str, prompt: list[int], handle: KVHandle, n: int = NEW,

@@ -24,9 +24,12 @@ def _serve(conn: Connection, model: str, engine_kwargs: dict[str, Any], cfg_kwar
     producer = engine.remote.connector
     assert isinstance(producer, KVProducer)
     conn.send("ready")
+    finished: dict[str, Any] = {}  # streamed request id -> its KVHandle (None: not held), once done
     while True:
         if not conn.poll(0.002):
-            engine.step()  # serves release messages, expires leases
+            for out in engine.step():  # serves release messages, expires leases, computes streamed prompts
+                if out.finished:
+                    finished[out.request_id] = out.kv_handoff
             continue
         cmd, *args = conn.recv()
         if cmd == "exit":
@@ -43,12 +46,34 @@ def _serve(conn: Connection, model: str, engine_kwargs: dict[str, Any], cfg_kwar
                         assert out.finished
                         handle = out.kv_handoff
             conn.send(handle)
+        elif cmd == "stream":  # layer-wise: the prompt's KV progress goes to `reader` while it computes
+            rid, prompt, reader = args
+            engine.add_request(rid, prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
+                               kv_reader=reader)
+            conn.send("ok")
+        elif cmd == "result":  # a streamed request's KVHandle once it is done
+            rid, timeout = args
+            deadline = time.monotonic() + timeout
+            while rid not in finished and time.monotonic() < deadline:
+                for out in engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out.kv_handoff
+            conn.send(finished.pop(rid, "not finished"))
+        elif cmd == "agents":
+            conn.send(producer.descriptors)
+        elif cmd == "slow_layers":  # each decoder layer sleeps this long first: a prefill slow enough to catch
+            delay = args[0]  # between layer groups (the forward itself is unchanged)
+            for layer in engine.executor.runner.model.layers:
+                forward = layer.forward
+                layer.forward = lambda *a, _f=forward, _d=delay, **k: (time.sleep(_d), _f(*a, **k))[1]
+            conn.send("ok")
         elif cmd == "abort":
             engine.abort_request(args[0])
             conn.send("ok")
         elif cmd == "stats":
             stats = engine.stats()
             conn.send({"used": stats.kv.num_used, "held": stats.num_held, "leases": len(producer.leases),
+                       "streams": len(producer.streams), "abandoned": len(producer.abandoned),
                        "counters": dict(producer.counters)})
         elif cmd == "wait_released":
             deadline = time.monotonic() + args[0]

@@ -70,10 +70,12 @@ def test_heterogeneous_tp(models: dict[str, pathlib.Path], prefill_factory, cons
         assert len(handle.agents) == prefill_tp
         assert decode(consumer, f"h{i}", prompt, handle) == hf_greedy(model, prompt, NEW), f"length {n}"
     assert connector(consumer).counters["fallbacks"] == 0
-    # TP 1 -> 2: each decode rank reads its head half of every block: one piece per block per rank.
+    # TP 1 -> 2: each decode rank reads its head half of every block: one piece per block, group and rank.
     # TP 2 -> 1: the decode rank reads every block from both prefill ranks.
     blocks = sum(-(-n // 16) for n in (7, 48, 150))
-    assert connector(consumer).counters["descriptors"] == 2 * blocks
+    groups = handle.agents[0].num_layer_groups
+    assert groups == 2  # the 2-layer model at the default kv_layer_groups (4): one group per layer
+    assert connector(consumer).counters["descriptors"] == 2 * blocks * groups
     assert prefill.call("wait_released", 10) == 0
 
 
@@ -98,8 +100,8 @@ def test_heterogeneous_tp_with_replicated_kv_heads(models: dict[str, pathlib.Pat
     # Every decode rank gets every block of the one head exactly once (a second replica would double this).
     assert counters["bytes_transferred"] == decode_tp * blocks * head_bytes
     # Whole 1-head blocks on both sides coalesce: both fresh engines give each request a run of adjacent block
-    # ids, so each request is one descriptor per decode rank.
-    assert counters["descriptors"] == decode_tp * len(lengths)
+    # ids, so each request is one descriptor per layer group (2) and decode rank.
+    assert counters["descriptors"] == decode_tp * len(lengths) * 2
     assert prefill.call("wait_released", 10) == 0
 
 

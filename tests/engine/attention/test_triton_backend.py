@@ -129,7 +129,7 @@ def test_padding_rows_store_nothing_and_stay_finite() -> None:
     k = torch.randn(4, 2, 64, device=device, dtype=dtype)
     tri.prepare(padded)
     out = tri.forward(0, q, k, k, cache, padded)
-    written = (cache.tensor != 0).any(dim=(1, 2, 3, 4, 5)).nonzero().flatten().tolist()
+    written = (cache.tensor != 0).any(dim=(0, 2, 3, 4, 5, 6)).nonzero().flatten().tolist()
     assert sorted(written) == sorted(set((meta.slot_mapping // 16).tolist()))
     tri.prepare(meta)
     assert torch.equal(out[:2], tri.forward(0, q[:2], k[:2], k[:2], cache, meta))
@@ -172,7 +172,7 @@ def test_rope_store_equals_rope_then_store(dtype: torch.dtype) -> None:
     assert torch.equal(got_qkv[:, Hq * D :], qkv[:, Hq * D :]), f"seed {seed}: k or v was modified"
     assert (got_cache.tensor.float() - want_cache.tensor.float()).abs().max().item() <= tol, f"seed {seed}"
     assert torch.equal(got_cache.v[1], want_cache.v[1]), f"seed {seed}: values must be copied exactly"
-    stored = (got_cache.tensor != 0).any(dim=(1, 2, 3, 4, 5)).nonzero().flatten().tolist()
+    stored = (got_cache.tensor != 0).any(dim=(0, 2, 3, 4, 5, 6)).nonzero().flatten().tolist()
     assert sorted(stored) == sorted({s // bs for s in meta.slot_mapping.tolist() if s >= 0})
 
 

@@ -1,0 +1,115 @@
+"""Layer-wise KV streaming, the prefill side: tell a reader which layer groups of a prompt's KV are written while
+the forward still runs, so it reads them behind the later layers' compute (issue 20).
+
+    step scheduled, prompt's last chunk in it  ─►  StreamBlocks(blocks)                 (KVProducer.layer_hook)
+    forward issued layer group g (g < G - 1)   ─►  StreamProgress(g + 1 groups done)    (LayerSignal, per group)
+    first token sampled                        ─►  StreamProgress(G, first token)       (KVProducer.request_finished)
+
+Every stream message goes through one `StreamNotifier`: a thread with a NIXL agent of its own (so no agent is used
+from two threads) that sends them in order. On a GPU the forward is only issued when the hook runs, so each group
+message waits, on that thread, for a CUDA event recorded after the group's layers: the step loop never blocks on
+it, and the group's KV is complete on every TP rank by then (each layer ends in an all-reduce over the ranks).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import queue
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kv_transfer.handle import KVReader
+from kv_transfer.messages import StreamProgress
+from kv_transfer.transports import quiet_stdout
+
+log = logging.getLogger(__name__)
+
+PROGRESS_AFTER_SEND_S = 0.2  # how long the notifier progresses its agent after a send
+PROGRESS_PERIOD_S = 0.0002
+
+
+@dataclass(frozen=True)
+class _Send:
+    reader: KVReader
+    message: bytes
+    after: Any = None  # a torch.cuda.Event the message waits for, or None
+
+
+class StreamNotifier:
+    def __init__(self, engine_id: str) -> None:
+        from nixl._api import nixl_agent, nixl_agent_config
+
+        with quiet_stdout():
+            self.agent = nixl_agent(f"{engine_id}-stream-{os.getpid()}", nixl_agent_config(
+                enable_prog_thread=False, backends=["UCX"]))
+        self.counters: Counter[str] = Counter()
+        self._peers: dict[str, str] = {}
+        self._queue: queue.SimpleQueue[_Send | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="kv-stream-notifier", daemon=True)
+        self._thread.start()
+
+    def send(self, reader: KVReader, message: bytes, after: Any = None) -> None:
+        self._queue.put(_Send(reader, message, after))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        import time
+
+        last_send = -PROGRESS_AFTER_SEND_S
+        while True:
+            # NOTE: a send completes (and a new peer's connection is set up) only while the sender's UCX worker
+            # progresses: keep progressing it for a while after each send instead of running NIXL's progress
+            # thread, which would spin a core for good.
+            sending = time.monotonic() - last_send < PROGRESS_AFTER_SEND_S
+            try:
+                item = self._queue.get(timeout=PROGRESS_PERIOD_S) if sending else self._queue.get()
+            except queue.Empty:
+                self.agent.get_new_notifs()  # progresses the worker
+                continue
+            if item is None:
+                return
+            last_send = time.monotonic()
+            try:
+                if item.after is not None:
+                    item.after.synchronize()
+                peer = self._peers.get(item.reader.agent_name)
+                if peer is None:
+                    raw = self.agent.add_remote_agent(base64.b64decode(item.reader.metadata_b64))
+                    peer = self._peers[item.reader.agent_name] = raw.decode() if isinstance(raw, bytes) else str(raw)
+                self.agent.send_notif(peer, item.message)
+                self.counters["stream_messages_sent"] += 1
+            except Exception as e:  # NOTE: the reader times out or is told by its router; this side goes on
+                self.counters["stream_send_failures"] += 1
+                log.warning("could not send a KV stream message to %s: %s: %s", item.reader.agent_name,
+                            type(e).__name__, e)
+
+
+class LayerSignal:
+    """The forward's layer hook for one step (engine.kv_connector.LayerHook): after layer group g, tell every
+    streamed request completing its prompt in this step that groups [0, g + 1) are written. The last group is not
+    announced here: the first token, sampled after it, announces it."""
+
+    def __init__(self, notifier: StreamNotifier, engine_id: str, targets: list[tuple[str, KVReader]],
+                 num_groups: int, cuda: bool) -> None:
+        self.notifier, self.engine_id, self.targets = notifier, engine_id, targets
+        self.num_groups, self.cuda = num_groups, cuda
+
+    def __call__(self, group: int) -> None:
+        if group + 1 >= self.num_groups:
+            return
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record()
+        for request_id, reader in self.targets:
+            self.notifier.send(reader, StreamProgress(self.engine_id, request_id, group + 1, -1, False).encode(),
+                               event)
