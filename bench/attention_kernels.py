@@ -41,11 +41,14 @@ def _time_graph(fn, reps: int = 20) -> float:  # type: ignore[no-untyped-def]
     return time_cuda(graph.replay, 5) / reps
 
 
+LAYOUT = (1, 1)  # (layers, layer groups) of the cache the kernels read layer 0 of (--layers, --layer-groups)
+
+
 def _setup(seq_lens: list[int], q_lens: list[int], ordered: bool = False) -> tuple[KVCache, AttentionMetadata,
                                                                                     torch.Tensor]:
     """`ordered`: each sequence's pages in order and adjacent in memory (one contiguous run), not at random."""
     blocks = [-(-s // BS) for s in seq_lens]
-    layout = KVLayout(sum(blocks) + 8, HKV, 1, BS, D, 2)
+    layout = KVLayout(sum(blocks) + 8, HKV, LAYOUT[0], BS, D, 2, LAYOUT[1])
     cache = KVCache(layout, torch.bfloat16, "cuda")
     cache.tensor.normal_()
     perm = (torch.arange if ordered else torch.randperm)(layout.num_blocks)[: sum(blocks)]
@@ -105,10 +108,15 @@ def main() -> None:
     ap.add_argument("--decode-sweep", action="store_true", help="decode: time (BLOCK_N, warps, stages) tiles")
     ap.add_argument("--ordered-pages", action="store_true", help="pages in order and adjacent (what paging "
                     "costs: the same kernel without scattered pages)")
+    ap.add_argument("--layers", type=int, default=1, help="layers of the cache (the kernels read layer 0): with "
+                    "--layer-groups, sets the page stride of the engine's layout (docs/kv-layout.md)")
+    ap.add_argument("--layer-groups", type=int, default=1)
     ap.add_argument("--json")
     args = ap.parse_args()
+    global LAYOUT
+    LAYOUT = (args.layers, args.layer_groups)
     res: dict = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
-                 "ordered_pages": args.ordered_pages}
+                 "ordered_pages": args.ordered_pages, "layers": args.layers, "layer_groups": args.layer_groups}
     res["copy_GBps"] = copy_bandwidth() / 1e9
 
     L = args.prefill_len

@@ -52,8 +52,9 @@ class DecodeActor(InstanceActor):
                 self.stream_items += 1
                 items += 1
                 finished = out.finished
+                pulled = transferred if finished and not out.kv_load_failed else 0
                 yield StreamDelta(token_ids, out.text[text_sent:], finished, out.finish_reason,
-                                  out.num_cached_tokens, transferred if finished else 0, logprobs)
+                                  out.num_cached_tokens, pulled, logprobs, finished and out.kv_load_failed)
                 text_sent = len(out.text)
         except (GeneratorExit, asyncio.CancelledError) as e:
             # NOTE: how a stream ends without its consumer: the router cancelled it, or the router process died

@@ -4,7 +4,9 @@
     engine (driver process)                               connector (scheduler side, same process)
     add_request(..., kv_source=S): reserve blocks  ─────►  start_load(request, S, n_cached): post reads
     every step, before scheduling                  ─────►  poll() -> KVConnectorEvents:
-        loaded: the prompt's KV is in place: it counts as computed, the first token goes out
+        first_tokens: the first token is known (sampled where the prompt was computed): it goes out now, while
+            the KV may still be on its way
+        loaded: the prompt's KV is in place: it counts as computed (the first token goes out now if it has not)
         failed: prefill it here instead (quarantine the blocks while a read may still write into them)
         settled: quarantined blocks may be reused      released: held blocks may be freed
     a request finishes                             ─────►  request_finished(request) -> hand-off or None
@@ -63,13 +65,14 @@ class LoadFailed:
 class KVConnectorEvents:
     """What changed since the last poll. Empty lists when nothing did."""
 
+    first_tokens: list[LoadDone] = field(default_factory=list)  # of loads still in flight
     loaded: list[LoadDone] = field(default_factory=list)
     failed: list[LoadFailed] = field(default_factory=list)
     settled: list[str] = field(default_factory=list)  # quarantined requests whose blocks may be reused now
     released: list[str] = field(default_factory=list)  # held requests whose blocks may be freed now
 
     def __bool__(self) -> bool:
-        return bool(self.loaded or self.failed or self.settled or self.released)
+        return bool(self.first_tokens or self.loaded or self.failed or self.settled or self.released)
 
 
 class KVConnectorWorker(Protocol):

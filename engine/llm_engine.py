@@ -207,7 +207,7 @@ class LLMEngine:
                              text=self.detok[request.request_id].text, finished=request.finished,
                              finish_reason=request.status.value if request.finished else None,
                              stop_reason=request.stop_reason, num_cached_tokens=request.num_cached_tokens,
-                             new_logprobs=logprobs)
+                             new_logprobs=logprobs, kv_load_failed=request.kv_load_failed)
 
     def _finish_output(self, request: Request, new: list[int] | None = None,
                        logprobs: list[TokenLogprob | None] | None = None) -> RequestOutput:

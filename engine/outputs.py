@@ -25,3 +25,4 @@ class RequestOutput:
     # The KV connector's hand-off of a finished request whose blocks it holds for a reader (the prefill role:
     # a kv_transfer.KVHandle); None otherwise. See engine/kv_connector.py.
     kv_handoff: Any | None = None
+    kv_load_failed: bool = False  # the prompt's KV was to be loaded from elsewhere, and was computed here instead

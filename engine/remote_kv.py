@@ -43,6 +43,7 @@ class RemoteKV:
         self.quarantined: dict[str, list[int]] = {}
         # loads waiting for room, sorted by Request.order (class, arrival), each with its source
         self.pending: list[tuple[Request, Any]] = []
+        self.loading: set[str] = set()  # requests waiting for their KV (pending or in flight)
         self._free_when_stuck = -1  # free blocks when the head of `pending` last found no room
 
     def start_load(self, request: Request, source: Any) -> int:
@@ -59,7 +60,9 @@ class RemoteKV:
         if not ahead:
             loading = self._try_start(request, source)
             if loading is not None:
+                self.loading.add(request.request_id)
                 return loading
+        self.loading.add(request.request_id)
         bisect.insort(self.pending, (request, source), key=lambda e: e[0].order)
         self.metrics.count("kv_loads_queued")
         log.debug("no KV room for %s's %d-token prompt now: its load waits (%d waiting)", request.request_id,
@@ -83,6 +86,7 @@ class RemoteKV:
                 self.metrics.count("kv_load_fallbacks_ValueError")
                 started = 0
                 refused.append(request)
+                self.loading.discard(request.request_id)
             if started is None:
                 self._free_when_stuck = self.kv.pool.num_free_blocks
                 return refused
@@ -105,8 +109,9 @@ class RemoteKV:
             raise
 
     def cancel_load(self, request: Request) -> None:
-        """An aborted request that was waiting for its KV: free its blocks, or quarantine them while a read
-        may still write into them (or, if its load had not started, just forget it)."""
+        """An aborted request that was waiting for its KV (or one its first token finished): free its blocks, or
+        quarantine them while a read may still write into them (or, if its load had not started, forget it)."""
+        self.loading.discard(request.request_id)
         for i, (waiting, _) in enumerate(self.pending):
             if waiting is request:
                 del self.pending[i]
@@ -119,6 +124,9 @@ class RemoteKV:
     def finish(self, request: Request) -> Any | None:
         """A request finished (its status set, out of the scheduler, blocks still allocated): free its blocks,
         or hold them when the connector hands its KV to a reader. Returns the hand-off."""
+        if request.request_id in self.loading:  # NOTE: its first token (sent early) ended it: stop the load
+            self.cancel_load(request)
+            return None
         handoff = self.connector.request_finished(request)
         if handoff is None:
             self.kv.free(request)
@@ -139,24 +147,34 @@ class RemoteKV:
         """Act on what the connector reports: loaded prompts join the scheduler to decode (their first token is
         emitted now), failed ones are prefilled here instead, settled and released blocks are freed."""
         outputs: list[RequestOutput] = []
+        for first in events.first_tokens:
+            # NOTE: the first token does not need the KV here (it was sampled where the prompt was computed), so
+            # it goes out as soon as it is known; the KV is needed for the second
+            request = requests.get(first.request_id)
+            if request is not None and request.status is RequestStatus.WAITING_FOR_KV and not request.num_output_tokens:
+                outputs.append(emit(request, first.first_token))
         for done in events.loaded:
             request = requests[done.request_id]
             assert request.status is RequestStatus.WAITING_FOR_KV
+            self.loading.discard(done.request_id)
             request.num_computed_tokens = request.num_prompt_tokens
             self.kv.cache_full_blocks(request)  # the loaded blocks are now valid prefix-cache entries
             request.status = RequestStatus.WAITING
-            outputs.append(emit(request, done.first_token))
+            if not request.num_output_tokens:
+                outputs.append(emit(request, done.first_token))
             if not request.finished:
                 self.scheduler.add(request)
         for failed in events.failed:
             request = requests[failed.request_id]
             assert request.status is RequestStatus.WAITING_FOR_KV
+            self.loading.discard(failed.request_id)
             if failed.settled:
                 self.kv.free(request)
             else:
                 self._quarantine(request)
             request.num_computed_tokens = 0
             request.status = RequestStatus.WAITING
+            request.kv_load_failed = True
             self.metrics.count("kv_load_fallbacks")
             self.metrics.count(f"kv_load_fallbacks_{type(failed.error).__name__}")
             self.scheduler.add(request)

@@ -55,6 +55,7 @@ class Request:
     # 1 while the last entry of all_token_ids is a placeholder for a token still being sampled on the device
     # (async scheduling): the next step can already compute with it; resolve_token fills it in.
     num_pending: int = 0
+    kv_load_failed: bool = False  # its prompt's KV was to be loaded, the load failed, it was prefilled here
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

@@ -41,3 +41,4 @@ class StreamDelta:
     # One per token of token_ids when the request asked for logprobs, else None. An entry is None for a token
     # this instance did not sample: the first token of a prompt prefilled elsewhere (PrefillDone carries it).
     logprobs: list[TokenLogprob | None] | None = None
+    kv_load_failed: bool = False  # final item: the KV pull failed and this instance prefilled the prompt itself

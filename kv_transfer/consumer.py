@@ -52,6 +52,8 @@ class _Pull:
     state: PullState = PullState.READING
     posted: int = 0  # layer groups whose reads are posted
     reads: list[str] = field(default_factory=list)  # reads in flight
+    tail_from: float = 0.0  # a stream: when the first token (the last group's news) came (monotonic)
+    ack_from: float = 0.0  # when the release was sent
 
     @property
     def num_blocks(self) -> int:
@@ -98,6 +100,8 @@ class KVConsumer(KVConnector):
         self.pulls[rid] = pull
         key = (source.engine_id, source.request_id)
         self.by_holder[key] = rid
+        if not streamed:
+            self._events.first_tokens.append(LoadDone(rid, source.first_token))
         if streamed:
             self.counters["streamed"] += 1
             self.agent.know(source.agents[0])  # NOTE: a release may have to reach it before any read does
@@ -109,6 +113,7 @@ class KVConsumer(KVConnector):
 
     def cancel_load(self, request_id: str) -> bool:
         self._events.failed = [f for f in self._events.failed if f.request_id != request_id]
+        self._events.first_tokens = [f for f in self._events.first_tokens if f.request_id != request_id]
         pull = self.pulls.get(request_id)
         if pull is not None:
             self._forget(request_id)
@@ -192,7 +197,10 @@ class KVConsumer(KVConnector):
                 return
         pull.posted = pull.groups_done
         if pull.posted == pull.num_groups and not pull.reads and pull.first_token >= 0:
-            self.counters["transfer_us"] += int((time.monotonic() - pull.started) * 1e6)
+            now = time.monotonic()
+            self.counters["transfer_us"] += int((now - pull.started) * 1e6)
+            if pull.tail_from:  # NOTE: what streaming leaves after the prefill: the last group's read
+                self.counters["stream_tail_us"] += int((now - pull.tail_from) * 1e6)
             self._await_ack(rid, pull)
 
     def _on_message(self, raw: bytes) -> None:
@@ -220,6 +228,7 @@ class KVConsumer(KVConnector):
             return  # a late ack (the pull failed, timed out or was cancelled meanwhile)
         if msg.held:
             self._forget(rid)
+            self.counters["ack_wait_us"] += int((time.monotonic() - pull.ack_from) * 1e6)
             self.counters["transfers"] += 1
             self.counters["blocks_transferred"] += pull.num_blocks
             self._events.loaded.append(LoadDone(rid, pull.first_token))
@@ -247,13 +256,15 @@ class KVConsumer(KVConnector):
             self._fail(rid, KVTransferError(f"bad stream progress {msg.groups_done}/{pull.num_groups} groups"))
             return
         pull.groups_done = max(pull.groups_done, msg.groups_done)
-        if msg.first_token >= 0:
-            pull.first_token = msg.first_token
+        if msg.first_token >= 0 and pull.first_token < 0:
+            pull.first_token, pull.tail_from = msg.first_token, time.monotonic()
+            self._events.first_tokens.append(LoadDone(rid, msg.first_token))
         self.counters["stream_messages"] += 1
 
     def _await_ack(self, rid: str, pull: _Pull) -> None:
         pull.state = PullState.AWAITING_ACK
-        pull.deadline = time.monotonic() + self.cfg.ack_timeout_s
+        pull.ack_from = time.monotonic()
+        pull.deadline = pull.ack_from + self.cfg.ack_timeout_s
         err = self._send_release(pull)
         if err:
             self._fail(rid, KVTransferError(f"could not send the release: {err}"))

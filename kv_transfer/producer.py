@@ -40,7 +40,7 @@ class KVProducer(KVConnector):
         if not isinstance(reader, KVReader):
             raise ValueError(f"a KV reader must be a KVReader, not {type(reader).__name__}")
         if self.notifier is None:
-            self.notifier = StreamNotifier(self.engine_id)
+            self.notifier = StreamNotifier(self.engine_id, self.agent.mem_type == "VRAM")
         self.streams[request_id] = reader
         self.counters["streams"] += 1
 

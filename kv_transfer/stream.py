@@ -42,12 +42,15 @@ class _Send:
 
 
 class StreamNotifier:
-    def __init__(self, engine_id: str) -> None:
+    def __init__(self, engine_id: str, progress_thread: bool) -> None:
+        """`progress_thread`: NIXL's (a GPU worker: cores to spare); without it this thread progresses the agent
+        itself for a while after each send (it would spin a core for good: kv_transfer/agent.py)."""
         from nixl._api import nixl_agent, nixl_agent_config
 
+        self.progress_thread = progress_thread
         with quiet_stdout():
             self.agent = nixl_agent(f"{engine_id}-stream-{os.getpid()}", nixl_agent_config(
-                enable_prog_thread=False, backends=["UCX"]))
+                enable_prog_thread=progress_thread, backends=["UCX"]))
         self.counters: Counter[str] = Counter()
         self._peers: dict[str, str] = {}
         self._queue: queue.SimpleQueue[_Send | None] = queue.SimpleQueue()
@@ -69,7 +72,7 @@ class StreamNotifier:
             # NOTE: a send completes (and a new peer's connection is set up) only while the sender's UCX worker
             # progresses: keep progressing it for a while after each send instead of running NIXL's progress
             # thread, which would spin a core for good.
-            sending = time.monotonic() - last_send < PROGRESS_AFTER_SEND_S
+            sending = not self.progress_thread and time.monotonic() - last_send < PROGRESS_AFTER_SEND_S
             try:
                 item = self._queue.get(timeout=PROGRESS_PERIOD_S) if sending else self._queue.get()
             except queue.Empty:

@@ -90,7 +90,8 @@ def _prefill_done(svc: RouterService, rid: str, p_iid: str, d_iid: str, task: as
     recovery.failure(svc, p_iid, dead, why)
     svc.kv_endpoints = {k: v for k, v in svc.kv_endpoints.items() if k[0] != p_iid}
     svc.counters["layer_wise_prefill_failures"] += 1
-    log.warning("request %s: streamed prefill on %s failed (%s); %s prefills it itself", rid, p_iid, why, d_iid)
+    svc.counters["local_prefill_fallbacks"] += 1
+    log.warning("request %s: prefill on %s failed (%s); retrying on %s (local prefill)", rid, p_iid, why, d_iid)
     try:
         svc.actor(d_iid).kv_source_lost.remote(rid)
     except Exception as err:

@@ -342,6 +342,9 @@ class RouterService(pb_grpc.PDServeServicer):
                     self.metrics.handoff.observe(time.perf_counter() - prefilled)
             logprobs = delta_logprobs(delta, first_logprob if first else None)
             completion += len(delta.token_ids)
+            if delta.kv_load_failed and where.prefill_instance:  # NOTE: it ran as a local prefill in the end
+                where = dataclasses.replace(where, prefill_instance=None, reason=f"{where.reason}; the KV pull "
+                                            f"from {where.prefill_instance} failed: prefilled on the decode instance")
             if delta.finished:
                 if self.admission.early_reject and completion > 1 and where.decode_instance:
                     tpot_ms = 1000.0 * (time.perf_counter() - first_at) / (completion - 1)

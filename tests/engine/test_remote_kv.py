@@ -125,6 +125,39 @@ def test_loaded_prompt_decodes_from_its_first_token(make, models: dict[str, path
     assert outs["r"] == hf_greedy(models["llama"], prompt, 4)
 
 
+def test_first_token_goes_out_before_the_kv_and_the_load_completes_after(make,
+                                                                      models: dict[str, pathlib.Path]) -> None:
+    """The first token is out as soon as the connector reports it (it was sampled where the prompt was computed);
+    the second waits for the KV. A load that then fails is prefilled here with its first token as given: the
+    tokens are still exact."""
+    engine, conn = make(hold=False)
+    prompt = random_prompts(1, [40], 512, seed=7)[0]
+    want = hf_greedy(models["llama"], prompt, 4)
+    assert engine.add_request("r", prompt, GREEDY, kv_source="src") == 3
+    conn.next.first_tokens.append(LoadDone("r", want[0]))
+    outs = [o for o in engine.step() if o.request_id == "r"]
+    assert [o.new_token_ids for o in outs] == [[want[0]]] and not outs[0].finished
+    assert [o for o in engine.step() if o.request_id == "r"] == []  # waits for its KV
+    conn.next.failed.append(LoadFailed("r", RuntimeError("peer gone"), settled=True))
+    done = run_to_completion(engine)
+    assert done["r"] == want  # the rest computed here, over the prompt and the first token as given
+
+
+def test_first_token_that_ends_the_request_stops_its_load(make) -> None:
+    engine, conn = make(hold=False)
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    engine.add_request("done", list(range(3, 40)), one, kv_source="src")  # 3 blocks
+    engine.add_request("stuck", list(range(50, 70)), one, kv_source="src")  # 2 blocks, a read still in flight
+    conn.in_flight.add("stuck")
+    conn.next.first_tokens += [LoadDone("done", 7), LoadDone("stuck", 8)]
+    outs = {o.request_id: (o.token_ids, o.finish_reason) for o in engine.step()}
+    assert outs == {"done": ([7], "length"), "stuck": ([8], "length")}
+    assert engine.remote is not None and list(engine.remote.quarantined) == ["stuck"] and not engine.remote.loading
+    assert engine.kv.stats().num_used == 2
+    conn.next.settled.append("stuck")
+    engine.step()
+
+
 def test_failed_load_prefills_locally_and_quarantines_unsettled_blocks(make, models: dict[str, pathlib.Path]) -> None:
     engine, conn = make(hold=False)
     prompt = random_prompts(1, [40], 512, seed=6)[0]

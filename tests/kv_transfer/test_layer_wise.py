@@ -96,7 +96,11 @@ def test_abort_in_the_middle_of_the_layers_leaks_nothing(model: pathlib.Path, pr
     assert prefill.call("wait_released", 10) == 0
     stats = prefill.call("stats")
     assert stats["used"] == 0 and stats["held"] == 0 and stats["streams"] == 0 and stats["abandoned"] == 0
-    assert stats["counters"]["released"] == 1 and stats["counters"].get("lease_expired", 0) == 0
+    # NOTE: the release is served at the holder's next step: after the prompt finished (released), or, with async
+    # scheduling (a GPU), before its first token is read back (the stream is dropped, nothing held)
+    counters = stats["counters"]
+    assert counters.get("released", 0) + counters.get("streams_abandoned", 0) == 1
+    assert counters.get("lease_expired", 0) == 0
     assert connector(engine).counters["cancelled"] == 1
     # both sides serve the next streamed request exactly
     assert prefill.call("slow_layers", 0.0) == "ok"
