@@ -9,6 +9,8 @@ Each pattern is read both ways a read can be posted (TransferConfig.prepared_des
 descriptor lists prepared once per peer ("prepared", the default), and from descriptor rows built per read
 ("per-read").
 Baseline: `dst.copy_(src)` of the same number of bytes inside one process (CPU), or GPU 0 -> GPU 1 (--gpu).
+--local-copy (CPU): same-host reads copy from the holder's shared KV memory with memcpy instead of going through
+UCX (kv_transfer/local_copy.py).
 
     .venv/bin/python bench/kv_transfer_bandwidth.py --sizes-mb 64 512            # DRAM -> DRAM
     python3 bench/kv_transfer_bandwidth.py --gpu --sizes-mb 64 512               # VRAM -> VRAM, 2 GPUs
@@ -98,10 +100,13 @@ def main() -> None:
     ap.add_argument("--num-threads", type=int, default=0, help="UCX worker threads (kv_transfer.num_threads)")
     ap.add_argument("--progress-thread", choices=("on", "off"), default=None,
                     help="NIXL's progress thread (default: on for GPU, off for a CPU driver rank)")
+    ap.add_argument("--local-copy", action="store_true", help="same-host DRAM reads by memcpy from the holder's "
+                    "shared KV memory (kv_transfer.local_copy) instead of UCX")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     cfg = TransferConfig(ucx_tls=args.ucx_tls, max_descriptor_bytes=args.max_desc_mb << 20,
                          parallel_handles=args.parallel_handles, num_threads=args.num_threads,
+                         local_copy=args.local_copy,
                          progress_thread=None if args.progress_thread is None else args.progress_thread == "on")
     block_bytes = KV_HEADS * LAYERS * 2 * BLOCK * HEAD_DIM * 2
     max_blocks = max(args.sizes_mb) * 2**20 // block_bytes

@@ -11,6 +11,8 @@ piece per block and group), and a group's KV of a request can be read as soon as
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -67,11 +69,19 @@ class KVCache:
     def __init__(self, layout: KVLayout, dtype: torch.dtype, device: torch.device | str) -> None:
         self.layout = layout
         lo = layout
-        # [G, num_blocks, H_kv, L / G, 2, block_size, D]
-        self.tensor = torch.zeros(
-            lo.num_layer_groups, lo.num_blocks, lo.num_kv_heads, lo.layers_per_group, 2, lo.block_size, lo.head_dim,
-            dtype=dtype, device=device,
-        )
+        shape = (lo.num_layer_groups, lo.num_blocks, lo.num_kv_heads, lo.layers_per_group, 2, lo.block_size,
+                 lo.head_dim)
+        self.memfd = -1  # on CPU: the memfd holding the cache, which a same-host reader may map (kv_transfer)
+        if torch.device(device).type == "cpu":
+            # NOTE: zero-filled shared memory instead of private pages: the same cost, and a reader on this host
+            # can copy blocks out with memcpy (kv_transfer/local_copy.py)
+            numel = math.prod(shape)
+            self.memfd = os.memfd_create("pdserve-kv", os.MFD_CLOEXEC)
+            os.ftruncate(self.memfd, numel * torch.empty((), dtype=dtype).element_size())
+            flat = torch.from_file(f"/proc/self/fd/{self.memfd}", shared=True, size=numel, dtype=dtype)
+            self.tensor = flat.view(shape)  # [G, num_blocks, H_kv, L / G, 2, block_size, D]
+        else:
+            self.tensor = torch.zeros(shape, dtype=dtype, device=device)  # [G, num_blocks, H_kv, L / G, 2, bs, D]
         # Per-layer strided views, built once: k/v [num_blocks, H_kv, block_size, D]
         per = lo.layers_per_group
         self.k = [self.tensor[i // per, :, :, i % per, 0] for i in range(lo.num_layers)]
@@ -93,3 +103,8 @@ class KVCache:
 
     def data_ptr(self) -> int:
         return self.tensor.data_ptr()
+
+    def __del__(self) -> None:
+        if self.memfd >= 0:
+            os.close(self.memfd)
+            self.memfd = -1

@@ -102,9 +102,11 @@ class KVConsumer(KVConnector):
         self.by_holder[key] = rid
         if not streamed:
             self._events.first_tokens.append(LoadDone(rid, source.first_token))
+        # NOTE: the release goes to the holder's rank-0 agent, which no read may have met (a stream given up before
+        # its blocks came, or reads by local copy)
+        self.agent.know(source.agents[0])
         if streamed:
             self.counters["streamed"] += 1
-            self.agent.know(source.agents[0])  # NOTE: a release may have to reach it before any read does
             for msg in self.early.pop(key, (0.0, []))[1]:
                 self._on_stream(rid, pull, msg)
         if rid in self.pulls:
@@ -186,6 +188,8 @@ class KVConsumer(KVConnector):
         if pull.state is not PullState.READING or pull.remote_blocks is None:
             return
         if pull.posted < pull.groups_done and pull.num_blocks:
+            if pull.posted == 0:
+                pull.started = time.monotonic()  # NOTE: `transfer_us` counts from the first read's posting
             xid = f"{pull.xfer_id}:{pull.posted}"
             remote = pull.remote_blocks[pull.first:pull.first + pull.num_blocks]
             errors = [e for e in self.ranks.call(TransferAgent.start_read, xid, pull.source.agents,

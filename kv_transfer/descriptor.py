@@ -16,7 +16,8 @@ from kv_transfer.errors import IncompatibleKVError
 
 PROTOCOL_VERSION = 1
 LAYOUT = "layer_group,block,kv_head,layer,kv,token,dim"
-OPTIONAL_FIELDS = ("node_ip", "num_layer_groups")  # added to version 1 later: an older peer's descriptor lacks them
+# added to version 1 later: an older peer's descriptor lacks them
+OPTIONAL_FIELDS = ("node_ip", "num_layer_groups", "share")
 
 
 def same_node(a: AgentDescriptor, b: AgentDescriptor) -> bool:
@@ -51,6 +52,7 @@ class AgentDescriptor:
     host: str = ""  # hostname: tells a same-host path (shm, cuda_ipc) from a cross-node one (RDMA)
     node_ip: str = ""  # the node's address as Ray sees it (engine.envs.PDSERVE_NODE_IP); "" when unknown
     num_layer_groups: int = 1  # the cache's layer groups (engine/kv_cache.py): the unit of layer-wise streaming
+    share: str = ""  # how a same-host reader may map the cache ("memfd:PID:FD", kv_transfer/local_copy.py); "": not
     layout: str = LAYOUT
 
     def to_dict(self) -> dict[str, Any]:

@@ -90,7 +90,7 @@ def decode_message(raw: bytes) -> Message:
     for name, tp in types.items():
         v = data[name]
         if not isinstance(v, tp) or (tp is int and not _is_int(v)):
-            raise ValueError(f"{cls.__name__}.{name} must be a {tp.__name__}")
+            raise ValueError(f"{cls.__name__}.{name} must be {'an' if tp is int else 'a'} {tp.__name__}")
         if tp is list and not all(_is_int(x) and x >= 0 for x in v):
             raise ValueError(f"{cls.__name__}.{name} must be a list of non-negative integers")
     return cls(**data)

@@ -28,6 +28,9 @@ class InstanceStatsRecord:
     kv_lease_expiries: int = 0  # held KV freed because no reader came within its lease (prefill; counter)
     kv_loads_queued: int = 0  # pulls that found no free blocks and waited for them (decode; counter)
     kv_loads_waiting: int = 0  # pulls waiting for free blocks now (decode; gauge)
+    kv_streamed_loads: int = 0  # pulls streamed layer group by layer group while their prompt computed (counter)
+    kv_stream_tail_seconds: float = 0.0  # streamed pulls: from the first token's news to the last read done (counter)
+    kv_ack_wait_seconds: float = 0.0  # from a pull's release to the holder's acknowledgement (decode; counter)
     computed_tokens: int = 0  # tokens its forwards computed (counter)
     compute_seconds: float = 0.0  # wall time of the steps that computed them (counter): the measured token rate
     requests_finished: int = 0  # requests that left the engine, done or aborted (counter)

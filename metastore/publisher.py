@@ -148,6 +148,8 @@ class InstancePublisher:
             kv_transfers=kv.get("transfers", 0), kv_transfer_failures=kv.get("fallbacks", 0),
             kv_local_fallbacks=c.kv_load_fallbacks, kv_lease_expiries=kv.get("lease_expired", 0),
             kv_loads_queued=c.kv_loads_queued, kv_loads_waiting=c.kv_loads_waiting,
+            kv_streamed_loads=kv.get("streamed", 0), kv_stream_tail_seconds=kv.get("stream_tail_us", 0) / 1e6,
+            kv_ack_wait_seconds=kv.get("ack_wait_us", 0) / 1e6,
             computed_tokens=c.computed_tokens, compute_seconds=c.compute_s,
             requests_finished=c.requests_finished, prompt_tokens_finished=c.prompt_tokens_finished,
             output_tokens_finished=c.output_tokens_finished,

@@ -64,6 +64,11 @@ _COUNTERS = (
      "kv_lease_expiries"),
     ("pdserve:kv_loads_queued", "KV pulls that found no free blocks and waited for them (decode instances)",
      "kv_loads_queued"),
+    ("pdserve:kv_streamed_loads", "KV pulls read layer group by layer group while the prompt computed",
+     "kv_streamed_loads"),
+    ("pdserve:kv_stream_tail_seconds", "Streamed pulls: from the first token's news to the last read's end",
+     "kv_stream_tail_seconds"),
+    ("pdserve:kv_ack_wait_seconds", "From a pull's release to the holder's acknowledgement", "kv_ack_wait_seconds"),
     ("pdserve:tp_group_restarts", "Restarts of the instance's TP group (every rank) after a lost rank",
      "tp_group_restarts"),
 )

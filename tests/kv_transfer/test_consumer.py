@@ -54,16 +54,17 @@ def test_partial_prefix_hit_transfers_only_missing_blocks(models: dict[str, path
     assert prefill.call("wait_released", 10) == 0
 
 
-@pytest.mark.parametrize("prepared", [True, False], ids=["prepared", "per-read"])
+@pytest.mark.parametrize("how", ["prepared", "per-read", "local-copy"])
 @pytest.mark.parametrize(("prefill_tp", "decode_tp"), [(1, 2), (2, 1)])
 def test_heterogeneous_tp(models: dict[str, pathlib.Path], prefill_factory, consumer_factory,
-                          prefill_tp: int, decode_tp: int, prepared: bool) -> None:
-    """Both ways of posting a read: by block index from the lists prepared once per peer, and from descriptor
-    rows built for the read."""
+                          prefill_tp: int, decode_tp: int, how: str) -> None:
+    """Every way of reading: by block index from the NIXL lists prepared once per peer, from NIXL descriptor rows
+    built for the read, and (same host, CPU) by memcpy from the holder's shared KV memory."""
     model = models["mistral"]
-    prefill = prefill_factory(model, tensor_parallel_size=prefill_tp)
+    local = how == "local-copy"
+    prefill = prefill_factory(model, {"local_copy": local}, tensor_parallel_size=prefill_tp)
     consumer = consumer_factory(model, tensor_parallel_size=decode_tp,
-                                cfg=TransferConfig(prepared_descriptors=prepared))
+                                cfg=TransferConfig(prepared_descriptors=how == "prepared", local_copy=local))
     for i, n in enumerate([7, 48, 150]):
         prompt = random_prompts(1, [n], 512, seed=120 + i)[0]
         handle = (prefill.call("prefill", f"h{i}", prompt))
@@ -76,6 +77,9 @@ def test_heterogeneous_tp(models: dict[str, pathlib.Path], prefill_factory, cons
     groups = handle.agents[0].num_layer_groups
     assert groups == 2  # the 2-layer model at the default kv_layer_groups (4): one group per layer
     assert connector(consumer).counters["descriptors"] == 2 * blocks * groups
+    agent = connector(consumer).agent
+    assert (agent.local_peers != {}) == local
+    assert all(peer is not None for peer in agent.local_peers.values())
     assert prefill.call("wait_released", 10) == 0
 
 

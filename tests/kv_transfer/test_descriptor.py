@@ -46,3 +46,20 @@ def test_replicated_heads_pair_and_a_wrong_head_count_is_refused() -> None:
     uneven = dataclasses.replace(desc(0, 1, 0, heads=6, name="p"), tp_size=4, num_kv_heads=1)
     with pytest.raises(IncompatibleKVError, match="neither divides nor is a multiple"):
         check_compatible(desc(0, 1, 0, heads=6), uneven)
+
+
+def test_a_share_that_cannot_be_mapped_is_read_over_nixl_and_counted() -> None:
+    """A same-host peer whose memory cannot be mapped (its process is gone, or the share is malformed) is not an
+    error: open_peer says so (None), logs, and counts; the agent then reads that peer over NIXL."""
+    import torch
+
+    from kv_transfer import local_copy
+
+    gone = dataclasses.replace(desc(0, 1, 0), share=f"memfd:{2**22 + 7}:3")  # no such pid
+    bad = dataclasses.replace(desc(0, 1, 0), share="memfd:x:3")
+    vram = dataclasses.replace(desc(0, 1, 0), share="cudaipc:e30=")  # a GPU peer's share, for a CPU reader
+    before = local_copy.unavailable
+    cpu = torch.device("cpu")
+    assert local_copy.open_peer(gone, cpu) is None and local_copy.open_peer(bad, cpu) is None
+    assert local_copy.open_peer(vram, cpu) is None
+    assert local_copy.unavailable == before + 3

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from kv_transfer.messages import ReleaseAck, ReleaseRequest, decode_message
+from kv_transfer.messages import ReleaseAck, ReleaseRequest, StreamBlocks, StreamProgress, decode_message
 
 
 def test_release_request_round_trips_with_its_exact_wire_form() -> None:
@@ -73,3 +73,37 @@ def test_a_bool_in_a_str_field_or_an_int_in_the_bool_field_is_refused_by_type() 
     with pytest.raises(ValueError, match="reader_metadata_b64 must be a str"):
         decode_message(json.dumps({"op": "release", "request_id": "r", "reader": "a",
                                    "reader_metadata_b64": False}).encode())
+
+
+def test_stream_messages_round_trip() -> None:
+    blocks = StreamBlocks(engine_id="prefill-0", request_id="r", block_ids=[4, 5, 9], num_tokens=40)
+    progress = StreamProgress(engine_id="prefill-0", request_id="r", groups_done=4, first_token=17, aborted=False)
+    for msg in (blocks, progress):
+        back = decode_message(msg.encode())
+        assert type(back) is type(msg) and back == msg
+
+
+def _progress(**fields: object) -> bytes:
+    return json.dumps({"op": "progress", "engine_id": "e", "request_id": "r", "groups_done": 1, "first_token": -1,
+                       "aborted": False, **fields}).encode()
+
+
+def _blocks(**fields: object) -> bytes:
+    return json.dumps({"op": "blocks", "engine_id": "e", "request_id": "r", "block_ids": [1, 2], "num_tokens": 20,
+                       **fields}).encode()
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    (_progress(groups_done=True), "StreamProgress.groups_done must be an int"),  # a bool is not a count
+    (_progress(groups_done=1.0), "StreamProgress.groups_done must be an int"),
+    (_progress(first_token="7"), "StreamProgress.first_token must be an int"),
+    (_progress(aborted=0), "StreamProgress.aborted must be a bool"),
+    (_blocks(block_ids="1,2"), "StreamBlocks.block_ids must be a list"),
+    (_blocks(block_ids=[1, -2]), "StreamBlocks.block_ids must be a list of non-negative integers"),
+    (_blocks(block_ids=[1, True]), "StreamBlocks.block_ids must be a list of non-negative integers"),
+    (_blocks(block_ids=[1, 2.5]), "StreamBlocks.block_ids must be a list of non-negative integers"),
+    (_blocks(num_tokens=None), "StreamBlocks.num_tokens must be an int"),
+])
+def test_malformed_stream_messages_are_value_errors(raw: bytes, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        decode_message(raw)
