@@ -26,6 +26,10 @@ class DecodeActor(InstanceActor):
     stream_items = 0  # stream items they went out in (fewer: a consumer lagged, outputs were merged)
     streams_abandoned = 0  # streams whose consumer went away before the final item (the request was aborted)
 
+    async def kv_source_ready(self, request_id: str, handle: KVHandle) -> None:
+        """The streamed prefill of this request finished; its hand-off backs up the holder's own messages."""
+        await asyncio.wrap_future(self.worker.kv_source_ready(request_id, handle))
+
     async def kv_source_lost(self, request_id: str) -> None:
         """The prefill instance streaming this request's KV failed: prefill it here (router/layer_wise.py)."""
         await asyncio.wrap_future(self.worker.kv_source_lost(request_id))

@@ -15,6 +15,7 @@
     abort of a held request                        ─────►  drop_held(id)
     abort of any other request                     ─────►  request_aborted(id)
     the source of a loading request failed         ─────►  source_lost(id)
+    ... or finished (its hand-off came another way) ─────►  source_ready(id, source)
 
 Layer-wise streaming (the prefill role):
     add_request(..., kv_reader=R)                  ─────►  stream_to(id, R): tell R how the prompt's KV grows
@@ -123,6 +124,11 @@ class KVConnector(ABC):
 
     def drop_held(self, request_id: str) -> None:
         """A request whose blocks were held was aborted: the engine freed them; forget it."""
+        return None
+
+    def source_ready(self, request_id: str, source: Any) -> None:
+        """Someone outside (the router) has the finished source of a loading request (e.g. the KVHandle of a
+        prefill whose progress was being streamed): use it for whatever has not arrived the other way."""
         return None
 
     def source_lost(self, request_id: str) -> None:

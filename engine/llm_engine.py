@@ -142,6 +142,12 @@ class LLMEngine:
                 self.remote.connector.request_aborted(request_id)
         self._outputs.append(self._finish_output(request))
 
+    def kv_source_ready(self, request_id: str, source: Any) -> None:
+        """The prefill of a loading request finished and its router passes the hand-off on: the connector takes
+        from it what the stream has not brought yet."""
+        if self.remote is not None:
+            self.remote.connector.source_ready(request_id, source)
+
     def kv_source_lost(self, request_id: str) -> None:
         """The prefill instance computing a loading request's prompt failed (its router saw it): the request is
         prefilled here instead (a failed load, logged and counted)."""

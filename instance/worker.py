@@ -24,7 +24,7 @@ from engine.sampling_params import SamplingParams
 from instance.engine_loop import EngineLoop
 from kv_transfer import NixlConnectorSpec, TransferConfig
 from kv_transfer.agent import TransferAgent
-from kv_transfer.handle import KVEndpoint, KVReader
+from kv_transfer.handle import KVEndpoint, KVHandle, KVReader
 from metastore import InstancePublisher, MetadataStore
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,9 @@ class InstanceWorker:
         no room)."""
         return self.loop.add(request_id, lambda: self.engine.add_request(request_id, prompt, params, kv_source,
                                                                          resumed, kv_reader), sink)
+
+    def kv_source_ready(self, request_id: str, source: KVHandle) -> Future[None]:
+        return self.loop.call(self.engine.kv_source_ready, request_id, source)
 
     def kv_source_lost(self, request_id: str) -> Future[None]:
         return self.loop.call(self.engine.kv_source_lost, request_id)

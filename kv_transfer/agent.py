@@ -26,8 +26,8 @@ from engine.kv_cache import KVCache
 from kv_transfer.config import TransferConfig
 from kv_transfer.descriptor import PROTOCOL_VERSION, AgentDescriptor, check_compatible, same_node
 from kv_transfer.errors import IncompatibleKVError, KVTransferError, PeerGoneError, TransferTimeoutError
-from kv_transfer.local_copy import LocalPeer, copy_units, open_peer, share_of
-from kv_transfer.plan import all_groups, block_rows, merged_descriptors, piece, plan_reads, sources, unit_indices
+from kv_transfer.local_copy import LocalPeer, open_peer, share_of
+from kv_transfer.plan import all_groups, block_rows, merged_descriptors, plan_reads, sources, unit_indices
 from kv_transfer.read_state import DONE, IN_FLIGHT, ReadState, ReadStats, error_from
 from kv_transfer.transports import (
     disable_proto_report,
@@ -38,8 +38,6 @@ from kv_transfer.transports import (
 )
 
 log = logging.getLogger(__name__)
-
-GATHER_ABOVE_RUNS = 16  # a GPU local copy of more runs than this goes as one gather (kv_transfer/local_copy.py)
 
 
 @dataclass
@@ -168,23 +166,11 @@ class TransferAgent:
             if peer is None:
                 nixl.append(remote)
                 continue
-            unit = self.descriptor.block_bytes
-            if peer.stream is not None and piece(self.descriptor, remote).size == unit == remote.block_bytes:
-                li = unit_indices(self.descriptor, np.asarray(local_blocks), groups)  # [len(groups) · n]
-                ri = unit_indices(remote, np.asarray(remote_blocks), groups)  # [len(groups) · n]
-                if merged_descriptors(self.descriptor, remote, li, ri) > GATHER_ABOVE_RUNS:
-                    # NOTE: many short runs: one gather kernel beats a copy per run (H200s: 0.73x vs 0.35x of a
-                    # GPU copy for 255 scattered blocks); few long runs go to the copy engines (0.79x vs 0.74x)
-                    read.events.append(copy_units(peer, self._local_bytes(), unit, li, ri))
-                    read.num_bytes += unit * len(li)
-                    read.num_descs += 1
-                    continue
-            for plan in plan_reads(self.descriptor, [remote], local_blocks, remote_blocks, 1 << 62, groups):
-                event = peer.copy(self._local_bytes(), self.descriptor.base_addr, plan)  # CPU: done on return
-                if event is not None:
-                    read.events.append(event)
-                read.num_bytes += plan.num_bytes
-                read.num_descs += len(plan.local_rows)
+            events, num_bytes, num_descs = peer.read(self.descriptor, remote, self._local_bytes(), local_blocks,
+                                                     remote_blocks, groups)
+            read.events += events
+            read.num_bytes += num_bytes
+            read.num_descs += num_descs
         if not nixl:
             return
         descs = nixl  # NOTE: one chosen holder per head range, so `sources` keeps them all

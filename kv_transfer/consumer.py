@@ -29,7 +29,7 @@ from kv_transfer.read_state import ReadStatus
 log = logging.getLogger(__name__)
 
 EARLY_KEEP_S = 120.0  # how long stream messages for a request not (yet) loading here are kept
-FLUSH_S = 0.5  # how long the agent keeps progressing after a release was sent (a send completes only then)
+FLUSH_S = 2.0  # how long the agent keeps progressing after a release was sent (a send completes only then)
 
 
 class PullState(enum.Enum):
@@ -125,6 +125,25 @@ class KVConsumer(KVConnector):
                 self._send_release(pull)  # the holder may free its copy now (or drop the stream)
                 self._flush_until = time.monotonic() + FLUSH_S  # NOTE: no ack is awaited: progress the send
         return request_id not in self.unsettled
+
+    def source_ready(self, request_id: str, source: Any) -> None:
+        pull = self.pulls.get(request_id)
+        if (pull is None or not isinstance(source, KVHandle) or not isinstance(pull.source, StreamedKV)
+                or pull.first_token >= 0 or pull.state is not PullState.READING
+                or (source.engine_id, source.request_id) != (pull.source.engine_id, pull.source.request_id)):
+            return  # NOTE: the common case: the holder's own messages came first
+        # NOTE: its prefill is done and held, but the holder's last messages have not come (a notification can
+        # lag, e.g. while a new connection is set up under load): the hand-off says the same, so go on with it
+        self.counters["streams_completed_by_handle"] += 1
+        log.info("request %s: its prefill finished before the stream's last messages came; reading by its hand-off",
+                 request_id)
+        if pull.remote_blocks is None:
+            self._on_stream(request_id, pull, StreamBlocks(source.engine_id, source.request_id, source.block_ids,
+                                                           source.num_tokens))
+        if request_id in self.pulls:
+            self._on_stream(request_id, pull, StreamProgress(source.engine_id, source.request_id, pull.num_groups,
+                                                             source.first_token, False))
+            self._advance(request_id, pull)
 
     def source_lost(self, request_id: str) -> None:
         if request_id in self.pulls:

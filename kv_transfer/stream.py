@@ -30,8 +30,8 @@ from kv_transfer.transports import quiet_stdout
 
 log = logging.getLogger(__name__)
 
-PROGRESS_AFTER_SEND_S = 0.2  # how long the notifier progresses its agent after a send
-PROGRESS_PERIOD_S = 0.0002
+PROGRESS_PERIOD_S = 0.0002  # without NIXL's progress thread: how often the agent is progressed right after a send,
+IDLE_PROGRESS_S = 0.05  # backing off to this (a connection's set-up and a send under load may need seconds of it)
 
 
 @dataclass(frozen=True)
@@ -65,22 +65,22 @@ class StreamNotifier:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        import time
-
-        last_send = -PROGRESS_AFTER_SEND_S
+        period: float | None = None  # None: nothing to progress, wait for the next message
         while True:
             # NOTE: a send completes (and a new peer's connection is set up) only while the sender's UCX worker
-            # progresses: keep progressing it for a while after each send instead of running NIXL's progress
-            # thread, which would spin a core for good.
-            sending = not self.progress_thread and time.monotonic() - last_send < PROGRESS_AFTER_SEND_S
+            # progresses. Without NIXL's progress thread (it would spin a core for good), this thread progresses
+            # the agent itself: often right after a send, then backing off, and never stopping for good (under
+            # load a send can take far longer than the first few polls; a message left unsent would leave its
+            # reader waiting for kv_transfer.stream_timeout_s).
             try:
-                item = self._queue.get(timeout=PROGRESS_PERIOD_S) if sending else self._queue.get()
+                item = self._queue.get(timeout=period) if period else self._queue.get()
             except queue.Empty:
                 self.agent.get_new_notifs()  # progresses the worker
+                period = min(2 * (period or PROGRESS_PERIOD_S), IDLE_PROGRESS_S)
                 continue
             if item is None:
                 return
-            last_send = time.monotonic()
+            period = None if self.progress_thread else PROGRESS_PERIOD_S
             try:
                 if item.after is not None:
                     item.after.synchronize()

@@ -77,6 +77,12 @@ def _prefill_done(svc: RouterService, rid: str, p_iid: str, d_iid: str, task: as
     e = task.exception()
     if e is None:
         svc.health.succeeded(p_iid)
+        done = task.result()
+        if done.kv_handle is not None:  # NOTE: backs up the holder's own messages, should one lag or be lost
+            try:
+                svc.actor(d_iid).kv_source_ready.remote(rid, done.kv_handle)
+            except Exception as err:
+                log.warning("request %s: could not pass its hand-off to %s: %s", rid, d_iid, err)
         return
     if isinstance(e, ray.exceptions.RayTaskError) and isinstance(getattr(e, "cause", None), ValueError):
         why, dead = f"refused the input ({e.cause})", False  # NOTE: the decode instance refuses it too

@@ -5,13 +5,14 @@ TP 1 -> 2 and 2 -> 1, and an abort in the middle of the layers leaks no block on
 
 from __future__ import annotations
 
+import base64
 import pathlib
 import time
 
 import pytest
 
 from engine import LLMEngine
-from kv_transfer.handle import StreamedKV
+from kv_transfer.handle import KVReader, StreamedKV
 from tests.conftest import assert_all_free
 from tests.kv_transfer.conftest import NEW, connector, greedy, settle
 from tests.kv_transfer.prefill_process import PrefillProcess
@@ -152,3 +153,25 @@ def test_reader_that_gives_up_before_the_last_chunk_frees_the_prompt_at_once(mod
     stats = prefill.call("stats")
     assert stats["used"] == 0 and stats["held"] == 0 and stats["streams"] == 0 and stats["abandoned"] == 0
     assert stats["counters"]["streams_abandoned"] == 1
+
+
+def test_stream_whose_messages_never_come_completes_by_the_hand_off(model: pathlib.Path, prefill_factory,
+                                                                    consumer_factory) -> None:
+    """The holder's stream messages are lost (here: it was told a reader it cannot reach); once the prefill is done
+    its router passes the hand-off on (`kv_source_ready`) and the pull completes from it, exactly."""
+    prefill = prefill_factory(model)
+    engine = consumer_factory(model)
+    prompt = random_prompts(1, [70], 512, seed=380)[0]
+    agents = prefill.call("agents")
+    lost = KVReader("nobody-tp0", base64.b64encode(b"not NIXL metadata").decode())
+    assert prefill.call("stream", "h", prompt, lost) == "ok"
+    engine.add_request("h", prompt, greedy(), kv_source=StreamedKV("prefill", "h", len(prompt), agents))
+    handle = prefill.call("result", "h", 30)
+    assert handle is not None and handle != "not finished"
+    for _ in range(20):  # nothing comes the stream's way
+        assert [o for o in engine.step() if o.request_id == "h"] == []
+    engine.kv_source_ready("h", handle)
+    assert run(engine, "h") == hf_greedy(model, prompt, NEW)
+    counters = connector(engine).counters
+    assert counters["streams_completed_by_handle"] == 1 and counters["fallbacks"] == 0
+    assert prefill.call("wait_released", 10) == 0
