@@ -57,7 +57,17 @@ def groups(ray: Any) -> dict[str, dict[str, Any]]:
 
 
 def tp_pids(ray: Any, iid: str) -> list[int]:
-    return ray.get(ray.get_actor(iid).tp_ranks.remote(), timeout=30)
+    """The pids of the instance's TP ranks. NOTE: a restarted instance registers (its new pid in the registry,
+    which `wait_back` watches) from its constructor, before Ray reports the actor alive; a call in between is
+    refused as "restarting", so it is retried."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return ray.get(ray.get_actor(iid).tp_ranks.remote(), timeout=30)
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def proc_info(pid: int) -> tuple[int, str]:
