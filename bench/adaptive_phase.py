@@ -71,7 +71,7 @@ def main() -> None:
                                                      "prefill instance's rate by the profile, at most 3)")
     ap.add_argument("--long-share", type=float, default=0.5)
     ap.add_argument("--ttft-x", type=float, default=6.0, help="TTFT SLO: this many long-prompt prefills")
-    ap.add_argument("--tpot-x", type=float, default=1.2, help="TPOT SLO: this many 4-row decode steps")
+    ap.add_argument("--tpot-x", type=float, default=1.5, help="TPOT SLO: this many 4-row decode steps")
     ap.add_argument("--min-gain", type=float, default=0.02, help="adaptive.min_gain")
     ap.add_argument("--log", help="copy each run's serve log here (suffixed with the run's name)")
     ap.add_argument("--json")

@@ -7,9 +7,10 @@ The small dummy-weights model of bench/small_cluster.py is profiled first (plann
 as a Ray actor without CPUs gets), then each split is served for real (`pdserve serve`) and driven by
 `pdserve bench` with Poisson arrivals. The prediction simulates the same split on the arrivals the bench
 actually sent (their send times, prompt and output lengths), so only the model differs, not the workload. A
-second prediction is calibrated: the profile's step times scaled by the decode pool's measured mean step time
-(the router's per-instance counters) over the simulated one, as the adaptive split calibrates itself at
-runtime, and the transfer's fixed part raised to the router's measured mean KV hand-off
+second prediction is calibrated: the profile's step times scaled by the measured slowdown (every instance's
+steps' wall time over what the profile predicts for the same steps, from the router's per-instance counters;
+`pdserve.adaptive_split.step_slowdown`), as the adaptive split calibrates itself at runtime, and the
+transfer's fixed part raised to the router's measured mean KV hand-off
 (`pdserve:kv_handoff_seconds`) less the profiled per-block time.
 """
 
@@ -30,6 +31,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from small_cluster import ROOT, small_cluster  # bench/, the script's folder
 
+from engine.step_work import StepWork
+from pdserve.adaptive_split import step_slowdown
 from pdserve.config import load_config
 from pdserve.dummy_model import write_dummy_model
 from planner.profile import EngineProfile, profile_engine
@@ -66,18 +69,28 @@ def measure(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     run = json.loads((out / name / "results.json").read_text())["runs"][0]
     samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
     return {"split": split, "summary": run["summary"], "requests": run["requests"],
-            "decode_step_s": decode_step_seconds(samples), "handoff_s": handoff_seconds(samples)}
+            "work": measured_work(samples), "handoff_s": handoff_seconds(samples),
+            "ack_wait_s": ack_wait_seconds(samples)}
 
 
 def _total(samples: list[Sample], name: str, **labels: str) -> float:
     return sum(s.value for s in samples if s.name == name and labels.items() <= s.labels.items())
 
 
-def decode_step_seconds(samples: list[Sample]) -> float:
-    """The decode pool's mean engine step time over the run, from the router's per-instance counters (what the
-    adaptive split calibrates its profile with)."""
-    steps = _total(samples, "pdserve:engine_steps_total", role="decode")
-    return _total(samples, "pdserve:engine_step_seconds_total", role="decode") / steps if steps else 0.0
+def measured_work(samples: list[Sample]) -> StepWork:
+    """What every instance's steps computed over the run and their wall time, from the router's per-instance
+    counters (what the adaptive split calibrates its profile with)."""
+    names = ("work_steps", "computed_tokens", "prefill_tokens", "prefill_pairs", "decode_rows",
+             "decode_context_tokens")
+    counts = [int(_total(samples, f"pdserve:engine_{n}_total")) for n in names]
+    return StepWork(*counts, seconds=_total(samples, "pdserve:engine_work_seconds_total"))
+
+
+def ack_wait_seconds(samples: list[Sample]) -> float | None:
+    """The decode pool's mean wait from a pull's release to the holder's acknowledgement (its second token waits
+    for it), or None when nothing was pulled."""
+    pulls = _total(samples, "pdserve:kv_transfers_total")
+    return _total(samples, "pdserve:kv_ack_wait_seconds_total") / pulls if pulls else None
 
 
 def handoff_seconds(samples: list[Sample]) -> float | None:
@@ -117,9 +130,9 @@ def main() -> None:
                 split = Split(split.prefill, split.decode, args.max_local_prefill_tokens)
             sim = simulate(prof, split, arrivals)
             predicted, measured = sim.goodput(slo_ttft, slo_tpot), m["summary"]["goodput"]
-            # calibrated as the adaptive split does at runtime: the profile scaled by the measured decode step
-            # time over the simulated one
-            slowdown = m["decode_step_s"] / sim.decode_step_s if m["decode_step_s"] and sim.decode_step_s else 1.0
+            # calibrated as the adaptive split does at runtime: the profile scaled by the measured step times over
+            # its own for the same steps
+            slowdown = step_slowdown(prof, m["work"]) or 1.0
             # ...and the transfer's fixed part by the measured hand-off (the control path around the NIXL read:
             # the prefill actor's reply, the decode admission, the release acknowledgement), where there was one
             transfer, blocks = prof.transfer, -(-args.input_len // prof.block_size)
@@ -130,7 +143,7 @@ def main() -> None:
             calibrated = simulate(scaled, split, arrivals).goodput(slo_ttft, slo_tpot)
             row = {"split": split.name(), "measured_goodput": measured, "predicted_goodput": predicted,
                    "predicted_over_measured": predicted / measured if measured else None,
-                   "slowdown": slowdown, "handoff_s": m["handoff_s"],
+                   "slowdown": slowdown, "handoff_s": m["handoff_s"], "ack_wait_s": m["ack_wait_s"],
                    "profiled_transfer_s": prof.transfer.predict(blocks),
                    "calibrated_goodput": calibrated,
                    "calibrated_over_measured": calibrated / measured if measured else None,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.block_pool import BlockPoolStats
+from engine.step_work import StepWork
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,10 @@ class EngineCounters:
     steps: int
     step_s: float
     kv_load_fallbacks: int  # KV loads that failed, each request then prefilled locally
-    computed_tokens: int = 0  # tokens computed by forwards (prompt and generated), a counter
-    compute_s: float = 0.0  # wall time of the steps that computed them: tokens / s is the measured token rate
     requests_finished: int = 0  # requests that left the engine (done or aborted)
     prompt_tokens_finished: int = 0  # their prompt tokens
     output_tokens_finished: int = 0  # their generated tokens
     kv_loads_queued: int = 0  # KV loads that found no room and waited for it (a counter; engine/remote_kv.py)
     kv_loads_waiting: int = 0  # KV loads waiting for room now (a gauge)
+    # what the steps computed and their wall time (tokens / s: the measured token rate)
+    work: StepWork = field(default_factory=StepWork)

@@ -38,6 +38,7 @@ from engine.request import Request, RequestStatus
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
+from engine.step_work import StepWorkMeter
 from engine.stepper import SyncStepper
 from engine.tokenizer import IncrementalDetokenizer, encode_prompt, load_tokenizer
 
@@ -72,7 +73,7 @@ class LLMEngine:
         self.detok: dict[str, IncrementalDetokenizer] = {}
         self._outputs: list[RequestOutput] = []  # made outside step() (aborts), returned by the next step()
         self._arrival = itertools.count()
-        self._computed_tokens, self._compute_s = 0, 0.0
+        self.work = StepWorkMeter()  # what the steps computed and their time (the adaptive split's calibration)
 
     @property
     def num_kv_blocks(self) -> int:
@@ -175,10 +176,10 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if self.remote is not None and len(out):
             self.executor.layer_hook = self.remote.connector.layer_hook(out)
+        shape = self.work.shape(out) if len(out) else None
         outputs += self.stepper.run(out, self._emit, t0)
-        if out.total_tokens:  # NOTE: for the measured token rate routers predict a TTFT with (heartbeats)
-            self._computed_tokens += out.total_tokens
-            self._compute_s += time.perf_counter() - t0
+        if shape is not None and shape[0]:  # NOTE: routers predict a TTFT from the measured token rate (heartbeats)
+            self.work.record(shape, time.perf_counter() - t0)
         return outputs
 
     def _emit(self, request: Request, token: int, pending: bool = False,
@@ -242,9 +243,9 @@ class LLMEngine:
         kv, pool, m = self.kv, self.kv.pool, self.metrics
         return EngineCounters(pool.num_blocks - pool.num_free_blocks, pool.num_blocks, kv.prefix_queries,
                               kv.prefix_hits, self.scheduler.num_preemptions, m.steps, m.total_s,
-                              m.counters.get("kv_load_fallbacks", 0), self._computed_tokens, self._compute_s,
-                              *self.finished_totals, kv_loads_queued=m.counters.get("kv_loads_queued", 0),
-                              kv_loads_waiting=len(self.remote.pending) if self.remote else 0)
+                              m.counters.get("kv_load_fallbacks", 0), *self.finished_totals,
+                              kv_loads_queued=m.counters.get("kv_loads_queued", 0),
+                              kv_loads_waiting=len(self.remote.pending) if self.remote else 0, work=self.work.totals())
 
     def stats(self) -> EngineStats:
         sched, kv = self.scheduler, self.kv

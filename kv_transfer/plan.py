@@ -12,6 +12,7 @@ a streaming prefill has finished).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +34,12 @@ class RankRead:
 
 def head_range(desc: AgentDescriptor) -> tuple[int, int]:
     """[first, end) of the global KV heads the rank of `desc` holds."""
-    heads = KVHeadSplit(desc.total_kv_heads, desc.tp_size, desc.tp_rank).heads
+    return _head_range(desc.total_kv_heads, desc.tp_size, desc.tp_rank)
+
+
+@functools.lru_cache(maxsize=1024)
+def _head_range(total_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
+    heads = KVHeadSplit(total_kv_heads, tp_size, tp_rank).heads
     return heads.start, heads.stop
 
 
@@ -113,38 +119,52 @@ def plan_reads(local: AgentDescriptor, remotes: list[AgentDescriptor], local_blo
                remote_blocks: list[int], max_descriptor_bytes: int = 1 << 62,
                groups: range | None = None) -> list[RankRead]:
     """Descriptor rows that copy remote_blocks[i] into local_blocks[i] for this rank's heads, in each layer group
-    of `groups` (None: all). Coalesced runs are cut at `max_descriptor_bytes` (whole blocks; a single block is
-    never split)."""
+    of `groups` (None: all). Coalesced runs (within a group) are cut at `max_descriptor_bytes` (whole blocks; a
+    single block is never split). NOTE: numpy throughout, no loop over blocks: it is on the read's critical
+    path (a 512 MB read is 256 blocks of 4 groups)."""
     assert len(local_blocks) == len(remote_blocks)
     groups = all_groups(local) if groups is None else groups
+    lb, rb = np.asarray(local_blocks, dtype=np.int64), np.asarray(remote_blocks, dtype=np.int64)  # [n]
+    li = unit_indices(local, lb, groups).astype(np.int64)  # [len(groups)·n] rows of block_rows, group-major
     plans: list[RankRead] = []
     for remote in sources(local, remotes):
         p = piece(local, remote)
-        size, l_off, r_off = p.size, p.local_offset, p.remote_offset
-        whole = size == local.block_bytes == remote.block_bytes
+        whole = p.size == local.block_bytes == remote.block_bytes
+        ri = unit_indices(remote, rb, groups).astype(np.int64)  # [len(groups)·n]
         max_run = max(1, max_descriptor_bytes // local.block_bytes) if whole else 1
-        # (local unit, remote unit, length) per run, a unit being (group g, block b) = row g·num_blocks + b
-        runs = [(g * local.num_blocks + lb, g * remote.num_blocks + rb, k) for g in groups
-                for lb, rb, k in _runs(local_blocks, remote_blocks, max_run)]
-        n = len(runs)
-        arr = np.asarray(runs, dtype=np.uint64).reshape(n, 3)  # [n, 3]
-        local_rows = np.empty((n, 3), dtype=np.uint64)
-        remote_rows = np.empty((n, 3), dtype=np.uint64)
-        local_rows[:, 0] = np.uint64(local.base_addr + l_off) + arr[:, 0] * np.uint64(local.block_bytes)
-        remote_rows[:, 0] = np.uint64(remote.base_addr + r_off) + arr[:, 1] * np.uint64(remote.block_bytes)
-        local_rows[:, 1] = remote_rows[:, 1] = arr[:, 2] * np.uint64(size)
+        starts, lengths = _runs(li, ri, len(lb), max_run)  # [runs], [runs]
+        n = len(starts)
+        local_rows = np.empty((n, 3), dtype=np.uint64)  # [runs, 3]
+        remote_rows = np.empty((n, 3), dtype=np.uint64)  # [runs, 3]
+        local_rows[:, 0] = np.uint64(local.base_addr + p.local_offset) + \
+            li[starts].astype(np.uint64) * np.uint64(local.block_bytes)
+        remote_rows[:, 0] = np.uint64(remote.base_addr + p.remote_offset) + \
+            ri[starts].astype(np.uint64) * np.uint64(remote.block_bytes)
+        local_rows[:, 1] = remote_rows[:, 1] = lengths.astype(np.uint64) * np.uint64(p.size)
         local_rows[:, 2] = local.device_id
         remote_rows[:, 2] = remote.device_id
         plans.append(RankRead(remote, local_rows, remote_rows))
     return plans
 
 
-def _runs(local_blocks: list[int], remote_blocks: list[int], max_run: int) -> list[tuple[int, int, int]]:
-    """Runs (local, remote, length) of at most `max_run` blocks where both sides' ids are consecutive."""
-    runs: list[list[int]] = []
-    for lb, rb in zip(local_blocks, remote_blocks, strict=True):
-        if runs and runs[-1][2] < max_run and runs[-1][0] + runs[-1][2] == lb and runs[-1][1] + runs[-1][2] == rb:
-            runs[-1][2] += 1
-        else:
-            runs.append([lb, rb, 1])
-    return [(a, b, c) for a, b, c in runs]
+def _runs(li: np.ndarray, ri: np.ndarray, per_group: int, max_run: int) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of units consecutive on both sides, within one group (`per_group` units each), of at most `max_run`:
+    (index of each run's first unit in li/ri [runs], its length [runs])."""
+    n = len(li)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    if max_run == 1:
+        return np.arange(n, dtype=np.int64), np.ones(n, dtype=np.int64)
+    cut = (li[1:] - li[:-1] != 1) | (ri[1:] - ri[:-1] != 1)  # [n - 1]
+    if per_group:
+        cut[per_group - 1::per_group] = True  # NOTE: a run never crosses into the next group
+    starts = np.concatenate(([0], np.flatnonzero(cut) + 1))  # [runs]
+    lengths = np.concatenate((starts[1:], [n])) - starts  # [runs]
+    if lengths.max() > max_run:  # cut long runs into max_run pieces
+        pieces = -(-lengths // max_run)  # [runs]
+        first = np.repeat(np.cumsum(pieces) - pieces, pieces)  # [pieces]: index of its run's first piece
+        offset = (np.arange(int(pieces.sum())) - first) * max_run  # [pieces]
+        ends = np.repeat(starts + lengths, pieces)  # [pieces]
+        starts = np.repeat(starts, pieces) + offset
+        lengths = np.minimum(max_run, ends - starts)
+    return starts, lengths

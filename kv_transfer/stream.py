@@ -42,16 +42,19 @@ class _Send:
 
 
 class StreamNotifier:
-    def __init__(self, engine_id: str, progress_thread: bool) -> None:
+    def __init__(self, engine_id: str, progress_thread: bool, counters: Counter[str] | None = None) -> None:
         """`progress_thread`: NIXL's (a GPU worker: cores to spare); without it this thread progresses the agent
-        itself for a while after each send (it would spin a core for good: kv_transfer/agent.py)."""
+        itself for a while after each send (it would spin a core for good: kv_transfer/agent.py). `counters`:
+        where it counts messages sent and sends that failed (its owner's, published with its heartbeats)."""
         from nixl._api import nixl_agent, nixl_agent_config
 
         self.progress_thread = progress_thread
         with quiet_stdout():
             self.agent = nixl_agent(f"{engine_id}-stream-{os.getpid()}", nixl_agent_config(
                 enable_prog_thread=progress_thread, backends=["UCX"]))
-        self.counters: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter() if counters is None else counters
+        for name in ("stream_messages_sent", "stream_send_failures"):
+            self.counters[name] += 0  # NOTE: no key inserted later, while another thread may copy the counter
         self._peers: dict[str, str] = {}
         self._queue: queue.SimpleQueue[_Send | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="kv-stream-notifier", daemon=True)

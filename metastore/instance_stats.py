@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 
+from engine.step_work import StepWork
+
 
 @dataclass(frozen=True)
 class InstanceStatsRecord:
@@ -31,8 +33,17 @@ class InstanceStatsRecord:
     kv_streamed_loads: int = 0  # pulls streamed layer group by layer group while their prompt computed (counter)
     kv_stream_tail_seconds: float = 0.0  # streamed pulls: from the first token's news to the last read done (counter)
     kv_ack_wait_seconds: float = 0.0  # from a pull's release to the holder's acknowledgement (decode; counter)
+    kv_streams: int = 0  # prompts whose KV progress was streamed to a reader (prefill; counter)
+    kv_stream_messages_sent: int = 0  # stream messages sent to readers (prefill; counter)
+    kv_stream_send_failures: int = 0  # stream messages that could not be sent (prefill; counter)
     computed_tokens: int = 0  # tokens its forwards computed (counter)
     compute_seconds: float = 0.0  # wall time of the steps that computed them (counter): the measured token rate
+    # what those steps computed, in the planner's step-model terms (counters; engine/step_work.py)
+    work_steps: int = 0
+    work_prefill_tokens: int = 0
+    work_prefill_pairs: int = 0
+    work_decode_seqs: int = 0
+    work_decode_context: int = 0
     requests_finished: int = 0  # requests that left the engine, done or aborted (counter)
     prompt_tokens_finished: int = 0  # their prompt tokens (counter)
     output_tokens_finished: int = 0  # their generated tokens (counter)
@@ -47,6 +58,11 @@ class InstanceStatsRecord:
         raw = json.loads(text)
         names = {f.name for f in fields(InstanceStatsRecord)}
         return InstanceStatsRecord(**{k: v for k, v in raw.items() if k in names})
+
+    @property
+    def work(self) -> StepWork:
+        return StepWork(self.work_steps, self.computed_tokens, self.work_prefill_tokens, self.work_prefill_pairs,
+                        self.work_decode_seqs, self.work_decode_context, self.compute_seconds)
 
     @property
     def prefix_cache_hit_rate(self) -> float:

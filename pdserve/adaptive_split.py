@@ -1,14 +1,16 @@
 """The adaptive P/D split: a thread in the process that owns the pools (`pdserve serve`) that re-plans the split
 from the live workload and moves one instance at a time between the pools by a role switch.
 
-Every `adaptive.interval_s` it reads the decode pool's stats records (every request finishes on a decode
-instance, prefilled there or not): the requests finished in the last `window_s`, their mean prompt and output
-lengths, and the prefix-cache hit rate. From those and the engine profile (`pdserve profile`) it ranks the
-splits of the instances it has (planner/plan.py, the same simulation as `pdserve plan`), the current one
-included. It changes the split only when the same better split wins `patience` re-plans in a row by at least
-`min_gain` predicted goodput, one role switch per change (through the Admin channel, like `pdserve role`: drained,
-no request lost), then waits `cooldown_s`. The conditional-disaggregation threshold of the winning split goes to
-the runtime policy with it. Every decision is logged; `counters` counts re-plans, changes and failures.
+Every `adaptive.interval_s` it reads every instance's stats record: from the decode pool's (every request
+finishes on a decode instance, prefilled there or not) the requests finished in the last `window_s`, their mean
+prompt and output lengths, and the prefix-cache hit rate; from all of them what their steps computed and how
+long those steps took, against which the engine profile (`pdserve profile`) is calibrated (`step_slowdown`).
+From those it ranks the splits of the instances it has (planner/plan.py, the same simulation as `pdserve
+plan`), the current one included. It changes the split only when the same better split wins `patience` re-plans
+in a row by at least `min_gain` predicted goodput, one role switch per change (through the Admin channel, like
+`pdserve role`: drained, no request lost), then waits `cooldown_s`. The conditional-disaggregation threshold of
+the winning split goes to the runtime policy with it. Every decision is logged; `counters` counts re-plans,
+changes and failures.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from engine.step_work import StepWork
 from metastore import MetadataStore
 from metastore.admin import AdminChannel, AdminCommand
 from metastore.instance_stats import InstanceStatsRecord
@@ -27,6 +30,7 @@ from pdserve.config import AdaptiveConfig
 from planner.plan import SLO, SplitPrediction, candidate_splits, poisson_workload
 from planner.profile import EngineProfile
 from planner.simulate import Split, simulate
+from planner.step_model import StepShape
 
 log = logging.getLogger(__name__)
 
@@ -40,49 +44,67 @@ class WorkloadWindow:
     mean_prompt_tokens: float
     mean_output_tokens: float
     prefix_hit_rate: float
-    decode_step_s: float = 0.0  # the decode pool's measured mean step time (0: none measured)
+    work: StepWork = field(default_factory=StepWork)  # every instance's steps in the window, and their wall time
+
+
+@dataclass(frozen=True)
+class _Delta:
+    t: float
+    requests: int = 0  # finished on the decode pool
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+    work: StepWork = field(default_factory=StepWork)  # every instance's, both pools
 
 
 class WorkloadMeter:
-    """Running totals of the decode pool's finished requests, differenced into a sliding window. An instance
-    seen for the first time (new, restarted, or just switched into the pool) only sets its baseline."""
+    """Running totals of the decode pool's finished requests and of every instance's step work, differenced
+    into a sliding window. An instance seen for the first time (new, restarted, or just switched into the
+    pool) only sets its baseline."""
 
     def __init__(self) -> None:
         self.last: dict[str, InstanceStatsRecord] = {}
-        # (t, requests, prompt tokens, output tokens, prefix queries, prefix hits, steps, step seconds)
-        self.deltas: deque[tuple[float, int, int, int, int, int, int, float]] = deque()
+        self.deltas: deque[_Delta] = deque()
 
-    def observe(self, now: float, records: dict[str, InstanceStatsRecord]) -> None:
-        n = prompt = output = queries = hits = steps = 0
-        step_s = 0.0
+    def observe(self, now: float, records: dict[str, InstanceStatsRecord], decode_ids: set[str]) -> None:
+        n = prompt = output = queries = hits = 0
+        work = StepWork()
         for iid, rec in records.items():
             before = self.last.get(iid)
             self.last[iid] = rec
-            if before is None or rec.requests_finished < before.requests_finished:  # new or restarted
+            if before is None or rec.requests_finished < before.requests_finished or \
+                    rec.work_steps < before.work_steps:  # new or restarted
+                continue
+            work = work.plus(rec.work.minus(before.work))
+            if iid not in decode_ids:
                 continue
             n += rec.requests_finished - before.requests_finished
             prompt += rec.prompt_tokens_finished - before.prompt_tokens_finished
             output += rec.output_tokens_finished - before.output_tokens_finished
             queries += rec.prefix_cache_queries - before.prefix_cache_queries
             hits += rec.prefix_cache_hits - before.prefix_cache_hits
-            steps += rec.steps - before.steps
-            step_s += rec.step_seconds - before.step_seconds
         for iid in set(self.last) - set(records):
             del self.last[iid]
-        self.deltas.append((now, n, prompt, output, queries, hits, steps, step_s))
+        self.deltas.append(_Delta(now, n, prompt, output, queries, hits, work))
 
     def window(self, now: float, window_s: float) -> WorkloadWindow | None:
-        while self.deltas and self.deltas[0][0] < now - window_s:
+        while self.deltas and self.deltas[0].t < now - window_s:
             self.deltas.popleft()
         if len(self.deltas) < 2:
             return None
         rows = list(self.deltas)[1:]  # NOTE: the first row is the window's baseline
-        n, prompt, output, queries, hits, steps, step_s = (sum(d[i] for d in rows) for i in range(1, 8))
-        span = self.deltas[-1][0] - self.deltas[0][0]
+        n = sum(d.requests for d in rows)
+        span = self.deltas[-1].t - self.deltas[0].t
         if n == 0 or span <= 0:
             return None
-        return WorkloadWindow(int(n), n / span, prompt / n, output / n, hits / queries if queries else 0.0,
-                              step_s / steps if steps else 0.0)
+        queries = sum(d.prefix_queries for d in rows)
+        work = StepWork()
+        for d in rows:
+            work = work.plus(d.work)
+        return WorkloadWindow(n, n / span, sum(d.prompt_tokens for d in rows) / n,
+                              sum(d.output_tokens for d in rows) / n,
+                              sum(d.prefix_hits for d in rows) / queries if queries else 0.0, work)
 
 
 @dataclass(frozen=True)
@@ -90,36 +112,46 @@ class Decision:
     target: Split
     current: SplitPrediction
     best: SplitPrediction
-    slowdown: float  # the decode pool's measured mean step time over the profile's for the same work (1: as profiled)
+    slowdown: float  # the instances' measured step time over the profile's for the same steps (1: as profiled)
+    calibrated: bool  # whether the plan scaled the profile by it
 
 
 MAX_SLOWDOWN = 20.0
+MIN_CALIBRATION_STEPS = 20  # fewer measured steps in a window: the profile's step times as they are
+
+
+def step_slowdown(profile: EngineProfile, work: StepWork) -> float | None:
+    """How much longer the steps in `work` took than the profile's step model predicts for exactly those steps,
+    clamped to [1 / MAX_SLOWDOWN, MAX_SLOWDOWN]; None with fewer than MIN_CALIBRATION_STEPS steps."""
+    if work.steps < MIN_CALIBRATION_STEPS or work.seconds <= 0:
+        return None
+    shape = StepShape(work.prefill_tokens, work.decode_seqs, work.decode_context, work.prefill_pairs)
+    predicted = profile.step.predict_sum(work.steps, shape)
+    if predicted <= 0:
+        return None
+    return min(MAX_SLOWDOWN, max(1 / MAX_SLOWDOWN, work.seconds / predicted))
 
 
 def replan(profile: EngineProfile, slo: SLO, work: WorkloadWindow, current: Split,
-           calibrate: bool = False) -> Decision:
+           calibrate: bool = True) -> Decision:
     """The best split of the current instance count for a Poisson workload like `work`, and the current one's
-    prediction on the same arrivals. The measured slowdown is the decode pool's mean step time against the
-    simulation's for the current split and this workload (clamped to [1 / MAX_SLOWDOWN, MAX_SLOWDOWN]); with
-    `calibrate` the profile is scaled by it first. NOTE: off by default: on the tiny CPU cluster the ratio ran to
-    its clamp under load (the measured mean and the simulated one do not yet count the same steps), and a plan
-    scaled by it saw no split meet the SLOs."""
+    prediction on the same arrivals. With `calibrate` (and enough measured steps) the profile's step times are
+    first scaled by the measured slowdown (`step_slowdown`): the live cluster's steps can run slower than the
+    profiled engine's alone (a busy host, the serving loop around the engine), and a plan on the profile's
+    times then misjudges which split meets the SLOs."""
     uncached = max(1, round(work.mean_prompt_tokens * (1 - work.prefix_hit_rate)))
     arrivals = poisson_workload(work.rate_rps, uncached, max(1, round(work.mean_output_tokens)), SIMULATED_REQUESTS)
     splits = candidate_splits(current.instances, arrivals)
     if current not in splits:
         splits.append(current)
-    runs = {s: simulate(profile, s, arrivals) for s in splits}
-    simulated = runs[current].decode_step_s
-    slowdown = 1.0
-    if work.decode_step_s > 0 and simulated > 0:
-        slowdown = min(MAX_SLOWDOWN, max(1 / MAX_SLOWDOWN, work.decode_step_s / simulated))
-        if calibrate:
-            scaled = dataclasses.replace(profile, step=profile.step.scaled(slowdown))
-            runs = {s: simulate(scaled, s, arrivals) for s in splits}
-    preds = {s: SplitPrediction.of(r, slo) for s, r in runs.items()}
+    measured = step_slowdown(profile, work.work)
+    slowdown = measured if measured is not None else 1.0
+    scaled = calibrate and measured is not None
+    if scaled:
+        profile = dataclasses.replace(profile, step=profile.step.scaled(slowdown))
+    preds = {s: SplitPrediction.of(simulate(profile, s, arrivals), slo) for s in splits}
     best = max(preds.values(), key=lambda p: (p.goodput_rps, p.split == current, -p.split.prefill))
-    return Decision(best.split, preds[current], best, slowdown)
+    return Decision(best.split, preds[current], best, slowdown, scaled)
 
 
 class AdaptiveSplit:
@@ -169,8 +201,8 @@ class AdaptiveSplit:
         return Split(prefill, len(roles) - prefill, threshold)
 
     def tick(self, now: float, replan_now: bool = True) -> Decision | None:
-        decode_ids = [i for i, r in dict(self.roles).items() if r == "decode"]
-        self.meter.observe(now, self.store.instance_stats(decode_ids))
+        roles = dict(self.roles)
+        self.meter.observe(now, self.store.instance_stats(list(roles)), {i for i, r in roles.items() if r == "decode"})
         work = self.meter.window(now, self.cfg.window_s)
         if not replan_now or work is None or work.requests < self.cfg.min_requests:
             return None
@@ -180,9 +212,10 @@ class AdaptiveSplit:
         self.counters["replans"] += 1
         better = d.target != current and d.best.goodput_rps >= (1 + self.cfg.min_gain) * d.current.goodput_rps
         log.info("adaptive split: %.2f req/s, prompt %.0f (hit rate %.0f%%), output %.0f tokens, steps %.2fx the "
-                 "profile's: best %s (%.2f req/s in SLO) vs current %s (%.2f)", work.rate_rps,
+                 "profile's%s: best %s (%.2f req/s in SLO) vs current %s (%.2f)", work.rate_rps,
                  work.mean_prompt_tokens, 100 * work.prefix_hit_rate, work.mean_output_tokens, d.slowdown,
-                 d.target.name(), d.best.goodput_rps, current.name(), d.current.goodput_rps)
+                 "" if d.calibrated else " (not applied)", d.target.name(), d.best.goodput_rps, current.name(),
+                 d.current.goodput_rps)
         target, count = self.streak
         self.streak = (d.target, count + 1 if target == d.target else 1) if better else (None, 0)
         if better and self.streak[1] >= self.cfg.patience and now >= self.quiet_until:

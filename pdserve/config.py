@@ -174,7 +174,7 @@ class AdaptiveConfig:
     patience: int = 2  # consecutive re-plans that must agree before a change
     min_gain: float = 0.1  # a change must predict at least this much more goodput (0.1 = 10%)
     cooldown_s: float = 30.0  # no further change for this long after one
-    calibrate_step_time: bool = False  # scale the profile by the measured step-time ratio (experimental)
+    calibrate_step_time: bool = True  # scale the profile by the measured step-time ratio (step_slowdown)
 
     def __post_init__(self) -> None:
         if self.enabled and not self.profile:

@@ -71,8 +71,6 @@ class _Instance:
     running: list[_Req] = field(default_factory=list)  # decoding
     ready: deque[_Req] = field(default_factory=deque)  # KV arrived, waiting for a decode slot
     busy: bool = False
-    steps: int = 0
-    step_s: float = 0.0  # summed step times
 
     def queued_tokens(self) -> int:
         return sum(r.arrival.prompt_tokens - r.computed for r in self.waiting)
@@ -92,7 +90,6 @@ class SimResult:
     split: Split
     results: list[RequestResult]
     elapsed_s: float  # first arrival to last completion (as `pdserve bench` counts a run)
-    decode_step_s: float = 0.0  # mean step time of the decode instances (what their stats records measure)
 
     def goodput(self, slo_ttft_s: float, slo_tpot_s: float) -> float:
         """Requests per second that met both SLOs."""
@@ -137,7 +134,6 @@ def simulate(profile: EngineProfile, split: Split, arrivals: list[Arrival]) -> S
                           prefill_pairs=sum(chunk_pairs(r.computed, n) for r, n in chunks))
         inst.busy = True
         secs = profile.step.predict(shape)
-        inst.steps, inst.step_s = inst.steps + 1, inst.step_s + secs
         heapq.heappush(events, (now + secs, next(seq), "step", (inst, rows, chunks)))
 
     def finish_step(inst: _Instance, rows: list[_Req], chunks: list[tuple[_Req, int]], now: float) -> None:
@@ -201,5 +197,4 @@ def simulate(profile: EngineProfile, split: Split, arrivals: list[Arrival]) -> S
         tpot = (r.finish_s - r.first_token_s) / (r.arrival.output_tokens - 1) if r.arrival.output_tokens > 1 else 0.0
         out.append(RequestResult(r.first_token_s - r.arrival.time_s, tpot))
     last = max(r.finish_s for r in reqs if r.finish_s is not None)
-    steps = sum(d.steps for d in decodes)
-    return SimResult(split, out, last - arrivals[0].time_s, sum(d.step_s for d in decodes) / max(1, steps))
+    return SimResult(split, out, last - arrivals[0].time_s)

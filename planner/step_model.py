@@ -44,6 +44,10 @@ class StepTimeModel:
                 self.per_prefill_pair_s)
         return float(np.dot(coef, shape.features()))
 
+    def predict_sum(self, steps: int, total: StepShape) -> float:
+        """What `steps` steps whose shapes add up to `total` take together (the model is linear)."""
+        return self.predict(total) + self.fixed_s * (steps - 1)
+
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
 

@@ -1,8 +1,8 @@
 """The adaptive P/D split on the tiny CPU cluster (real Ray, Redis, NIXL, gRPC): two aggregated instances serve
 short prompts, then the workload turns to long prompts under a tight TPOT SLO, which aggregated instances break
 (a decode step that carries a prompt chunk is slow). The controller must keep the split through the short phase,
-move one instance to prefill within 60 s of the change (the SLO attainment of long prompts before and after the
-move is printed); no request fails and every output equals transformers' greedy tokens."""
+move one instance to prefill within 60 s of the change, and the long prompts' SLO attainment must recover after
+the move; no request fails and every output equals transformers' greedy tokens."""
 
 from __future__ import annotations
 
@@ -114,13 +114,13 @@ def test_long_prompts_move_an_instance_to_prefill(tmp_path: pathlib.Path) -> Non
     torch.set_num_threads(1)  # NOTE: as a Ray actor without CPUs runs its engine
     prof = profile_engine(cfg.pool_engine("decode"))
     prof.save(tmp_path / "profile.json")
-    # SLOs and the long phase's rate from the profile: TPOT 1.2x a decode step of 4 rows at the long context (a
-    # step that also carries a 256-token prompt chunk is several times that); TTFT 4x the long prompt's prefill
-    # alone; long prompts at 75% of what one prefill instance can take.
+    # SLOs and the long phase's rate from the profile: TPOT 1.5x a decode step of 4 rows at the long context (a
+    # step that also carries a 256-token prompt chunk is several times that); TTFT 6x the long prompt's prefill
+    # alone; long prompts at 50% of what one prefill instance can take (at most 3/s).
     decode_step = prof.decode_step_seconds(4, LONG + OUTPUT)
     prefill = prof.prefill_seconds(LONG)
-    slo_ttft_s, slo_tpot_s = 4 * prefill, 1.2 * decode_step
-    long_rate = min(4.0, max(0.5, 0.75 / prefill))
+    slo_ttft_s, slo_tpot_s = 6 * prefill, 1.5 * decode_step
+    long_rate = min(3.0, max(0.5, 0.5 / prefill))
     prompts = {"short": random_prompts(200, [SHORT], 512, seed=71), "long": random_prompts(300, [LONG], 512, seed=72)}
     edits = {"pools": {"prefill": {"replicas": 0}, "decode": {"replicas": 2}},
              "adaptive": {"enabled": True, "profile": str(tmp_path / "profile.json"),
@@ -155,11 +155,11 @@ def test_long_prompts_move_an_instance_to_prefill(tmp_path: pathlib.Path) -> Non
     assert load.failures == [], load.failures
     mismatches = [r.t for r in load.sent if r.ok and list(r.tokens) != hf_greedy(model, r.prompt, OUTPUT)]
     assert mismatches == [], f"{len(mismatches)} outputs differ from transformers (sent at {mismatches} s)"
-    # NOTE: SLO attainment before and after is printed, not asserted: the SLOs come from the profile, and how
-    # often the cluster meets them depends on how much slower than the profile its steps run on this machine
-    # (issue 21: on a quiet machine neither side met them; under load, 38% -> 92%). With gentler rules (long
-    # prompts at 50% of a prefill instance's profiled rate, TTFT 6x the prefill) goodput recovered after the
-    # move in 10 runs of 10 that moved, but the controller did not move at all within 60 s in 1 of 11 (its
-    # simulation, on the profile's step times, saw 2 aggregated meet the SLOs): not reliable enough for CI
-    # (docs/performance.md, "Recovery, and why it is not asserted").
+    # Recovery: the long prompts sent from 2 s after the move on (the 15 s the test keeps the load up, so within
+    # 60 s of the change in all) meet the SLOs at least 70% of the time, and 25 points more often than those the
+    # aggregated pair served before it. NOTE: the controller plans on the cluster's measured step times
+    # (adaptive.calibrate_step_time), which these 2 shared cores run 1.0-2.5x the profile's; on the profile's
+    # alone (and a TPOT SLO of 1.2x) it saw 2 aggregated within a few percent of 1P+1D and did not move in 1 of
+    # 11 runs (docs/performance.md, "The adaptive split through a phase change").
     assert len(long_after) >= 10, len(long_after)
+    assert after >= 0.7 and after >= before + 0.25, f"no recovery: attainment {before:.0%} -> {after:.0%}"

@@ -243,3 +243,24 @@ def test_abort_reports_finish_reason_abort(models: dict[str, pathlib.Path], engi
     engine.abort_request("x")
     outs = engine.step()
     assert [(o.request_id, o.finished, o.finish_reason) for o in outs] == [("x", True, "abort")]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_step_work_counts_what_the_steps_computed(models: dict[str, pathlib.Path], engine_factory,
+                                                 async_scheduling: bool) -> None:
+    """The running totals the adaptive split calibrates with (engine/step_work.py), exact: a 40-token prompt in
+    chunks of 16 while a 5-token one decodes, every step counted once with the context its rows attend to."""
+    engine = engine_factory(models["llama"], max_num_batched_tokens=16, async_scheduling=async_scheduling)
+    engine.add_request("short", [5, 6, 7, 8, 9], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    engine.step()  # short's prompt: 5 tokens, 15 pairs
+    engine.add_request("long", random_prompts(1, [40], 512, seed=7)[0], GREEDY_4)
+    run_to_completion(engine)
+    work = engine.counters().work
+    # long: chunks 11 (budget 16 less short's decode row), 15, 14 (while short decodes), then 3 decodes
+    chunks = [(0, 11), (11, 15), (26, 14)]
+    prefill_pairs = 15 + sum(n * done + n * (n + 1) // 2 for done, n in chunks)
+    # short decodes 5 rows after its prompt (contexts 6..10), long 3 (41..43); 1 + 3 steps + the rest
+    assert (work.prefill_tokens, work.prefill_pairs) == (45, prefill_pairs)
+    assert (work.decode_seqs, work.decode_context) == (8, sum(range(6, 11)) + sum(range(41, 44)))
+    assert work.tokens == 45 + 8 and work.seconds > 0
+    assert work.steps == 1 + 3 + 3  # short prefill; three chunks (with short's decodes); long's three decodes

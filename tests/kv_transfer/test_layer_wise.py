@@ -68,7 +68,13 @@ def test_layer_wise_streaming_is_token_exact(model: pathlib.Path, prefill_factor
     want = (blocks if per_block else len(lengths)) * LAYERS * sources * decode_tp
     assert counters["descriptors"] == want
     assert prefill.call("wait_released", 10) == 0
-    assert prefill.call("stats")["used"] == 0
+    stats = prefill.call("stats")
+    assert stats["used"] == 0
+    # the holder's notifier counts into its producer's counters (published with its heartbeats): every progress
+    # message the reader counted and each prompt's block list were sent once, none failed
+    sent = stats["counters"]
+    assert (sent["streams"], sent["stream_messages_sent"], sent["stream_send_failures"]) == \
+        (len(lengths), counters["stream_messages"] + len(lengths), 0)
 
 
 @pytest.mark.parametrize(("prefill_tp", "decode_tp"), [(1, 2), (2, 1)])

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
+from kv_transfer.descriptor import AgentDescriptor
 from kv_transfer.plan import block_rows, head_range, merged_descriptors, plan_reads
 from tests.kv_transfer.conftest import HEAD, desc
 
@@ -153,3 +156,57 @@ def test_merged_descriptors_count_runs_only_for_whole_blocks() -> None:
     assert merged_descriptors(local, remote, ids, np.array([3, 4, 9, 10], dtype=np.int32)) == 3
     half = desc(1, 2, 0)  # a head half of each block: pieces of adjacent blocks are not adjacent in memory
     assert merged_descriptors(half, remote, ids, np.array([3, 4, 5, 6], dtype=np.int32)) == 4
+
+
+def reference_rows(local: AgentDescriptor, remote: AgentDescriptor, lbs: list[int], rbs: list[int], groups: range,
+                   max_run: int) -> list[tuple[int, ...]]:
+    """(local addr, remote addr, bytes) per descriptor, block by block: what plan_reads' numpy must equal."""
+    lo, hi = head_range(local)
+    r_lo, r_hi = head_range(remote)
+    g0, g1 = max(lo, r_lo), min(hi, r_hi)
+    size, whole = (g1 - g0) * HEAD, (g1 - g0) * HEAD == local.block_bytes == remote.block_bytes
+    out: list[list[int]] = []
+    for g in groups:
+        last = None
+        for lb, rb in zip(lbs, rbs, strict=True):
+            la = local.base_addr + (g0 - lo) * HEAD + (g * local.num_blocks + lb) * local.block_bytes
+            ra = remote.base_addr + (g0 - r_lo) * HEAD + (g * remote.num_blocks + rb) * remote.block_bytes
+            if whole and last is not None and last[2] < max_run * size and last[0] + last[2] == la and \
+                    last[1] + last[2] == ra:
+                last[2] += size
+            else:
+                last = [la, ra, size]
+                out.append(last)
+    return [tuple(r) for r in out]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plan_reads_equals_a_block_by_block_plan(seed: int) -> None:
+    """Random block lists (runs and gaps), layer groups, descriptor caps and TP pairings."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 40))
+    lbs = np.cumsum(rng.choice([1, 1, 1, 2, 7], n)).tolist()
+    rbs = (np.cumsum(rng.choice([1, 1, 1, 3], n)) + int(rng.integers(0, 5))).tolist()
+    lbs, rbs = [b % 64 for b in lbs], [b % 64 for b in rbs]
+    local_tp, remote_tp = [(1, 1), (2, 1), (1, 2), (4, 2)][seed % 4]
+    num_groups = [1, 2, 4][seed % 3]
+    local = dataclasses.replace(desc(local_tp - 1, local_tp, 10**7), num_layer_groups=num_groups)
+    remotes = [dataclasses.replace(desc(r, remote_tp, 10**9 * (r + 1), name="p"), num_layer_groups=num_groups)
+               for r in range(remote_tp)]
+    max_run = int(rng.choice([1, 2, 3, 1000]))
+    groups = range(int(rng.integers(0, num_groups)), num_groups)
+    plans = plan_reads(local, remotes, lbs, rbs, max_run * local.block_bytes, groups)
+    assert plans
+    for plan in plans:
+        got = [(int(a[0]), int(b[0]), int(a[1])) for a, b in zip(plan.local_rows, plan.remote_rows, strict=True)]
+        assert got == reference_rows(local, plan.remote, lbs, rbs, groups, max_run)
+
+
+def test_a_run_stops_at_its_layer_group_even_where_memory_goes_on() -> None:
+    """Every block of a 2-group cache: group 0's last block and group 1's first are adjacent bytes on both sides,
+    but a read's descriptors stay one group each (a streamed read may cover one group only)."""
+    local = dataclasses.replace(desc(0, 1, 0), num_layer_groups=2)
+    remote = dataclasses.replace(desc(0, 1, 10**7, name="p"), num_layer_groups=2)
+    (plan,) = plan_reads(local, [remote], list(range(64)), list(range(64)))
+    assert rows(plan.local_rows) == [(0, 64 * 4 * HEAD), (64 * 4 * HEAD, 64 * 4 * HEAD)]
+    assert rows(plan.local_rows) == [(a - 10**7, n) for a, n in rows(plan.remote_rows)]

@@ -3,36 +3,70 @@ decisions against a real Redis and a real Admin channel (this test answers the c
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from engine.step_work import StepWork
 from metastore import InstanceInfo, InstanceStatsRecord, Load, MetadataStore, RedisServer
 from metastore.admin import AdminChannel, AdminReply
-from pdserve.adaptive_split import AdaptiveSplit, WorkloadMeter, WorkloadWindow, replan
+from pdserve.adaptive_split import (
+    MAX_SLOWDOWN,
+    MIN_CALIBRATION_STEPS,
+    AdaptiveSplit,
+    WorkloadMeter,
+    WorkloadWindow,
+    replan,
+    step_slowdown,
+)
 from pdserve.config import AdaptiveConfig
 from planner.plan import SLO
 from planner.simulate import Split
+from planner.step_model import StepShape
 from tests.planner.test_simulate import profile
 
 
-def rec(n: int, prompt: int, output: int, queries: int = 0, hits: int = 0) -> InstanceStatsRecord:
+def rec(n: int, prompt: int, output: int, queries: int = 0, hits: int = 0, steps: int = 0,
+        seconds: float = 0.0) -> InstanceStatsRecord:
+    """`steps` decode steps of 4 rows at context 100 each, taking `seconds` in all."""
     return InstanceStatsRecord(requests_finished=n, prompt_tokens_finished=prompt, output_tokens_finished=output,
-                               prefix_cache_queries=queries, prefix_cache_hits=hits)
+                               prefix_cache_queries=queries, prefix_cache_hits=hits, work_steps=steps,
+                               computed_tokens=4 * steps, work_decode_seqs=4 * steps,
+                               work_decode_context=400 * steps, compute_seconds=seconds)
 
 
-def test_workload_window_differences_the_decode_pools_totals() -> None:
+def test_workload_window_differences_the_decode_pools_totals_and_everyones_work() -> None:
     m = WorkloadMeter()
-    m.observe(0.0, {"d0": rec(100, 10_000, 500), "d1": rec(7, 70, 7)})  # baselines only
-    m.observe(10.0, {"d0": rec(110, 12_000, 600, 2_000, 500), "d1": rec(17, 2_070, 107)})
-    m.observe(20.0, {"d0": rec(120, 14_000, 700, 4_000, 1_000), "d1": rec(3, 300, 30)})  # d1 restarted
+    decode = {"d0", "d1"}
+    m.observe(0.0, {"d0": rec(100, 10_000, 500, steps=50, seconds=1.0), "d1": rec(7, 70, 7),
+                    "p0": rec(40, 4_000, 40, steps=5, seconds=0.5)}, decode)  # baselines only
+    m.observe(10.0, {"d0": rec(110, 12_000, 600, 2_000, 500, steps=80, seconds=2.0),
+                     "d1": rec(17, 2_070, 107, steps=10, seconds=0.25),
+                     "p0": rec(50, 5_000, 50, steps=15, seconds=1.5)}, decode)
+    m.observe(20.0, {"d0": rec(120, 14_000, 700, 4_000, 1_000, steps=90, seconds=2.5),
+                     "d1": rec(3, 300, 30, steps=3, seconds=0.1),  # d1 restarted: a new baseline
+                     "p0": rec(60, 6_000, 60, steps=16, seconds=1.75)}, decode)
     w = m.window(20.0, 60.0)
+    # requests from the decode pool only (p0's finishes are the same requests leaving the prefill pool); the
+    # work of every instance: d0 40 steps / 1.5 s, d1 10 / 0.25, p0 11 / 1.25
     assert w == WorkloadWindow(requests=30, rate_rps=1.5, mean_prompt_tokens=6_000 / 30,
-                               mean_output_tokens=300 / 30, prefix_hit_rate=0.25)
-    m.observe(40.0, {"d0": rec(120, 14_000, 700, 4_000, 1_000)})
+                               mean_output_tokens=300 / 30, prefix_hit_rate=0.25,
+                               work=StepWork(61, 244, 0, 0, 244, 24_400, pytest.approx(3.0)))
+    m.observe(40.0, {"d0": rec(120, 14_000, 700, 4_000, 1_000)}, decode)
     assert m.window(40.0, 25.0) is None  # the window holds no finished request
+
+
+def test_step_slowdown_compares_the_same_steps() -> None:
+    prof = profile(per_decode_seq_s=0.0005)
+    work = rec(0, 0, 0, steps=40, seconds=0.0).work
+    predicted = prof.step.predict_sum(40, StepShape(decode_seqs=160, decode_context=16_000))
+    assert predicted == pytest.approx(40 * prof.step.predict(StepShape(decode_seqs=4, decode_context=400)))
+    assert step_slowdown(prof, dataclasses.replace(work, seconds=2.5 * predicted)) == pytest.approx(2.5)
+    assert step_slowdown(prof, dataclasses.replace(work, seconds=1e3)) == MAX_SLOWDOWN  # clamped
+    assert step_slowdown(prof, dataclasses.replace(work, steps=MIN_CALIBRATION_STEPS - 1, seconds=1.0)) is None
 
 
 def test_replan_moves_long_prompts_toward_prefill_and_short_ones_back() -> None:
@@ -103,19 +137,20 @@ def test_a_change_needs_patience_and_waits_out_its_cooldown(store: MetadataStore
 
 
 def test_replan_scales_the_profile_by_the_measured_step_time() -> None:
-    """Decode steps measured 3x as long as the simulation's for the same work: the re-plan runs on a profile 3x
+    """Steps measured 3x as long as the profile predicts for the same work: the re-plan runs on a profile 3x
     slower (a busier machine), which pushes a long-prompt workload past what aggregation holds."""
-    from planner.plan import poisson_workload
-    from planner.simulate import simulate
-
     prof, slo = profile(per_decode_seq_s=0.0005), SLO(2.0, 0.03)
-    work = WorkloadWindow(100, 0.5, 400, 20, 0.0)
-    arrivals = poisson_workload(work.rate_rps, 400, 20, 300)
-    simulated = simulate(prof, Split(0, 2), arrivals).decode_step_s
-    assert simulated > 0
-    as_profiled = replan(prof, slo, work, Split(0, 2))
-    slower = replan(prof, slo, WorkloadWindow(100, 0.5, 400, 20, 0.0, 3 * simulated), Split(0, 2), calibrate=True)
-    measured_only = replan(prof, slo, WorkloadWindow(100, 0.5, 400, 20, 0.0, 3 * simulated), Split(0, 2))
-    assert as_profiled.slowdown == 1.0 and slower.slowdown == pytest.approx(3.0)
-    assert measured_only.slowdown == pytest.approx(3.0) and measured_only.current == as_profiled.current
+    steps = rec(0, 0, 0, steps=40).work
+    predicted = prof.step.predict_sum(40, StepShape(decode_seqs=160, decode_context=16_000))
+    slow = WorkloadWindow(100, 0.5, 400, 20, 0.0, dataclasses.replace(steps, seconds=3 * predicted))
+    as_profiled = replan(prof, slo, WorkloadWindow(100, 0.5, 400, 20, 0.0, dataclasses.replace(
+        steps, seconds=predicted)), Split(0, 2))
+    slower = replan(prof, slo, slow, Split(0, 2))
+    measured_only = replan(prof, slo, slow, Split(0, 2), calibrate=False)
+    unmeasured = replan(prof, slo, WorkloadWindow(100, 0.5, 400, 20, 0.0), Split(0, 2))
+    assert as_profiled.slowdown == pytest.approx(1.0) and as_profiled.calibrated
+    assert slower.slowdown == pytest.approx(3.0) and slower.calibrated
+    assert measured_only.slowdown == pytest.approx(3.0) and not measured_only.calibrated
+    assert measured_only.current == pytest.approx(as_profiled.current)
+    assert unmeasured.slowdown == 1.0 and not unmeasured.calibrated and unmeasured.current == measured_only.current
     assert slower.current.goodput_rps < as_profiled.current.goodput_rps
