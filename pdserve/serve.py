@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from pdserve.adaptive_metrics import AdaptiveCollector
 from pdserve.adaptive_split import start_adaptive
 from pdserve.admin_executor import AdminExecutor
 from pdserve.cluster import start_infra, stop_on_signals, supervise_redis
@@ -59,6 +60,8 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
         adaptive = start_adaptive(cfg.adaptive, cluster.redis_url, cfg.metastore.namespace, store, cluster.roles)
         router = await asyncio.to_thread(build_router, cfg, store, cluster.ray_namespace)
         server.attach(router)
+        if adaptive is not None:
+            router.metrics.registry.register(AdaptiveCollector(adaptive))
         metrics = MetricsServer(router.metrics.registry, cfg.server.host, cfg.server.metrics_port)
         http = await start_http(cfg.server, router, cfg.server.http_port, cfg.auth.tls)
         ready = ready_line(cfg.server, port, metrics, http)

@@ -10,11 +10,13 @@ import pathlib
 import random
 import threading
 import time
+import urllib.request
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from api.v1 import pdserve_pb2 as pb
 from pdserve.config import load_config
@@ -144,6 +146,7 @@ def test_long_prompts_move_an_instance_to_prefill(tmp_path: pathlib.Path) -> Non
                 time.sleep(1)
             t_moved = time.monotonic() - load.start
             time.sleep(15)
+            metrics = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
         finally:
             load.stop()
     long_before = [r for r in load.sent if r.phase == "long" and r.t < t_moved]
@@ -153,6 +156,11 @@ def test_long_prompts_move_an_instance_to_prefill(tmp_path: pathlib.Path) -> Non
           f"({len(long_before)}), after {after:.0%} ({len(long_after)}); SLOs TTFT {1e3 * slo_ttft_s:.0f} ms, "
           f"TPOT {1e3 * slo_tpot_s:.1f} ms; {spread('before', long_before)}; {spread('after', long_after)}")
     assert load.failures == [], load.failures
+    # the controller's state on the router's metrics endpoint: the move counted, no failure, its measured slowdown
+    values = {s.name: s.value for f in text_string_to_metric_families(metrics) for s in f.samples
+              if s.name.startswith("pdserve:adaptive_")}
+    assert values["pdserve:adaptive_changes_total"] >= 1 and values["pdserve:adaptive_change_failures_total"] == 0
+    assert values["pdserve:adaptive_errors_total"] == 0 and values["pdserve:adaptive_step_slowdown"] > 0, values
     mismatches = [r.t for r in load.sent if r.ok and list(r.tokens) != hf_greedy(model, r.prompt, OUTPUT)]
     assert mismatches == [], f"{len(mismatches)} outputs differ from transformers (sent at {mismatches} s)"
     # Recovery: the long prompts sent from 2 s after the move on (the 15 s the test keeps the load up, so within

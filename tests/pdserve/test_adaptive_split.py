@@ -9,10 +9,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from engine.step_work import StepWork
 from metastore import InstanceInfo, InstanceStatsRecord, Load, MetadataStore, RedisServer
 from metastore.admin import AdminChannel, AdminReply
+from pdserve.adaptive_metrics import AdaptiveCollector
 from pdserve.adaptive_split import (
     MAX_SLOWDOWN,
     MIN_CALIBRATION_STEPS,
@@ -133,6 +135,16 @@ def test_a_change_needs_patience_and_waits_out_its_cooldown(store: MetadataStore
         publish(t)
         ctl.tick(float(t))
     assert len(commands) == 1 and ctl.counters["replans"] >= 4
+    # ...and the same on the router's metrics endpoint (pdserve/adaptive_metrics.py)
+    registry = CollectorRegistry()
+    registry.register(AdaptiveCollector(ctl))
+    assert registry.get_sample_value("pdserve:adaptive_changes_total") == 1
+    assert registry.get_sample_value("pdserve:adaptive_replans_total") == ctl.counters["replans"]
+    assert registry.get_sample_value("pdserve:adaptive_change_failures_total") == 0
+    assert ctl.last_decision is not None
+    assert registry.get_sample_value("pdserve:adaptive_step_slowdown") == ctl.last_decision.slowdown
+    assert registry.get_sample_value("pdserve:adaptive_predicted_goodput", {
+        "which": "current", "split": ctl.last_decision.current.split.name()}) == ctl.last_decision.current.goodput_rps
     channel.close()
 
 
