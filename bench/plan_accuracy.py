@@ -83,7 +83,10 @@ def measured_work(samples: list[Sample]) -> StepWork:
     names = ("work_steps", "computed_tokens", "prefill_tokens", "prefill_pairs", "decode_rows",
              "decode_context_tokens")
     counts = [int(_total(samples, f"pdserve:engine_{n}_total")) for n in names]
-    return StepWork(*counts, seconds=_total(samples, "pdserve:engine_work_seconds_total"))
+    return StepWork(*counts, seconds=_total(samples, "pdserve:engine_work_seconds_total"),
+                    cycles=int(_total(samples, "pdserve:engine_cycles_total")),
+                    cycle_step_seconds=_total(samples, "pdserve:engine_cycle_step_seconds_total"),
+                    cycle_seconds=_total(samples, "pdserve:engine_cycle_seconds_total"))
 
 
 def ack_wait_seconds(samples: list[Sample]) -> float | None:
@@ -141,23 +144,32 @@ def main() -> None:
                 transfer = dataclasses.replace(transfer, fixed_s=fixed)
             scaled = dataclasses.replace(prof, step=prof.step.scaled(slowdown), transfer=transfer)
             calibrated = simulate(scaled, split, arrivals).goodput(slo_ttft, slo_tpot)
+            # ...and, as an experiment, by the serving loop's cycle over its step too (what the loop and the
+            # process's other threads add between steps, which the client's TPOT includes)
+            loop = m["work"].loop_overhead or 1.0
+            looped = dataclasses.replace(scaled, step=prof.step.scaled(slowdown * loop))
+            with_loop = simulate(looped, split, arrivals).goodput(slo_ttft, slo_tpot)
             row = {"split": split.name(), "measured_goodput": measured, "predicted_goodput": predicted,
                    "predicted_over_measured": predicted / measured if measured else None,
                    "slowdown": slowdown, "handoff_s": m["handoff_s"], "ack_wait_s": m["ack_wait_s"],
                    "profiled_transfer_s": prof.transfer.predict(blocks),
                    "calibrated_goodput": calibrated,
                    "calibrated_over_measured": calibrated / measured if measured else None,
+                   "loop_overhead": loop, "with_loop_goodput": with_loop,
+                   "with_loop_over_measured": with_loop / measured if measured else None,
                    "measured_p90_ttft_s": m["summary"]["ttft_s_90"], "measured_p90_tpot_s": m["summary"]["tpot_s_90"],
                    "errors": m["summary"]["errors"], "wall_s": time.perf_counter() - t0}
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\n{'split':40s} {'measured':>9s} {'predicted':>9s} {'ratio':>6s} {'slowdown':>8s} {'calibrated':>10s} "
-          f"{'ratio':>6s}")
+          f"{'ratio':>6s} {'loop':>5s} {'with loop':>9s} {'ratio':>6s}")
     for r in rows:
         ratio = f"{r['predicted_over_measured']:.2f}" if r["predicted_over_measured"] else "-"
         cal = f"{r['calibrated_over_measured']:.2f}" if r["calibrated_over_measured"] else "-"
+        loop = f"{r['with_loop_over_measured']:.2f}" if r["with_loop_over_measured"] else "-"
         print(f"{r['split']:40s} {r['measured_goodput']:9.2f} {r['predicted_goodput']:9.2f} {ratio:>6s} "
-              f"{r['slowdown']:8.2f} {r['calibrated_goodput']:10.2f} {cal:>6s}")
+              f"{r['slowdown']:8.2f} {r['calibrated_goodput']:10.2f} {cal:>6s} {r['loop_overhead']:5.2f} "
+              f"{r['with_loop_goodput']:9.2f} {loop:>6s}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "profile": {"step": prof.step.to_dict(),
                                                "fit_error": prof.fit_error}, "rows": rows}, indent=1))

@@ -166,6 +166,7 @@ class LLMEngine:
         """schedule -> run -> postprocess. Returns the outputs produced since the last call: this step's, or
         with async scheduling the previous step's."""
         t0 = time.perf_counter()
+        self.work.step_started(t0)
         outputs, self._outputs = self._outputs, []
         if self.remote is not None:
             if events := self.remote.connector.poll():
@@ -179,7 +180,7 @@ class LLMEngine:
         shape = self.work.shape(out) if len(out) else None
         outputs += self.stepper.run(out, self._emit, t0)
         if shape is not None and shape[0]:  # NOTE: routers predict a TTFT from the measured token rate (heartbeats)
-            self.work.record(shape, time.perf_counter() - t0)
+            self.work.record(shape, t0, time.perf_counter() - t0, more=bool(self.requests))
         return outputs
 
     def _emit(self, request: Request, token: int, pending: bool = False,

@@ -8,7 +8,7 @@ the same steps on both sides.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # NOTE: the router reads StepWork from stats records and should not import the scheduler
@@ -26,29 +26,38 @@ class StepWork:
     decode_seqs: int = 0  # decode rows (one token each)
     decode_context: int = 0  # tokens the decode rows attended to
     seconds: float = 0.0  # wall time of those steps
+    # Of those, the steps after which work remained, so that the serving loop came straight back for the next:
+    # how many, their own wall time, and the time from their start to the next step's start (the loop's cycle:
+    # the step plus what the loop and the process's other threads took before the next one)
+    cycles: int = 0
+    cycle_step_seconds: float = 0.0
+    cycle_seconds: float = 0.0
 
     def minus(self, before: StepWork) -> StepWork:
-        return StepWork(self.steps - before.steps, self.tokens - before.tokens,
-                        self.prefill_tokens - before.prefill_tokens, self.prefill_pairs - before.prefill_pairs,
-                        self.decode_seqs - before.decode_seqs, self.decode_context - before.decode_context,
-                        self.seconds - before.seconds)
+        return StepWork(*(a - b for a, b in zip(astuple(self), astuple(before), strict=True)))
 
     def plus(self, other: StepWork) -> StepWork:
-        return StepWork(self.steps + other.steps, self.tokens + other.tokens,
-                        self.prefill_tokens + other.prefill_tokens, self.prefill_pairs + other.prefill_pairs,
-                        self.decode_seqs + other.decode_seqs, self.decode_context + other.decode_context,
-                        self.seconds + other.seconds)
+        return StepWork(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+    @property
+    def loop_overhead(self) -> float | None:
+        """The loop's cycle over the step, for the steps that had a next one right after (1: no overhead); None
+        without any."""
+        return self.cycle_seconds / self.cycle_step_seconds if self.cycles and self.cycle_step_seconds > 0 else None
 
 
 class StepWorkMeter:
     """The engine's running `StepWork`. `shape(out)` before the step runs (it reads how much of each request
-    was computed before it), `record(shape, seconds)` after."""
+    was computed before it), `record(shape, started, seconds, more)` after (`more`: work remains, so the next
+    step's start closes this step's cycle)."""
 
-    __slots__ = ("_totals", "seconds")
+    __slots__ = ("_cycle", "_open", "_totals", "seconds")
 
     def __init__(self) -> None:
         self._totals = [0, 0, 0, 0, 0, 0]  # steps, tokens, prefill tokens, pairs, decode rows, decode context
         self.seconds = 0.0
+        self._cycle: list[float] = [0, 0.0, 0.0]  # cycles, their steps' seconds, their start-to-start seconds
+        self._open: tuple[float, float] | None = None
 
     @staticmethod
     def shape(out: SchedulerOutput) -> tuple[int, int, int, int, int]:
@@ -65,12 +74,25 @@ class StepWorkMeter:
                 pairs += k * done + k * (k + 1) // 2
         return out.total_tokens, prefill, pairs, rows, context
 
-    def record(self, shape: tuple[int, int, int, int, int], seconds: float) -> None:
+    def step_started(self, t0: float) -> None:
+        """A step starts at `t0`: the cycle of the step before it (when work remained after it) ends here."""
+        if self._open is not None:
+            started, secs = self._open
+            c = self._cycle
+            c[0] += 1
+            c[1] += secs
+            c[2] += t0 - started
+            self._open = None
+
+    def record(self, shape: tuple[int, int, int, int, int], started: float, seconds: float, more: bool) -> None:
         t = self._totals
         t[0] += 1
         for i, v in enumerate(shape, 1):
             t[i] += v
         self.seconds += seconds
+        self._open = (started, seconds) if more else None
 
     def totals(self) -> StepWork:
-        return StepWork(*self._totals, seconds=self.seconds)
+        cycles, cycle_step_s, cycle_s = self._cycle
+        return StepWork(*self._totals, seconds=self.seconds, cycles=int(cycles), cycle_step_seconds=cycle_step_s,
+                        cycle_seconds=cycle_s)

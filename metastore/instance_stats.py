@@ -44,6 +44,9 @@ class InstanceStatsRecord:
     work_prefill_pairs: int = 0
     work_decode_seqs: int = 0
     work_decode_context: int = 0
+    work_cycles: int = 0  # of those steps, the ones the serving loop followed at once with another
+    work_cycle_step_seconds: float = 0.0  # their own wall time
+    work_cycle_seconds: float = 0.0  # from their start to the next step's start
     requests_finished: int = 0  # requests that left the engine, done or aborted (counter)
     prompt_tokens_finished: int = 0  # their prompt tokens (counter)
     output_tokens_finished: int = 0  # their generated tokens (counter)
@@ -62,7 +65,8 @@ class InstanceStatsRecord:
     @property
     def work(self) -> StepWork:
         return StepWork(self.work_steps, self.computed_tokens, self.work_prefill_tokens, self.work_prefill_pairs,
-                        self.work_decode_seqs, self.work_decode_context, self.compute_seconds)
+                        self.work_decode_seqs, self.work_decode_context, self.compute_seconds, self.work_cycles,
+                        self.work_cycle_step_seconds, self.work_cycle_seconds)
 
     @property
     def prefix_cache_hit_rate(self) -> float:

@@ -155,6 +155,8 @@ class InstancePublisher:
             computed_tokens=c.work.tokens, compute_seconds=c.work.seconds, work_steps=c.work.steps,
             work_prefill_tokens=c.work.prefill_tokens, work_prefill_pairs=c.work.prefill_pairs,
             work_decode_seqs=c.work.decode_seqs, work_decode_context=c.work.decode_context,
+            work_cycles=c.work.cycles, work_cycle_step_seconds=c.work.cycle_step_seconds,
+            work_cycle_seconds=c.work.cycle_seconds,
             requests_finished=c.requests_finished, prompt_tokens_finished=c.prompt_tokens_finished,
             output_tokens_finished=c.output_tokens_finished,
             tp_group_restarts=self.tp_group_restarts)

@@ -114,6 +114,7 @@ class Decision:
     best: SplitPrediction
     slowdown: float  # the instances' measured step time over the profile's for the same steps (1: as profiled)
     calibrated: bool  # whether the plan scaled the profile by it
+    loop_overhead: float | None = None  # the serving loop's cycle over its step (logged, not planned with yet)
 
 
 MAX_SLOWDOWN = 20.0
@@ -151,7 +152,7 @@ def replan(profile: EngineProfile, slo: SLO, work: WorkloadWindow, current: Spli
         profile = dataclasses.replace(profile, step=profile.step.scaled(slowdown))
     preds = {s: SplitPrediction.of(simulate(profile, s, arrivals), slo) for s in splits}
     best = max(preds.values(), key=lambda p: (p.goodput_rps, p.split == current, -p.split.prefill))
-    return Decision(best.split, preds[current], best, slowdown, scaled)
+    return Decision(best.split, preds[current], best, slowdown, scaled, work.work.loop_overhead)
 
 
 class AdaptiveSplit:
@@ -212,10 +213,11 @@ class AdaptiveSplit:
         self.counters["replans"] += 1
         better = d.target != current and d.best.goodput_rps >= (1 + self.cfg.min_gain) * d.current.goodput_rps
         log.info("adaptive split: %.2f req/s, prompt %.0f (hit rate %.0f%%), output %.0f tokens, steps %.2fx the "
-                 "profile's%s: best %s (%.2f req/s in SLO) vs current %s (%.2f)", work.rate_rps,
-                 work.mean_prompt_tokens, 100 * work.prefix_hit_rate, work.mean_output_tokens, d.slowdown,
-                 "" if d.calibrated else " (not applied)", d.target.name(), d.best.goodput_rps, current.name(),
-                 d.current.goodput_rps)
+                 "profile's%s, loop cycle %s its step: best %s (%.2f req/s in SLO) vs current %s (%.2f)",
+                 work.rate_rps, work.mean_prompt_tokens, 100 * work.prefix_hit_rate, work.mean_output_tokens,
+                 d.slowdown, "" if d.calibrated else " (not applied)",
+                 "?" if d.loop_overhead is None else f"{d.loop_overhead:.2f}x", d.target.name(), d.best.goodput_rps,
+                 current.name(), d.current.goodput_rps)
         target, count = self.streak
         self.streak = (d.target, count + 1 if target == d.target else 1) if better else (None, 0)
         if better and self.streak[1] >= self.cfg.patience and now >= self.quiet_until:

@@ -264,3 +264,7 @@ def test_step_work_counts_what_the_steps_computed(models: dict[str, pathlib.Path
     assert (work.decode_seqs, work.decode_context) == (8, sum(range(6, 11)) + sum(range(41, 44)))
     assert work.tokens == 45 + 8 and work.seconds > 0
     assert work.steps == 1 + 3 + 3  # short prefill; three chunks (with short's decodes); long's three decodes
+    # every step but the last had work after it, so the loop's next step closed its cycle; with async scheduling
+    # the last step's tokens are read back by one more step (which computes nothing), so it has a cycle too
+    assert work.cycles == (7 if async_scheduling else 6)
+    assert 0 < work.cycle_step_seconds <= work.cycle_seconds and work.loop_overhead is not None
