@@ -154,7 +154,9 @@ class RemoteKV:
             if request is not None and request.status is RequestStatus.WAITING_FOR_KV and not request.num_output_tokens:
                 outputs.append(emit(request, first.first_token))
         for done in events.loaded:
-            request = requests[done.request_id]
+            request = requests.get(done.request_id)
+            if request is None:  # NOTE: its first token, earlier in this poll, ended it (cancel_load freed it)
+                continue
             assert request.status is RequestStatus.WAITING_FOR_KV
             self.loading.discard(done.request_id)
             request.num_computed_tokens = request.num_prompt_tokens
@@ -165,7 +167,9 @@ class RemoteKV:
             if not request.finished:
                 self.scheduler.add(request)
         for failed in events.failed:
-            request = requests[failed.request_id]
+            request = requests.get(failed.request_id)
+            if request is None:  # NOTE: as above: ended by its first token in this poll, its blocks dealt with
+                continue
             assert request.status is RequestStatus.WAITING_FOR_KV
             self.loading.discard(failed.request_id)
             if failed.settled:

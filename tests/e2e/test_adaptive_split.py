@@ -164,10 +164,12 @@ def test_long_prompts_move_an_instance_to_prefill(tmp_path: pathlib.Path) -> Non
     mismatches = [r.t for r in load.sent if r.ok and list(r.tokens) != hf_greedy(model, r.prompt, OUTPUT)]
     assert mismatches == [], f"{len(mismatches)} outputs differ from transformers (sent at {mismatches} s)"
     # Recovery: the long prompts sent from 2 s after the move on (the 15 s the test keeps the load up, so within
-    # 60 s of the change in all) meet the SLOs at least 70% of the time, and 25 points more often than those the
-    # aggregated pair served before it. NOTE: the controller plans on the cluster's measured step times
-    # (adaptive.calibrate_step_time), which these 2 shared cores run 1.0-2.9x the profile's; on the profile's
-    # alone (and a TPOT SLO of 1.2x) it saw 2 aggregated within a few percent of 1P+1D and did not move in 1 of
-    # 11 runs (docs/performance.md, "The adaptive split through a phase change").
+    # 60 s of the change in all) meet the SLOs at least 70% of the time, and either 25 points more often than those
+    # the aggregated pair served before it or at least 90% of the time (a controller that moved early, before the
+    # pair's backlog grew, leaves less to recover: 80% -> 100% in one CI run). NOTE: the controller plans on the
+    # cluster's measured step times (adaptive.calibrate_step_time), which these 2 shared cores run 1.0-2.9x the
+    # profile's; on the profile's alone (and a TPOT SLO of 1.2x) it saw 2 aggregated within a few percent of
+    # 1P+1D and did not move in 1 of 11 runs (docs/performance.md, "The adaptive split through a phase change").
     assert len(long_after) >= 10, len(long_after)
-    assert after >= 0.7 and after >= before + 0.25, f"no recovery: attainment {before:.0%} -> {after:.0%}"
+    assert after >= 0.7 and (after >= before + 0.25 or after >= 0.9), \
+        f"no recovery: attainment {before:.0%} -> {after:.0%}"

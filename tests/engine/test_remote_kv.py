@@ -158,6 +158,23 @@ def test_first_token_that_ends_the_request_stops_its_load(make) -> None:
     engine.step()
 
 
+def test_first_token_that_ends_the_request_in_the_same_poll_as_its_load_result(make) -> None:
+    """One poll reports a request's first token and its load done (or failed): the first token ends it (one token
+    asked), so the load's result finds it gone and is dropped; its blocks were freed once. A holder that answers
+    the release at once (off its step loop) makes this common; the engine loop died of it (a KeyError) before."""
+    engine, conn = make(hold=False)
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    engine.add_request("loaded", list(range(3, 40)), one, kv_source="src")
+    engine.add_request("failed", list(range(50, 70)), one, kv_source="src")
+    conn.next.first_tokens += [LoadDone("loaded", 7), LoadDone("failed", 8)]
+    conn.next.loaded.append(LoadDone("loaded", 7))
+    conn.next.failed.append(LoadFailed("failed", RuntimeError("peer gone"), settled=True))
+    outs = {o.request_id: (o.token_ids, o.finish_reason) for o in engine.step()}
+    assert outs == {"loaded": ([7], "length"), "failed": ([8], "length")}
+    assert engine.remote is not None and not engine.remote.loading and not engine.remote.quarantined
+    assert engine.kv.stats().num_used == 0 and not engine.has_unfinished_requests()
+
+
 def test_failed_load_prefills_locally_and_quarantines_unsettled_blocks(make, models: dict[str, pathlib.Path]) -> None:
     engine, conn = make(hold=False)
     prompt = random_prompts(1, [40], 512, seed=6)[0]
