@@ -15,6 +15,11 @@ if TYPE_CHECKING:  # NOTE: the router reads StepWork from stats records and shou
     from engine.scheduler import SchedulerOutput
 
 
+def chunk_pairs(start: int, length: int) -> int:
+    """Attention pairs of a prompt chunk of `length` tokens after `start` cached ones (causal)."""
+    return length * start + length * (length + 1) // 2
+
+
 @dataclass(frozen=True)
 class StepWork:
     """Totals over the steps that computed at least one token (counters: subtract two to get a window)."""
@@ -71,7 +76,7 @@ class StepWorkMeter:
             else:
                 k = min(n, prompt - done)
                 prefill += k
-                pairs += k * done + k * (k + 1) // 2
+                pairs += chunk_pairs(done, k)
         return out.total_tokens, prefill, pairs, rows, context
 
     def step_started(self, t0: float) -> None:

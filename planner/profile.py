@@ -20,7 +20,8 @@ import torch
 
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.request import Request
-from planner.step_model import StepShape, StepTimeModel, TransferTimeModel, chunk_pairs
+from engine.step_work import chunk_pairs
+from planner.step_model import StepShape, StepTimeModel, TransferTimeModel
 
 log = logging.getLogger(__name__)
 

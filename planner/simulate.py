@@ -21,8 +21,9 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
+from engine.step_work import chunk_pairs
 from planner.profile import EngineProfile
-from planner.step_model import StepShape, chunk_pairs
+from planner.step_model import StepShape
 
 
 @dataclass(frozen=True)

@@ -26,11 +26,6 @@ class StepShape:
         return [1.0, self.prefill_tokens, self.decode_seqs, self.decode_context, self.prefill_pairs]
 
 
-def chunk_pairs(start: int, length: int) -> int:
-    """Attention pairs of a prompt chunk of `length` tokens after `start` cached ones (causal)."""
-    return length * start + length * (length + 1) // 2
-
-
 @dataclass(frozen=True)
 class StepTimeModel:
     fixed_s: float
