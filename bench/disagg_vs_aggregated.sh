@@ -19,6 +19,6 @@ $pdserve bench --target "$target" --rates "$rates" --num-requests "${NUM_REQUEST
 python3 "$(dirname "$0")/actor_stats.py" >"$out/actor_stats.json" || echo "actor stats not read" >&2
 # The actors log to Ray's session directory, not to serve.err: keep the KV transport lines (which UCX transport
 # each read used, TCP fallbacks) and the engines' start-up lines (attention backend, CUDA graphs).
-grep -rhi "transport\|fallback\|attention backend\|CUDA graphs" /tmp/ray/session_latest/logs "$out/serve.err" \
+grep -rhi "transport\|fallback\|attention backend\|CUDA graphs\|local copy\|read locally" /tmp/ray/session_latest/logs "$out/serve.err" \
   2>/dev/null | grep -v "^\[" | sed 's/^.*\(INFO\|WARNING\|ERROR\)/\1/' | sort | uniq -c | sort -rn | head -40 >"$out/engine_log.txt" || true
 echo "engine and transport log lines: $out/engine_log.txt" >&2

@@ -38,9 +38,9 @@ from kv_transfer.read_state import ReadStatus
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 
 
-def make_cache(num_blocks: int, device: str) -> KVCache:
+def make_cache(num_blocks: int, device: str, layer_groups: int = 1) -> KVCache:
     layout = KVLayout(num_blocks=num_blocks, num_kv_heads=KV_HEADS, num_layers=LAYERS, block_size=BLOCK,
-                      head_dim=HEAD_DIM, element_size=2)
+                      head_dim=HEAD_DIM, element_size=2, num_layer_groups=layer_groups)
     return KVCache(layout, torch.bfloat16, device)
 
 
@@ -48,9 +48,9 @@ def make_agent(cache: KVCache, name: str, cfg: TransferConfig) -> TransferAgent:
     return TransferAgent(cache, name, 0, 1, KV_HEADS, "bfloat16", "bench", cfg)
 
 
-def holder(conn: Any, num_blocks: int, device: str, cfg: TransferConfig) -> None:
+def holder(conn: Any, num_blocks: int, device: str, cfg: TransferConfig, layer_groups: int = 1) -> None:
     torch.set_num_threads(1)
-    cache = make_cache(num_blocks, device)
+    cache = make_cache(num_blocks, device, layer_groups)
     cache.tensor.normal_()
     agent = make_agent(cache, "holder", cfg)
     conn.send((agent.describe(), cache.block_sums()))
@@ -100,7 +100,7 @@ def main() -> None:
     ap.add_argument("--num-threads", type=int, default=0, help="UCX worker threads (kv_transfer.num_threads)")
     ap.add_argument("--progress-thread", choices=("on", "off"), default=None,
                     help="NIXL's progress thread (default: on for GPU, off for a CPU driver rank)")
-    ap.add_argument("--local-copy", action="store_true", help="same-host DRAM reads by memcpy from the holder's "
+    ap.add_argument("--local-copy", action="store_true", help="same-host reads copied from the holder's "
                     "shared KV memory (kv_transfer.local_copy) instead of UCX")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()

@@ -26,7 +26,7 @@ from engine.kv_cache import KVCache
 from kv_transfer.config import TransferConfig
 from kv_transfer.descriptor import PROTOCOL_VERSION, AgentDescriptor, check_compatible, same_node
 from kv_transfer.errors import IncompatibleKVError, KVTransferError, PeerGoneError, TransferTimeoutError
-from kv_transfer.local_copy import LocalPeer, open_peer, share_of
+from kv_transfer.local_copy import LocalPeers, LocalRead, share_of
 from kv_transfer.plan import all_groups, block_rows, merged_descriptors, plan_reads, sources, unit_indices
 from kv_transfer.read_state import DONE, IN_FLIGHT, ReadState, ReadStats, error_from
 from kv_transfer.transports import (
@@ -48,6 +48,8 @@ class _Read:
     num_descs: int
     state: ReadState = IN_FLIGHT
     events: list[Any] = field(default_factory=list)  # CUDA events of local copies (kv_transfer/local_copy.py)
+    local_bytes: int = 0
+    local_copy_fallbacks: int = 0
     new_peers: list[AgentDescriptor] = field(default_factory=list)  # whose read transports get logged when done
 
 
@@ -104,9 +106,12 @@ class TransferAgent:
             host=socket.gethostname(),
             node_ip=envs.PDSERVE_NODE_IP.get(),
             num_layer_groups=lo.num_layer_groups,
-            share=share_of(kv.tensor, kv.memfd, os.getpid()) if cfg.local_copy else "",
+            share=share_of(kv.tensor, kv.memfd, os.getpid()) if cfg.local_copy_for(self.mem_type) else "",
         )
-        self.local_peers: dict[str, LocalPeer | None] = {}  # same-host peers read by memcpy (cfg.local_copy)
+        self.all_groups = all_groups(self.descriptor)
+        flat = kv.tensor.view(-1).view(torch.uint8)  # [total bytes]: this rank's cache, no copy
+        self.local_peers = LocalPeers(self.descriptor, flat.numpy() if self.mem_type == "DRAM" else flat,
+                                      kv.tensor.device, cfg.local_copy_for(self.mem_type))
         self.peers: dict[str, str] = {}  # agent_name -> NIXL remote name
         self.prepared: dict[str, _PreparedPeer] = {}  # agent_name -> its lists, prepared on the first read
         self.reads: dict[str, _Read] = {}
@@ -139,6 +144,16 @@ class TransferAgent:
                    remote_blocks: list[int], groups: range | None = None) -> KVTransferError | None:
         """Post READs of remote_blocks into local_blocks for this rank's heads, in the layer groups `groups`
         (None: all). Returns None, or why not (IncompatibleKVError, PeerGoneError, KVTransferError)."""
+        direct = self.local_peers.direct.get(remotes[0].agent_name) if len(remotes) == 1 else None
+        if direct is not None:  # NOTE: the critical path of a same-host GPU read: nothing it does not need
+            read = self.reads[xfer_id] = _Read([], time.monotonic() + self.cfg.transfer_timeout_s, 0, 0)
+            try:
+                self._add_local(read, direct.read_units(local_blocks, remote_blocks,
+                                                        self.all_groups if groups is None else groups))
+            except Exception as e:
+                read.state = ReadState.failed(error_from(e))
+                return read.state.error
+            return None
         try:
             for d in remotes:
                 check_compatible(self.descriptor, d)
@@ -162,15 +177,14 @@ class TransferAgent:
               remote_blocks: list[int], groups: range) -> None:
         nixl = []
         for remote in sources(self.descriptor, descs):
-            peer = self._local_peer(remote)
+            peer = self.local_peers.get(remote)
             if peer is None:
+                read.local_copy_fallbacks += self.local_peers.wanted(remote)
                 nixl.append(remote)
                 continue
-            events, num_bytes, num_descs = peer.read(self.descriptor, remote, self._local_bytes(), local_blocks,
-                                                     remote_blocks, groups)
-            read.events += events
-            read.num_bytes += num_bytes
-            read.num_descs += num_descs
+            self._add_local(read, peer.read(local_blocks, remote_blocks, groups))
+            if peer.whole_units and len(descs) == 1:  # checked compatible above: later reads go direct
+                self.local_peers.direct[remote.agent_name] = peer
         if not nixl:
             return
         descs = nixl  # NOTE: one chosen holder per head range, so `sources` keeps them all
@@ -200,23 +214,13 @@ class TransferAgent:
                 self._start(read, self.agent.make_prepped_xfer("READ", lists.local, local_idx[i:j], lists.remote,
                                                                remote_idx[i:j], b""))
 
-    def _local_peer(self, remote: AgentDescriptor) -> LocalPeer | None:
-        """`remote` mapped for memcpy reads when local copies are on and it shares host memory on this host."""
-        if not (self.cfg.local_copy and remote.share and self.mem_type == remote.mem_type
-                and same_node(remote, self.descriptor)):
-            return None
-        if remote.agent_name not in self.local_peers:
-            peer = self.local_peers[remote.agent_name] = open_peer(remote, self.kv.tensor.device)
-            if peer is not None:
-                log.info("KV read path %s->%s (same host) from %s: local copy (%s from its shared memory)",
-                         self.mem_type, self.mem_type, remote.agent_name,
-                         "memcpy" if self.mem_type == "DRAM" else "cudaMemcpyAsync over CUDA IPC")
-        return self.local_peers[remote.agent_name]
-
-    def _local_bytes(self) -> Any:
-        """This rank's whole cache as [total bytes] uint8, no copy: numpy on CPU, a tensor on GPU."""
-        flat = self.kv.tensor.view(-1).view(torch.uint8)
-        return flat.numpy() if self.mem_type == "DRAM" else flat
+    @staticmethod
+    def _add_local(read: _Read, done: LocalRead) -> None:
+        read.events += done.events
+        read.num_bytes += done.num_bytes
+        read.local_bytes += done.num_bytes
+        read.num_descs += done.pieces
+        read.local_copy_fallbacks += done.fallbacks
 
     def _prepared_lists(self, remote: AgentDescriptor) -> _PreparedPeer:
         """This rank's and `remote`'s descriptor lists of every block's piece (prepared once per peer)."""
@@ -301,7 +305,7 @@ class TransferAgent:
                 self.agent.release_xfer_handle(h)
             except Exception as e:  # a handle still in flight cannot be released; NIXL frees it with the agent
                 log.warning("could not release transfer handle of %s: %s", xfer_id, e)
-        return ReadStats(read.num_bytes, read.num_descs)
+        return ReadStats(read.num_bytes, read.num_descs, read.local_bytes, read.local_copy_fallbacks)
 
     # ---- notifications (control messages between rank-0 agents) --------------------------------------------
     def partial_metadata_b64(self) -> str:

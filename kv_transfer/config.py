@@ -22,9 +22,10 @@ class TransferConfig:
     # Read by block index from descriptor lists prepared once per peer (NIXL prep_xfer_dlist / make_prepped_xfer;
     # NIXL merges adjacent blocks); False builds each read's descriptor list from plan_reads.
     prepared_descriptors: bool = True
-    # Same-host DRAM peers: copy from the holder's shared KV memory with memcpy instead of reading through UCX (cma
-    # copies at 0.55-0.65x of memcpy: kv_transfer/local_copy.py). Control messages still go over NIXL.
-    local_copy: bool = False
+    # Same-host peers: the reader maps the holder's KV (memfd on CPU, CUDA IPC on GPU) and copies it itself instead of
+    # reading through UCX (cma 0.55-0.65x of memcpy, cuda_ipc 0.4-0.7x of a GPU copy; kv_transfer/local_copy.py).
+    # None: on for GPU caches (measured at line rate in the bench and token-exact in a Ray cluster), off on CPU.
+    local_copy: bool | None = None
     ucx_env: dict[str, str] = field(default_factory=dict)  # any other UCX_* variable
 
     def __post_init__(self) -> None:
@@ -41,6 +42,10 @@ class TransferConfig:
         for key in self.ucx_env:
             if not key.startswith("UCX_"):
                 raise ValueError(f"ucx_env: {key!r} is not a UCX_* variable")
+
+    def local_copy_for(self, mem_type: str) -> bool:
+        """Whether same-host reads (and the share that allows them) are on for a cache in `mem_type`."""
+        return self.local_copy if self.local_copy is not None else mem_type == "VRAM"
 
     def env(self) -> dict[str, str]:
         env = dict(self.ucx_env)

@@ -198,6 +198,8 @@ class KVConsumer(KVConnector):
                 for stats in self.ranks.call(TransferAgent.finish, xid):
                     self.counters["bytes_transferred"] += stats.num_bytes
                     self.counters["descriptors"] += stats.num_descriptors
+                    self.counters["local_copy_bytes"] += stats.local_bytes
+                    self.counters["local_copy_fallbacks"] += stats.local_copy_fallbacks
                 pull.reads.remove(xid)
         self._advance(rid, pull)
 

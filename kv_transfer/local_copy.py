@@ -8,12 +8,14 @@ a GPU-to-GPU copy (docs/performance.md). So each agent publishes how a same-host
   - "memfd:PID:FD" on CPU: the cache lives in a memfd (engine/kv_cache.py), mapped read-only through
     /proc/PID/fd/FD and copied with memcpy (numpy slice assignment, in 2 MiB pieces);
   - "cudaipc:B64" on GPU: the CUDA IPC handle of the cache's allocation (what torch shares tensors between
-    processes with), opened in the reader's device context (peer access over NVLink) and copied with
-    cudaMemcpyAsync on a stream of the reader's own; the read is done when that stream's event is.
+    processes with), opened in the reader's device context (peer access over NVLink) and copied on a stream of
+    the reader's own by kv_transfer/gpu_copy.py (a driver copy per run, or one gather kernel); the read is done
+    when that stream's event is.
 
-With `kv_transfer.local_copy` on, a reader on the same host reads such a peer this way. The control messages
-(release, acknowledgement, streaming) still go over NIXL, and a peer that cannot be mapped (another host, its
-process gone, a driver that refuses) is read over NIXL as before, with a warning and a count (`unavailable`).
+With `kv_transfer.local_copy` on (by default on GPU), a reader on the same host reads such a peer this way. The
+control messages (release, acknowledgement, streaming) still go over NIXL, and a peer that cannot be mapped
+(another host, its process gone, a driver that refuses) is read over NIXL as before, with a warning and a count
+(`unavailable`, and the read's `local_copy_fallbacks`).
 """
 
 from __future__ import annotations
@@ -21,17 +23,25 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from kv_transfer.descriptor import AgentDescriptor
-from kv_transfer.plan import RankRead, merged_descriptors, piece, plan_reads, unit_indices
+from kv_transfer.descriptor import AgentDescriptor, same_node
+from kv_transfer.gpu_copy import (
+    IndexSlots,
+    block_runs,
+    copy_bytes,
+    gather_units,
+    gathers,
+    unit_pairs,
+    warm_gather,
+)
+from kv_transfer.plan import RankRead, piece, plan_reads
 
 log = logging.getLogger(__name__)
 
-GATHER_ABOVE_RUNS = 16  # GPU: a read of more runs than this goes as one gather kernel, fewer as a copy per run
 COPY_CHUNK = 2 << 20  # CPU: 2 MiB pieces stay in cache better than one long copy (measured: docs/performance.md)
 unavailable = 0  # same-host peers that could not be mapped (read over NIXL instead), in this process
 
@@ -54,12 +64,24 @@ def share_of(kv_tensor: torch.Tensor, memfd: int, pid: int) -> str:
     return ""
 
 
-class LocalPeer:
-    """A same-host holder's KV allocation, mapped for reading: `memory` [its total bytes] uint8."""
+class LocalRead(NamedTuple):
+    """What one read of a mapped peer started."""
 
-    def __init__(self, desc: AgentDescriptor, local_device: torch.device) -> None:
+    events: list[Any]  # CUDA events to wait for (none on CPU: done on return)
+    num_bytes: int
+    pieces: int  # copies or gathers it amounts to
+    fallbacks: int  # of them, those that went a slower way (kv_transfer/gpu_copy.py)
+
+
+class LocalPeer:
+    """A same-host holder's KV allocation, mapped for reading (`memory`: [its total bytes] uint8), and how this
+    rank (`local`, its cache `local_bytes`: [bytes] uint8, numpy on CPU) copies from it."""
+
+    def __init__(self, local: AgentDescriptor, local_bytes: Any, desc: AgentDescriptor,
+                 local_device: torch.device) -> None:
         kind, _, rest = desc.share.partition(":")
         size = desc.num_layer_groups * desc.num_blocks * desc.block_bytes
+        self.local, self.remote, self.local_bytes = local, desc, local_bytes
         self.base = desc.base_addr
         self.stream: Any = None
         if kind == "memfd" and desc.mem_type == "DRAM" and local_device.type == "cpu":
@@ -78,34 +100,52 @@ class LocalPeer:
                 raise ValueError(f"{desc.agent_name}: shared {storage.nbytes()} bytes, its KV has {size}")
             self.memory = torch.empty(0, dtype=torch.uint8, device=local_device).set_(storage, 0, (size,), (1,))
             self.stream = torch.cuda.Stream(local_device)
+            self.device_index = local_device.index or 0
+            self.index_slots = IndexSlots(local_device)
+            warm_gather(self.stream, local_device, desc.block_bytes)
         else:
             raise ValueError(f"{desc.agent_name} shares no memory this {local_device.type} reader can map "
                              f"({kind or 'none'}, {desc.mem_type})")
+        # GPU, both sides' units whole (same heads): reads go by `read_units`, without a plan
+        self.whole_units = self.stream is not None and piece(local, desc).size == local.block_bytes == desc.block_bytes
 
-    def read(self, local_desc: AgentDescriptor, remote: AgentDescriptor, local: Any, local_blocks: list[int],
-             remote_blocks: list[int], groups: range) -> tuple[list[Any], int, int]:
-        """Copy remote_blocks of the peer (`remote`) into local_blocks of `local` (this rank's cache as [bytes]
-        uint8), in the layer groups `groups`. Returns (CUDA events to wait for: none on CPU, bytes, pieces)."""
-        unit = local_desc.block_bytes
-        if self.stream is not None and piece(local_desc, remote).size == unit == remote.block_bytes:
-            li = unit_indices(local_desc, np.asarray(local_blocks), groups)  # [len(groups) · n]
-            ri = unit_indices(remote, np.asarray(remote_blocks), groups)  # [len(groups) · n]
-            if merged_descriptors(local_desc, remote, li, ri) > GATHER_ABOVE_RUNS:
-                # NOTE: many short runs: one gather kernel beats a copy per run (H200s: 0.73x vs 0.35x of a GPU
-                # copy for 255 scattered blocks); few long runs go to the copy engines (0.85x vs 0.74x)
-                return [copy_units(self, local, unit, li, ri)], unit * len(li), 1
+    def read(self, local_blocks: list[int], remote_blocks: list[int], groups: range) -> LocalRead:
+        """Copy remote_blocks of the peer into local_blocks of this rank, in the layer groups `groups`."""
+        if self.whole_units:
+            return self.read_units(local_blocks, remote_blocks, groups)
         events, num_bytes, num_descs = [], 0, 0
-        for plan in plan_reads(local_desc, [remote], local_blocks, remote_blocks, 1 << 62, groups):
-            event = self.copy(local, local_desc.base_addr, plan)  # CPU: done on return
+        for plan in plan_reads(self.local, [self.remote], local_blocks, remote_blocks, 1 << 62, groups):
+            event = self.copy(plan)  # CPU: done on return
             if event is not None:
                 events.append(event)
             num_bytes += plan.num_bytes
             num_descs += len(plan.local_rows)
-        return events, num_bytes, num_descs
+        return LocalRead(events, num_bytes, num_descs, 0)
 
-    def copy(self, local: Any, local_base: int, plan: RankRead) -> Any:
-        """Copy the plan's rows (absolute addresses in both allocations) into `local` ([bytes] uint8, numpy on
-        CPU, a tensor on GPU). CPU: done on return (None); GPU: returns the CUDA event that marks the end."""
+    def read_units(self, local_blocks: list[int], remote_blocks: list[int], groups: range) -> LocalRead:
+        """GPU, whole units: a copy per run of blocks adjacent on both sides and layer group, or one gather when
+        there are many. NOTE: the read's critical path: no numpy or torch dispatch on the copy path."""
+        unit, nl, nr = self.local.block_bytes, self.local.num_blocks, self.remote.num_blocks
+        runs = block_runs(local_blocks, remote_blocks)
+        num_bytes = unit * len(local_blocks) * len(groups)
+        if gathers(len(runs) * len(groups)):
+            # NOTE: many short runs: one gather kernel beats a copy per run (H200s: 0.73x vs 0.35x of a GPU
+            # copy for 255 scattered blocks); few long runs go to the copy engines (0.85x vs 0.74x)
+            pairs = unit_pairs(local_blocks, remote_blocks, groups, nl, nr)  # [2, len(groups) · n]
+            done = gather_units(self.stream, self.local_bytes, self.memory, unit, pairs, self.index_slots)
+            return LocalRead([done.event], num_bytes, 1, int(done.fallback))
+        copies = [((g * nl + lb) * unit, (g * nr + rb) * unit, k * unit) for g in groups for lb, rb, k in runs]
+        if torch.cuda.current_device() == self.device_index:
+            done = copy_bytes(self.stream, self.local_bytes, self.memory, copies)
+        else:  # NOTE: the driver copies in the current device's context
+            with torch.cuda.device(self.device_index):
+                done = copy_bytes(self.stream, self.local_bytes, self.memory, copies)
+        return LocalRead([done.event], num_bytes, len(copies), int(done.fallback))
+
+    def copy(self, plan: RankRead) -> Any:
+        """Copy the plan's rows (absolute addresses in both allocations) into this rank's cache. CPU: done on
+        return (None); GPU: returns the CUDA event that marks the end."""
+        local, local_base = self.local_bytes, self.local.base_addr
         rows = zip(plan.local_rows.tolist(), plan.remote_rows.tolist(), strict=True)
         if self.stream is None:
             for (l_addr, n, _), (r_addr, _, _) in rows:
@@ -123,29 +163,40 @@ class LocalPeer:
         return event
 
 
-def copy_units(peer: LocalPeer, local: torch.Tensor, unit_bytes: int, local_idx: np.ndarray,
-               remote_idx: np.ndarray) -> Any:
-    """GPU, whole blocks on both sides: units remote_idx of the peer into units local_idx of `local` ([bytes]
-    uint8), as one gather over NVLink and one local scatter (two kernels, not one copy per run). Returns the
-    CUDA event that marks the end."""
-    assert peer.stream is not None and unit_bytes % 8 == 0
-    with torch.cuda.stream(peer.stream):
-        dev = local.device
-        li = torch.from_numpy(local_idx.astype(np.int64)).to(dev, non_blocking=True)  # [n]
-        ri = torch.from_numpy(remote_idx.astype(np.int64)).to(dev, non_blocking=True)  # [n]
-        src = peer.memory.view(torch.int64).view(-1, unit_bytes // 8)  # [G · remote blocks, unit words]
-        dst = local.view(torch.int64).view(-1, unit_bytes // 8)  # [G · local blocks, unit words]
-        dst.index_copy_(0, li, src.index_select(0, ri))
-        event = torch.cuda.Event()
-        event.record(peer.stream)
-    return event
+class LocalPeers:
+    """The same-host peers one rank reads by local copy (kv_transfer.local_copy), mapped on first use."""
+
+    def __init__(self, local: AgentDescriptor, local_bytes: Any, device: torch.device, enabled: bool) -> None:
+        self.local, self.local_bytes, self.device, self.enabled = local, local_bytes, device, enabled
+        self.peers: dict[str, LocalPeer | None] = {}  # agent name -> its mapping (None: cannot be mapped)
+        # agent name -> a whole-unit GPU peer already read once (so checked compatible): its reads skip the
+        # general path (TransferAgent.start_read)
+        self.direct: dict[str, LocalPeer] = {}
+
+    def wanted(self, remote: AgentDescriptor) -> bool:
+        """Local copies are on and `remote` shares its memory on this host (a NIXL read of it is a fallback)."""
+        return bool(self.enabled and remote.share and self.local.mem_type == remote.mem_type
+                    and same_node(remote, self.local))
+
+    def get(self, remote: AgentDescriptor) -> LocalPeer | None:
+        """`remote` mapped, when it is wanted and can be; None otherwise."""
+        if not self.wanted(remote):
+            return None
+        if remote.agent_name not in self.peers:
+            peer = self.peers[remote.agent_name] = open_peer(self.local, self.local_bytes, remote, self.device)
+            if peer is not None:
+                log.info("KV read path %s->%s (same host) from %s: local copy (%s from its shared memory)",
+                         self.local.mem_type, remote.mem_type, remote.agent_name,
+                         "memcpy" if self.local.mem_type == "DRAM" else "cudaMemcpyAsync over CUDA IPC")
+        return self.peers[remote.agent_name]
 
 
-def open_peer(desc: AgentDescriptor, local_device: torch.device) -> LocalPeer | None:
+def open_peer(local: AgentDescriptor, local_bytes: Any, desc: AgentDescriptor,
+              local_device: torch.device) -> LocalPeer | None:
     """Map a same-host peer's KV, or None (logged, counted) when it cannot be."""
     global unavailable
     try:
-        return LocalPeer(desc, local_device)
+        return LocalPeer(local, local_bytes, desc, local_device)
     except (OSError, ValueError, RuntimeError) as e:
         unavailable += 1
         log.warning("KV of %s cannot be read locally (%s: %s): reading it over NIXL", desc.agent_name,

@@ -35,6 +35,8 @@ class ReadStats:
 
     num_bytes: int = 0
     num_descriptors: int = 0
+    local_bytes: int = 0  # of num_bytes, copied from a same-host peer's mapped memory (kv_transfer.local_copy)
+    local_copy_fallbacks: int = 0  # parts that could not go the fast local way: unmapped peer, slower copy
 
 
 def error_from(e: BaseException) -> KVTransferError:

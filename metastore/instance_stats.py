@@ -32,6 +32,8 @@ class InstanceStatsRecord:
     kv_loads_waiting: int = 0  # pulls waiting for free blocks now (decode; gauge)
     kv_streamed_loads: int = 0  # pulls streamed layer group by layer group while their prompt computed (counter)
     kv_stream_tail_seconds: float = 0.0  # streamed pulls: from the first token's news to the last read done (counter)
+    kv_local_copy_bytes: int = 0  # of kv_transfer_bytes, copied from same-host peers' mapped memory (decode; counter)
+    kv_local_copy_fallbacks: int = 0  # read parts that could not take the local copy's fast path (decode; counter)
     kv_ack_wait_seconds: float = 0.0  # from a pull's release to the holder's acknowledgement (decode; counter)
     kv_streams: int = 0  # prompts whose KV progress was streamed to a reader (prefill; counter)
     kv_stream_messages_sent: int = 0  # stream messages sent to readers (prefill; counter)

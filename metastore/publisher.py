@@ -149,6 +149,8 @@ class InstancePublisher:
             kv_local_fallbacks=c.kv_load_fallbacks, kv_lease_expiries=kv.get("lease_expired", 0),
             kv_loads_queued=c.kv_loads_queued, kv_loads_waiting=c.kv_loads_waiting,
             kv_streamed_loads=kv.get("streamed", 0), kv_stream_tail_seconds=kv.get("stream_tail_us", 0) / 1e6,
+            kv_local_copy_bytes=kv.get("local_copy_bytes", 0),
+            kv_local_copy_fallbacks=kv.get("local_copy_fallbacks", 0),
             kv_ack_wait_seconds=kv.get("ack_wait_us", 0) / 1e6, kv_streams=kv.get("streams", 0),
             kv_stream_messages_sent=kv.get("stream_messages_sent", 0),
             kv_stream_send_failures=kv.get("stream_send_failures", 0),

@@ -80,6 +80,10 @@ _COUNTERS = (
      "kv_streamed_loads"),
     ("pdserve:kv_stream_tail_seconds", "Streamed pulls: from the first token's news to the last read's end",
      "kv_stream_tail_seconds"),
+    ("pdserve:kv_local_copy_bytes", "Of the KV bytes pulled, those copied from same-host peers' mapped memory",
+     "kv_local_copy_bytes"),
+    ("pdserve:kv_local_copy_fallbacks", "KV read parts that could not take the local copy's fast path: a peer "
+     "that cannot be mapped (read over NIXL), a slower copy", "kv_local_copy_fallbacks"),
     ("pdserve:kv_ack_wait_seconds", "From a pull's release to the holder's acknowledgement", "kv_ack_wait_seconds"),
     ("pdserve:kv_streams", "Prompts whose KV progress was streamed to a reader (prefill instances)", "kv_streams"),
     ("pdserve:kv_stream_messages_sent", "KV stream messages sent to readers (prefill instances)",

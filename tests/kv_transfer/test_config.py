@@ -43,3 +43,10 @@ def test_apply_env_sets_the_process_environment(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("UCX_RNDV_THRESH", "before")
     TransferConfig(ucx_tls="shm,self", ucx_env={"UCX_RNDV_THRESH": "8k"}).apply_env()
     assert os.environ["UCX_TLS"] == "shm,self" and os.environ["UCX_RNDV_THRESH"] == "8k"
+
+
+def test_local_copy_defaults_on_for_gpu_caches_only() -> None:
+    auto = TransferConfig()
+    assert auto.local_copy is None and auto.local_copy_for("VRAM") and not auto.local_copy_for("DRAM")
+    assert TransferConfig(local_copy=True).local_copy_for("DRAM")
+    assert not TransferConfig(local_copy=False).local_copy_for("VRAM")

@@ -77,9 +77,13 @@ def test_heterogeneous_tp(models: dict[str, pathlib.Path], prefill_factory, cons
     groups = handle.agents[0].num_layer_groups
     assert groups == 2  # the 2-layer model at the default kv_layer_groups (4): one group per layer
     assert connector(consumer).counters["descriptors"] == 2 * blocks * groups
+    counters = connector(consumer).counters
+    assert counters["local_copy_bytes"] == (counters["bytes_transferred"] if local else 0)
+    assert counters["bytes_transferred"] > 0
+    assert counters["local_copy_fallbacks"] == 0
     agent = connector(consumer).agent
-    assert (agent.local_peers != {}) == local
-    assert all(peer is not None for peer in agent.local_peers.values())
+    assert (agent.local_peers.peers != {}) == local
+    assert all(peer is not None for peer in agent.local_peers.peers.values())
     assert prefill.call("wait_released", 10) == 0
 
 

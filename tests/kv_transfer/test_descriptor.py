@@ -59,7 +59,7 @@ def test_a_share_that_cannot_be_mapped_is_read_over_nixl_and_counted() -> None:
     bad = dataclasses.replace(desc(0, 1, 0), share="memfd:x:3")
     vram = dataclasses.replace(desc(0, 1, 0), share="cudaipc:e30=")  # a GPU peer's share, for a CPU reader
     before = local_copy.unavailable
-    cpu = torch.device("cpu")
-    assert local_copy.open_peer(gone, cpu) is None and local_copy.open_peer(bad, cpu) is None
-    assert local_copy.open_peer(vram, cpu) is None
+    cpu, me, mine = torch.device("cpu"), desc(0, 1, 0), torch.zeros(0, dtype=torch.uint8).numpy()
+    assert local_copy.open_peer(me, mine, gone, cpu) is None and local_copy.open_peer(me, mine, bad, cpu) is None
+    assert local_copy.open_peer(me, mine, vram, cpu) is None
     assert local_copy.unavailable == before + 3
