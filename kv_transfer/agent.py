@@ -14,11 +14,8 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from engine import envs
@@ -26,8 +23,9 @@ from engine.kv_cache import KVCache
 from kv_transfer.config import TransferConfig
 from kv_transfer.descriptor import PROTOCOL_VERSION, AgentDescriptor, check_compatible, same_node
 from kv_transfer.errors import IncompatibleKVError, KVTransferError, PeerGoneError, TransferTimeoutError
-from kv_transfer.local_copy import LocalPeers, LocalRead, share_of
-from kv_transfer.plan import all_groups, block_rows, merged_descriptors, plan_reads, sources, unit_indices
+from kv_transfer.local_copy import LocalPeers, share_of
+from kv_transfer.nixl_reads import InFlightRead, NixlReads
+from kv_transfer.plan import all_groups, sources
 from kv_transfer.read_state import DONE, IN_FLIGHT, ReadState, ReadStats, error_from
 from kv_transfer.transports import (
     disable_proto_report,
@@ -38,26 +36,6 @@ from kv_transfer.transports import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Read:
-    handles: list[Any]
-    deadline: float
-    num_bytes: int
-    num_descs: int
-    state: ReadState = IN_FLIGHT
-    events: list[Any] = field(default_factory=list)  # CUDA events of local copies (kv_transfer/local_copy.py)
-    local_bytes: int = 0
-    local_copy_fallbacks: int = 0
-    new_peers: list[AgentDescriptor] = field(default_factory=list)  # whose read transports get logged when done
-
-
-@dataclass(frozen=True)
-class _PreparedPeer:
-    local: Any  # NIXL prepared descriptor list: row b = the piece of this rank's block b
-    remote: Any  # the same for the peer's blocks
-    piece_bytes: int  # bytes per block read from this peer (its heads that this rank holds)
 
 
 class TransferAgent:
@@ -113,8 +91,8 @@ class TransferAgent:
         self.local_peers = LocalPeers(self.descriptor, flat.numpy() if self.mem_type == "DRAM" else flat,
                                       kv.tensor.device, cfg.local_copy_for(self.mem_type))
         self.peers: dict[str, str] = {}  # agent_name -> NIXL remote name
-        self.prepared: dict[str, _PreparedPeer] = {}  # agent_name -> its lists, prepared on the first read
-        self.reads: dict[str, _Read] = {}
+        self.nixl_reads = NixlReads(self.agent, self.descriptor, cfg, self._peer)
+        self.reads: dict[str, InFlightRead] = {}
         self.reported: set[str] = set()  # peers whose read transports were logged
 
     # ---- identity ------------------------------------------------------------------------------------------
@@ -146,10 +124,10 @@ class TransferAgent:
         (None: all). Returns None, or why not (IncompatibleKVError, PeerGoneError, KVTransferError)."""
         direct = self.local_peers.direct.get(remotes[0].agent_name) if len(remotes) == 1 else None
         if direct is not None:  # NOTE: the critical path of a same-host GPU read: nothing it does not need
-            read = self.reads[xfer_id] = _Read([], time.monotonic() + self.cfg.transfer_timeout_s, 0, 0)
+            read = self.reads[xfer_id] = InFlightRead([], time.monotonic() + self.cfg.transfer_timeout_s, 0, 0)
             try:
-                self._add_local(read, direct.read_units(local_blocks, remote_blocks,
-                                                        self.all_groups if groups is None else groups))
+                read.add_local(direct.read_units(local_blocks, remote_blocks,
+                                                 self.all_groups if groups is None else groups))
             except Exception as e:
                 read.state = ReadState.failed(error_from(e))
                 return read.state.error
@@ -160,12 +138,12 @@ class TransferAgent:
         except IncompatibleKVError as e:
             return e
         now = time.monotonic()
-        read = _Read([], now + self.cfg.transfer_timeout_s, 0, 0)
+        read = InFlightRead([], now + self.cfg.transfer_timeout_s, 0, 0)
         # NOTE: only the ranks this one reads from (a replicated head is read from one replica).
         read.new_peers = [d for d in sources(self.descriptor, remotes) if d.agent_name not in self.reported]
         self.reads[xfer_id] = read
         try:
-            with quiet_stdout() if read.new_peers else _nothing():
+            with quiet_stdout() if read.new_peers else contextlib.nullcontext():
                 self._post(read, remotes, local_blocks, remote_blocks,
                            all_groups(self.descriptor) if groups is None else groups)
         except Exception as e:
@@ -173,7 +151,7 @@ class TransferAgent:
             return read.state.error
         return None
 
-    def _post(self, read: _Read, descs: list[AgentDescriptor], local_blocks: list[int],
+    def _post(self, read: InFlightRead, descs: list[AgentDescriptor], local_blocks: list[int],
               remote_blocks: list[int], groups: range) -> None:
         nixl = []
         for remote in sources(self.descriptor, descs):
@@ -182,70 +160,13 @@ class TransferAgent:
                 read.local_copy_fallbacks += self.local_peers.wanted(remote)
                 nixl.append(remote)
                 continue
-            self._add_local(read, peer.read(local_blocks, remote_blocks, groups))
+            read.add_local(peer.read(local_blocks, remote_blocks, groups))
             if peer.whole_units and len(descs) == 1:  # checked compatible above: later reads go direct
                 self.local_peers.direct[remote.agent_name] = peer
         if not nixl:
             return
-        descs = nixl  # NOTE: one chosen holder per head range, so `sources` keeps them all
-        if self.cfg.prepared_descriptors:
-            self._post_prepared(read, descs, local_blocks, remote_blocks, groups)
-            return
-        for plan in plan_reads(self.descriptor, descs, local_blocks, remote_blocks, self.cfg.max_descriptor_bytes,
-                               groups):
-            peer = self._peer(plan.remote)
-            read.num_bytes += plan.num_bytes
-            read.num_descs += len(plan.local_rows)
-            for i, j in self._chunks(len(plan.local_rows)):
-                local = self.agent.get_xfer_descs(plan.local_rows[i:j], self.mem_type)
-                remote = self.agent.get_xfer_descs(plan.remote_rows[i:j], plan.remote.mem_type)
-                self._start(read, self.agent.initialize_xfer("READ", local, remote, peer, b""))
-
-    def _post_prepared(self, read: _Read, descs: list[AgentDescriptor], local_blocks: list[int],
-                       remote_blocks: list[int], groups: range) -> None:
-        """Reads by (group, block) index: no descriptor list is built per read (issue 20's posting cost)."""
-        local_idx = unit_indices(self.descriptor, np.asarray(local_blocks), groups)  # [len(groups) · n]
-        for remote in sources(self.descriptor, descs):
-            remote_idx = unit_indices(remote, np.asarray(remote_blocks), groups)  # [len(groups) · n]
-            lists = self._prepared_lists(remote)
-            read.num_bytes += lists.piece_bytes * len(local_idx)
-            read.num_descs += merged_descriptors(self.descriptor, remote, local_idx, remote_idx)
-            for i, j in self._chunks(len(local_idx)):
-                self._start(read, self.agent.make_prepped_xfer("READ", lists.local, local_idx[i:j], lists.remote,
-                                                               remote_idx[i:j], b""))
-
-    @staticmethod
-    def _add_local(read: _Read, done: LocalRead) -> None:
-        read.events += done.events
-        read.num_bytes += done.num_bytes
-        read.local_bytes += done.num_bytes
-        read.num_descs += done.pieces
-        read.local_copy_fallbacks += done.fallbacks
-
-    def _prepared_lists(self, remote: AgentDescriptor) -> _PreparedPeer:
-        """This rank's and `remote`'s descriptor lists of every block's piece (prepared once per peer)."""
-        lists = self.prepared.get(remote.agent_name)
-        if lists is None:
-            peer = self._peer(remote)
-            local_rows, remote_rows = block_rows(self.descriptor, remote)  # [G · blocks, 3] each
-            lists = _PreparedPeer(self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", local_rows, self.mem_type),
-                                  self.agent.prep_xfer_dlist(peer, remote_rows, remote.mem_type),
-                                  int(local_rows[0, 1]))
-            self.prepared[remote.agent_name] = lists
-        return lists
-
-    def _chunks(self, n: int) -> list[tuple[int, int]]:
-        """[i, j) ranges splitting n rows over the configured number of NIXL transfers. Several handles posted
-        back to back keep more copies in flight than one long list (measured on H200s: 266 vs 221 GB/s for
-        512 MB with 4 handles; docs/performance.md)."""
-        k = self.cfg.parallel_handles or (4 if self.mem_type == "VRAM" else 1)
-        step = -(-n // max(1, min(k, n)))
-        return [(i, min(n, i + step)) for i in range(0, n, step)]
-
-    def _start(self, read: _Read, handle: Any) -> None:
-        read.handles.append(handle)
-        if self.agent.transfer(handle) == "ERR":
-            raise RuntimeError("transfer() returned ERR")
+        # NOTE: one chosen holder per head range, so `sources` keeps them all
+        self.nixl_reads.post(read, nixl, local_blocks, remote_blocks, groups)
 
     def poll(self, xfer_ids: list[str]) -> dict[str, ReadState]:
         """State of each read (a failure carries PeerGoneError, TransferTimeoutError or KVTransferError)."""
@@ -272,7 +193,7 @@ class TransferAgent:
             out[xid] = read.state
         return out
 
-    def _report(self, read: _Read) -> None:
+    def _report(self, read: InFlightRead) -> None:
         for desc in read.new_peers:
             if desc.agent_name in self.reported:
                 continue
@@ -327,22 +248,11 @@ class TransferAgent:
     def close(self) -> None:
         for xid in list(self.reads):
             self.finish(xid)
-        for lists in self.prepared.values():
-            for handle in (lists.local, lists.remote):
-                try:
-                    self.agent.release_dlist_handle(handle)
-                except Exception as e:
-                    log.warning("could not release a prepared descriptor list: %s", e)
-        self.prepared = {}
+        for e in self.nixl_reads.release_lists():
+            log.warning("could not release a prepared descriptor list: %s", e)
         try:
             self.agent.deregister_memory(self.reg)
         except Exception as e:
             log.warning("deregister_memory failed: %s", e)
         if self.proto_dir is not None:
             shutil.rmtree(self.proto_dir, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _nothing() -> Iterator[None]:
-    yield
-
