@@ -131,7 +131,7 @@ def main() -> None:
             agent.cfg.prepared_descriptors = prepared
             secs, post, descs = timed_read(agent, remote, list(range(n)), src, args.iters, f"{label}{mb}")
             ok = all(abs(cache.block(i).float().sum().item() - sums[s]) < 1e-3 * max(1.0, abs(sums[s]))
-                     for i, s in enumerate(src[:8]))
+                     for i, s in enumerate(src))
             row[label] = {"seconds": secs, "post_seconds": post, "GBps": n * block_bytes / secs / 1e9,
                           "descriptors": descs, "verified": ok}
         nbytes = n * block_bytes
