@@ -89,7 +89,8 @@ class TransferAgent:
         self.all_groups = all_groups(self.descriptor)
         flat = kv.tensor.view(-1).view(torch.uint8)  # [total bytes]: this rank's cache, no copy
         self.local_peers = LocalPeers(self.descriptor, flat.numpy() if self.mem_type == "DRAM" else flat,
-                                      kv.tensor.device, cfg.local_copy_for(self.mem_type))
+                                      kv.tensor.device, cfg.local_copy_for(self.mem_type),
+                                      auto=cfg.local_copy is None)
         self.peers: dict[str, str] = {}  # agent_name -> NIXL remote name
         self.nixl_reads = NixlReads(self.agent, self.descriptor, cfg, self._peer)
         self.reads: dict[str, InFlightRead] = {}
@@ -207,7 +208,13 @@ class TransferAgent:
         read = self.reads.get(xfer_id)
         if read is None:
             return True
-        pending: list[Any] = [e for e in read.events if not e.query()]
+        pending: list[Any] = []
+        for e in read.events:
+            try:
+                if not e.query():
+                    pending.append(e)
+            except Exception as err:  # NOTE: a copy whose context failed writes nothing more
+                log.warning("KV read %s: a local copy's end cannot be queried (%s): taken as ended", xfer_id, err)
         for h in read.handles:
             try:
                 if self.agent.check_xfer_state(h) == "PROC":

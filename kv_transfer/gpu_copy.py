@@ -123,7 +123,7 @@ class CopyEvent:
 def copy_bytes(stream: Any, dst: torch.Tensor, src: torch.Tensor, copies: list[tuple[int, int, int]]) -> GpuCopy:
     """Copy (dst offset, src offset, bytes) of `copies` from `src` into `dst` (both [bytes] uint8 on the
     stream's device; src is the peer's mapped cache) on `stream`, one copy-engine copy each. The stream's device
-    must be current. Returns its end."""
+    must be current. Returns its end; if it raises, nothing it enqueued is still running."""
     drv = driver()
     if drv is not None:
         d, s, h = dst.data_ptr(), src.data_ptr(), stream.cuda_stream
@@ -137,10 +137,14 @@ def copy_bytes(stream: Any, dst: torch.Tensor, src: torch.Tensor, copies: list[t
             _driver = None
     fallbacks["torch_copy"] += 1
     with torch.cuda.stream(stream):
-        for a, b, n in copies:
-            dst[a:a + n].copy_(src[b:b + n], non_blocking=True)
-        event = torch.cuda.Event()
-        event.record(stream)
+        try:
+            for a, b, n in copies:
+                dst[a:a + n].copy_(src[b:b + n], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+        except BaseException:  # NOTE: nothing enqueued may still write once the read is reported failed
+            stream.synchronize()
+            raise
     return GpuCopy(event, True)
 
 
@@ -172,66 +176,89 @@ def unit_pairs(local_blocks: list[int], remote_blocks: list[int], groups: range,
 
 
 class IndexSlots:
-    """Where a gather's unit pairs cross to the GPU: a few pinned host buffers and their device twins, used in
-    turn, each copied by the driver (torch's copy from pageable memory stages through a bounce buffer)."""
+    """Where a gather's unit pairs cross to the GPU: pinned host buffers and their device twins, each copied by
+    the driver (torch's copy from pageable memory stages through a bounce buffer). A slot is reused once the
+    gather that read it has ended; when none has, another is added (several reads may be in flight)."""
 
-    def __init__(self, device: torch.device, slots: int = 4) -> None:
+    def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.host: list[np.ndarray | None] = [None] * slots  # [capacity] int64, pinned
-        self.pinned: list[torch.Tensor | None] = [None] * slots  # the same memory (keeps it alive)
-        self.dev: list[torch.Tensor | None] = [None] * slots  # [capacity] int64 on the device
-        self.busy: list[Any] = [None] * slots  # the end of the last gather that read each slot
-        self.next = 0
+        self.slots: list[tuple[torch.Tensor, np.ndarray, torch.Tensor]] = []  # (pinned, its numpy view, device)
+        self.busy: list[Any] = []  # per slot: the end of the last gather that read it (None: free)
 
-    def upload(self, drv: _Driver, stream: Any, pairs: np.ndarray) -> tuple[int, torch.Tensor]:
-        """(slot, pairs on the device: [2, n] int64), copied on `stream`; `used(slot, end)` once enqueued."""
-        i = self.next
-        self.next = (i + 1) % len(self.host)
-        if self.busy[i] is not None:
-            self.busy[i].synchronize()  # NOTE: the gather of `slots` reads ago: done in practice
-        n = pairs.size
-        host, dev = self.host[i], self.dev[i]
-        if host is None or dev is None or len(host) < n:
-            pinned = self.pinned[i] = torch.empty(max(n, 4096), dtype=torch.int64, pin_memory=True)
-            host = self.host[i] = pinned.numpy()
-            dev = self.dev[i] = torch.empty(len(host), dtype=torch.int64, device=self.device)
-        host[:n] = pairs.reshape(-1)
-        _check(drv.memcpy(dev.data_ptr(), host.ctypes.data, n * 8, stream.cuda_stream), "cuMemcpyAsync")
-        return i, dev[:n].view(2, -1)
+    def upload(self, drv: _Driver, stream: Any, pairs: np.ndarray) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(slot, local units, remote units: [n] int64 each on the device), copied on `stream`; the caller marks
+        the slot `used` once its gather is enqueued."""
+        n = pairs.shape[1]
+        half = n + (n & 1)  # NOTE: row 1 at a 16-byte boundary: Triton compiles one variant for every read
+        i = next((k for k, end in enumerate(self.busy) if end is None or end.query()), len(self.slots))
+        if i == len(self.slots) or len(self.slots[i][1]) < 2 * half:
+            pinned = torch.empty(max(2 * half, 4096), dtype=torch.int64, pin_memory=True)  # [capacity]
+            slot = (pinned, pinned.numpy(), torch.empty(len(pinned), dtype=torch.int64, device=self.device))
+            if i == len(self.slots):
+                self.slots.append(slot)
+                self.busy.append(None)
+            else:
+                self.slots[i] = slot
+        _, host, dev = self.slots[i]
+        host[:n] = pairs[0]
+        host[half:half + n] = pairs[1]
+        self.busy[i] = None
+        _check(drv.memcpy(dev.data_ptr(), host.ctypes.data, 2 * half * 8, stream.cuda_stream), "cuMemcpyAsync")
+        return i, dev[:n], dev[half:half + n]
 
     def used(self, slot: int, end: Any) -> None:
         self.busy[slot] = end
+
+
+def _torch_upload(pairs: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pairs through torch's copy (no driver): (local units, remote units), row 1 16-byte aligned too."""
+    n = pairs.shape[1]
+    half = n + (n & 1)
+    flat = np.zeros(2 * half, dtype=np.int64)  # [2 · half]
+    flat[:n], flat[half:half + n] = pairs[0], pairs[1]
+    idx = torch.from_numpy(flat).to(device, non_blocking=True)  # [2 · half]
+    return idx[:n], idx[half:half + n]
 
 
 def gather_units(stream: Any, dst: torch.Tensor, src: torch.Tensor, unit_bytes: int, pairs: np.ndarray,
                  slots: IndexSlots | None = None) -> GpuCopy:
     """Units pairs[1] of `src` into units pairs[0] of `dst` ([bytes] uint8; pairs: [2, n] int64, `unit_pairs`)
     on `stream`, in one kernel that reads over NVLink and writes in place; the pairs cross through `slots`
-    (else torch's copy). Returns its end."""
+    (else torch's copy). Returns its end. NOTE: if it raises, whatever it enqueued has finished (the stream is
+    synchronized), so a failed read leaves nothing writing into the cache."""
+    global _gather_kernel
     assert unit_bytes % 8 == 0
     words = unit_bytes // 8
     drv = driver()
     with torch.cuda.stream(stream):
         slot = -1
-        if slots is not None and drv is not None:
-            slot, idx = slots.upload(drv, stream, pairs)  # [2, n]
-        else:
-            idx = torch.from_numpy(pairs).to(dst.device, non_blocking=True)  # [2, n]
-        src_w, dst_w = src.view(torch.int64), dst.view(torch.int64)  # [words of the cache]
-        kernel = _triton_gather()
-        fallback = kernel is None
-        if not fallback:
-            grid = (pairs.shape[1], -(-words // GATHER_BLOCK))
-            kernel[grid](dst_w, src_w, idx[0], idx[1], words, BLOCK=GATHER_BLOCK)
-        else:
-            fallbacks["torch_gather"] += 1
-            rows = src_w.view(-1, words).index_select(0, idx[1])  # [n, words]
-            dst_w.view(-1, words).index_copy_(0, idx[0], rows)
-        if drv is not None:
-            event: Any = CopyEvent(drv, stream.cuda_stream)
-        else:
-            event = torch.cuda.Event()
-            event.record(stream)
+        try:
+            if slots is not None and drv is not None:
+                slot, li, ri = slots.upload(drv, stream, pairs)  # [n], [n]
+            else:
+                li, ri = _torch_upload(pairs, dst.device)  # [n], [n]
+            src_w, dst_w = src.view(torch.int64), dst.view(torch.int64)  # [words of the cache]
+            kernel = _triton_gather()
+            if kernel is not None:
+                try:
+                    kernel[(len(li), -(-words // GATHER_BLOCK))](dst_w, src_w, li, ri, words, BLOCK=GATHER_BLOCK)
+                except Exception as e:  # NOTE: e.g. a compiler that fails on this GPU: torch's gather from now on
+                    log.warning("KV gather kernel failed (%s: %s): gathering with torch from now on",
+                                type(e).__name__, e)
+                    _gather_kernel = kernel = None
+            fallback = kernel is None
+            if fallback:
+                fallbacks["torch_gather"] += 1
+                rows = src_w.view(-1, words).index_select(0, ri)  # [n, words]
+                dst_w.view(-1, words).index_copy_(0, li, rows)
+            if drv is not None:
+                event: Any = CopyEvent(drv, stream.cuda_stream)
+            else:
+                event = torch.cuda.Event()
+                event.record(stream)
+        except BaseException:
+            stream.synchronize()
+            raise
     if slots is not None and slot >= 0:
         slots.used(slot, event)
     return GpuCopy(event, fallback)

@@ -64,6 +64,11 @@ def share_of(kv_tensor: torch.Tensor, memfd: int, pid: int) -> str:
     return ""
 
 
+def whole_blocks(local: AgentDescriptor, remote: AgentDescriptor) -> bool:
+    """Whether this rank reads the remote's blocks whole (the same heads on both sides, the same block bytes)."""
+    return piece(local, remote).size == local.block_bytes == remote.block_bytes
+
+
 class LocalRead(NamedTuple):
     """What one read of a mapped peer started."""
 
@@ -107,7 +112,7 @@ class LocalPeer:
             raise ValueError(f"{desc.agent_name} shares no memory this {local_device.type} reader can map "
                              f"({kind or 'none'}, {desc.mem_type})")
         # GPU, both sides' units whole (same heads): reads go by `read_units`, without a plan
-        self.whole_units = self.stream is not None and piece(local, desc).size == local.block_bytes == desc.block_bytes
+        self.whole_units = self.stream is not None and whole_blocks(local, desc)
 
     def read(self, local_blocks: list[int], remote_blocks: list[int], groups: range) -> LocalRead:
         """Copy remote_blocks of the peer into local_blocks of this rank, in the layer groups `groups`."""
@@ -126,6 +131,14 @@ class LocalPeer:
         """GPU, whole units: a copy per run of blocks adjacent on both sides and layer group, or one gather when
         there are many. NOTE: the read's critical path: no numpy or torch dispatch on the copy path."""
         unit, nl, nr = self.local.block_bytes, self.local.num_blocks, self.remote.num_blocks
+        # NOTE: raw pointers from here on (no NIXL registration, no torch bounds): a wrong id must not copy
+        if local_blocks and not (0 <= min(local_blocks) and max(local_blocks) < nl and 0 <= min(remote_blocks)
+                                 and max(remote_blocks) < nr and 0 <= groups.start and groups.stop <= min(
+                                     self.local.num_layer_groups, self.remote.num_layer_groups)
+                                 and groups.step == 1):
+            raise ValueError(f"blocks or layer groups out of range: local {min(local_blocks)}..{max(local_blocks)} "
+                             f"of {nl}, remote {min(remote_blocks, default=-1)}..{max(remote_blocks, default=-1)} "
+                             f"of {nr}, groups {groups}")
         runs = block_runs(local_blocks, remote_blocks)
         num_bytes = unit * len(local_blocks) * len(groups)
         if gathers(len(runs) * len(groups)):
@@ -166,9 +179,14 @@ class LocalPeer:
 class LocalPeers:
     """The same-host peers one rank reads by local copy (kv_transfer.local_copy), mapped on first use."""
 
-    def __init__(self, local: AgentDescriptor, local_bytes: Any, device: torch.device, enabled: bool) -> None:
-        self.local, self.local_bytes, self.device, self.enabled = local, local_bytes, device, enabled
+    def __init__(self, local: AgentDescriptor, local_bytes: Any, device: torch.device, enabled: bool,
+                 auto: bool = False) -> None:
+        """`auto`: on by default rather than asked for: only peers whose blocks are read whole (the same heads:
+        the path measured and tested on GPUs) are copied locally; the others are read over NIXL, not counted
+        as fallbacks."""
+        self.local, self.local_bytes, self.device, self.enabled, self.auto = local, local_bytes, device, enabled, auto
         self.peers: dict[str, LocalPeer | None] = {}  # agent name -> its mapping (None: cannot be mapped)
+        self.skipped: set[str] = set()  # auto: peers read over NIXL by choice
         # agent name -> a whole-unit GPU peer already read once (so checked compatible): its reads skip the
         # general path (TransferAgent.start_read)
         self.direct: dict[str, LocalPeer] = {}
@@ -176,13 +194,20 @@ class LocalPeers:
     def wanted(self, remote: AgentDescriptor) -> bool:
         """Local copies are on and `remote` shares its memory on this host (a NIXL read of it is a fallback)."""
         return bool(self.enabled and remote.share and self.local.mem_type == remote.mem_type
-                    and same_node(remote, self.local))
+                    and same_node(remote, self.local) and remote.agent_name not in self.skipped)
 
     def get(self, remote: AgentDescriptor) -> LocalPeer | None:
         """`remote` mapped, when it is wanted and can be; None otherwise."""
         if not self.wanted(remote):
             return None
         if remote.agent_name not in self.peers:
+            if self.auto and not whole_blocks(self.local, remote):
+                log.info("KV of %s holds other heads than this rank (TP differs): read over NIXL (local copies are "
+                         "on by default only for whole blocks; kv_transfer.local_copy: true forces them)",
+                         remote.agent_name)
+                self.skipped.add(remote.agent_name)
+                self.peers[remote.agent_name] = None
+                return None
             peer = self.peers[remote.agent_name] = open_peer(self.local, self.local_bytes, remote, self.device)
             if peer is not None:
                 log.info("KV read path %s->%s (same host) from %s: local copy (%s from its shared memory)",
@@ -197,7 +222,7 @@ def open_peer(local: AgentDescriptor, local_bytes: Any, desc: AgentDescriptor,
     global unavailable
     try:
         return LocalPeer(local, local_bytes, desc, local_device)
-    except (OSError, ValueError, RuntimeError) as e:
+    except Exception as e:  # NOTE: e.g. a driver that refuses the handle, a kernel that will not compile
         unavailable += 1
         log.warning("KV of %s cannot be read locally (%s: %s): reading it over NIXL", desc.agent_name,
                     type(e).__name__, e)

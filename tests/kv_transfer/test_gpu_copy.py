@@ -3,12 +3,16 @@ and gather paths (fast and fallback) byte for byte. The GPU cases run where CUDA
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from kv_transfer import gpu_copy
 from kv_transfer.gpu_copy import IndexSlots, block_runs, copy_bytes, gather_units, unit_pairs
+from kv_transfer.local_copy import LocalPeer, LocalPeers
+from tests.kv_transfer.conftest import desc
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -47,7 +51,7 @@ def test_copy_bytes_and_gather_units_copy_exactly_the_named_units(fast: bool, mo
     if not fast:  # the fallbacks: torch copy_ per run, torch index_select + index_copy_
         monkeypatch.setattr(gpu_copy, "driver", lambda: None)
         monkeypatch.setattr(gpu_copy, "_triton_gather", lambda: None)
-    words = 3000  # not a multiple of the gather's block: the tail is masked
+    words = 9001  # three programs of the gather per unit, the last one masked
     unit = words * 8
     src, dst = _caches(64, words)
     li = [3, 4, 5, 6, 20, 21, 40, 9, 10, 11]
@@ -60,7 +64,7 @@ def test_copy_bytes_and_gather_units_copy_exactly_the_named_units(fast: bool, mo
     done = copy_bytes(stream, dst, src, copies)
     done.event.synchronize()
     assert done.event.query() and torch.equal(dst, want) and done.fallback is not fast
-    slots = IndexSlots(dst.device, slots=2)
+    slots = IndexSlots(dst.device)
     for i in range(5):  # through the pinned slots (each reused), then through torch's copy
         dst.zero_()
         pairs = np.array([li, ri], dtype=np.int64)[:, :8 if i == 2 else 10]
@@ -70,3 +74,86 @@ def test_copy_bytes_and_gather_units_copy_exactly_the_named_units(fast: bool, mo
                                           ri[:pairs.shape[1]])) and done.fallback is not fast
     grew = {k: gpu_copy.fallbacks[k] - before[k] for k in before}
     assert grew == ({"torch_copy": 0, "torch_gather": 0} if fast else {"torch_copy": 1, "torch_gather": 5})
+
+
+def _peer(nl: int, nr: int, groups: int, unit: int, device: str = "cpu") -> LocalPeer:
+    """A LocalPeer over two caches of this process (no CUDA IPC): `memory` the remote's, `local_bytes` ours."""
+    peer = object.__new__(LocalPeer)
+    peer.local = dataclasses.replace(desc(0, 1, 0), num_blocks=nl, block_bytes=unit, num_layer_groups=groups)
+    peer.remote = dataclasses.replace(desc(0, 1, 1 << 30), num_blocks=nr, block_bytes=unit, num_layer_groups=groups)
+    peer.memory = torch.randint(0, 256, (groups * nr * unit,), dtype=torch.uint8, device=device)
+    peer.local_bytes = torch.zeros(groups * nl * unit, dtype=torch.uint8, device=device)
+    peer.whole_units = True
+    if device != "cpu":
+        peer.stream, peer.device_index = torch.cuda.Stream(), torch.cuda.current_device()
+        peer.index_slots = IndexSlots(torch.device(device))
+    return peer
+
+
+@pytest.mark.parametrize(("local", "remote", "groups"), [
+    ([0, 64], [1, 2], range(1)),  # a local id past the cache
+    ([0, 1], [2, -1], range(1)),  # a negative remote id
+    ([0, 1], [2, 80], range(1)),  # a remote id past its cache (80 blocks)
+    ([0, 1], [2, 3], range(0, 3)),  # a layer group that does not exist
+])
+def test_a_read_by_raw_pointers_refuses_ids_outside_either_cache(local: list[int], remote: list[int],
+                                                                  groups: range) -> None:
+    peer = _peer(64, 80, 2, 64)
+    with pytest.raises(ValueError, match="out of range"):
+        peer.read_units(local, remote, groups)
+
+
+def test_default_local_copies_skip_peers_that_hold_other_heads() -> None:
+    me = dataclasses.replace(desc(0, 1, 0), share="memfd:1:3")
+    half = dataclasses.replace(desc(0, 2, 1 << 20, name="h"), share="memfd:1:3")  # TP 2: half the heads
+    whole = dataclasses.replace(desc(0, 1, 1 << 20, name="w"), share=f"memfd:{2**22 + 7}:3")  # no such process
+    cpu = torch.device("cpu")
+    peers = LocalPeers(me, np.zeros(0, dtype=np.uint8), cpu, enabled=True, auto=True)
+    assert peers.wanted(half) and peers.get(half) is None and not peers.wanted(half)  # skipped, not a fallback
+    assert peers.get(whole) is None and peers.wanted(whole)  # could not be mapped: a counted fallback
+    forced = LocalPeers(me, np.zeros(0, dtype=np.uint8), cpu, enabled=True, auto=False)
+    assert forced.get(half) is None and forced.wanted(half)  # asked for: mapping tried (and failed)
+
+
+@gpu
+def test_read_units_copies_each_groups_units_between_caches_of_other_sizes() -> None:
+    unit = 8 * 1000
+    peer = _peer(40, 50, 3, unit, "cuda")
+    want = peer.local_bytes.clone().view(3, 40, unit)
+    src = peer.memory.view(3, 50, unit)
+    few = ([5, 6, 7, 20, 21], [40, 41, 42, 3, 4])  # 2 runs x 2 groups: copies
+    many = (list(range(0, 36, 2)), list(range(49, 13, -2)))  # 18 runs x 2 groups: the gather
+    for lb, rb in (few, many):
+        done = peer.read_units(lb, rb, range(1, 3))
+        for e in done.events:
+            e.synchronize()
+        for g in (1, 2):
+            want[g, lb] = src[g, rb]
+        assert torch.equal(peer.local_bytes.view(3, 40, unit), want)
+        assert done.num_bytes == 2 * len(lb) * unit and done.fallbacks == 0
+
+
+@gpu
+def test_copy_events_report_pending_and_slots_are_not_reused_while_read() -> None:
+    src, dst = _caches(8, 512)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time ahead of the copy on this stream
+    done = copy_bytes(stream, dst, src, [(0, 0, 4096)])
+    assert not done.event.query()
+    done.event.synchronize()
+    assert done.event.query()
+    slots = IndexSlots(dst.device)
+    drv = gpu_copy.driver()
+    assert drv is not None
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(200_000_000)
+    first, li, ri = slots.upload(drv, stream, np.array([[1, 2, 3], [4, 5, 6]], dtype=np.int64))
+    assert ri.data_ptr() % 16 == 0 and li.tolist() == [1, 2, 3] and ri.tolist() == [4, 5, 6]
+    pending = gpu_copy.CopyEvent(drv, stream.cuda_stream)
+    slots.used(first, pending)
+    second, _, _ = slots.upload(drv, stream, np.array([[7], [8]], dtype=np.int64))
+    assert second != first  # the first is still being read
+    pending.synchronize()
+    third, _, _ = slots.upload(drv, stream, np.array([[9], [10]], dtype=np.int64))
+    assert third == first
