@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+from contextlib import nullcontext
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -38,7 +39,7 @@ from kv_transfer.gpu_copy import (
     unit_pairs,
     warm_gather,
 )
-from kv_transfer.plan import RankRead, piece, plan_reads
+from kv_transfer.plan import RankRead, plan_reads, whole_blocks
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +63,6 @@ def share_of(kv_tensor: torch.Tensor, memfd: int, pid: int) -> str:
             "handle": b64(handle), "size": int(size), "offset": int(offset), "rc_handle": b64(rc_handle),
             "rc_offset": int(rc_offset), "ev_handle": b64(ev_handle), "ev_sync": bool(ev_sync)}).encode()).decode()
     return ""
-
-
-def whole_blocks(local: AgentDescriptor, remote: AgentDescriptor) -> bool:
-    """Whether this rank reads the remote's blocks whole (the same heads on both sides, the same block bytes)."""
-    return piece(local, remote).size == local.block_bytes == remote.block_bytes
 
 
 class LocalRead(NamedTuple):
@@ -148,11 +144,9 @@ class LocalPeer:
             done = gather_units(self.stream, self.local_bytes, self.memory, unit, pairs, self.index_slots)
             return LocalRead([done.event], num_bytes, 1, int(done.fallback))
         copies = [((g * nl + lb) * unit, (g * nr + rb) * unit, k * unit) for g in groups for lb, rb, k in runs]
-        if torch.cuda.current_device() == self.device_index:
-            done = copy_bytes(self.stream, self.local_bytes, self.memory, copies)
-        else:  # NOTE: the driver copies in the current device's context
-            with torch.cuda.device(self.device_index):
-                done = copy_bytes(self.stream, self.local_bytes, self.memory, copies)
+        here = torch.cuda.current_device() == self.device_index
+        with nullcontext() if here else torch.cuda.device(self.device_index):  # NOTE: the driver copies in the
+            done = copy_bytes(self.stream, self.local_bytes, self.memory, copies)  # current device's context
         return LocalRead([done.event], num_bytes, len(copies), int(done.fallback))
 
     def copy(self, plan: RankRead) -> Any:

@@ -75,6 +75,11 @@ def piece(local: AgentDescriptor, remote: AgentDescriptor) -> Piece:
     return Piece((g1 - g0) * local.head_bytes, (g0 - lo) * local.head_bytes, (g0 - r_lo) * remote.head_bytes)
 
 
+def whole_blocks(local: AgentDescriptor, remote: AgentDescriptor) -> bool:
+    """Whether this rank reads the remote's blocks whole (the same heads on both sides, the same block bytes)."""
+    return piece(local, remote).size == local.block_bytes == remote.block_bytes
+
+
 def all_groups(desc: AgentDescriptor) -> range:
     return range(desc.num_layer_groups)
 
@@ -109,7 +114,7 @@ def merged_descriptors(local: AgentDescriptor, remote: AgentDescriptor, local_id
     else one per block."""
     n = len(local_idx)
     # NOTE: indices are rows of `block_rows`, in memory order, so consecutive ones are adjacent bytes
-    if n == 0 or piece(local, remote).size != local.block_bytes or local.block_bytes != remote.block_bytes:
+    if n == 0 or not whole_blocks(local, remote):
         return n
     breaks = (np.diff(local_idx) != 1) | (np.diff(remote_idx) != 1)  # [n - 1]
     return 1 + int(breaks.sum())
