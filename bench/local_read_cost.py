@@ -1,6 +1,7 @@
 """Where a same-host GPU read's time goes (kv_transfer.local_copy on two GPUs): host time of each step of
-`TransferAgent.start_read`, the copy's own GPU time (CUDA events around it on the read's stream), and the same
-for a plain cuda:0 -> cuda:1 `copy_` of the same bytes in the same run.
+`TransferAgent.start_read` (for a gather: its upload, launch and event too), the copy's own GPU time (CUDA events
+around it on the read's stream), and the same for a plain cuda:0 -> cuda:1 `copy_` of the same bytes in the same
+run.
 
     python3 bench/local_read_cost.py --sizes-mb 64 512 --iters 50 --json out.json
 """
@@ -18,16 +19,18 @@ from typing import Any
 import torch
 
 from bench.kv_transfer_bandwidth import holder, make_agent, make_cache
-from kv_transfer import gpu_copy
+from kv_transfer import gather_kernel, gpu_copy
 from kv_transfer.config import TransferConfig
 from kv_transfer.gpu_copy import block_runs
 from kv_transfer.read_state import ReadStatus
 
 
-def host_us(fn: Callable[[], Any], iters: int) -> float:
-    """Median host microseconds of fn()."""
+def host_us(fn: Callable[[], Any], iters: int, sync: bool = False) -> float:
+    """Median host microseconds of fn() (`sync`: with the GPUs idle before each call)."""
     out = []
     for _ in range(iters):
+        if sync:
+            torch.cuda.synchronize()
         t0 = time.perf_counter_ns()
         fn()
         out.append(time.perf_counter_ns() - t0)
@@ -86,17 +89,28 @@ def measure(agent: Any, remote: Any, dst: list[int], src: list[int], iters: int)
         torch.cuda.synchronize()
         agent.finish(f"p{k[0]}")
     row["launch_us"], row["post_us"] = statistics.median(launches) / 1e3, statistics.median(posts) / 1e3
-    if gpu_copy.gathers(row["runs"]):  # the gather alone, its unit indices made beforehand
-        pairs = gpu_copy.unit_pairs(dst, src, groups, peer.local.num_blocks, peer.remote.num_blocks)
-        unit = peer.local.block_bytes
+    if gpu_copy.gathers(row["runs"]):  # the gather alone (its index upload, launch and event)
+        unit, nl, nr = peer.local.block_bytes, peer.local.num_blocks, peer.remote.num_blocks
         launches = []
         for _ in range(iters):
             torch.cuda.synchronize()
             t0 = time.perf_counter_ns()
-            done = gpu_copy.gather_units(peer.stream, peer.local_bytes, peer.memory, unit, pairs)
+            done = gpu_copy.gather_units(peer.stream, peer.local_bytes, peer.memory, unit, dst, src, groups, nl, nr,
+                                         peer.index_slots)
             launches.append(time.perf_counter_ns() - t0)
             done.event.synchronize()
         row["gather_launch_us"] = statistics.median(launches) / 1e3
+        # its pieces: the block lists' upload, the kernel's launch, the end event (kv_transfer/gather_kernel.py)
+        drv, stream = gpu_copy.driver(), peer.stream
+        kernel = gather_kernel.kernel_for(peer.device_index)
+        d, s = peer.local_bytes.data_ptr(), peer.memory.data_ptr()
+        if drv is not None and kernel is not None:
+            _, lp, rp = peer.index_slots.upload(drv, stream, dst, src)
+            row["upload_us"] = host_us(lambda: peer.index_slots.upload(drv, stream, dst, src), iters, sync=True)
+            row["kernel_launch_us"] = host_us(lambda: kernel.launch(
+                stream.cuda_stream, gpu_copy._word(unit, d, s), d, s, lp, rp, len(dst), groups, nl, nr, unit),
+                iters, sync=True)
+            row["event_us"] = host_us(lambda: gpu_copy.CopyEvent(drv, stream.cuda_stream), iters, sync=True)
     row["copy_gpu_us"], row["copy_wall_us"] = gpu_us(peer.stream, lambda: peer.read_units(dst, src, groups), iters)
     nbytes = len(dst) * len(groups) * peer.local.block_bytes
     a = torch.empty(nbytes, dtype=torch.uint8, device="cuda:0").random_()

@@ -199,6 +199,8 @@ class TransferAgent:
             if desc.agent_name in self.reported:
                 continue
             self.reported.add(desc.agent_name)
+            if self.local_peers.peers.get(desc.agent_name) is not None:
+                continue  # NOTE: read by local copy (logged when mapped): UCX carried none of its bytes
             report_path(self.name, self.mem_type, desc.mem_type, same_node(desc, self.descriptor),
                         selected_read_transports(self.proto_dir, self.name),
                         peer=f"{desc.agent_name}@{desc.node_ip or desc.host}")

@@ -10,7 +10,8 @@ splits it). Hence, per read:
     driver (no tensor slicing, dispatch or stream switch per run), ended by a driver event (`CopyEvent`);
     a driver that cannot be loaded falls back to torch `copy_` and torch events (logged and counted);
   - many short runs go to one gather kernel that reads each remote unit over NVLink and writes it in place
-    (Triton; without it, torch's index_select + index_copy_, two passes, logged and counted).
+    (kv_transfer/gather_kernel.py, launched by one driver call; without it, torch's index_select +
+    index_copy_, two passes, logged and counted).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+
+from kv_transfer import gather_kernel
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,7 @@ def gathers(num_copies: int) -> bool:
 
 class GpuCopy(NamedTuple):
     event: Any  # CopyEvent or torch.cuda.Event: done once the copy is
-    fallback: bool  # it went the slower way (no driver / no Triton)
+    fallback: bool  # it went the slower way (no driver / no gather kernel)
 
 
 def block_runs(local_blocks: list[int], remote_blocks: list[int]) -> list[tuple[int, int, int]]:
@@ -148,26 +151,10 @@ def copy_bytes(stream: Any, dst: torch.Tensor, src: torch.Tensor, copies: list[t
     return GpuCopy(event, True)
 
 
-_gather_kernel: Any = None
-_gather_tried = False
-
-
-def _triton_gather() -> Any:
-    global _gather_kernel, _gather_tried
-    if not _gather_tried:
-        _gather_tried = True
-        try:
-            from kv_transfer.gather_kernel import gather_units_kernel
-            _gather_kernel = gather_units_kernel
-        except ImportError as e:
-            log.warning("no triton for KV gathers (%s): two torch passes instead (slower)", e)
-    return _gather_kernel
-
-
 def unit_pairs(local_blocks: list[int], remote_blocks: list[int], groups: range, local_blocks_per_group: int,
                remote_blocks_per_group: int) -> np.ndarray:
     """The units a read copies, group by group: [2, len(groups) · n] int64, row 0 local, row 1 remote (a unit's
-    index is group · blocks per group + block, its place in memory)."""
+    index is group · blocks per group + block, its place in memory). The torch gather's indices."""
     g = np.arange(groups.start, groups.stop, dtype=np.int64)[:, None]  # [G, 1]
     out = np.empty((2, len(groups), len(local_blocks)), dtype=np.int64)  # [2, G, n]
     out[0] = g * local_blocks_per_group + np.asarray(local_blocks, dtype=np.int64)
@@ -176,99 +163,120 @@ def unit_pairs(local_blocks: list[int], remote_blocks: list[int], groups: range,
 
 
 class IndexSlots:
-    """Where a gather's unit pairs cross to the GPU: pinned host buffers and their device twins, each copied by
+    """Where a gather's block lists cross to the GPU: pinned host buffers and their device twins, each copied by
     the driver (torch's copy from pageable memory stages through a bounce buffer). A slot is reused once the
     gather that read it has ended; when none has, another is added (several reads may be in flight)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.slots: list[tuple[torch.Tensor, np.ndarray, torch.Tensor]] = []  # (pinned, its numpy view, device)
+        # (pinned, its numpy view, its address, device twin, the twin's address)
+        self.slots: list[tuple[torch.Tensor, np.ndarray, int, torch.Tensor, int]] = []
         self.busy: list[Any] = []  # per slot: the end of the last gather that read it (None: free)
 
-    def upload(self, drv: _Driver, stream: Any, pairs: np.ndarray) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """(slot, local units, remote units: [n] int64 each on the device), copied on `stream`; the caller marks
-        the slot `used` once its gather is enqueued."""
-        n = pairs.shape[1]
-        half = n + (n & 1)  # NOTE: row 1 at a 16-byte boundary: Triton compiles one variant for every read
-        i = next((k for k, end in enumerate(self.busy) if end is None or end.query()), len(self.slots))
-        if i == len(self.slots) or len(self.slots[i][1]) < 2 * half:
-            pinned = torch.empty(max(2 * half, 4096), dtype=torch.int64, pin_memory=True)  # [capacity]
-            slot = (pinned, pinned.numpy(), torch.empty(len(pinned), dtype=torch.int64, device=self.device))
+    def upload(self, drv: _Driver, stream: Any, local_blocks: list[int], remote_blocks: list[int]
+               ) -> tuple[int, int, int]:
+        """(slot, device address of the local blocks, of the remote blocks: [n] int64 each), copied on `stream`;
+        the caller marks the slot `used` once its gather is enqueued."""
+        n = len(local_blocks)
+        i = 0
+        for end in self.busy:  # NOTE: a plain loop: this is the read's critical path
+            if end is None or end.query():
+                break
+            i += 1
+        if i == len(self.slots) or len(self.slots[i][1]) < 2 * n:
+            pinned = torch.empty(max(2 * n, 4096), dtype=torch.int64, pin_memory=True)  # [capacity]
+            dev = torch.empty(len(pinned), dtype=torch.int64, device=self.device)  # [capacity]
+            slot = (pinned, pinned.numpy(), pinned.data_ptr(), dev, dev.data_ptr())
             if i == len(self.slots):
                 self.slots.append(slot)
                 self.busy.append(None)
             else:
                 self.slots[i] = slot
-        _, host, dev = self.slots[i]
-        host[:n] = pairs[0]
-        host[half:half + n] = pairs[1]
+        _, host, host_ptr, _, dev_ptr = self.slots[i]
+        host[:2 * n] = local_blocks + remote_blocks
         self.busy[i] = None
-        _check(drv.memcpy(dev.data_ptr(), host.ctypes.data, 2 * half * 8, stream.cuda_stream), "cuMemcpyAsync")
-        return i, dev[:n], dev[half:half + n]
+        _check(drv.memcpy(dev_ptr, host_ptr, 2 * n * 8, stream.cuda_stream), "cuMemcpyAsync")
+        return i, dev_ptr, dev_ptr + 8 * n
 
     def used(self, slot: int, end: Any) -> None:
         self.busy[slot] = end
 
 
-def _torch_upload(pairs: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pairs through torch's copy (no driver): (local units, remote units), row 1 16-byte aligned too."""
-    n = pairs.shape[1]
-    half = n + (n & 1)
-    flat = np.zeros(2 * half, dtype=np.int64)  # [2 · half]
-    flat[:n], flat[half:half + n] = pairs[0], pairs[1]
-    idx = torch.from_numpy(flat).to(device, non_blocking=True)  # [2 · half]
-    return idx[:n], idx[half:half + n]
+def _word(unit_bytes: int, dst: int = 0, src: int = 0) -> int:
+    """The widest word (16 or 8 bytes) dividing the unit and both addresses; 0 when neither does."""
+    low = unit_bytes | dst | src
+    return 16 if not low & 15 else 8 if not low & 7 else 0
 
 
-def gather_units(stream: Any, dst: torch.Tensor, src: torch.Tensor, unit_bytes: int, pairs: np.ndarray,
+def gather_units(stream: Any, dst: torch.Tensor, src: torch.Tensor, unit_bytes: int, local_blocks: list[int],
+                 remote_blocks: list[int], groups: range, local_per_group: int, remote_per_group: int,
                  slots: IndexSlots | None = None) -> GpuCopy:
-    """Units pairs[1] of `src` into units pairs[0] of `dst` ([bytes] uint8; pairs: [2, n] int64, `unit_pairs`)
-    on `stream`, in one kernel that reads over NVLink and writes in place; the pairs cross through `slots`
-    (else torch's copy). Returns its end. NOTE: if it raises, whatever it enqueued has finished (the stream is
-    synchronized), so a failed read leaves nothing writing into the cache."""
-    global _gather_kernel
-    assert unit_bytes % 8 == 0
-    words = unit_bytes // 8
+    """Unit (g, remote_blocks[i]) of `src` into unit (g, local_blocks[i]) of `dst` ([bytes] uint8; a unit's
+    index is g · blocks per group + block) for every g in `groups`, on `stream`, in one kernel that reads over
+    NVLink and writes in place (kv_transfer/gather_kernel.py); the block lists cross through `slots` (else
+    torch's copy). The stream's device must be current. Returns its end. NOTE: if it raises, whatever it
+    enqueued has finished (the stream is synchronized), so a failed read leaves nothing writing into the cache."""
+    n, d, s = len(local_blocks), dst.data_ptr(), src.data_ptr()
+    word = _word(unit_bytes, d, s)
     drv = driver()
-    with torch.cuda.stream(stream):
-        slot = -1
-        try:
-            if slots is not None and drv is not None:
-                slot, li, ri = slots.upload(drv, stream, pairs)  # [n], [n]
-            else:
-                li, ri = _torch_upload(pairs, dst.device)  # [n], [n]
-            src_w, dst_w = src.view(torch.int64), dst.view(torch.int64)  # [words of the cache]
-            kernel = _triton_gather()
-            if kernel is not None:
-                try:
-                    kernel[(len(li), -(-words // GATHER_BLOCK))](dst_w, src_w, li, ri, words, BLOCK=GATHER_BLOCK)
-                except Exception as e:  # NOTE: e.g. a compiler that fails on this GPU: torch's gather from now on
-                    log.warning("KV gather kernel failed (%s: %s): gathering with torch from now on",
-                                type(e).__name__, e)
-                    _gather_kernel = kernel = None
-            fallback = kernel is None
-            if fallback:
-                fallbacks["torch_gather"] += 1
-                rows = src_w.view(-1, words).index_select(0, ri)  # [n, words]
-                dst_w.view(-1, words).index_copy_(0, li, rows)
-            if drv is not None:
-                event: Any = CopyEvent(drv, stream.cuda_stream)
-            else:
-                event = torch.cuda.Event()
-                event.record(stream)
-        except BaseException:
-            stream.synchronize()
-            raise
+    kernel = gather_kernel.kernel_for(stream.device_index) if drv is not None and word else None
+    slot = -1
+    try:
+        if kernel is not None:
+            try:
+                if slots is not None:
+                    slot, local, remote = slots.upload(drv, stream, local_blocks, remote_blocks)
+                else:
+                    with torch.cuda.stream(stream):  # NOTE: allocated on the stream: freed after the kernel reads
+                        blocks = torch.tensor(local_blocks + remote_blocks, dtype=torch.int64).to(dst.device)  # [2n]
+                    local, remote = blocks.data_ptr(), blocks.data_ptr() + 8 * n
+                kernel.launch(stream.cuda_stream, word, d, s, local, remote, n, groups, local_per_group,
+                              remote_per_group, unit_bytes)
+            except ValueError as e:  # a read too large for one grid: torch's gather for this one
+                log.warning("KV gather of this read with torch: %s", e)
+                kernel = None
+            except RuntimeError as e:  # NOTE: torch's gather from now on (a launch enqueues all or nothing)
+                log.warning("KV gather kernel failed (%s): gathering with torch from now on", e)
+                gather_kernel.forget(stream.device_index)
+                kernel = None
+        fallback = kernel is None
+        if fallback:
+            fallbacks["torch_gather"] += 1
+            _torch_gather(stream, dst, src, unit_bytes, word,
+                          unit_pairs(local_blocks, remote_blocks, groups, local_per_group, remote_per_group))
+        if drv is not None:
+            event: Any = CopyEvent(drv, stream.cuda_stream)
+        else:
+            event = torch.cuda.Event()
+            event.record(stream)
+    except BaseException:
+        stream.synchronize()
+        raise
     if slots is not None and slot >= 0:
         slots.used(slot, event)
     return GpuCopy(event, fallback)
 
 
+def _torch_gather(stream: Any, dst: torch.Tensor, src: torch.Tensor, unit_bytes: int, word: int,
+                  pairs: np.ndarray) -> None:
+    """The gather without the kernel: torch's index_select into a temporary, then index_copy_ (two passes)."""
+    dtype = torch.int64 if word else torch.uint8
+    cols = unit_bytes // dtype.itemsize
+    with torch.cuda.stream(stream):
+        idx = torch.from_numpy(pairs).to(dst.device, non_blocking=True)  # [2, units]
+        rows = src.view(dtype).view(-1, cols).index_select(0, idx[1])  # [units, cols]
+        dst.view(dtype).view(-1, cols).index_copy_(0, idx[0], rows)
+
+
 def warm_gather(stream: Any, device: torch.device, unit_bytes: int) -> None:
-    """Compile the gather kernel for this unit size now, on scratch memory (else the first scattered read of a
-    peer waits about a second for Triton)."""
-    if unit_bytes % 8 or _triton_gather() is None:
+    """Build the gather for this device now and check it on scratch memory (else the first scattered read of a
+    peer waits for the compiler); a gather that copies wrong is dropped (logged): torch's from then on."""
+    index = device.index or 0
+    if driver() is None or not _word(unit_bytes) or gather_kernel.kernel_for(index) is None:
         return
-    scratch = torch.zeros(2 * unit_bytes, dtype=torch.uint8, device=device)  # [2 units]
-    pairs = np.zeros((2, 1), dtype=np.int64)
-    gather_units(stream, scratch[unit_bytes:], scratch[:unit_bytes], unit_bytes, pairs).event.synchronize()
+    with torch.cuda.device(index):
+        scratch = torch.randint(0, 256, (3 * unit_bytes,), dtype=torch.uint8, device=device)  # [3 units]
+        gather_units(stream, scratch, scratch, unit_bytes, [2], [0], range(1), 3, 3).event.synchronize()
+        if not torch.equal(scratch[2 * unit_bytes:], scratch[:unit_bytes]):
+            log.warning("KV gather kernel copied wrong bytes on %s: gathering with torch", device)
+            gather_kernel.forget(index)

@@ -36,7 +36,6 @@ from kv_transfer.gpu_copy import (
     copy_bytes,
     gather_units,
     gathers,
-    unit_pairs,
     warm_gather,
 )
 from kv_transfer.plan import RankRead, plan_reads, whole_blocks
@@ -137,16 +136,16 @@ class LocalPeer:
                              f"of {nr}, groups {groups}")
         runs = block_runs(local_blocks, remote_blocks)
         num_bytes = unit * len(local_blocks) * len(groups)
-        if gathers(len(runs) * len(groups)):
-            # NOTE: many short runs: one gather kernel beats a copy per run (H200s: 0.73x vs 0.35x of a GPU
-            # copy for 255 scattered blocks); few long runs go to the copy engines (0.85x vs 0.74x)
-            pairs = unit_pairs(local_blocks, remote_blocks, groups, nl, nr)  # [2, len(groups) · n]
-            done = gather_units(self.stream, self.local_bytes, self.memory, unit, pairs, self.index_slots)
-            return LocalRead([done.event], num_bytes, 1, int(done.fallback))
-        copies = [((g * nl + lb) * unit, (g * nr + rb) * unit, k * unit) for g in groups for lb, rb, k in runs]
         here = torch.cuda.current_device() == self.device_index
-        with nullcontext() if here else torch.cuda.device(self.device_index):  # NOTE: the driver copies in the
-            done = copy_bytes(self.stream, self.local_bytes, self.memory, copies)  # current device's context
+        with nullcontext() if here else torch.cuda.device(self.device_index):  # NOTE: the driver copies and
+            if gathers(len(runs) * len(groups)):  # launches in the current device's context
+                # NOTE: many short runs: one gather kernel beats a copy per run (H200s: 0.73x vs 0.35x of a GPU
+                # copy for 255 scattered blocks); few long runs go to the copy engines (0.85x vs 0.74x)
+                done = gather_units(self.stream, self.local_bytes, self.memory, unit, local_blocks, remote_blocks,
+                                    groups, nl, nr, self.index_slots)
+                return LocalRead([done.event], num_bytes, 1, int(done.fallback))
+            copies = [((g * nl + lb) * unit, (g * nr + rb) * unit, k * unit) for g in groups for lb, rb, k in runs]
+            done = copy_bytes(self.stream, self.local_bytes, self.memory, copies)
         return LocalRead([done.event], num_bytes, len(copies), int(done.fallback))
 
     def copy(self, plan: RankRead) -> Any:
@@ -204,9 +203,9 @@ class LocalPeers:
                 return None
             peer = self.peers[remote.agent_name] = open_peer(self.local, self.local_bytes, remote, self.device)
             if peer is not None:
+                how = "memcpy" if self.local.mem_type == "DRAM" else "driver copies or a gather kernel over CUDA IPC"
                 log.info("KV read path %s->%s (same host) from %s: local copy (%s from its shared memory)",
-                         self.local.mem_type, remote.mem_type, remote.agent_name,
-                         "memcpy" if self.local.mem_type == "DRAM" else "cudaMemcpyAsync over CUDA IPC")
+                         self.local.mem_type, remote.mem_type, remote.agent_name, how)
         return self.peers[remote.agent_name]
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kv_transfer import gpu_copy
+from kv_transfer import gather_kernel, gpu_copy
 from kv_transfer.gpu_copy import IndexSlots, block_runs, copy_bytes, gather_units, unit_pairs
 from kv_transfer.local_copy import LocalPeer, LocalPeers
 from tests.kv_transfer.conftest import desc
@@ -46,12 +46,12 @@ def _expected(dst: torch.Tensor, src: torch.Tensor, words: int, li: list[int], r
 
 
 @gpu
+@pytest.mark.parametrize("words", [9001, 9002])  # 8-byte and 16-byte words; 4 programs a unit, the last partial
 @pytest.mark.parametrize("fast", [True, False])
-def test_copy_bytes_and_gather_units_copy_exactly_the_named_units(fast: bool, monkeypatch) -> None:
+def test_copy_bytes_and_gather_units_copy_exactly_the_named_units(fast: bool, words: int, monkeypatch) -> None:
     if not fast:  # the fallbacks: torch copy_ per run, torch index_select + index_copy_
         monkeypatch.setattr(gpu_copy, "driver", lambda: None)
-        monkeypatch.setattr(gpu_copy, "_triton_gather", lambda: None)
-    words = 9001  # three programs of the gather per unit, the last one masked
+        monkeypatch.setattr(gather_kernel, "kernel_for", lambda index: None)
     unit = words * 8
     src, dst = _caches(64, words)
     li = [3, 4, 5, 6, 20, 21, 40, 9, 10, 11]
@@ -67,13 +67,40 @@ def test_copy_bytes_and_gather_units_copy_exactly_the_named_units(fast: bool, mo
     slots = IndexSlots(dst.device)
     for i in range(5):  # through the pinned slots (each reused), then through torch's copy
         dst.zero_()
-        pairs = np.array([li, ri], dtype=np.int64)[:, :8 if i == 2 else 10]
-        done = gather_units(stream, dst, src, unit, pairs, slots if i < 4 else None)
+        k = 8 if i == 2 else 10
+        done = gather_units(stream, dst, src, unit, li[:k], ri[:k], range(1), 64, 64, slots if i < 4 else None)
         done.event.synchronize()
-        assert torch.equal(dst, _expected(torch.zeros_like(dst), src, words, li[:pairs.shape[1]],
-                                          ri[:pairs.shape[1]])) and done.fallback is not fast
+        assert torch.equal(dst, _expected(torch.zeros_like(dst), src, words, li[:k], ri[:k]))
+        assert done.fallback is not fast
     grew = {k: gpu_copy.fallbacks[k] - before[k] for k in before}
     assert grew == ({"torch_copy": 0, "torch_gather": 0} if fast else {"torch_copy": 1, "torch_gather": 5})
+
+
+@gpu
+def test_a_gather_kernel_that_fails_to_launch_is_dropped_and_the_read_still_lands(monkeypatch) -> None:
+    words = 1024
+    src, dst = _caches(16, words)
+    kernel = gather_kernel.kernel_for(torch.cuda.current_device())
+    assert kernel is not None
+
+    def refuse(*args, **kwargs) -> None:
+        raise RuntimeError("cuLaunchKernel failed: CUDA driver error 98")
+
+    monkeypatch.setattr(kernel, "launch", refuse)
+    monkeypatch.setitem(gather_kernel._kernels, torch.cuda.current_device(), kernel)
+    before = gpu_copy.fallbacks["torch_gather"]
+    done = gather_units(torch.cuda.Stream(), dst, src, words * 8, [1, 2, 7], [9, 3, 0], range(1), 16, 16)
+    done.event.synchronize()
+    assert torch.equal(dst, _expected(torch.zeros_like(dst), src, words, [1, 2, 7], [9, 3, 0]))
+    assert done.fallback and gpu_copy.fallbacks["torch_gather"] == before + 1
+    assert gather_kernel.kernel_for(torch.cuda.current_device()) is None  # dropped: torch's gather from now on
+
+
+def test_the_gather_word_divides_the_unit_and_both_addresses() -> None:
+    assert gpu_copy._word(2 << 20, 0, 1 << 30) == 16
+    assert gpu_copy._word(72008, 0, 0) == 8  # 9001 int64 words
+    assert gpu_copy._word(2 << 20, 8, 0) == 8
+    assert gpu_copy._word(4100, 0, 0) == 0  # torch's gather, byte rows
 
 
 def _peer(nl: int, nr: int, groups: int, unit: int, device: str = "cpu") -> LocalPeer:
@@ -148,12 +175,17 @@ def test_copy_events_report_pending_and_slots_are_not_reused_while_read() -> Non
     assert drv is not None
     with torch.cuda.stream(stream):
         torch.cuda._sleep(200_000_000)
-    first, li, ri = slots.upload(drv, stream, np.array([[1, 2, 3], [4, 5, 6]], dtype=np.int64))
-    assert ri.data_ptr() % 16 == 0 and li.tolist() == [1, 2, 3] and ri.tolist() == [4, 5, 6]
+    first, local, remote = slots.upload(drv, stream, [1, 2, 3], [4, 5, 6])
+    stream.synchronize()
+    on_device = slots.slots[first][3]
+    assert (local, remote) == (on_device.data_ptr(), on_device.data_ptr() + 24)
+    assert on_device[:6].tolist() == [1, 2, 3, 4, 5, 6]
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(200_000_000)
     pending = gpu_copy.CopyEvent(drv, stream.cuda_stream)
     slots.used(first, pending)
-    second, _, _ = slots.upload(drv, stream, np.array([[7], [8]], dtype=np.int64))
+    second, _, _ = slots.upload(drv, stream, [7], [8])
     assert second != first  # the first is still being read
     pending.synchronize()
-    third, _, _ = slots.upload(drv, stream, np.array([[9], [10]], dtype=np.int64))
+    third, _, _ = slots.upload(drv, stream, [9], [10])
     assert third == first

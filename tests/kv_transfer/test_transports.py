@@ -19,8 +19,8 @@ def test_shared_memory_path_is_logged(models: dict[str, pathlib.Path], prefill_f
     monkeypatch.delenv("UCX_TLS")
     caplog.set_level(logging.INFO, logger="kv_transfer.transports")
     prefill = prefill_factory(models["llama"])
-    consumer = consumer_factory(models["llama"])
-    before = transports.tcp_fallback_warnings
+    consumer = consumer_factory(models["llama"], cfg=TransferConfig(local_copy=False))  # UCX's path (GPU: not
+    before = transports.tcp_fallback_warnings  # the default there, which copies same-host peers itself)
     prompt = random_prompts(1, [40], 512, seed=170)[0]
     decode(consumer, "s", prompt, prefill.call("prefill", "s", prompt), n=4)
     selected = [r.getMessage() for r in caplog.records if "UCX selected" in r.getMessage()]
@@ -40,7 +40,7 @@ def test_tcp_fallback_is_warned_and_counted(models: dict[str, pathlib.Path], pre
     # NOTE: GPU memory needs cuda_copy beside tcp (UCX stages VRAM through host buffers), else no UCX backend.
     tcp = {"ucx_tls": "tcp,cuda_copy" if device_for_tp(2) == "cuda" else "tcp"}
     prefill = prefill_factory(models["llama"], cfg_kwargs=tcp)
-    consumer = consumer_factory(models["llama"], cfg=TransferConfig(**tcp))
+    consumer = consumer_factory(models["llama"], cfg=TransferConfig(local_copy=False, **tcp))
     before = transports.tcp_fallback_warnings
     prompt = random_prompts(1, [40], 512, seed=171)[0]
     tokens = decode(consumer, "t", prompt, prefill.call("prefill", "t", prompt), n=4)
@@ -49,3 +49,15 @@ def test_tcp_fallback_is_warned_and_counted(models: dict[str, pathlib.Path], pre
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "runs over TCP" in r.getMessage()]
     want = "cuda_ipc" if connector(consumer).agent.mem_type == "VRAM" else "shared memory"
     assert len(warnings) == 1 and want in warnings[0].getMessage()
+
+
+def test_a_peer_read_by_local_copy_is_logged_as_such_and_not_as_a_ucx_path(
+        models: dict[str, pathlib.Path], prefill_factory, consumer_factory, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="kv_transfer")
+    prefill = prefill_factory(models["llama"], cfg_kwargs={"local_copy": True})  # publishes how to map its KV
+    consumer = consumer_factory(models["llama"], cfg=TransferConfig(local_copy=True))
+    prompt = random_prompts(1, [40], 512, seed=172)[0]
+    assert decode(consumer, "l", prompt, prefill.call("prefill", "l", prompt), n=4) == hf_greedy(
+        models["llama"], prompt, 4)
+    lines = [r.getMessage() for r in caplog.records if "KV read path" in r.getMessage()]
+    assert len(lines) == 1 and "local copy" in lines[0], lines  # before: also "UCX did not report its transports"
