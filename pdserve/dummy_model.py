@@ -13,6 +13,11 @@ SHAPES: dict[str, dict[str, object]] = {
                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                        "original_max_position_embeddings": 8192},
                       bos_token_id=128000, eos_token_id=128001, dtype="bfloat16"),
+    # Llama-3-70B's real shape (issue 22: two instances of TP 2 on four H200s; 141 GB of bf16 weights).
+    "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                       rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+                       bos_token_id=128000, eos_token_id=128001, dtype="bfloat16"),
     # A small Llama-shaped model that runs at interactive speed on a 2-core CPU.
     "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=4, vocab_size=4096, max_position_embeddings=2048, bos_token_id=1,

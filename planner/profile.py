@@ -179,16 +179,16 @@ def measure_steps(engine: LLMEngine, progress: Callable[[str], None] = log.info,
     return samples
 
 
-def _holder(conn: Any, layout: Any, dtype: torch.dtype, device: str, kv_heads: int) -> None:
-    """The other side of the profile's KV reads: a process with a cache of the engine's geometry and an agent,
-    served until the reader says done (as a prefill instance's loop serves its agent)."""
+def _holder(conn: Any, layout: Any, dtype: torch.dtype, device: str, kv_heads: int, tp_size: int) -> None:
+    """The other side of the profile's KV reads: a process with a cache of the engine's geometry (rank 0's, at its
+    TP) and an agent, served until the reader says done (as a prefill instance's loop serves its agent)."""
     from engine.kv_cache import KVCache
     from kv_transfer.agent import TransferAgent
     from kv_transfer.config import TransferConfig
 
     torch.set_num_threads(1)
-    agent = TransferAgent(KVCache(layout, dtype, device), "profile-holder", 0, 1, kv_heads, str(dtype), "profile",
-                          TransferConfig(log_transports=False))
+    agent = TransferAgent(KVCache(layout, dtype, device), "profile-holder", 0, tp_size, kv_heads, str(dtype),
+                          "profile", TransferConfig(log_transports=False))
     conn.send(agent.describe())
     while not conn.poll(0.001):
         agent.receive()
@@ -198,7 +198,8 @@ def _holder(conn: Any, layout: Any, dtype: torch.dtype, device: str, kv_heads: i
 def measure_transfer(engine: LLMEngine, progress: Callable[[str], None] = log.info,
                      repeats: int = 5) -> tuple[TransferTimeModel, str]:
     """KV reads from another process on this machine (same device), each side with a cache of the engine's
-    geometry: what moving a request's KV between two instances of one node costs."""
+    geometry: what moving a request's KV between two instances of one node costs. At TP > 1 both sides are rank
+    0 of that TP (the ranks of an instance read their heads in parallel, so one rank's read is the transfer's)."""
     import multiprocessing as mp
 
     from engine.kv_cache import KVCache
@@ -210,9 +211,11 @@ def measure_transfer(engine: LLMEngine, progress: Callable[[str], None] = log.in
     sizes = [1, 4, 16, 64, 256]
     layout = dataclasses.replace(runner.layout, num_blocks=max(sizes) * 2)
     dtype, kv_heads = engine.config.torch_dtype, engine.config.model_config.num_key_value_heads
+    tp_size = engine.config.tensor_parallel_size
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
-    proc = ctx.Process(target=_holder, args=(child, layout, dtype, str(runner.device), kv_heads), daemon=True)
+    proc = ctx.Process(target=_holder, args=(child, layout, dtype, str(runner.device), kv_heads, tp_size),
+                       daemon=True)
     proc.start()
     samples: list[tuple[int, float]] = []
     reader = None
@@ -220,8 +223,8 @@ def measure_transfer(engine: LLMEngine, progress: Callable[[str], None] = log.in
         if not conn.poll(120):
             raise RuntimeError("the profile's KV holder process did not start in 120 s")
         holder = conn.recv()
-        reader = TransferAgent(KVCache(layout, dtype, runner.device), "profile-reader", 0, 1, kv_heads, str(dtype),
-                               "profile", TransferConfig(log_transports=False))
+        reader = TransferAgent(KVCache(layout, dtype, runner.device), "profile-reader", 0, tp_size, kv_heads,
+                               str(dtype), "profile", TransferConfig(log_transports=False))
         for n in sizes:
             for i in range(repeats + 1):
                 xid = f"p{n}-{i}"

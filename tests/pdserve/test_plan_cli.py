@@ -7,8 +7,9 @@ import pathlib
 
 import pytest
 
+from engine import EngineConfig, LLMEngine
 from pdserve.cli import main
-from planner.profile import EngineProfile
+from planner.profile import EngineProfile, measure_transfer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "deploy" / "ray" / "serving-tiny-cpu.yaml"
@@ -40,3 +41,15 @@ def test_plan_refuses_bad_input(tmp_path: pathlib.Path, capsys: pytest.CaptureFi
     assert main(["plan", "--profile", str(bad), "--slo-ttft-ms", "500", "--slo-tpot-ms", "50", "--gpus", "2",
                  "--rate", "1"]) == 2
     assert "profile version" in capsys.readouterr().err
+
+
+def test_the_profile_measures_kv_transfers_of_a_tp_2_engine(models: dict[str, pathlib.Path]) -> None:
+    # NOTE: both agents were made as TP 1 while the cache held rank 0's half of the heads: every read was refused
+    # (found profiling the Llama-3-70B shape at TP 2 on two H200s)
+    engine = LLMEngine(EngineConfig(model=str(models["llama"]), tensor_parallel_size=2, device="cpu",
+                                    dtype="float32", kv_cache_memory_bytes=32 << 20))
+    try:
+        transfer, _ = measure_transfer(engine, progress=lambda message: None, repeats=1)
+    finally:
+        engine.shutdown()
+    assert transfer.predict(64) > transfer.predict(1) > 0
