@@ -29,7 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix-groups", type=int, default=0, help="N shared prefixes; each request uses one")
     p.add_argument("--prefix-len", type=int, default=0, help="tokens of each shared prefix")
     p.add_argument("--trace", help="replay a Mooncake-format trace (JSONL) instead of Poisson arrivals")
-    p.add_argument("--time-scale", type=float, default=1.0, help="trace: multiply arrival times")
+    p.add_argument("--time-scale", default="1",
+                   help="trace: multiply arrival times; comma-separated scales: a sweep, one run per scale (plots "
+                        "goodput vs the offered rate)")
     p.add_argument("--tokens-per-block", type=int, default=512, help="trace: tokens per hash block (512 = as is)")
     p.add_argument("--output-scale", type=float, default=1.0, help="trace: multiply output lengths")
     p.add_argument("--max-output", type=int, help="trace: cap output lengths")
@@ -44,6 +46,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if not 0.0 <= args.batch_share <= 1.0:
+        raise ValueError(f"--batch-share must be in [0, 1], got {args.batch_share}")
+    if args.trace and args.rates:
+        raise ValueError("--rates does not apply to --trace, whose arrivals are the trace's: sweep them with "
+                         "--time-scale 1,0.5,0.25")
+    if args.trace:
+        scales = workload.numbers(args.time_scale, "--time-scale")
+        if any(x <= 0 for x in scales):
+            raise ValueError(f"--time-scale must be > 0, got {args.time_scale!r}")
+        points = scales
+    else:
+        points = workload.numbers(args.rates, "--rates") if args.rates else [args.rate]
     if args.api == "openai":
         if not args.target.startswith(("http://", "https://")):
             raise ValueError(f"--api openai: --target must be http(s)://HOST:PORT, got {args.target!r}")
@@ -54,15 +68,14 @@ def main(args: argparse.Namespace) -> int:
             info = pb_grpc.PDServeStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=30,
                                                              metadata=client_channel.metadata(args.api_key))
         model, vocab, max_len = info.model, info.vocab_size, info.max_model_len
-    if not 0.0 <= args.batch_share <= 1.0:
-        raise ValueError(f"--batch-share must be in [0, 1], got {args.batch_share}")
-    rates = [float(r) for r in args.rates.split(",")] if args.rates else [args.rate]
     runs = []
-    for i, rate in enumerate(rates):
+    for i, point in enumerate(points):
+        rate = point
         if args.trace:
-            work = workload.mooncake_trace(args.trace, args.num_requests, vocab, args.time_scale,
+            work = workload.mooncake_trace(args.trace, args.num_requests, vocab, point,
                                            args.tokens_per_block, args.output_scale, args.max_output,
-                                           max_input=max_len - 1 - (args.max_output or 0))
+                                           max_input=max_len - 1 - (args.max_output or 0), salt=i)
+            rate = workload.offered_rate(work, args.duration)
         else:
             work = workload.poisson(args.num_requests, rate, workload.Distribution(args.input_len),
                                     workload.Distribution(args.output_len), vocab, args.seed + i, args.prefix_groups,
@@ -72,8 +85,9 @@ def main(args: argparse.Namespace) -> int:
                                                   progress=not args.no_progress, api=args.api, model=model,
                                                   api_key=args.api_key, tls_ca=args.tls_ca))
         summary = report.summarize(results, elapsed, args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
-        runs.append({"rate": 0.0 if args.trace else rate, "summary": summary, "results": results})
-        print(report.table(summary, None if args.trace else rate), flush=True)
+        runs.append({"rate": rate, "summary": summary, "results": results,
+                     **({"time_scale": point} if args.trace else {})})
+        print((f"trace at time scale {point:g}: " if args.trace else "") + report.table(summary, rate), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k not in ("func", "api_key")}  # NOTE: never the key itself

@@ -1,7 +1,7 @@
 """Summaries (percentiles, throughput, goodput under SLOs, prefix hit rate), the table, JSON and PNG plots.
 
 JSON schema (docs/benchmarking.md): {"config": {...}, "runs": [{"rate": r, "summary": {...},
-"requests": [{...per request...}]}]}.
+"requests": [{...per request...}]}]}; a trace's runs add "time_scale", and their rate is the offered one.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def table(summary: dict[str, Any], rate: float | None = None) -> str:
     def ms(v: float | None) -> str:
         return "-" if v is None else f"{v * 1e3:8.1f}"
 
-    head = f"rate {rate:g} req/s" if rate else "run"
+    head = f"rate {rate:.4g} req/s" if rate else "run"
     lines = [
         f"== {head}: {summary['succeeded']}/{summary['requests']} succeeded in {summary['elapsed_s']:.1f} s; "
         f"errors {summary['errors'] or 'none'}",
@@ -77,7 +77,8 @@ def table(summary: dict[str, Any], rate: float | None = None) -> str:
 
 def write_json(path: Path, config: dict[str, Any], runs: list[dict[str, Any]]) -> None:
     data = {"config": config, "runs": [
-        {"rate": run["rate"], "summary": run["summary"],
+        {"rate": run["rate"], **({"time_scale": run["time_scale"]} if "time_scale" in run else {}),
+         "summary": run["summary"],
          "requests": [{k: v for k, v in asdict(r).items() if k != "token_times"} for r in run["results"]]}
         for run in runs]}
     path.write_text(json.dumps(data, indent=1))
@@ -93,7 +94,7 @@ def write_plots(out: Path, runs: list[dict[str, Any]]) -> list[Path]:
     written = []
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for run in runs:
-        label = f"{run['rate']:g} req/s" if run["rate"] else "run"
+        label = f"{run['rate']:.4g} req/s" if run["rate"] else "run"
         ok = [r for r in run["results"] if r.status == "OK"]
         for ax, attr in zip(axes, ("ttft_s", "tpot_s"), strict=True):
             vals = sorted(getattr(r, attr) * 1e3 for r in ok if getattr(r, attr) is not None)

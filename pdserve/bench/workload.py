@@ -78,10 +78,12 @@ def poisson(num: int, rate: float, input_len: Distribution, output_len: Distribu
 
 def mooncake_trace(path: str | Path, num: int, vocab: int, time_scale: float = 1.0, tokens_per_block: int = 512,
                    output_scale: float = 1.0, max_output: int | None = None, max_input: int | None = None,
-                   ) -> list[BenchRequest]:
+                   salt: int = 0) -> list[BenchRequest]:
     """The first `num` requests of a Mooncake-format trace (timestamp ms, input_length, output_length, hash_ids
     with 512 tokens per hash block), scaled: arrival times by `time_scale`, each hash block to
-    `tokens_per_block` tokens (prompt lengths in proportion), output lengths by `output_scale`."""
+    `tokens_per_block` tokens (prompt lengths in proportion), output lengths by `output_scale`. Another `salt`
+    gives every block other tokens (the same hash structure): the runs of a sweep do not hit each other's cache."""
+    offset = salt << 40  # NOTE: past every hash id and below every negative filler id of another salt
     out = []
     with open(path) as f:
         for i, line in enumerate(f):
@@ -92,8 +94,9 @@ def mooncake_trace(path: str | Path, num: int, vocab: int, time_scale: float = 1
             length = max(1, math.ceil(int(row["input_length"]) * tokens_per_block / 512))
             if max_input is not None:
                 length = min(length, max_input)
-            tokens = [t for h in ids for t in block_tokens(h, tokens_per_block, vocab)][:length]
-            tokens += block_tokens(-1 - i, max(0, length - len(tokens)), vocab)  # a trace row longer than its ids
+            tokens = [t for h in ids for t in block_tokens(h + offset, tokens_per_block, vocab)][:length]
+            # a trace row longer than its ids
+            tokens += block_tokens(-1 - i + offset, max(0, length - len(tokens)), vocab)
             output = max(1, round(int(row["output_length"]) * output_scale))
             if max_output is not None:
                 output = min(output, max_output)
@@ -101,6 +104,24 @@ def mooncake_trace(path: str | Path, num: int, vocab: int, time_scale: float = 1
     if not out:
         raise ValueError(f"trace {path} has no requests")
     return out
+
+
+def numbers(text: str, flag: str) -> list[float]:
+    """A comma-separated list of numbers (`--rates 2,4,8`), or a clear error naming the flag."""
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+    return values
+
+
+def offered_rate(work: list[BenchRequest], duration_s: float) -> float:
+    """Arrivals per second of the requests a run of `duration_s` sends (a replayed trace's rate): those arriving
+    in the window, over the time between the first and the last of them (0.0 for fewer than two)."""
+    arrivals = sorted(r.arrival_s for r in work if r.arrival_s < duration_s)
+    if len(arrivals) < 2 or arrivals[-1] <= arrivals[0]:
+        return 0.0
+    return (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
 
 
 def with_priorities(work: list[BenchRequest], batch_share: float, seed: int) -> list[BenchRequest]:

@@ -55,8 +55,13 @@ def test_hit_rate_rises_with_shared_prefixes(server: Server, tmp_path: pathlib.P
 
 def test_trace_replay_of_200_requests_scaled_down(server: Server, tmp_path: pathlib.Path) -> None:
     data = bench(server.target, tmp_path / "trace", "--trace", str(TRACE), "--num-requests", "200",
-                 "--time-scale", "0.1", "--tokens-per-block", "4", "--output-scale", "0.1", "--max-output", "8")
-    run = data["runs"][0]
+                 "--time-scale", "0.2,0.1", "--tokens-per-block", "4", "--output-scale", "0.1", "--max-output", "8")
+    slower, run = data["runs"]  # a sweep over time scales: the second run offers the same requests twice as fast
+    assert [slower["time_scale"], run["time_scale"]] == [0.2, 0.1]
+    assert run["rate"] == pytest.approx(2 * slower["rate"]) and slower["rate"] > 0
+    assert slower["summary"]["succeeded"] == 200
+    # each run its own tokens: the second does not find the first's prompts cached (before: 94% against 4%)
+    assert abs(run["summary"]["prefix_hit_rate"] - slower["summary"]["prefix_hit_rate"]) < 0.2
     assert run["summary"]["requests"] == 200 and run["summary"]["succeeded"] == 200
     # Reused hash ids become equal token blocks, which the decode instance finds in its prefix cache.
     rows = workload.mooncake_trace(TRACE, 200, 512)

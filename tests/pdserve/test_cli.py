@@ -92,3 +92,17 @@ def test_an_unreachable_router_is_one_line_and_exit_1(capsys: pytest.CaptureFixt
     assert main(["drain", "--target", "127.0.0.1:1", "--timeout", "2", "prefill-0"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("pdserve: UNAVAILABLE: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--trace", "t.jsonl", "--rates", "1,2"], "--rates does not apply to --trace"),
+    (["--trace", "t.jsonl", "--time-scale", "1,a"], "--time-scale: expected comma-separated numbers, got '1,a'"),
+    (["--trace", "t.jsonl", "--time-scale", "0.5,0"], "--time-scale must be > 0"),
+    (["--rates", "2,x"], "--rates: expected comma-separated numbers"),
+    (["--batch-share", "2"], "--batch-share must be in [0, 1]"),
+])
+def test_bench_refuses_bad_workload_flags_before_it_connects(flags: list[str], message: str,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--target", "127.0.0.1:1", *flags]) == 2  # NOTE: nothing listens there
+    err = capsys.readouterr().err
+    assert err.startswith("pdserve bench: ") and message in err
