@@ -197,9 +197,11 @@ def _holder(conn: Any, layout: Any, dtype: torch.dtype, device: str, kv_heads: i
 
 def measure_transfer(engine: LLMEngine, progress: Callable[[str], None] = log.info,
                      repeats: int = 5) -> tuple[TransferTimeModel, str]:
-    """KV reads from another process on this machine (same device), each side with a cache of the engine's
-    geometry: what moving a request's KV between two instances of one node costs. At TP > 1 both sides are rank
-    0 of that TP (the ranks of an instance read their heads in parallel, so one rank's read is the transfer's)."""
+    """KV reads from another process on this machine, each side with a cache of the engine's geometry: what moving
+    a request's KV between two instances of one node costs, by the path serving takes (kv_transfer's defaults: on
+    GPU a local copy). The holder sits on the next GPU past the engine's when there is one (instances of one node
+    sit on different GPUs), else on the engine's device. At TP > 1 both sides are rank 0 of that TP (the ranks
+    of an instance read their heads in parallel, so one rank's read is the transfer's)."""
     import multiprocessing as mp
 
     from engine.kv_cache import KVCache
@@ -212,9 +214,15 @@ def measure_transfer(engine: LLMEngine, progress: Callable[[str], None] = log.in
     layout = dataclasses.replace(runner.layout, num_blocks=max(sizes) * 2)
     dtype, kv_heads = engine.config.torch_dtype, engine.config.model_config.num_key_value_heads
     tp_size = engine.config.tensor_parallel_size
+    holder_device, where = runner.device, "the same device"
+    if runner.device.type == "cuda" and torch.cuda.device_count() > 1:
+        # NOTE: the same device would time an HBM-to-HBM copy (or, through UCX, a slow staged one: 4 ms a 2 MiB block
+        # on an H200 in the profile of 2026-11-29), not the NVLink read between two instances
+        holder_device = torch.device("cuda", ((runner.device.index or 0) + tp_size) % torch.cuda.device_count())
+        where = f"another GPU ({holder_device} to {runner.device})"
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
-    proc = ctx.Process(target=_holder, args=(child, layout, dtype, str(runner.device), kv_heads, tp_size),
+    proc = ctx.Process(target=_holder, args=(child, layout, dtype, str(holder_device), kv_heads, tp_size),
                        daemon=True)
     proc.start()
     samples: list[tuple[int, float]] = []
@@ -248,7 +256,7 @@ def measure_transfer(engine: LLMEngine, progress: Callable[[str], None] = log.in
         proc.join(30)
         if proc.is_alive():
             proc.kill()
-    return TransferTimeModel.fit(samples), "transfer measured from another process on the same device"
+    return TransferTimeModel.fit(samples), f"transfer measured from another process on {where}"
 
 
 def profile_engine(config: EngineConfig, progress: Callable[[str], None] = log.info) -> EngineProfile:

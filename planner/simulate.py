@@ -7,9 +7,13 @@ predicts for its shape. The router places a request as pdserve's does in spirit:
 `max_local_prefill_tokens` (or any prompt when the split has no prefill instance, when every prefill
 instance has `prefill_queue_threshold` prompts waiting, or `max_prefill_queue_tokens` prompt tokens queued while
 the decode instance has fewer) is prefilled on the decode instance that will decode
-it; otherwise on the prefill instance with the fewest prompt tokens queued, whose first token ends its TTFT,
-and its KV then moves to the decode instance (the profile's transfer model); its first token is out when the KV
-is there (pdserve streams it from the decode instance), and decoding starts there.
+it; otherwise on the prefill instance with the fewest prompt tokens queued. There its first token ends its TTFT
+(pdserve sends it on from the prefill's reply: architecture.md, "The first token does not wait for the KV"), and
+its KV moves to the decode instance (the profile's transfer model), which decodes from the second token on. With
+layer-wise streaming (`server.layer_wise_kv`, the default) the KV moves while the prompt computes, one layer group
+at a time, so what is left after the prefill is the larger of the last chunk's last layer group and what the
+prefill's duration could not hide; without it, the whole transfer follows the prefill. The hand-off so delays the
+second token and counts in the TPOT.
 Queueing is what the simulation adds to a capacity model: the TTFT of a request includes every step that ran
 before its prompt's last chunk.
 """
@@ -47,6 +51,9 @@ class Split:
         return f"{self.prefill}P+{self.decode}D{cond}"
 
 
+STREAM_LAYER_GROUPS = 4  # pdserve's default: server.layer_wise_kv on, engine.kv_layer_groups 4
+
+
 @dataclass(frozen=True)
 class Arrival:
     time_s: float
@@ -59,6 +66,7 @@ class _Req:
     arrival: Arrival
     computed: int = 0  # prompt tokens prefilled
     generated: int = 0
+    prefill_start_s: float | None = None  # its first prompt chunk's step began
     first_token_s: float | None = None
     finish_s: float | None = None
     decode_on: _Instance | None = None
@@ -102,8 +110,10 @@ class SimResult:
         return good / max(1, len(self.results))
 
 
-def simulate(profile: EngineProfile, split: Split, arrivals: list[Arrival]) -> SimResult:
-    """Serve `arrivals` (sorted by time) on `split`; every request runs to completion."""
+def simulate(profile: EngineProfile, split: Split, arrivals: list[Arrival],
+             stream_layer_groups: int = STREAM_LAYER_GROUPS) -> SimResult:
+    """Serve `arrivals` (sorted by time) on `split`; every request runs to completion. `stream_layer_groups`: the
+    layer groups a disaggregated prompt's KV streams in while it computes (0: moved after the prefill)."""
     if split.decode < 1:
         raise ValueError("a split needs at least one decode instance")
     budget, max_seqs = profile.max_num_batched_tokens, profile.max_num_seqs
@@ -127,6 +137,8 @@ def simulate(profile: EngineProfile, split: Split, arrivals: list[Arrival]) -> S
             n = min(left, r.arrival.prompt_tokens - r.computed)
             chunks.append((r, n))
             left -= n
+            if r.prefill_start_s is None:
+                r.prefill_start_s = now
         if not rows and not chunks:
             inst.busy = False
             return
@@ -149,14 +161,17 @@ def simulate(profile: EngineProfile, split: Split, arrivals: list[Arrival]) -> S
                 continue
             inst.waiting.remove(r)
             r.generated = 1
-            if inst.role != "decode":  # hand the KV to its decode instance
-                # NOTE: the client sees the first token when the decode instance has the KV (pdserve streams it
-                # from there, after the pull and its acknowledgement): the hand-off is in the TTFT
-                assert r.decode_on is not None
-                blocks = -(-r.arrival.prompt_tokens // profile.block_size)
-                heapq.heappush(events, (now + profile.transfer.predict(blocks), next(seq), "kv", r))
-                continue
             r.first_token_s = now
+            if inst.role != "decode" and r.generated < r.arrival.output_tokens:  # hand the KV to its decode instance
+                assert r.decode_on is not None and r.prefill_start_s is not None
+                blocks = -(-r.arrival.prompt_tokens // profile.block_size)
+                moved = profile.transfer.predict(blocks)  # the whole KV's transfer
+                tail = moved
+                if stream_layer_groups > 0:  # NOTE: all but the last chunk's last group could move while computing
+                    last_group = moved * n / r.arrival.prompt_tokens / stream_layer_groups
+                    tail = max(last_group, moved - (now - r.prefill_start_s))
+                heapq.heappush(events, (now + tail, next(seq), "kv", r))
+                continue
             if r.generated >= r.arrival.output_tokens:
                 r.finish_s = now
             else:
@@ -183,12 +198,8 @@ def simulate(profile: EngineProfile, split: Split, arrivals: list[Arrival]) -> S
         elif kind == "step":
             inst, rows, chunks = payload  # type: ignore[misc]
             finish_step(inst, rows, chunks, now)
-        else:  # "kv": the KV of a remotely prefilled request is on its decode instance: its first token is out
+        else:  # "kv": the KV of a remotely prefilled request is on its decode instance, which decodes on
             assert isinstance(payload, _Req) and payload.decode_on is not None
-            payload.first_token_s = now
-            if payload.generated >= payload.arrival.output_tokens:
-                payload.finish_s = now
-                continue
             payload.decode_on.ready.append(payload)
             if not payload.decode_on.busy:
                 start_step(payload.decode_on, now)

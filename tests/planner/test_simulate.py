@@ -1,5 +1,5 @@
 """The split simulator on a profile whose step times are easy to add up by hand: exact TTFT/TPOT, chunking,
-hand-off, conditional placement and queueing."""
+the hand-off (streamed or not), conditional placement and queueing."""
 
 from __future__ import annotations
 
@@ -30,12 +30,24 @@ def test_aggregated_request_prefills_then_decodes_in_place() -> None:
     assert tpot == pytest.approx(0.01)  # two decode steps of 10 ms
 
 
-def test_disaggregated_request_pays_the_hand_off_in_its_ttft() -> None:
+def test_disaggregated_request_pays_the_hand_off_in_its_second_token() -> None:
+    # the first token is out at the prefill's end (pdserve sends it on from the prefill's reply)
     ttft, tpot = one(Split(1, 1))
-    assert ttft == pytest.approx(0.11 + 0.005)  # prefilled there, then the KV hand-off: the first token is out
-    assert tpot == pytest.approx(0.02 / 2)  # then two decode steps
-    ttft, tpot = one(Split(1, 1), output=1)  # a one-token answer is done when the KV has moved
-    assert ttft == pytest.approx(0.115) and tpot == 0.0
+    assert ttft == pytest.approx(0.11)
+    # streamed in 4 layer groups while the 110 ms prefill ran, the 5 ms transfer leaves its last group: 1.25 ms
+    assert tpot == pytest.approx((0.00125 + 0.02) / 2)  # then two decode steps
+    res = simulate(profile(), Split(1, 1), [Arrival(0.0, 100, 3)], stream_layer_groups=0)  # moved after the prefill
+    (r,) = res.results
+    assert r.ttft_s == pytest.approx(0.11) and r.tpot_s == pytest.approx((0.005 + 0.02) / 2)
+    ttft, tpot = one(Split(1, 1), output=1)  # a one-token answer needs no KV moved
+    assert ttft == pytest.approx(0.11) and tpot == 0.0
+
+
+def test_a_transfer_longer_than_the_prefill_is_what_streaming_cannot_hide() -> None:
+    slow = profile()
+    slow = EngineProfile(**{**slow.__dict__, "transfer": TransferTimeModel(0.5, 0.0)})  # 500 ms a prompt's KV
+    (r,) = simulate(slow, Split(1, 1), [Arrival(0.0, 100, 3)]).results
+    assert r.ttft_s == pytest.approx(0.11) and r.tpot_s == pytest.approx((0.5 - 0.11 + 0.02) / 2)
 
 
 def test_conditional_split_prefills_short_prompts_where_they_decode() -> None:
@@ -58,15 +70,15 @@ def test_prefill_queue_threshold_sends_prompts_local_when_the_pool_is_backed_up(
     arrivals = [Arrival(0.0, 100, 2) for _ in range(3)]
     res = simulate(profile(), Split(1, 1, prefill_queue_threshold=2), arrivals)
     ttfts = sorted(r.ttft_s for r in res.results)
-    # two prompts queue on the prefill instance, one after the other (+ 5 ms of hand-off each); the third goes local
-    assert ttfts == pytest.approx([0.11, 0.115, 0.225])
+    # two prompts queue on the prefill instance, one after the other; the third goes local
+    assert ttfts == pytest.approx([0.11, 0.11, 0.22])
 
 
 def test_queued_prompt_tokens_send_prompts_local() -> None:
     arrivals = [Arrival(0.0, 100, 2) for _ in range(3)]
     res = simulate(profile(), Split(1, 1, max_prefill_queue_tokens=200), arrivals)
     # the prefill instance holds 100 then 200 queued tokens: the third prompt goes to the idle decode instance
-    assert sorted(r.ttft_s for r in res.results) == pytest.approx([0.11, 0.115, 0.225])
+    assert sorted(r.ttft_s for r in res.results) == pytest.approx([0.11, 0.11, 0.22])
 
 
 def test_max_num_seqs_caps_a_decode_instance() -> None:
