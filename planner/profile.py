@@ -215,10 +215,11 @@ def measure_transfer(engine: LLMEngine, progress: Callable[[str], None] = log.in
     dtype, kv_heads = engine.config.torch_dtype, engine.config.model_config.num_key_value_heads
     tp_size = engine.config.tensor_parallel_size
     holder_device, where = runner.device, "the same device"
-    if runner.device.type == "cuda" and torch.cuda.device_count() > 1:
+    next_gpu = ((runner.device.index or 0) + tp_size) % max(1, torch.cuda.device_count())
+    if runner.device.type == "cuda" and next_gpu != (runner.device.index or 0):
         # NOTE: the same device would time an HBM-to-HBM copy (or, through UCX, a slow staged one: 4 ms a 2 MiB block
         # on an H200 in the profile of 2026-11-29), not the NVLink read between two instances
-        holder_device = torch.device("cuda", ((runner.device.index or 0) + tp_size) % torch.cuda.device_count())
+        holder_device = torch.device("cuda", next_gpu)
         where = f"another GPU ({holder_device} to {runner.device})"
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
