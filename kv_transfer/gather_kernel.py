@@ -20,6 +20,8 @@ import threading
 
 import torch
 
+from kv_transfer.cuda_driver import INVALID_CONTEXT, Driver, check, driver
+
 log = logging.getLogger(__name__)
 
 THREADS = 256
@@ -60,7 +62,6 @@ extern "C" __global__ void __launch_bounds__(THREADS) gather8(ARGS(unsigned long
 
 _ARGS = struct.Struct("<4Q5q")  # the kernels' arguments: 4 addresses, then n .. words (int64)
 _Params = ctypes.c_void_p * 9
-_INVALID_CONTEXT = 201  # CUDA_ERROR_INVALID_CONTEXT: this thread has no (or another) current context
 
 
 def _nvrtc() -> ctypes.CDLL:
@@ -83,7 +84,7 @@ def compile_cubin(arch: str) -> bytes:
     lib = _nvrtc()
     prog = ctypes.c_void_p()
 
-    def check(rc: int, what: str) -> None:
+    def nvrtc_check(rc: int, what: str) -> None:
         if rc:
             text = b""
             size = ctypes.c_size_t()
@@ -94,14 +95,16 @@ def compile_cubin(arch: str) -> bytes:
             raise RuntimeError(f"{what} failed: NVRTC error {rc} {text.decode(errors='replace')[:2000]}")
 
     source = f"#define THREADS {THREADS}\n#define UNROLL {UNROLL}\n{_SOURCE}".encode()
-    check(lib.nvrtcCreateProgram(ctypes.byref(prog), source, b"kv_gather.cu", 0, None, None), "nvrtcCreateProgram")
+    nvrtc_check(lib.nvrtcCreateProgram(ctypes.byref(prog), source, b"kv_gather.cu", 0, None, None),
+                "nvrtcCreateProgram")
     try:
         opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++17"]
-        check(lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts)), "nvrtcCompileProgram")
+        nvrtc_check(lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts)),
+                    "nvrtcCompileProgram")
         size = ctypes.c_size_t()
-        check(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "nvrtcGetCUBINSize")
+        nvrtc_check(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "nvrtcGetCUBINSize")
         cubin = ctypes.create_string_buffer(size.value)
-        check(lib.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
+        nvrtc_check(lib.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
         return cubin.raw
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
@@ -110,16 +113,10 @@ def compile_cubin(arch: str) -> bytes:
 class GatherKernel:
     """The two gathers (16-byte and 8-byte words) loaded into one device's primary context."""
 
-    def __init__(self, device_index: int) -> None:
-        lib = ctypes.CDLL("libcuda.so.1")
-        ptr, uint = ctypes.c_void_p, ctypes.c_uint
-        self._launch = lib.cuLaunchKernel
-        self._launch.argtypes = [ptr, uint, uint, uint, uint, uint, uint, uint, ptr, ptr, ptr]
-        self._set_current = lib.cuCtxSetCurrent
-        self._set_current.argtypes = [ptr]
+    def __init__(self, device_index: int, drv: Driver) -> None:
         major, minor = torch.cuda.get_device_capability(device_index)
-        self.cubin = _cubin_for(f"sm_{major}{minor}")
-        self.module, self.ctx = ptr(), ptr()
+        self.drv, self.cubin = drv, _cubin_for(f"sm_{major}{minor}")
+        self.module, self.ctx = ctypes.c_void_p(), ctypes.c_void_p()
         self.functions: dict[int, ctypes.c_void_p] = {}
         # NOTE: one argument buffer, packed per launch in one call (the launch copies it): building ctypes objects
         # per launch cost 15 us on the H200 hosts
@@ -128,11 +125,11 @@ class GatherKernel:
         self.lock = threading.Lock()
         with torch.cuda.device(device_index):
             torch.cuda.current_stream().synchronize()  # NOTE: makes the primary context current on this thread
-            _ok(lib.cuCtxGetCurrent(ctypes.byref(self.ctx)), "cuCtxGetCurrent")
-            _ok(lib.cuModuleLoadData(ctypes.byref(self.module), self.cubin), "cuModuleLoadData")
+            check(drv.ctx_get_current(ctypes.byref(self.ctx)), "cuCtxGetCurrent")
+            check(drv.module_load_data(ctypes.byref(self.module), self.cubin), "cuModuleLoadData")
             for word, name in ((16, b"gather16"), (8, b"gather8")):
-                fn = ptr()
-                _ok(lib.cuModuleGetFunction(ctypes.byref(fn), self.module, name), "cuModuleGetFunction")
+                fn = ctypes.c_void_p()
+                check(drv.module_get_function(ctypes.byref(fn), self.module, name), "cuModuleGetFunction")
                 self.functions[word] = fn
 
     def launch(self, stream: int, word: int, dst: int, src: int, local: int, remote: int, n: int, groups: range,
@@ -144,20 +141,15 @@ class GatherKernel:
         units = n * len(groups)
         if units >= 2**31 or chunks >= 2**16:
             raise ValueError(f"a gather of {units} units of {chunks} chunks is past CUDA's grid")
-        fn = self.functions[word]
+        fn, launch = self.functions[word], self.drv.launch
         with self.lock:
             _ARGS.pack_into(self.args, 0, dst, src, local, remote, n, groups.start, local_per_group,
                             remote_per_group, words)
-            rc = self._launch(fn, units, chunks, 1, THREADS, 1, 1, 0, stream, self.params, None)
-            if rc == _INVALID_CONTEXT:  # NOTE: a thread that never made this device's context current
-                _ok(self._set_current(self.ctx), "cuCtxSetCurrent")
-                rc = self._launch(fn, units, chunks, 1, THREADS, 1, 1, 0, stream, self.params, None)
-        _ok(rc, "cuLaunchKernel")
-
-
-def _ok(rc: int, what: str) -> None:
-    if rc:
-        raise RuntimeError(f"{what} failed: CUDA driver error {rc}")
+            rc = launch(fn, units, chunks, 1, THREADS, 1, 1, 0, stream, self.params, None)
+            if rc == INVALID_CONTEXT:  # NOTE: a thread that never made this device's context current
+                check(self.drv.ctx_set_current(self.ctx), "cuCtxSetCurrent")
+                rc = launch(fn, units, chunks, 1, THREADS, 1, 1, 0, stream, self.params, None)
+        check(rc, "cuLaunchKernel")
 
 
 _cubins: dict[str, bytes] = {}
@@ -175,8 +167,11 @@ _kernels: dict[int, GatherKernel | None] = {}
 def kernel_for(device_index: int) -> GatherKernel | None:
     """The gather for this device, or None (logged once per device) where it cannot be built or loaded."""
     if device_index not in _kernels:
+        drv = driver()
         try:
-            _kernels[device_index] = GatherKernel(device_index)
+            if drv is None:
+                raise OSError("no CUDA driver")
+            _kernels[device_index] = GatherKernel(device_index, drv)
         except Exception as e:  # NOTE: no NVRTC, an architecture it does not know, a driver that refuses: all logged
             log.warning("KV gather kernel unavailable on cuda:%d (%s): gathering with torch (two passes, slower)",
                         device_index, e)

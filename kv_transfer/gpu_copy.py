@@ -7,7 +7,8 @@ splits it). Hence, per read:
 
   - the runs of blocks adjacent on both sides come from one pass over the two lists (`block_runs`);
   - few long runs go to the copy engines, one `cuMemcpyAsync` per run and layer group, called through the
-    driver (no tensor slicing, dispatch or stream switch per run), ended by a driver event (`CopyEvent`);
+    driver (kv_transfer/cuda_driver.py: no tensor slicing, dispatch or stream switch per run), ended by a
+    driver event (`CopyEvent`);
     a driver that cannot be loaded falls back to torch `copy_` and torch events (logged and counted);
   - many short runs go to one gather kernel that reads each remote unit over NVLink and writes it in place
     (kv_transfer/gather_kernel.py, launched by one driver call; without it, torch's index_select +
@@ -16,21 +17,19 @@ splits it). Hence, per read:
 
 from __future__ import annotations
 
-import ctypes
 import logging
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from kv_transfer import gather_kernel
+from kv_transfer import cuda_driver, gather_kernel
+from kv_transfer.cuda_driver import CopyEvent, Driver, check, driver
 
 log = logging.getLogger(__name__)
 
 GATHER_ABOVE_RUNS = 16  # a read of more copies than this goes as one gather kernel, fewer as a copy per run
-GATHER_BLOCK = 4096  # int64 words (32 KiB) a gather program copies
 fallbacks = {"torch_copy": 0, "torch_gather": 0}  # copies that could not take the fast path, in this process
-_NOT_READY = 600  # CUDA_ERROR_NOT_READY
 
 
 def gathers(num_copies: int) -> bool:
@@ -60,69 +59,6 @@ def block_runs(local_blocks: list[int], remote_blocks: list[int]) -> list[tuple[
     return runs
 
 
-class _Driver:
-    """The CUDA driver calls a copy needs, through ctypes (about 1 us each from Python)."""
-
-    def __init__(self) -> None:
-        lib = ctypes.CDLL("libcuda.so.1")
-        u64, ptr, uint = ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint
-        self.memcpy = self._fn(lib.cuMemcpyAsync, [u64, u64, ctypes.c_size_t, ptr])
-        self.event_create = self._fn(lib.cuEventCreate, [ctypes.POINTER(ptr), uint])
-        self.event_record = self._fn(lib.cuEventRecord, [ptr, ptr])
-        self.event_query = self._fn(lib.cuEventQuery, [ptr])
-        self.event_sync = self._fn(lib.cuEventSynchronize, [ptr])
-        self.event_destroy = self._fn(lib.cuEventDestroy_v2, [ptr])
-
-    @staticmethod
-    def _fn(fn: Any, argtypes: list[Any]) -> Any:
-        fn.argtypes, fn.restype = argtypes, ctypes.c_int
-        return fn
-
-
-_driver: _Driver | None = None
-_driver_tried = False
-
-
-def driver() -> _Driver | None:
-    """The driver, or None (logged once) where libcuda cannot be loaded."""
-    global _driver, _driver_tried
-    if not _driver_tried:
-        _driver_tried = True
-        try:
-            _driver = _Driver()
-        except (OSError, AttributeError) as e:
-            log.warning("CUDA driver not loadable for KV copies (%s): copying with torch copy_ (slower)", e)
-    return _driver
-
-
-def _check(rc: int, what: str) -> None:
-    if rc:
-        raise RuntimeError(f"{what} failed: CUDA driver error {rc}")
-
-
-class CopyEvent:
-    """A driver event recorded on a stream after a read's copies (torch.cuda.Event's query/synchronize)."""
-
-    def __init__(self, drv: _Driver, stream: int) -> None:
-        self.drv, self.handle = drv, ctypes.c_void_p()
-        _check(drv.event_create(ctypes.byref(self.handle), 2), "cuEventCreate")  # 2: CU_EVENT_DISABLE_TIMING
-        _check(drv.event_record(self.handle, stream), "cuEventRecord")
-
-    def query(self) -> bool:
-        rc = self.drv.event_query(self.handle)
-        if rc == _NOT_READY:
-            return False
-        _check(rc, "cuEventQuery")
-        return True
-
-    def synchronize(self) -> None:
-        _check(self.drv.event_sync(self.handle), "cuEventSynchronize")
-
-    def __del__(self) -> None:
-        if self.handle:
-            self.drv.event_destroy(self.handle)
-
-
 def copy_bytes(stream: Any, dst: torch.Tensor, src: torch.Tensor, copies: list[tuple[int, int, int]]) -> GpuCopy:
     """Copy (dst offset, src offset, bytes) of `copies` from `src` into `dst` (both [bytes] uint8 on the
     stream's device; src is the peer's mapped cache) on `stream`, one copy-engine copy each. The stream's device
@@ -132,12 +68,11 @@ def copy_bytes(stream: Any, dst: torch.Tensor, src: torch.Tensor, copies: list[t
         d, s, h = dst.data_ptr(), src.data_ptr(), stream.cuda_stream
         try:
             for a, b, n in copies:
-                _check(drv.memcpy(d + a, s + b, n, h), "cuMemcpyAsync")
+                check(drv.memcpy(d + a, s + b, n, h), "cuMemcpyAsync")
             return GpuCopy(CopyEvent(drv, h), False)
         except RuntimeError as e:  # NOTE: a copy is idempotent, so the ones already enqueued may run again
-            global _driver
             log.warning("KV copy through the driver failed (%s): copying with torch copy_ from now on", e)
-            _driver = None
+            cuda_driver.disable()
     fallbacks["torch_copy"] += 1
     with torch.cuda.stream(stream):
         try:
@@ -173,7 +108,7 @@ class IndexSlots:
         self.slots: list[tuple[torch.Tensor, np.ndarray, int, torch.Tensor, int]] = []
         self.busy: list[Any] = []  # per slot: the end of the last gather that read it (None: free)
 
-    def upload(self, drv: _Driver, stream: Any, local_blocks: list[int], remote_blocks: list[int]
+    def upload(self, drv: Driver, stream: Any, local_blocks: list[int], remote_blocks: list[int]
                ) -> tuple[int, int, int]:
         """(slot, device address of the local blocks, of the remote blocks: [n] int64 each), copied on `stream`;
         the caller marks the slot `used` once its gather is enqueued."""
@@ -195,7 +130,7 @@ class IndexSlots:
         _, host, host_ptr, _, dev_ptr = self.slots[i]
         host[:2 * n] = local_blocks + remote_blocks
         self.busy[i] = None
-        _check(drv.memcpy(dev_ptr, host_ptr, 2 * n * 8, stream.cuda_stream), "cuMemcpyAsync")
+        check(drv.memcpy(dev_ptr, host_ptr, 2 * n * 8, stream.cuda_stream), "cuMemcpyAsync")
         return i, dev_ptr, dev_ptr + 8 * n
 
     def used(self, slot: int, end: Any) -> None:
