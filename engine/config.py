@@ -39,6 +39,11 @@ class EngineConfig:
     # Launch step n+1 before reading step n's tokens (the host's work hides behind the device's). None: on for
     # CUDA at tensor_parallel_size 1, off otherwise. step() then returns a step's tokens one call later.
     async_scheduling: bool | None = None
+    # Before serving, run a few tiny requests through the engine in the step shapes serving meets (several prompts
+    # in one step, a prompt continued on a cached prefix, a chunked prompt, prefill beside decode rows), so the GPU
+    # kernels those shapes need are compiled then, not in the middle of a request (engine/warmup.py). None: on for
+    # CUDA, off on CPU (nothing is compiled there).
+    warmup: bool | None = None
     cache_salt: str = ""
     # KV cache layer groups (docs/kv-layout.md): the unit of layer-wise KV streaming from a prefill instance; the
     # cache gets the largest divisor of the model's layer count that is <= this. Prefill and decode must agree.
@@ -104,9 +109,9 @@ class EngineConfig:
 
     def resolved(self, gpus_needed: int | None = None) -> EngineConfig:
         """A copy made concrete for this machine: `device` "auto" becomes cuda or cpu, `async_scheduling` None
-        becomes on (CUDA at TP 1) or off, and the GPUs this process needs must be visible: `gpus_needed`, by
-        default every rank's (ranks started elsewhere, each with its own GPU, need one here:
-        RankLauncher.gpus_needed_here). Idempotent. The engine calls it first thing, so everything below
+        becomes on (CUDA at TP 1) or off, `warmup` None on (CUDA) or off, and the GPUs this process needs must
+        be visible: `gpus_needed`, by default every rank's (ranks started elsewhere, each with its own GPU, need
+        one here: RankLauncher.gpus_needed_here). Idempotent. The engine calls it first thing, so everything below
         LLMEngine sees a resolved config."""
         device = self.device
         if device == "auto":
@@ -120,11 +125,12 @@ class EngineConfig:
         async_scheduling = self.async_scheduling
         if async_scheduling is None:
             async_scheduling = device == "cuda" and tp == 1
-        return replace(self, device=device, async_scheduling=async_scheduling)
+        warmup = device == "cuda" if self.warmup is None else self.warmup
+        return replace(self, device=device, async_scheduling=async_scheduling, warmup=warmup)
 
     @property
     def is_resolved(self) -> bool:
-        return self.device != "auto" and self.async_scheduling is not None
+        return self.device != "auto" and self.async_scheduling is not None and self.warmup is not None
 
     @property
     def max_blocks_per_seq(self) -> int:

@@ -41,6 +41,7 @@ from engine.scheduler import Scheduler
 from engine.step_work import StepWorkMeter
 from engine.stepper import SyncStepper
 from engine.tokenizer import IncrementalDetokenizer, encode_prompt, load_tokenizer
+from engine.warmup import WarmupReport, warm_up
 
 
 class LLMEngine:
@@ -52,6 +53,23 @@ class LLMEngine:
         self.info = ModelInfo.from_config(config)
         self.tokenizer = load_tokenizer(config.model)
         self.executor = Executor(config, rank_launcher)
+        self.remote: RemoteKV | None = None
+        self._kv_ranks: Any = None  # the connector's worker parts (KVRanks), kept for replace_kv_connector
+        self._start_state()
+        self.warmup: WarmupReport | None = None  # what the warm-up ran (config.warmup), for logs and tests
+        if config.warmup:
+            # NOTE: before the connector is attached: no KV of these requests is held for a reader or streamed
+            self.warmup = warm_up(self)
+            self._start_state()
+        if kv_connector is not None:
+            self._kv_ranks = ranks = self.executor.attach_kv_workers(kv_connector)
+            self.remote = RemoteKV(kv_connector.make_connector(ranks, ranks.descriptors), self.kv, self.scheduler,
+                                   self.metrics)
+
+    def _start_state(self) -> None:
+        """The request state, the KV cache's bookkeeping and the counters, as an engine starts serving (after a
+        warm-up: no cached prefix, no KV events, no counted steps)."""
+        config = self.config
         self.kv = KVCacheManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching,
                                  config.hash_salt)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
@@ -63,12 +81,6 @@ class LLMEngine:
         self.metrics.watch(self.executor.runner.counters)
         stepper = AsyncStepper if config.async_scheduling else SyncStepper
         self.stepper = stepper(self.executor, self.scheduler, Sampler(), config.block_size, self.metrics)
-        self.remote: RemoteKV | None = None
-        self._kv_ranks: Any = None  # the connector's worker parts (KVRanks), kept for replace_kv_connector
-        if kv_connector is not None:
-            self._kv_ranks = ranks = self.executor.attach_kv_workers(kv_connector)
-            self.remote = RemoteKV(kv_connector.make_connector(ranks, ranks.descriptors), self.kv, self.scheduler,
-                                   self.metrics)
         self.requests: dict[str, Request] = {}
         self.detok: dict[str, IncrementalDetokenizer] = {}
         self._outputs: list[RequestOutput] = []  # made outside step() (aborts), returned by the next step()

@@ -181,7 +181,8 @@ class AdaptiveSplit:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(60)
-        log.info("adaptive split: %s", dict(self.counters) or "no re-plan")
+        done = ", ".join(f"{n} {name.replace('_', ' ')}" for name, n in sorted(self.counters.items()) if n)
+        log.info("adaptive split stopped: %s", done or "no re-plan")
 
     def _run(self) -> None:
         step = min(self.cfg.interval_s, 2.0)

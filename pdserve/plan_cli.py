@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import random
 import sys
+from collections.abc import Callable
 
 PROFILE_ROLES = ("decode", "prefill")
 
@@ -23,8 +25,9 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", help="Mooncake-format JSONL trace (timestamp ms, input_length, output_length)")
     p.add_argument("--trace-limit", type=int, default=None, help="first N requests of the trace")
     p.add_argument("--trace-speed", type=float, default=1.0, help="replay the trace this many times faster")
-    p.add_argument("--input-len", type=int, help="prompt tokens of every request (without --trace)")
-    p.add_argument("--output-len", type=int, help="output tokens of every request (without --trace)")
+    p.add_argument("--input-len", help="prompt tokens (without --trace): N, or fixed:N | uniform:LO:HI | "
+                   "normal:MEAN:STD as `pdserve bench` takes them")
+    p.add_argument("--output-len", help="output tokens (without --trace): the same forms")
     p.add_argument("--rate", type=float, help="Poisson arrivals per second (without --trace)")
     p.add_argument("--num-requests", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
@@ -51,6 +54,15 @@ def profile_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _length(spec: str) -> int | Callable[[random.Random], int]:
+    """A token count ("3000") or a distribution as `pdserve bench` takes it ("normal:3000:300")."""
+    from pdserve.bench.workload import Distribution
+
+    if spec.strip().isdigit():
+        return int(spec)
+    return Distribution(spec).sample
+
+
 def plan_main(args: argparse.Namespace) -> int:
     from planner.plan import SLO, format_ranking, poisson_workload, rank_splits, trace_workload, yaml_fragment
     from planner.profile import EngineProfile
@@ -62,7 +74,8 @@ def plan_main(args: argparse.Namespace) -> int:
         elif None in (args.input_len, args.output_len, args.rate):
             raise ValueError("give --trace, or all of --input-len, --output-len and --rate")
         else:
-            arrivals = poisson_workload(args.rate, args.input_len, args.output_len, args.num_requests, args.seed)
+            arrivals = poisson_workload(args.rate, _length(args.input_len), _length(args.output_len),
+                                        args.num_requests, args.seed)
         instances = args.gpus // prof.tensor_parallel_size
         if instances < 1:
             raise ValueError(f"--gpus {args.gpus} holds no instance of tensor_parallel_size "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,14 +44,25 @@ class SplitPrediction:
                                float(np.percentile(tpot, 90)))
 
 
-def poisson_workload(rate: float, input_len: int, output_len: int, num_requests: int,
+Length = int | Callable[[random.Random], int]  # a fixed token count, or a draw from a distribution
+
+
+def poisson_workload(rate: float, input_len: Length, output_len: Length, num_requests: int,
                      seed: int = 0) -> list[Arrival]:
-    if rate <= 0 or input_len < 1 or output_len < 1 or num_requests < 1:
+    """`num_requests` Poisson arrivals at `rate` per second. A length is a token count, or a function drawing one
+    (`pdserve plan --input-len normal:3000:300`); the draws use their own generator, so the arrival times are the
+    same whatever the lengths."""
+    fixed = [n for n in (input_len, output_len) if isinstance(n, int)]
+    if rate <= 0 or num_requests < 1 or any(n < 1 for n in fixed):
         raise ValueError("rate, input and output lengths and the request count must be positive")
-    rng = random.Random(seed)
+    rng, lengths = random.Random(seed), random.Random(seed + 1)
+
+    def draw(n: Length) -> int:
+        return n if isinstance(n, int) else max(1, n(lengths))
+
     t, out = 0.0, []
     for _ in range(num_requests):
-        out.append(Arrival(t, input_len, output_len))
+        out.append(Arrival(t, draw(input_len), draw(output_len)))
         t += rng.expovariate(rate)
     return out
 

@@ -8,11 +8,14 @@ import pathlib
 import pytest
 
 from engine import EngineConfig, LLMEngine
+from pdserve.bench.workload import Distribution
 from pdserve.cli import main
+from planner.plan import poisson_workload
 from planner.profile import EngineProfile, measure_transfer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "deploy" / "ray" / "serving-tiny-cpu.yaml"
+PROFILE = ROOT / "docs" / "data" / "planner" / "profile-h200x2-llama3-8b-2026-11-30.json"
 
 
 def test_profile_then_plan(models: dict[str, pathlib.Path], tmp_path: pathlib.Path,
@@ -55,3 +58,20 @@ def test_the_profile_measures_kv_transfers_of_a_tp_2_engine(models: dict[str, pa
     # every read completed (a refused one raises); the tiny model's blocks are too small for a per-block slope
     # that timing noise cannot hide, so only the fit's sanity is asserted
     assert transfer.predict(256) >= transfer.predict(1) > 0 and note.endswith("the same device")
+
+
+def test_plan_takes_length_distributions_as_bench_does(capsys: pytest.CaptureFixture[str]) -> None:
+    fixed = poisson_workload(4.0, 3000, 150, 400, seed=3)
+    drawn = poisson_workload(4.0, Distribution("normal:3000:300").sample, 150, 400, seed=3)
+    # the same arrival times whatever the lengths; the drawn prompts spread around their mean
+    assert [a.time_s for a in drawn] == [a.time_s for a in fixed]
+    prompts = [a.prompt_tokens for a in drawn]
+    assert {a.prompt_tokens for a in fixed} == {3000} and len(set(prompts)) > 100
+    assert 2900 < sum(prompts) / len(prompts) < 3100 and all(a.output_tokens == 150 for a in drawn)
+    args = ["plan", "--profile", str(PROFILE), "--slo-ttft-ms", "500", "--slo-tpot-ms", "50", "--gpus", "2",
+            "--output-len", "150", "--rate", "4", "--num-requests", "50"]
+    assert main([*args, "--input-len", "normal:3000:300"]) == 0
+    assert "recommended" in capsys.readouterr().out
+    for bad, says in (("bogus:3", "use fixed:N"), ("0", "must be positive"), ("normal:x:1", "must be numbers")):
+        assert main([*args, "--input-len", bad]) == 2
+        assert says in capsys.readouterr().err
