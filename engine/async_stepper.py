@@ -21,6 +21,10 @@ class AsyncStepper(SyncStepper):
 
     _inflight: InflightStep | None = None
 
+    @property
+    def has_inflight(self) -> bool:
+        return self._inflight is not None
+
     def run(self, out: SchedulerOutput, emit: Emit, t0: float) -> list[RequestOutput]:
         prev, self._inflight = self._inflight, None
         sampling: list[Request] = []

@@ -190,9 +190,12 @@ class LLMEngine:
         if self.remote is not None and len(out):
             self.executor.layer_hook = self.remote.connector.layer_hook(out)
         shape = self.work.shape(out) if len(out) else None
+        waits = shape is None and self.stepper.has_inflight
         outputs += self.stepper.run(out, self._emit, t0)
         if shape is not None and shape[0]:  # NOTE: routers predict a TTFT from the measured token rate (heartbeats)
             self.work.record(shape, t0, time.perf_counter() - t0, more=bool(self.requests))
+        elif waits:
+            self.work.add_wait(time.perf_counter() - t0)
         return outputs
 
     def _emit(self, request: Request, token: int, pending: bool = False,

@@ -97,6 +97,14 @@ class StepWorkMeter:
         self.seconds += seconds
         self._open = (started, seconds) if more else None
 
+    def add_wait(self, seconds: float) -> None:
+        """Async scheduling: a step that computed nothing and only waited for the last work step's tokens. Its
+        time is the rest of that step's device time (the work step's own record is its launch and the wait for the
+        step before it), so it counts with the work: without it an instance between bursts, such as a prefill
+        instance taking one prompt at a time, looks faster than its profile. Cycles are unchanged (its start closed
+        the last work step's cycle, as any next step's start does)."""
+        self.seconds += seconds
+
     def totals(self) -> StepWork:
         cycles, cycle_step_s, cycle_s = self._cycle
         return StepWork(*self._totals, seconds=self.seconds, cycles=int(cycles), cycle_step_seconds=cycle_step_s,

@@ -32,6 +32,11 @@ class SyncStepper:
         self.executor, self.scheduler, self.sampler = executor, scheduler, sampler
         self.block_size, self.metrics = block_size, metrics
 
+    @property
+    def has_inflight(self) -> bool:
+        """Whether a launched step's tokens are still to be read (async scheduling only)."""
+        return False
+
     def run(self, out: SchedulerOutput, emit: Emit, t0: float) -> list[RequestOutput]:
         logits = self.executor.execute(build_step_input(out, self.block_size)) if len(out) else None
         self.scheduler.update_after_step(out)

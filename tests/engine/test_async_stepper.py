@@ -105,3 +105,22 @@ def test_step_returns_the_previous_steps_tokens(models: dict[str, pathlib.Path],
     per_call = [[t for o in engine.step() for t in o.new_token_ids] for _ in range(4)]
     assert [len(x) for x in per_call] == [0, 1, 1, 1]
     assert not engine.has_unfinished_requests()
+
+
+def test_a_step_that_only_reads_the_last_tokens_counts_with_the_work(models: dict[str, pathlib.Path],
+                                                                      engine_factory) -> None:
+    """Its time is the rest of the last work step's device time: the adaptive split's calibration would otherwise
+    see an instance between bursts run faster than its profile (engine/step_work.py, add_wait)."""
+    engine = engine_factory(models["llama"], async_scheduling=True)
+    engine.add_request("s", [5, 6, 7, 8], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    before = engine.counters().work
+    assert engine.stepper.has_inflight and before.steps == 3
+    engine.step()  # schedules nothing: reads the last decode's token
+    after = engine.counters().work
+    # no step or token more; its start closed the last work step's cycle, as any next step's start does
+    assert (after.steps, after.tokens, after.cycles) == (before.steps, before.tokens, before.cycles + 1)
+    assert after.seconds > before.seconds and not engine.stepper.has_inflight
+    engine.step()  # nothing launched, nothing to read: nothing counted
+    assert engine.counters().work.seconds == after.seconds
