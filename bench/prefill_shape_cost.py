@@ -1,0 +1,86 @@
+"""What a lone fresh prompt's prefill costs when its length is new to the process, against a second prompt of the
+same length, with the dense prefill path (SDPA for one fresh bf16/fp16 prompt, `PDSERVE_DENSE_PREFILL`) on and off.
+
+    python3 bench/prefill_shape_cost.py [--shape llama3-8b] [--lengths 24] [--base 3000] [--stride 7] [--json OUT]
+
+Why: a prefill instance's steps are mostly one fresh prompt each, every one of a new length, and on the H200 its
+prompts took ~40-60 ms longer than the profile's step model and than the same prompts on an aggregated instance
+(docs/performance.md, "Issue 21 on two H200s, seventh session"). A library that builds an execution plan per shape
+(cuDNN's SDPA does) would cost exactly that on every new length, and more when a new kernel variant compiles. Each
+request here is timed from `add_request` to its one output token (`max_tokens=1`: the prefill step and, with
+async scheduling, the step that reads its token). Lengths are distinct between the two modes, so "first" is a
+first in each; every prompt has new random tokens (no prefix-cache hit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import tempfile
+import time
+
+from engine import EngineConfig, LLMEngine, SamplingParams
+from pdserve.dummy_model import write_dummy_model
+
+ONE_TOKEN = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+
+
+def timed_prefill(engine: LLMEngine, rid: str, tokens: list[int]) -> float:
+    t0 = time.perf_counter()
+    engine.add_request(rid, tokens, ONE_TOKEN)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return time.perf_counter() - t0
+
+
+def summary(xs: list[float]) -> dict[str, float]:
+    xs = sorted(xs)
+    return {"median_ms": 1e3 * statistics.median(xs), "p90_ms": 1e3 * xs[int(0.9 * (len(xs) - 1))],
+            "max_ms": 1e3 * xs[-1]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama3-8b", help="pdserve/dummy_model.py shape")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--lengths", type=int, default=24, help="distinct prompt lengths per mode")
+    ap.add_argument("--base", type=int, default=3000, help="the first length")
+    ap.add_argument("--stride", type=int, default=7, help="between lengths (odd: lengths of every residue)")
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    model = write_dummy_model(tempfile.mkdtemp(), args.shape)
+    top = args.base + 2 * args.lengths * args.stride + 16
+    engine = LLMEngine(EngineConfig(model=str(model), load_format="dummy", dtype=args.dtype,
+                                    max_num_batched_tokens=8192))
+    if top > min(engine.config.max_num_batched_tokens, engine.config.max_model_len):
+        engine.shutdown()
+        raise SystemExit(f"prompts up to {top} tokens do not fit one step of this engine: lower --base or --lengths")
+    vocab = engine.info.vocab_size
+    rng = random.Random(0)
+    results: dict[str, dict[str, object]] = {}
+    try:
+        for m, mode in enumerate(("dense on", "dense off")):
+            os.environ["PDSERVE_DENSE_PREFILL"] = "1" if mode == "dense on" else "0"
+            first, again = [], []
+            for i in range(args.lengths):
+                n = args.base + (2 * i + m) * args.stride
+                first.append(timed_prefill(engine, f"{m}-{i}-a", [rng.randrange(3, vocab) for _ in range(n)]))
+                again.append(timed_prefill(engine, f"{m}-{i}-b", [rng.randrange(3, vocab) for _ in range(n)]))
+            results[mode] = {"first": summary(first), "again": summary(again),
+                             "first_over_again": statistics.median(first) / statistics.median(again)}
+            f, a = results[mode]["first"], results[mode]["again"]
+            print(f"{mode}: a new length {f['median_ms']:.1f} ms median (p90 {f['p90_ms']:.1f}, max "
+                  f"{f['max_ms']:.1f}); the same length again {a['median_ms']:.1f} ms median (max "
+                  f"{a['max_ms']:.1f}): {results[mode]['first_over_again']:.2f}x", flush=True)
+    finally:
+        engine.shutdown()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "device": engine.config.device, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
