@@ -1,15 +1,18 @@
 """What a lone fresh prompt's prefill costs when its length is new to the process, against a second prompt of the
-same length, with the dense prefill path (SDPA for one fresh bf16/fp16 prompt, `PDSERVE_DENSE_PREFILL`) on and off.
+same length: the dense prefill path (SDPA for one fresh bf16/fp16 prompt, `PDSERVE_DENSE_PREFILL`) at exact
+lengths, the same with lengths padded to buckets (`PDSERVE_DENSE_PREFILL_BUCKET`, whose plans the engine's warm-up
+builds), and the paged Triton kernel (dense off).
 
-    python3 bench/prefill_shape_cost.py [--shape llama3-8b] [--lengths 24] [--base 3000] [--stride 7] [--json OUT]
+    python3 bench/prefill_shape_cost.py [--shape llama3-8b] [--lengths 24] [--base 3000] [--stride 7] \
+        [--bucket 256] [--json OUT]
 
 Why: a prefill instance's steps are mostly one fresh prompt each, every one of a new length, and on the H200 its
 prompts took ~40-60 ms longer than the profile's step model and than the same prompts on an aggregated instance
 (docs/performance.md, "Issue 21 on two H200s, seventh session"). A library that builds an execution plan per shape
 (cuDNN's SDPA does) would cost exactly that on every new length, and more when a new kernel variant compiles. Each
 request here is timed from `add_request` to its one output token (`max_tokens=1`: the prefill step and, with
-async scheduling, the step that reads its token). Lengths are distinct between the two modes, so "first" is a
-first in each; every prompt has new random tokens (no prefix-cache hit).
+async scheduling, the step that reads its token). Lengths are distinct between the modes, so "first" is a first
+in each; every prompt has new random tokens (no prefix-cache hit).
 """
 
 from __future__ import annotations
@@ -49,10 +52,14 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, default=24, help="distinct prompt lengths per mode")
     ap.add_argument("--base", type=int, default=3000, help="the first length")
     ap.add_argument("--stride", type=int, default=7, help="between lengths (odd: lengths of every residue)")
+    ap.add_argument("--bucket", type=int, default=256, help="PDSERVE_DENSE_PREFILL_BUCKET of the bucketed mode")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     model = write_dummy_model(tempfile.mkdtemp(), args.shape)
-    top = args.base + 2 * args.lengths * args.stride + 16
+    modes = {"dense, exact lengths": ("1", "0"), f"dense, padded to {args.bucket}": ("1", str(args.bucket)),
+             "paged (dense off)": ("0", "0")}
+    top = args.base + len(modes) * args.lengths * args.stride + 16
+    os.environ["PDSERVE_DENSE_PREFILL_BUCKET"] = str(args.bucket)  # NOTE: so that the warm-up builds its plans
     engine = LLMEngine(EngineConfig(model=str(model), load_format="dummy", dtype=args.dtype,
                                     max_num_batched_tokens=8192))
     if top > min(engine.config.max_num_batched_tokens, engine.config.max_model_len):
@@ -62,11 +69,11 @@ def main() -> None:
     rng = random.Random(0)
     results: dict[str, dict[str, object]] = {}
     try:
-        for m, mode in enumerate(("dense on", "dense off")):
-            os.environ["PDSERVE_DENSE_PREFILL"] = "1" if mode == "dense on" else "0"
+        for m, (mode, (dense, bucket)) in enumerate(modes.items()):
+            os.environ["PDSERVE_DENSE_PREFILL"], os.environ["PDSERVE_DENSE_PREFILL_BUCKET"] = dense, bucket
             first, again = [], []
             for i in range(args.lengths):
-                n = args.base + (2 * i + m) * args.stride
+                n = args.base + (len(modes) * i + m) * args.stride
                 first.append(timed_prefill(engine, f"{m}-{i}-a", [rng.randrange(3, vocab) for _ in range(n)]))
                 again.append(timed_prefill(engine, f"{m}-{i}-b", [rng.randrange(3, vocab) for _ in range(n)]))
             results[mode] = {"first": summary(first), "again": summary(again),

@@ -27,6 +27,13 @@ def parse_bool(raw: str) -> bool:
     raise ValueError(f"is not a boolean (use one of {', '.join(_TRUE + _FALSE)})")
 
 
+def parse_count(raw: str) -> int:
+    value = int(raw.strip())
+    if value < 0:
+        raise ValueError("must be >= 0")
+    return value
+
+
 def parse_str(raw: str) -> str:
     return raw
 
@@ -51,10 +58,11 @@ class Switch(Generic[T]):
 
     @property
     def type_name(self) -> str:
-        return {parse_bool: "bool", parse_str: "str"}.get(self.parse, "?")  # type: ignore[call-overload]
+        return {parse_bool: "bool", parse_str: "str", parse_count: "int"}.get(self.parse, "?")  # type: ignore[call-overload]
 
 
-# NOTE: the four PDSERVE_* switches above are opt-outs for A/B measurements on GPU, not correctness switches.
+# NOTE: PDSERVE_PDL, _FUSED_OPS, _SKINNY_GEMM and _DENSE_PREFILL are opt-outs for A/B measurements on GPU and
+# _DENSE_PREFILL_BUCKET an opt-in; none is a correctness switch.
 PDSERVE_PDL = Switch("PDSERVE_PDL", True, "launch the Triton decode kernels with programmatic dependent launch "
                      "(only where the GPU is sm_90+ and Triton accepts launch_pdl)", parse_bool)
 PDSERVE_FUSED_OPS = Switch("PDSERVE_FUSED_OPS", True, "fused Triton RMSNorm/RoPE/SiLU-and-mul kernels on CUDA "
@@ -64,6 +72,9 @@ PDSERVE_SKINNY_GEMM = Switch("PDSERVE_SKINNY_GEMM", True, "tune the small-batch 
 PDSERVE_DENSE_PREFILL = Switch("PDSERVE_DENSE_PREFILL", True, "a prefill step of one fresh bf16/fp16 prompt "
                                "attends with PyTorch's fused SDPA (cuDNN on Hopper) over its contiguous K/V (off: "
                                "the Triton paged kernel for every step)", parse_bool)
+PDSERVE_DENSE_PREFILL_BUCKET = Switch("PDSERVE_DENSE_PREFILL_BUCKET", 0, "pad a dense prefill step's prompt up "
+                                      "to a multiple of this many tokens, so SDPA meets a few lengths and builds "
+                                      "each one's plan once, in the engine's warm-up (0: exact lengths)", parse_count)
 TRITON_INTERPRET = Switch("TRITON_INTERPRET", False, "Triton's CPU interpreter: the Triton attention backend and "
                           "the interpretable GPU tests run on CPU", parse_bool)
 RAY_ADDRESS: Switch[str | None] = Switch("RAY_ADDRESS", None, "the Ray cluster `pdserve serve` joins when "
@@ -79,4 +90,5 @@ PDSERVE_NODE_IP = Switch("PDSERVE_NODE_IP", "", "this node's address as its peer
                          "in each instance; empty: unknown, same-host checks use the hostname)", parse_str)
 
 SWITCHES: tuple[Switch, ...] = (PDSERVE_PDL, PDSERVE_FUSED_OPS, PDSERVE_SKINNY_GEMM, PDSERVE_DENSE_PREFILL,
-                                TRITON_INTERPRET, RAY_ADDRESS, PDSERVE_RUNTIME_DIR, PDSERVE_NODE_IP)
+                                PDSERVE_DENSE_PREFILL_BUCKET, TRITON_INTERPRET, RAY_ADDRESS, PDSERVE_RUNTIME_DIR,
+                                PDSERVE_NODE_IP)

@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from engine import envs
+from engine.attention.dense_prefill import DENSE_DTYPES, bucket_lengths
 from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -48,10 +50,12 @@ class WarmupStep:
 class WarmupReport:
     steps: list[WarmupStep] = field(default_factory=list)
     seconds: float = 0.0
+    dense_lengths: list[int] = field(default_factory=list)  # padded dense prefill lengths it set out to run
 
     def covers(self) -> dict[str, bool]:
         """Which of the shapes it set out to run it ran (tests assert all of them)."""
         s = self.steps
+        lone = {x.tokens for x in s if x.prompts == 1 and not (x.continued or x.decode_rows)}
         return {
             "one prompt": any(x.prompts == 1 and not x.decode_rows for x in s),
             "several prompts": any(x.prompts >= 2 for x in s),
@@ -62,7 +66,7 @@ class WarmupReport:
             "tokens not a multiple of 16": any(x.tokens % 16 and x.prompts for x in s),
             "a block table 1 wide": any(x.table_width == 1 and x.prompts for x in s),
             "a block table a multiple of 16 wide": any(x.table_width % 16 == 0 and x.prompts for x in s),
-        }
+        } | ({"every padded dense length": set(self.dense_lengths) <= lone} if self.dense_lengths else {})
 
 
 def _shape(out: SchedulerOutput, block_size: int) -> WarmupStep:
@@ -141,6 +145,12 @@ def warm_up(engine: LLMEngine, seed: int = 0) -> WarmupReport:
             add(prompt(limit - 17))
             add(prompt(40))
             run()
+        if cfg.torch_dtype in DENSE_DTYPES and envs.PDSERVE_DENSE_PREFILL.get():
+            # one lone prompt of each padded length a dense prefill step can have: SDPA builds its plans now
+            report.dense_lengths = bucket_lengths(envs.PDSERVE_DENSE_PREFILL_BUCKET.get(), limit)
+            for n in report.dense_lengths:
+                add(prompt(n), max_tokens=1)
+                run()
     finally:
         del engine.scheduler.schedule  # the instance attribute: back to the class's method
     report.seconds = time.perf_counter() - t0

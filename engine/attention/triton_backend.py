@@ -7,10 +7,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from engine import envs, pdl
 from engine.attention.backend import AttentionBackend, AttentionMetadata
+from engine.attention.dense_prefill import DENSE_DTYPES, DENSE_PREFILL_MIN_TOKENS, dense_causal_attention
 from engine.attention.triton_kernels import (
     paged_attention_kernel,
     paged_decode_split_kernel,
@@ -23,8 +23,6 @@ from engine.models import fused_ops
 from engine.models.rotary import RotaryEmbedding
 
 LOG2E = 1.4426950408889634
-DENSE_DTYPES = (torch.bfloat16, torch.float16)  # SDPA's fused kernels; float32 steps stay on the paged kernel
-DENSE_PREFILL_MIN_TOKENS = 256  # below this a prompt's attention is a sliver of its step: not worth the switch
 
 
 def _pow2(n: int) -> int:
@@ -47,6 +45,7 @@ class TritonPagedAttention(AttentionBackend):
         self._launch: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
         self._splits = 1
         self._dense = False  # this step is one fresh prompt: SDPA over its contiguous K/V (see prepare)
+        self._bucket = 0  # ...its length padded up to a multiple of this (PDSERVE_DENSE_PREFILL_BUCKET; 0: not)
         self.dense_prefill_steps = 0  # steps that took that path (bf16/fp16 ones; float32 stays paged)
         self.num_sms = torch.cuda.get_device_properties().multi_processor_count if torch.cuda.is_available() \
             else 132
@@ -73,6 +72,7 @@ class TritonPagedAttention(AttentionBackend):
         self._dense = (meta.seq_lens.shape[0] == 1 and meta.max_query_len == meta.max_seq_len
                        and meta.max_query_len >= DENSE_PREFILL_MIN_TOKENS and envs.PDSERVE_DENSE_PREFILL.get())
         self.dense_prefill_steps += self._dense
+        self._bucket = envs.PDSERVE_DENSE_PREFILL_BUCKET.get() if self._dense else 0
         if meta.max_query_len <= 1:
             block_m, block_n, warps, stages = self.decode_cfg
             self._splits = self.decode_splits(meta.seq_lens.shape[0])
@@ -117,11 +117,9 @@ class TritonPagedAttention(AttentionBackend):
 
     def _attend_dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention of one fresh sequence over this step's rotated q, k, v ([T, H, D] each, any row
-        strides): SDPA on [1, H, T, D] views, whose output comes back in q's [T, Hq, D] memory order."""
-        out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
-                                             v.transpose(0, 1).unsqueeze(0), is_causal=True, scale=self.scale,
-                                             enable_gqa=self.group > 1)  # [1, Hq, T, D]
-        return out.squeeze(0).transpose(0, 1)  # [T, Hq, D]
+        strides) -> [T, Hq, D] in q's memory order (engine/attention/dense_prefill.py; its length padded to
+        PDSERVE_DENSE_PREFILL_BUCKET when that is set)."""
+        return dense_causal_attention(q, k, v, self.scale, self.group > 1, self._bucket)
 
     def _attend(self, layer: int, q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         kc, vc = kv_cache.k[layer], kv_cache.v[layer]  # [num_blocks, Hkv, bs, D] each, strided views

@@ -44,3 +44,20 @@ def test_the_warm_up_is_on_for_cuda_and_off_on_cpu_unless_asked(models: dict[str
 def test_an_engine_without_warm_up_reports_none(models: dict[str, pathlib.Path], engine_factory) -> None:
     engine = engine_factory(models["llama"], device="cpu")
     assert engine.warmup is None
+
+
+def test_with_dense_prefill_buckets_the_warm_up_runs_each_padded_length(models: dict[str, pathlib.Path],
+                                                                       engine_factory,
+                                                                       monkeypatch) -> None:
+    monkeypatch.setenv("PDSERVE_DENSE_PREFILL_BUCKET", "64")
+    engine = engine_factory(models["llama"], warmup=True, dtype="bfloat16", max_num_batched_tokens=512,
+                            max_model_len=1024)
+    report = engine.warmup
+    assert report is not None and report.dense_lengths == [256, 320, 384, 448, 512]
+    assert report.covers()["every padded dense length"]
+    assert all(report.covers().values())
+    monkeypatch.setenv("PDSERVE_DENSE_PREFILL_BUCKET", "0")
+    plain = engine_factory(models["llama"], warmup=True, dtype="bfloat16", max_num_batched_tokens=512,
+                           max_model_len=1024)
+    assert plain.warmup is not None and plain.warmup.dense_lengths == [] and "every padded dense length" not in \
+        plain.warmup.covers()
