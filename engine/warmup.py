@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_WARMUP_STEPS = 200  # a bound: the rounds below finish in a few dozen steps
+ROUND_STEPS = 64  # a bound on each round's steps: each finishes in a handful
 MIN_TOKEN = 3  # ids below are special tokens in most vocabularies
 
 
@@ -104,7 +104,6 @@ def warm_up(engine: LLMEngine, seed: int = 0) -> WarmupReport:
     cfg = engine.config
     vocab = engine.info.vocab_size
     limit = min(cfg.max_num_batched_tokens, cfg.max_model_len - 8)
-    steps = 0
     ids = iter(range(1_000_000))
 
     def prompt(n: int) -> list[int]:
@@ -114,12 +113,14 @@ def warm_up(engine: LLMEngine, seed: int = 0) -> WarmupReport:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         engine.add_request(f"warmup-{next(ids)}", tokens, params)
 
-    def run(until_idle: bool = True, n: int = 0) -> None:
-        nonlocal steps
-        while (engine.has_unfinished_requests() if until_idle else n > 0) and steps < MAX_WARMUP_STEPS:
+    def run(until_idle: bool = True, n: int = ROUND_STEPS) -> None:
+        for _ in range(min(n, ROUND_STEPS)):
+            if until_idle and not engine.has_unfinished_requests():
+                return
             engine.step()
-            steps += 1
-            n -= 1
+        if until_idle and engine.has_unfinished_requests():
+            log.warning("engine warm-up: a round did not finish in %d steps; going on (the engine starts clean)",
+                        ROUND_STEPS)
 
     engine.scheduler.schedule = _Recorder(engine, report)  # type: ignore[method-assign]
     try:
@@ -138,7 +139,7 @@ def warm_up(engine: LLMEngine, seed: int = 0) -> WarmupReport:
         run()
         add(shared + prompt(21))  # continued on a cached prefix
         add(prompt(35), max_tokens=8)
-        run(until_idle=False, n=2)
+        run(until_idle=False, n=2)  # its prefill and a decode step
         add(prompt(50))  # prefill beside decode rows
         run()
         if limit > 64:  # a prompt filling a step's token budget, and one chunked behind it
