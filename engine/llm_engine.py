@@ -61,6 +61,7 @@ class LLMEngine:
             # NOTE: before the connector is attached: no KV of these requests is held for a reader or streamed
             self.warmup = warm_up(self)
             self._start_state()
+            self.executor.runner.reset_activity()
         if kv_connector is not None:
             self._kv_ranks = ranks = self.executor.attach_kv_workers(kv_connector)
             self.remote = RemoteKV(kv_connector.make_connector(ranks, ranks.descriptors), self.kv, self.scheduler,

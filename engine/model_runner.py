@@ -167,6 +167,13 @@ class ModelRunner:
             )
         return int(blocks)
 
+    def reset_activity(self) -> None:
+        """Zero the counts of how steps ran (decode graph replays and their host time, dense prefill steps): after
+        the engine's warm-up, so that they count serving only. Fallback counters (`counters`) are kept."""
+        if self.graphs is not None:
+            self.graphs.replays, self.graphs.replay_host_s = 0, 0.0
+        self.attn.dense_prefill_steps = 0
+
     def release(self) -> None:
         """Drop the model and the KV cache (on shutdown), returning GPU memory to the device."""
         self.graphs = None

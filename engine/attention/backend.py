@@ -32,6 +32,7 @@ class AttentionMetadata:
 
 class AttentionBackend(ABC):
     name: str = "abstract"
+    dense_prefill_steps: int = 0  # steps that attended with SDPA over a fresh prompt (the Triton backend's path)
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, block_size: int) -> None:
         self.num_heads = num_heads  # on this rank
