@@ -7,9 +7,11 @@ predicts for its shape. The router places a request as pdserve's does in spirit:
 `max_local_prefill_tokens` (or any prompt when the split has no prefill instance, when every prefill
 instance has `prefill_queue_threshold` prompts waiting, or `max_prefill_queue_tokens` prompt tokens queued while
 the decode instance has fewer) is prefilled on the decode instance that will decode
-it; otherwise on the prefill instance with the fewest prompt tokens queued. There its first token ends its TTFT
-(pdserve sends it on from the prefill's reply: architecture.md, "The first token does not wait for the KV"), and
-its KV moves to the decode instance (the profile's transfer model), which decodes from the second token on. With
+it; otherwise on the prefill instance with the fewest prompt tokens queued. Its first token does not wait for the
+KV (architecture.md, "The first token does not wait for the KV"): the decode instance emits it when its loop
+next polls the KV connector, at the start of its next step, and the token leaves with that step's outputs; so it
+is out at the prefill's end when the decode instance is idle, else at the end of the step after the one it is
+in. Its KV moves to the decode instance (the profile's transfer model), which decodes from the second token on. With
 layer-wise streaming (`server.layer_wise_kv`, the default) the KV moves while the prompt computes, one layer group
 at a time, so what is left after the prefill is the larger of the last chunk's last layer group and what the
 prefill's duration could not hide; without it, the whole transfer follows the prefill. The hand-off so delays the
@@ -80,6 +82,8 @@ class _Instance:
     running: list[_Req] = field(default_factory=list)  # decoding
     ready: deque[_Req] = field(default_factory=deque)  # KV arrived, waiting for a decode slot
     busy: bool = False
+    polled: list[_Req] = field(default_factory=list)  # first tokens its loop picks up at its next step's start
+    emitting: list[_Req] = field(default_factory=list)  # first tokens that leave with its current step's outputs
 
     def queued_tokens(self) -> int:
         return sum(r.arrival.prompt_tokens - r.computed for r in self.waiting)
@@ -150,6 +154,9 @@ def simulate(profile: EngineProfile, split: Split, arrivals: list[Arrival],
         heapq.heappush(events, (now + secs, next(seq), "step", (inst, rows, chunks)))
 
     def finish_step(inst: _Instance, rows: list[_Req], chunks: list[tuple[_Req, int]], now: float) -> None:
+        for r in inst.emitting:
+            r.first_token_s = now
+        inst.emitting, polled, inst.polled = [], inst.polled, []
         for r in rows:
             r.generated += 1
             if r.generated >= r.arrival.output_tokens:
@@ -162,6 +169,8 @@ def simulate(profile: EngineProfile, split: Split, arrivals: list[Arrival],
             inst.waiting.remove(r)
             r.generated = 1
             r.first_token_s = now
+            if inst.role != "decode" and r.decode_on is not None and r.decode_on.busy:
+                r.decode_on.polled.append(r)  # NOTE: its first token goes out through the decode instance's loop
             if inst.role != "decode" and r.generated < r.arrival.output_tokens:  # hand the KV to its decode instance
                 assert r.decode_on is not None and r.prefill_start_s is not None
                 blocks = -(-r.arrival.prompt_tokens // profile.block_size)
@@ -177,6 +186,11 @@ def simulate(profile: EngineProfile, split: Split, arrivals: list[Arrival],
             else:
                 inst.running.append(r)
         start_step(inst, now)
+        if inst.busy:
+            inst.emitting = polled
+        else:
+            for r in polled:
+                r.first_token_s = now
 
     def place(r: _Req, now: float) -> None:
         d = min(decodes, key=lambda i: (i.load(), i.index))
@@ -206,6 +220,7 @@ def simulate(profile: EngineProfile, split: Split, arrivals: list[Arrival],
     out = []
     for r in reqs:
         assert r.first_token_s is not None and r.finish_s is not None
+        r.finish_s = max(r.finish_s, r.first_token_s)  # a one-token answer of a prefill instance ends with it
         tpot = (r.finish_s - r.first_token_s) / (r.arrival.output_tokens - 1) if r.arrival.output_tokens > 1 else 0.0
         out.append(RequestResult(r.first_token_s - r.arrival.time_s, tpot))
     last = max(r.finish_s for r in reqs if r.finish_s is not None)

@@ -43,6 +43,19 @@ def test_disaggregated_request_pays_the_hand_off_in_its_second_token() -> None:
     assert ttft == pytest.approx(0.11) and tpot == 0.0
 
 
+def test_a_remote_first_token_waits_for_the_decode_instance_s_loop() -> None:
+    # the decode instance prefills a local 200-token prompt (out at 0.21), then decodes it in 10 ms steps; the
+    # prefill instance computes a remote 255-token prompt, done at 0.265, inside the decode step [0.26, 0.27]
+    arrivals = [Arrival(0.0, 200, 10), Arrival(0.0, 255, 3)]
+    local, remote = simulate(profile(), Split(1, 1, max_local_prefill_tokens=200), arrivals).results
+    assert local.ttft_s == pytest.approx(0.21)
+    # polled when that step ends (0.27), out with the next step's outputs (two decode rows: its KV is in) at 0.28
+    assert remote.ttft_s == pytest.approx(0.28)
+    # an idle decode instance passes it on at once: the prefill's end
+    (alone,) = simulate(profile(), Split(1, 1), [Arrival(0.0, 255, 3)]).results
+    assert alone.ttft_s == pytest.approx(0.265)
+
+
 def test_a_transfer_longer_than_the_prefill_is_what_streaming_cannot_hide() -> None:
     slow = profile()
     slow = EngineProfile(**{**slow.__dict__, "transfer": TransferTimeModel(0.5, 0.0)})  # 500 ms a prompt's KV
@@ -70,15 +83,19 @@ def test_prefill_queue_threshold_sends_prompts_local_when_the_pool_is_backed_up(
     arrivals = [Arrival(0.0, 100, 2) for _ in range(3)]
     res = simulate(profile(), Split(1, 1, prefill_queue_threshold=2), arrivals)
     ttfts = sorted(r.ttft_s for r in res.results)
-    # two prompts queue on the prefill instance, one after the other; the third goes local
-    assert ttfts == pytest.approx([0.11, 0.11, 0.22])
+    # two prompts queue on the prefill instance, one after the other; the third goes local (0.11). The first remote
+    # one's first token goes out through the decode instance's loop, which is finishing that local prefill at
+    # 0.11: it polls at its next step's start and the token leaves with that 10 ms decode step (0.12); the second
+    # finds the decode instance idle (0.22)
+    assert ttfts == pytest.approx([0.11, 0.12, 0.22])
 
 
 def test_queued_prompt_tokens_send_prompts_local() -> None:
     arrivals = [Arrival(0.0, 100, 2) for _ in range(3)]
     res = simulate(profile(), Split(1, 1, max_prefill_queue_tokens=200), arrivals)
     # the prefill instance holds 100 then 200 queued tokens: the third prompt goes to the idle decode instance
-    assert sorted(r.ttft_s for r in res.results) == pytest.approx([0.11, 0.11, 0.22])
+    # (first tokens as in the test above)
+    assert sorted(r.ttft_s for r in res.results) == pytest.approx([0.11, 0.12, 0.22])
 
 
 def test_max_num_seqs_caps_a_decode_instance() -> None:
