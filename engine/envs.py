@@ -58,7 +58,8 @@ class Switch(Generic[T]):
 
     @property
     def type_name(self) -> str:
-        return {parse_bool: "bool", parse_str: "str", parse_count: "int"}.get(self.parse, "?")  # type: ignore[call-overload]
+        names = {parse_bool: "bool", parse_str: "str", parse_count: "int"}
+        return names.get(self.parse, "?")  # type: ignore[call-overload]
 
 
 # NOTE: PDSERVE_PDL, _FUSED_OPS, _SKINNY_GEMM and _DENSE_PREFILL are opt-outs for A/B measurements on GPU and

@@ -169,10 +169,12 @@ def simulate(profile: EngineProfile, split: Split, arrivals: list[Arrival],
             inst.waiting.remove(r)
             r.generated = 1
             r.first_token_s = now
-            if inst.role != "decode" and r.decode_on is not None and r.decode_on.busy:
-                r.decode_on.polled.append(r)  # NOTE: its first token goes out through the decode instance's loop
+            if inst.role != "decode":
+                assert r.decode_on is not None
+                if r.decode_on.busy:  # NOTE: its first token goes out through the decode instance's loop
+                    r.decode_on.polled.append(r)
             if inst.role != "decode" and r.generated < r.arrival.output_tokens:  # hand the KV to its decode instance
-                assert r.decode_on is not None and r.prefill_start_s is not None
+                assert r.prefill_start_s is not None
                 blocks = -(-r.arrival.prompt_tokens // profile.block_size)
                 moved = profile.transfer.predict(blocks)  # the whole KV's transfer
                 tail = moved
