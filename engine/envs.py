@@ -62,8 +62,8 @@ class Switch(Generic[T]):
         return names.get(self.parse, "?")  # type: ignore[call-overload]
 
 
-# NOTE: PDSERVE_PDL, _FUSED_OPS, _SKINNY_GEMM and _DENSE_PREFILL are opt-outs for A/B measurements on GPU and
-# _DENSE_PREFILL_BUCKET an opt-in; none is a correctness switch.
+# NOTE: PDSERVE_PDL, _FUSED_OPS, _SKINNY_GEMM, _DENSE_PREFILL and _DENSE_PREFILL_BUCKET are opt-outs for A/B
+# measurements on GPU; none is a correctness switch.
 PDSERVE_PDL = Switch("PDSERVE_PDL", True, "launch the Triton decode kernels with programmatic dependent launch "
                      "(only where the GPU is sm_90+ and Triton accepts launch_pdl)", parse_bool)
 PDSERVE_FUSED_OPS = Switch("PDSERVE_FUSED_OPS", True, "fused Triton RMSNorm/RoPE/SiLU-and-mul kernels on CUDA "
@@ -73,7 +73,7 @@ PDSERVE_SKINNY_GEMM = Switch("PDSERVE_SKINNY_GEMM", True, "tune the small-batch 
 PDSERVE_DENSE_PREFILL = Switch("PDSERVE_DENSE_PREFILL", True, "a prefill step of one fresh bf16/fp16 prompt "
                                "attends with PyTorch's fused SDPA (cuDNN on Hopper) over its contiguous K/V (off: "
                                "the Triton paged kernel for every step)", parse_bool)
-PDSERVE_DENSE_PREFILL_BUCKET = Switch("PDSERVE_DENSE_PREFILL_BUCKET", 0, "pad a dense prefill step's prompt up "
+PDSERVE_DENSE_PREFILL_BUCKET = Switch("PDSERVE_DENSE_PREFILL_BUCKET", 256, "pad a dense prefill step's prompt up "
                                       "to a multiple of this many tokens, so SDPA meets a few lengths and builds "
                                       "each one's plan once, in the engine's warm-up (0: exact lengths)", parse_count)
 TRITON_INTERPRET = Switch("TRITON_INTERPRET", False, "Triton's CPU interpreter: the Triton attention backend and "

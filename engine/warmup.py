@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from engine import envs
-from engine.attention.dense_prefill import DENSE_DTYPES, bucket_lengths
+from engine.attention.dense_prefill import DENSE_DTYPES, bucket_lengths, padded_len
 from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -51,11 +51,13 @@ class WarmupReport:
     steps: list[WarmupStep] = field(default_factory=list)
     seconds: float = 0.0
     dense_lengths: list[int] = field(default_factory=list)  # padded dense prefill lengths it set out to run
+    dense_bucket: int = 0  # PDSERVE_DENSE_PREFILL_BUCKET when it ran them
 
     def covers(self) -> dict[str, bool]:
         """Which of the shapes it set out to run it ran (tests assert all of them)."""
         s = self.steps
-        lone = {x.tokens for x in s if x.prompts == 1 and not (x.continued or x.decode_rows)}
+        lone = {padded_len(x.tokens, self.dense_bucket)
+                for x in s if x.prompts == 1 and not (x.continued or x.decode_rows)}
         return {
             "one prompt": any(x.prompts == 1 and not x.decode_rows for x in s),
             "several prompts": any(x.prompts >= 2 for x in s),
@@ -122,6 +124,16 @@ def warm_up(engine: LLMEngine, seed: int = 0) -> WarmupReport:
             log.warning("engine warm-up: a round did not finish in %d steps; going on (the engine starts clean)",
                         ROUND_STEPS)
 
+    # a dense step's prompt: one fresh prompt of at most a step's budget that leaves room for one output token
+    dense_limit = min(cfg.max_num_batched_tokens, cfg.max_model_len - 1)
+    if cfg.torch_dtype in DENSE_DTYPES and envs.PDSERVE_DENSE_PREFILL.get():
+        report.dense_bucket = envs.PDSERVE_DENSE_PREFILL_BUCKET.get()
+        report.dense_lengths = bucket_lengths(report.dense_bucket, dense_limit)
+    # NOTE: logged before it runs: with padded dense lengths it takes seconds (11 s for the Llama-3-8B shape on an
+    # H200, 31 lengths up to 7,936 tokens, then not yet the 8,192 one), and an operator watching a start-up should
+    # see why
+    log.info("engine warm-up: the step shapes%s", f" and one prompt of each of {len(report.dense_lengths)} padded "
+             f"dense lengths up to {report.dense_lengths[-1]} tokens" if report.dense_lengths else "")
     engine.scheduler.schedule = _Recorder(engine, report)  # type: ignore[method-assign]
     try:
         add(prompt(33))  # one fresh prompt; then decode rows alone
@@ -146,12 +158,9 @@ def warm_up(engine: LLMEngine, seed: int = 0) -> WarmupReport:
             add(prompt(limit - 17))
             add(prompt(40))
             run()
-        if cfg.torch_dtype in DENSE_DTYPES and envs.PDSERVE_DENSE_PREFILL.get():
-            # one lone prompt of each padded length a dense prefill step can have: SDPA builds its plans now
-            report.dense_lengths = bucket_lengths(envs.PDSERVE_DENSE_PREFILL_BUCKET.get(), limit)
-            for n in report.dense_lengths:
-                add(prompt(n), max_tokens=1)
-                run()
+        for n in report.dense_lengths:  # a lone prompt of each padded dense length: SDPA builds its plans now
+            add([rng.randrange(MIN_TOKEN, vocab) for _ in range(min(n, dense_limit))], max_tokens=1)
+            run()
     finally:
         del engine.scheduler.schedule  # the instance attribute: back to the class's method
     report.seconds = time.perf_counter() - t0

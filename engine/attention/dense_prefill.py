@@ -6,8 +6,9 @@ shape, and ~1 s when a new kernel variant compiles), and a prefill instance meet
 every step. Padded lengths repeat, so each bucket's plan is built once (by the engine's warm-up when it is on:
 engine/warmup.py). Padding at the end leaves causal attention's result as it was: a real query row attends only to
 keys at or before its own position, all of them real, and the padded rows' outputs are dropped; only the kernel's
-rounding may differ (a longer sequence may be tiled differently). Off by default
-(`PDSERVE_DENSE_PREFILL_BUCKET`, engine/envs.py) until the GPU measurement (bench/prefill_shape_cost.py) says it pays.
+rounding may differ (a longer sequence may be tiled differently). On by default at 256 tokens
+(`PDSERVE_DENSE_PREFILL_BUCKET`, engine/envs.py): on an H200 a new exact length cost 1.35x a seen one and a padded
+one 1.01x (bench/prefill_shape_cost.py, docs/performance.md "Dense prefill lengths padded to buckets").
 
 This module imports only torch, so its arithmetic is tested on CPU (tests/engine/attention/test_dense_prefill_math.py).
 """
@@ -29,11 +30,12 @@ def padded_len(tokens: int, bucket: int) -> int:
 
 
 def bucket_lengths(bucket: int, limit: int) -> list[int]:
-    """The padded lengths a dense step can have when its prompt fits `limit` tokens: the plans a warm-up builds."""
+    """The padded lengths a dense step can have when its prompt has at most `limit` tokens: the plans a warm-up
+    builds. The last one may exceed `limit` (a prompt of `limit` tokens padded up)."""
     if bucket <= 0:
         return []
     first = padded_len(DENSE_PREFILL_MIN_TOKENS, bucket)
-    return list(range(first, limit + 1, bucket))
+    return list(range(first, padded_len(limit, bucket) + 1, bucket))
 
 
 def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, gqa: bool,

@@ -56,6 +56,12 @@ def test_with_dense_prefill_buckets_the_warm_up_runs_each_padded_length(models: 
     assert report is not None and report.dense_lengths == [256, 320, 384, 448, 512]
     assert report.covers()["every padded dense length"]
     assert all(report.covers().values())
+    # a step's longest dense prompt (max_model_len - 1 = 499 tokens) pads to 512: that length is run too, by a
+    # 499-token prompt
+    short = engine_factory(models["llama"], warmup=True, dtype="bfloat16", max_num_batched_tokens=512,
+                           max_model_len=500)
+    assert short.warmup is not None and short.warmup.dense_lengths[-1] == 512
+    assert any(x.tokens == 499 and x.prompts == 1 for x in short.warmup.steps) and all(short.warmup.covers().values())
     monkeypatch.setenv("PDSERVE_DENSE_PREFILL_BUCKET", "0")
     plain = engine_factory(models["llama"], warmup=True, dtype="bfloat16", max_num_batched_tokens=512,
                            max_model_len=1024)

@@ -62,3 +62,5 @@ def test_bucket_arithmetic() -> None:
     assert bucket_lengths(256, 1024) == [256, 512, 768, 1024]
     assert bucket_lengths(1000, 4000) == [1000, 2000, 3000, 4000] and DENSE_PREFILL_MIN_TOKENS <= 1000
     assert bucket_lengths(100, 1000)[0] == 300  # the first padded length that a dense step (>= 256 tokens) can have
+    # a prompt of the limit's 8,191 tokens (max_model_len 8,192) pads to 8,192: that plan is one of them
+    assert bucket_lengths(256, 8191)[-1] == 8192 and len(bucket_lengths(256, 8191)) == 32
