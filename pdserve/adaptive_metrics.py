@@ -38,3 +38,11 @@ class AdaptiveCollector(Collector):
         goodput.add_metric(["current", d.current.split.name()], d.current.goodput_rps)
         goodput.add_metric(["best", d.best.split.name()], d.best.goodput_rps)
         yield goodput
+        if d.measured is not None and d.measured.counts.finished:
+            yield GaugeMetricFamily("pdserve:adaptive_measured_goodput", "Requests per second this router "
+                                    "finished within the adaptive split's SLOs over the last re-plan's window "
+                                    "(set beside pdserve:adaptive_predicted_goodput{which=\"current\"})",
+                                    value=d.measured.goodput_rps)
+            yield GaugeMetricFamily("pdserve:adaptive_measured_attainment", "Of the requests this router finished "
+                                    "in the last re-plan's window, the fraction within both SLOs",
+                                    value=d.measured.attainment)

@@ -10,7 +10,9 @@ plan`), the current one included. It changes the split only when the same better
 in a row by at least `min_gain` predicted goodput, one role switch per change (through the Admin channel, like
 `pdserve role`: drained, no request lost), then waits `cooldown_s`. The conditional-disaggregation threshold of
 the winning split goes to the runtime policy with it. Every decision is logged; `counters` counts re-plans,
-changes and failures.
+changes and failures. Beside each prediction it logs what the router of its process measured over the same
+window (requests finished within both SLOs, router/slo_tally.py): the check on the model an operator can watch
+(`pdserve:adaptive_measured_goodput`). The decision itself is the model's.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from planner.plan import SLO, SplitPrediction, candidate_splits, poisson_workloa
 from planner.profile import EngineProfile
 from planner.simulate import Split, simulate
 from planner.step_model import StepShape
+from router.slo_tally import MeasuredSlo, SloTally, SloWindow
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +118,18 @@ class Decision:
     slowdown: float  # the instances' measured step time over the profile's for the same steps (1: as profiled)
     calibrated: bool  # whether the plan scaled the profile by it
     loop_overhead: float | None = None  # the serving loop's cycle over its step (logged, not planned with yet)
+    measured: MeasuredSlo | None = None  # the router's finished requests against the SLOs in the same window
+
+
+def measured_words(m: MeasuredSlo | None, tallied: bool) -> str:
+    """The log's account of what the router measured in the window, beside the prediction for the current split."""
+    if not tallied:
+        return "measured: none (no router in this process)"
+    if m is None or not m.counts.finished:
+        return "measured: no request finished in the window"
+    c = m.counts
+    return (f"measured {m.goodput_rps:.2f} req/s in SLO ({100 * m.attainment:.0f}% of {c.finished}; TTFT met "
+            f"{100 * c.ttft_met / c.finished:.0f}%, TPOT met {100 * c.tpot_met / c.finished:.0f}%)")
 
 
 MAX_SLOWDOWN = 20.0
@@ -168,6 +183,10 @@ class AdaptiveSplit:
         self.streak: tuple[Split | None, int] = (None, 0)
         self.quiet_until = 0.0
         self.last_decision: Decision | None = None
+        # NOTE: fed by the router of this process once attached (router_tally); a controller of several router
+        # processes has none, and its re-plans say so
+        self.tally: SloTally | None = None
+        self.slo_window = SloWindow()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="adaptive-split", daemon=True)
 
@@ -196,6 +215,12 @@ class AdaptiveSplit:
             if time.monotonic() >= next_plan:
                 next_plan = time.monotonic() + self.cfg.interval_s
 
+    def router_tally(self) -> SloTally:
+        """The tally the router of this process records its finished requests in, against this split's SLOs."""
+        if self.tally is None:
+            self.tally = SloTally(self.slo.ttft_s, self.slo.tpot_s)
+        return self.tally
+
     def current_split(self) -> Split:
         roles = dict(self.roles)
         prefill = sum(r == "prefill" for r in roles.values())
@@ -206,19 +231,24 @@ class AdaptiveSplit:
         roles = dict(self.roles)
         self.meter.observe(now, self.store.instance_stats(list(roles)), {i for i, r in roles.items() if r == "decode"})
         work = self.meter.window(now, self.cfg.window_s)
+        measured = None
+        if self.tally is not None:
+            self.slo_window.observe(now, self.tally.totals())
+            measured = self.slo_window.window(now, self.cfg.window_s)
         if not replan_now or work is None or work.requests < self.cfg.min_requests:
             return None
         current = self.current_split()
-        d = replan(self.profile, self.slo, work, current, self.cfg.calibrate_step_time)
+        d = dataclasses.replace(replan(self.profile, self.slo, work, current, self.cfg.calibrate_step_time),
+                                measured=measured)
         self.last_decision = d
         self.counters["replans"] += 1
         better = d.target != current and d.best.goodput_rps >= (1 + self.cfg.min_gain) * d.current.goodput_rps
         log.info("adaptive split: %.2f req/s, prompt %.0f (hit rate %.0f%%), output %.0f tokens, steps %.2fx the "
-                 "profile's%s, loop cycle %s its step: best %s (%.2f req/s in SLO) vs current %s (%.2f)",
+                 "profile's%s, loop cycle %s its step: best %s (%.2f req/s in SLO) vs current %s (%.2f); %s",
                  work.rate_rps, work.mean_prompt_tokens, 100 * work.prefix_hit_rate, work.mean_output_tokens,
                  d.slowdown, "" if d.calibrated else " (not applied)",
                  "?" if d.loop_overhead is None else f"{d.loop_overhead:.2f}x", d.target.name(), d.best.goodput_rps,
-                 current.name(), d.current.goodput_rps)
+                 current.name(), d.current.goodput_rps, measured_words(measured, self.tally is not None))
         target, count = self.streak
         self.streak = (d.target, count + 1 if target == d.target else 1) if better else (None, 0)
         if better and self.streak[1] >= self.cfg.patience and now >= self.quiet_until:

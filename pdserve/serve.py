@@ -61,6 +61,7 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
         router = await asyncio.to_thread(build_router, cfg, store, cluster.ray_namespace)
         server.attach(router)
         if adaptive is not None:
+            router.slo_tally = adaptive.router_tally()
             router.metrics.registry.register(AdaptiveCollector(adaptive))
         metrics = MetricsServer(router.metrics.registry, cfg.server.host, cfg.server.metrics_port)
         http = await start_http(cfg.server, router, cfg.server.http_port, cfg.auth.tls)

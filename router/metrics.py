@@ -68,24 +68,32 @@ class RouterMetrics:
 
 
 class RequestTimer:
-    """One request's timestamps: arrival, the last message sent."""
+    """One request's timestamps: arrival, its first message, the last message sent."""
 
-    __slots__ = ("first", "last", "metrics", "start")
+    __slots__ = ("first_at", "last", "metrics", "start")
 
     def __init__(self, metrics: RouterMetrics) -> None:
         self.metrics = metrics
         self.start = self.last = time.perf_counter()
-        self.first = True
+        self.first_at: float | None = None
 
     def sent(self) -> None:
         """A stream message went out: the first is TTFT, each later one an inter-token latency."""
         now = time.perf_counter()
-        if self.first:
+        if self.first_at is None:
             self.metrics.ttft.observe(now - self.start)
-            self.first = False
+            self.first_at = now
         else:
             self.metrics.itl.observe(now - self.last)
         self.last = now
 
     def finished(self) -> None:
         self.metrics.e2e.observe(self.last - self.start)
+
+    def ttft_tpot(self, tokens: int) -> tuple[float, float | None] | None:
+        """The finished request's TTFT and TPOT over its `tokens` output tokens (None: one token); None when
+        nothing was sent."""
+        if self.first_at is None:
+            return None
+        tpot = (self.last - self.first_at) / (tokens - 1) if tokens > 1 else None
+        return self.first_at - self.start, tpot

@@ -51,6 +51,7 @@ from router.placed_load import PlacedLoad
 from router.placement import NoInstanceError, Placement, place
 from router.request import prompt_ids, worker_error_status
 from router.shared_prefixes import SharedPrefixes
+from router.slo_tally import SloTally
 from router.wire import Undecodable, generate_input, refuse_undecodable, to_response
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,8 @@ class RouterService(pb_grpc.PDServeServicer):
         self.aborted_before_placement: set[str] = set()
         self._actors: dict[str, Any] = {}
         self.metrics = RouterMetrics(lambda: len(self.inflight), self._queued)  # its own registry
+        # finished requests against the adaptive split's SLOs, when one runs in this process (pdserve/serve.py)
+        self.slo_tally: SloTally | None = None
         self.admission = admission or AdmissionConfig()
         self.ttft = TTFTPredictor(self.admission)  # early rejection (router/admission.py)
         # admitted with a prediction: request -> (instance, class, prediction, when placed, prompt tokens to prefill)
@@ -203,6 +206,9 @@ class RouterService(pb_grpc.PDServeServicer):
                     yield out
             status = "OK"
             timer.finished()
+            measured = timer.ttft_tpot(generated)
+            if self.slo_tally is not None and measured is not None:
+                self.slo_tally.record(*measured)
         except RequestError as e:
             status = e.code.name
             raise

@@ -147,6 +147,7 @@ def test_long_prompts_move_an_instance_to_prefill(tmp_path: pathlib.Path) -> Non
             t_moved = time.monotonic() - load.start
             time.sleep(15)
             metrics = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+            log_lines = server.log.read_text().splitlines()
         finally:
             load.stop()
     long_before = [r for r in load.sent if r.phase == "long" and r.t < t_moved]
@@ -161,6 +162,10 @@ def test_long_prompts_move_an_instance_to_prefill(tmp_path: pathlib.Path) -> Non
               if s.name.startswith("pdserve:adaptive_")}
     assert values["pdserve:adaptive_changes_total"] >= 1 and values["pdserve:adaptive_change_failures_total"] == 0
     assert values["pdserve:adaptive_errors_total"] == 0 and values["pdserve:adaptive_step_slowdown"] > 0, values
+    # ...and beside its prediction what the router measured: requests finished within the SLOs in its window
+    assert 0 < values["pdserve:adaptive_measured_attainment"] <= 1 and values["pdserve:adaptive_measured_goodput"] > 0
+    plans = [line for line in log_lines if "adaptive split: " in line and " vs current " in line]
+    assert plans and all("; measured " in line and "% of " in line for line in plans[-3:]), plans[-3:]
     mismatches = [r.t for r in load.sent if r.ok and list(r.tokens) != hf_greedy(model, r.prompt, OUTPUT)]
     assert mismatches == [], f"{len(mismatches)} outputs differ from transformers (sent at {mismatches} s)"
     # Recovery: the long prompts sent from 2 s after the move on (the 15 s the test keeps the load up, so within

@@ -4,6 +4,7 @@ decisions against a real Redis and a real Admin channel (this test answers the c
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from pdserve.config import AdaptiveConfig
 from planner.plan import SLO
 from planner.simulate import Split
 from planner.step_model import StepShape
+from router.slo_tally import MeasuredSlo, SloCounts
 from tests.planner.test_simulate import profile
 
 
@@ -166,3 +168,48 @@ def test_replan_scales_the_profile_by_the_measured_step_time() -> None:
     assert measured_only.current == pytest.approx(as_profiled.current)
     assert unmeasured.slowdown == 1.0 and not unmeasured.calibrated and unmeasured.current == measured_only.current
     assert slower.current.goodput_rps < as_profiled.current.goodput_rps
+
+
+def test_each_replan_sets_the_routers_measured_slos_beside_its_prediction(store: MetadataStore, redis_url: str,
+                                                                          tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "profile.json"
+    profile(per_decode_seq_s=0.0005).save(path)
+    cfg = AdaptiveConfig(enabled=True, profile=str(path), slo_ttft_ms=2000, slo_tpot_ms=30, window_s=100,
+                         min_requests=5, patience=1000)
+    roles = {"decode-0": "decode", "decode-1": "decode"}
+    for iid in roles:
+        store.register(InstanceInfo(instance_id=iid, role="decode", address=iid, tp_size=1, block_size=16,
+                                    num_blocks=100, max_num_seqs=4))
+    channel = AdminChannel(redis_url, "adaptive")
+    untallied, ctl = AdaptiveSplit(cfg, store, channel, roles), AdaptiveSplit(cfg, store, channel, roles)
+    tally = ctl.router_tally()
+    assert ctl.router_tally() is tally and (tally.slo_ttft_s, tally.slo_tpot_s) == (2.0, 0.03)
+
+    def publish(t: int) -> None:
+        for iid in roles:
+            store.heartbeat(iid, Load(), rec(t, 400 * t, 20 * t))
+
+    publish(0)
+    assert ctl.tick(0.0) is None and untallied.tick(0.0) is None
+    for ttft, tpot in [(0.5, 0.01)] * 3 + [(2.5, 0.01), (0.5, 0.05), (0.5, None)]:
+        tally.record(ttft, tpot)  # what the router records as its requests finish
+    publish(10)
+    with caplog.at_level(logging.INFO, logger="pdserve.adaptive_split"):
+        d, plain = ctl.tick(10.0), untallied.tick(10.0)
+    assert d is not None and d.measured == MeasuredSlo(SloCounts(6, 5, 5, 4), 10.0)
+    assert plain is not None and plain.measured is None
+    lines = [r.getMessage() for r in caplog.records if "adaptive split: " in r.getMessage()]
+    assert lines[0].endswith("; measured 0.40 req/s in SLO (67% of 6; TTFT met 83%, TPOT met 83%)")
+    assert lines[1].endswith("; measured: none (no router in this process)")
+    registry, bare = CollectorRegistry(), CollectorRegistry()
+    registry.register(AdaptiveCollector(ctl))
+    bare.register(AdaptiveCollector(untallied))
+    assert registry.get_sample_value("pdserve:adaptive_measured_goodput") == pytest.approx(0.4)
+    assert registry.get_sample_value("pdserve:adaptive_measured_attainment") == pytest.approx(4 / 6)
+    assert bare.get_sample_value("pdserve:adaptive_measured_goodput") is None
+    publish(20)  # a window in which nothing finished at the router
+    with caplog.at_level(logging.INFO, logger="pdserve.adaptive_split"):
+        quiet = ctl.tick(20.0)
+    assert quiet is not None and quiet.measured == MeasuredSlo(SloCounts(6, 5, 5, 4), 20.0)
+    channel.close()

@@ -24,6 +24,7 @@ from metastore.store import IndexSnapshot
 from router.cluster_view import ClusterView
 from router.placement import Placement
 from router.service import RouterService
+from router.slo_tally import SloCounts, SloTally
 from router.wire import generate_input, to_response
 
 INFO = ModelInfo(model="/m", vocab_size=512, max_model_len=256, block_size=16, hash_salt="s",
@@ -180,6 +181,7 @@ def test_metrics_record_status_route_latencies_tokens_and_instances() -> None:
                                                      kv_transfer_bytes=4096)
     svc.view._next_stats = 0.0
     svc.view.refresh()
+    svc.slo_tally = SloTally(slo_ttft_s=1e-9, slo_tpot_s=60.0)  # as pdserve serve attaches the adaptive split's
     generate(svc, list(range(3, 103)), max_tokens=3)
     ctx = FakeContext()
     with pytest.raises(Aborted):
@@ -189,6 +191,8 @@ def test_metrics_record_status_route_latencies_tokens_and_instances() -> None:
     assert sample(svc, "pdserve:requests_by_route_total", route="remote_prefill") == 1
     assert sample(svc, "pdserve:requests_by_route_total", route="local_prefill") == 0
     assert sample(svc, "pdserve:time_to_first_token_seconds_count") == 1
+    # the finished request against the tally's SLOs (no TTFT meets 1 ns); the refused one is not counted
+    assert svc.slo_tally.totals() == SloCounts(finished=1, ttft_met=0, tpot_met=1, both_met=0)
     assert sample(svc, "pdserve:inter_token_latency_seconds_count") == 1
     assert sample(svc, "pdserve:e2e_request_latency_seconds_count") == 1
     assert sample(svc, "pdserve:placement_decision_seconds_count") == 1
