@@ -130,8 +130,8 @@ def warm_up(engine: LLMEngine, seed: int = 0) -> WarmupReport:
         report.dense_bucket = envs.PDSERVE_DENSE_PREFILL_BUCKET.get()
         report.dense_lengths = bucket_lengths(report.dense_bucket, dense_limit)
     # NOTE: logged before it runs: with padded dense lengths it takes seconds (11 s for the Llama-3-8B shape on an
-    # H200, 31 lengths up to 7,936 tokens, then not yet the 8,192 one), and an operator watching a start-up should
-    # see why
+    # H200 with a cold Triton cache: 31 lengths up to 7,936 tokens, measured before the 8,192 one was added), and
+    # an operator watching a start-up should see why
     log.info("engine warm-up: the step shapes%s", f" and one prompt of each of {len(report.dense_lengths)} padded "
              f"dense lengths up to {report.dense_lengths[-1]} tokens" if report.dense_lengths else "")
     engine.scheduler.schedule = _Recorder(engine, report)  # type: ignore[method-assign]

@@ -5,7 +5,7 @@ request meets any TPOT). The adaptive split (pdserve/adaptive_split.py) differen
 sets the measured goodput beside the one it predicted for the split that is serving.
 
 `record` runs on the router's event loop, `totals` in the adaptive split's thread: a lock keeps the four counts
-of one snapshot consistent (two integer additions under it, no I/O).
+of one snapshot consistent (four integer additions under it, no I/O).
 """
 
 from __future__ import annotations

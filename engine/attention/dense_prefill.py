@@ -8,7 +8,8 @@ engine/warmup.py). Padding at the end leaves causal attention's result as it was
 keys at or before its own position, all of them real, and the padded rows' outputs are dropped; only the kernel's
 rounding may differ (a longer sequence may be tiled differently). On by default at 256 tokens
 (`PDSERVE_DENSE_PREFILL_BUCKET`, engine/envs.py): on an H200 a new exact length cost 1.35x a seen one and a padded
-one 1.01x (bench/prefill_shape_cost.py, docs/performance.md "Dense prefill lengths padded to buckets").
+one 1.01x (bench/prefill_shape_cost.py, docs/performance.md, "Dense prefill padded to
+256-token buckets").
 
 This module imports only torch, so its arithmetic is tested on CPU (tests/engine/attention/test_dense_prefill_math.py).
 """
