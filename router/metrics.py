@@ -22,6 +22,7 @@ E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15
 DECISION_BUCKETS = (0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05)
 
 ROUTES = ("local_prefill", "remote_prefill", "migrated")
+FIRST_TOKEN_ROUTES = ("local_prefill", "remote_prefill")  # where the prompt was prefilled, as its first token left
 
 
 class RouterMetrics:
@@ -37,7 +38,9 @@ class RouterMetrics:
             "instance), remote_prefill (on a prefill instance, KV pulled), migrated (the stream moved)",
             ["route"], registry=r)
         self.ttft = Histogram("pdserve:time_to_first_token_seconds", "Time from the request's arrival to its "
-                              "first token sent", buckets=TTFT_BUCKETS, registry=r)
+                              "first token sent, by route: local_prefill (prefilled on its decode instance) or "
+                              "remote_prefill (on a prefill instance)", ["route"], buckets=TTFT_BUCKETS,
+                              registry=r)
         self.itl = Histogram("pdserve:inter_token_latency_seconds", "Time between two stream messages of a "
                              "request (a message may carry several tokens)", buckets=ITL_BUCKETS, registry=r)
         self.e2e = Histogram("pdserve:e2e_request_latency_seconds", "Time from arrival to the last message of "
@@ -65,6 +68,8 @@ class RouterMetrics:
             self.requests.labels(status)  # present at 0 from the start, so rate() works on the first request
         for route in ROUTES:
             self.requests_by_route.labels(route)
+        for route in FIRST_TOKEN_ROUTES:
+            self.ttft.labels(route)
 
 
 class RequestTimer:
@@ -77,11 +82,12 @@ class RequestTimer:
         self.start = self.last = time.perf_counter()
         self.first_at: float | None = None
 
-    def sent(self) -> None:
-        """A stream message went out: the first is TTFT, each later one an inter-token latency."""
+    def sent(self, remote_prefill: bool = False) -> None:
+        """A stream message went out: the first is TTFT (by where its prompt was prefilled), each later one an
+        inter-token latency."""
         now = time.perf_counter()
         if self.first_at is None:
-            self.metrics.ttft.observe(now - self.start)
+            self.metrics.ttft.labels(FIRST_TOKEN_ROUTES[remote_prefill]).observe(now - self.start)
             self.first_at = now
         else:
             self.metrics.itl.observe(now - self.last)

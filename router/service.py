@@ -201,7 +201,7 @@ class RouterService(pb_grpc.PDServeServicer):
             # releases the slot and aborts the request on the workers, rather than whenever it is collected
             async with contextlib.aclosing(self._generate(inp)) as items:
                 async for out in items:
-                    timer.sent()
+                    timer.sent(out.routing is not None and out.routing.disaggregated)
                     generated += len(out.token_ids)
                     yield out
             status = "OK"

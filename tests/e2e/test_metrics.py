@@ -42,7 +42,9 @@ def test_bench_run_shows_in_the_scrape_and_in_status(tmp_path: pathlib.Path,
     with serve(tmp_path, models["llama"]) as srv:
         assert srv.metrics_url.startswith("http://127.0.0.1:") and srv.metrics_url.endswith("/metrics")
         before = scrape(srv.metrics_url)
-        assert value(before, "pdserve:time_to_first_token_seconds", "pdserve:time_to_first_token_seconds_count") == 0
+        for route in ("local_prefill", "remote_prefill"):  # present at 0 before any request
+            assert value(before, "pdserve:time_to_first_token_seconds", "pdserve:time_to_first_token_seconds_count",
+                         route=route) == 0
         # prompts over placement.max_local_prefill_tokens (32): prefilled on the prefill instance, KV pulled
         run = bench(srv.target, tmp_path / "bench", "--num-requests", str(N), "--rate", "8", "--input-len",
                     "fixed:64", "--output-len", "fixed:8")["runs"][0]
@@ -61,7 +63,8 @@ def test_bench_run_shows_in_the_scrape_and_in_status(tmp_path: pathlib.Path,
             time.sleep(0.5)
         assert sum(v or 0 for v in moved) > 0, m.get("pdserve:kv_transfer_bytes")
         ttft = "pdserve:time_to_first_token_seconds"
-        assert value(m, ttft, f"{ttft}_count") == N
+        remote = value(m, ttft, f"{ttft}_count", route="remote_prefill")
+        assert remote == disaggregated and remote + value(m, ttft, f"{ttft}_count", route="local_prefill") == N
         assert value(m, "pdserve:e2e_request_latency_seconds", "pdserve:e2e_request_latency_seconds_count") == N
         assert value(m, "pdserve:inter_token_latency_seconds", "pdserve:inter_token_latency_seconds_count") > 0
         assert value(m, "pdserve:requests", "pdserve:requests_total", status="OK") == N

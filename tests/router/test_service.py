@@ -190,7 +190,8 @@ def test_metrics_record_status_route_latencies_tokens_and_instances() -> None:
     assert sample(svc, "pdserve:requests_total", status="INVALID_ARGUMENT") == 1
     assert sample(svc, "pdserve:requests_by_route_total", route="remote_prefill") == 1
     assert sample(svc, "pdserve:requests_by_route_total", route="local_prefill") == 0
-    assert sample(svc, "pdserve:time_to_first_token_seconds_count") == 1
+    assert sample(svc, "pdserve:time_to_first_token_seconds_count", route="remote_prefill") == 1
+    assert sample(svc, "pdserve:time_to_first_token_seconds_count", route="local_prefill") == 0
     # the finished request against the tally's SLOs (no TTFT meets 1 ns); the refused one is not counted
     assert svc.slo_tally.totals() == SloCounts(finished=1, ttft_met=0, tpot_met=1, both_met=0)
     assert sample(svc, "pdserve:inter_token_latency_seconds_count") == 1
@@ -223,11 +224,15 @@ def test_aborted_prefill_ends_the_request_with_reason() -> None:
 
 def test_short_prompt_runs_locally() -> None:
     decode = FakeActor(deltas=[StreamDelta([5], "", finished=True, finish_reason="stop", cached_tokens=16)])
-    out = generate(service({"d0": decode}), list(range(3, 23)))
+    svc = service({"d0": decode})
+    out = generate(svc, list(range(3, 23)))
     assert not out[-1].routing.disaggregated and out[-1].routing.cached_tokens == 16
     assert out[-1].routing.reason.startswith("local: 20 uncached tokens")
     (_, _, _, kv_handle, _, _), = decode.generate.calls
     assert kv_handle is None
+    # its one message was its first token: a local prefill's TTFT
+    assert sample(svc, "pdserve:time_to_first_token_seconds_count", route="local_prefill") == 1
+    assert sample(svc, "pdserve:time_to_first_token_seconds_count", route="remote_prefill") == 0
 
 
 @pytest.mark.parametrize(("cause", "code"), [
