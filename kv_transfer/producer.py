@@ -46,10 +46,12 @@ class KVProducer(KVConnector):
         self.leases: dict[str, float] = {}  # request id -> deadline (monotonic) of its held blocks
         self.streams: dict[str, KVReader] = {}  # request id -> the reader its KV progress goes to, until finished
         self.abandoned: set[str] = set()  # streamed requests whose reader released them before they finished
-        self.notifier: StreamNotifier | None = None  # made on the first stream
         self.counters: Counter[str] = Counter()
         for name in ("released", "release_after_free", "streams_abandoned", "bad_messages", "ack_send_failures"):
             self.counters[name] += 0  # NOTE: keys the release thread counts: inserted now, not while read elsewhere
+        # NOTE: made now, not on the first stream: its NIXL agent and UCX worker take tens of ms to create (more
+        # on a busy host), and on the first request that was the step loop's time, held by the first prompt
+        self.notifier = StreamNotifier(self.engine_id, self.agent.mem_type == "VRAM", self.counters)
         self._lock = threading.Lock()  # leases, streams, abandoned, _released: the step loop and the release thread
         self._released: list[str] = []  # released by their readers since the last poll
         self._wake = threading.Event()
@@ -60,8 +62,6 @@ class KVProducer(KVConnector):
     def stream_to(self, request_id: str, reader: object) -> None:
         if not isinstance(reader, KVReader):
             raise ValueError(f"a KV reader must be a KVReader, not {type(reader).__name__}")
-        if self.notifier is None:
-            self.notifier = StreamNotifier(self.engine_id, self.agent.mem_type == "VRAM", self.counters)
         with self._lock:
             self.streams[request_id] = reader
         self.counters["streams"] += 1
@@ -79,7 +79,6 @@ class KVProducer(KVConnector):
                                                 request.num_prompt_tokens).encode())
         if not targets:
             return None
-        assert self.notifier is not None
         return LayerSignal(self.notifier, self.engine_id, targets, self.descriptors[0].num_layer_groups,
                            self.agent.mem_type == "VRAM")
 
@@ -115,7 +114,6 @@ class KVProducer(KVConnector):
             self.counters["aborted_held"] += 1
 
     def _send(self, reader: KVReader, message: bytes) -> None:
-        assert self.notifier is not None
         self.notifier.send(reader, message)
 
     def poll(self) -> KVConnectorEvents:
@@ -183,5 +181,4 @@ class KVProducer(KVConnector):
         self._stop.set()
         self._wake.set()
         self._server.join(timeout=10)
-        if self.notifier is not None:
-            self.notifier.close()
+        self.notifier.close()
