@@ -108,8 +108,8 @@ def warm_up(engine: LLMEngine, seed: int = 0) -> WarmupReport:
     limit = min(cfg.max_num_batched_tokens, cfg.max_model_len - 8)
     ids = iter(range(1_000_000))
 
-    def prompt(n: int) -> list[int]:
-        return [rng.randrange(MIN_TOKEN, vocab) for _ in range(max(1, min(n, cfg.max_model_len - 8)))]
+    def prompt(n: int, limit: int = cfg.max_model_len - 8) -> list[int]:
+        return [rng.randrange(MIN_TOKEN, vocab) for _ in range(max(1, min(n, limit)))]
 
     def add(tokens: list[int], max_tokens: int = 3) -> None:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
@@ -159,7 +159,7 @@ def warm_up(engine: LLMEngine, seed: int = 0) -> WarmupReport:
             add(prompt(40))
             run()
         for n in report.dense_lengths:  # a lone prompt of each padded dense length: SDPA builds its plans now
-            add([rng.randrange(MIN_TOKEN, vocab) for _ in range(min(n, dense_limit))], max_tokens=1)
+            add(prompt(n, dense_limit), max_tokens=1)
             run()
     finally:
         del engine.scheduler.schedule  # the instance attribute: back to the class's method
