@@ -16,6 +16,7 @@
     abort of any other request                     ─────►  request_aborted(id)
     the source of a loading request failed         ─────►  source_lost(id)
     ... or finished (its hand-off came another way) ─────►  source_ready(id, source)
+    instances of the other role joined (the router) ─────►  meet(peers): learn them and connect, off any request
 
 Layer-wise streaming (the prefill role):
     add_request(..., kv_reader=R)                  ─────►  stream_to(id, R): tell R how the prompt's KV grows
@@ -125,6 +126,13 @@ class KVConnector(ABC):
     def drop_held(self, request_id: str) -> None:
         """A request whose blocks were held was aborted: the engine freed them; forget it."""
         return None
+
+    def meet(self, peers: list[Any]) -> int:
+        """Instances this one may exchange KV with (their endpoints, e.g. kv_transfer's KVEndpoint), introduced
+        before any request between them: load what the first request would need of them (their metadata, a
+        connection) now, so it does not wait for it. Returns how many were new here. Never raises for a peer
+        that cannot be met: the first request then meets it itself."""
+        return 0
 
     def source_ready(self, request_id: str, source: Any) -> None:
         """Someone outside (the router) has the finished source of a loading request (e.g. the KVHandle of a

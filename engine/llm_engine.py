@@ -162,6 +162,10 @@ class LLMEngine:
         if self.remote is not None:
             self.remote.connector.source_ready(request_id, source)
 
+    def meet_kv_peers(self, peers: list[Any]) -> int:
+        """Instances of the other role this one may exchange KV with (KVConnector.meet): how many were new."""
+        return self.remote.connector.meet(peers) if self.remote is not None else 0
+
     def kv_source_lost(self, request_id: str) -> None:
         """The prefill instance computing a loading request's prompt failed (its router saw it): the request is
         prefilled here instead (a failed load, logged and counted)."""

@@ -57,6 +57,11 @@ class InstanceActor:
     async def kv_endpoint(self) -> KVEndpoint:
         return await asyncio.wrap_future(self.worker.kv_endpoint())
 
+    async def meet(self, peers: list[KVEndpoint]) -> int:
+        """Instances of the other role this one may exchange KV with, introduced by a router before any request
+        between them (router/introductions.py): how many were new here."""
+        return await asyncio.wrap_future(self.worker.meet(peers))
+
     def role(self) -> str:
         return self.worker.role
 

@@ -117,6 +117,12 @@ class InstanceWorker:
 
         return self.loop.call(read)
 
+    def meet(self, peers: list[KVEndpoint]) -> Future[int]:
+        """Learn and connect to instances of the other role (LLMEngine.meet_kv_peers), on the loop thread, which
+        owns the connector. NOTE: it takes that thread for a few ms a new peer: the time the first request
+        between the two would otherwise have spent on it, on the same thread."""
+        return self.loop.call(self.engine.meet_kv_peers, peers)
+
     def abort(self, request_id: str) -> Future[None]:
         return self.loop.call(self.engine.abort_request, request_id)
 

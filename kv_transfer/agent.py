@@ -14,7 +14,7 @@ import os
 import shutil
 import socket
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -36,6 +36,13 @@ from kv_transfer.transports import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class Met(NamedTuple):
+    """What TransferAgent.meet did on one rank."""
+
+    new: int  # peers prepared now
+    failed: int  # peers it could not prepare (their first read tries again)
 
 
 class TransferAgent:
@@ -111,6 +118,35 @@ class TransferAgent:
     def know(self, desc: AgentDescriptor) -> None:
         """Load a peer's metadata now (e.g. to send it notifications before reading from it)."""
         self._peer(desc)
+
+    def meet(self, holder: list[AgentDescriptor]) -> Met:
+        """Before any read: ready what a read of the holder's agents (all its TP ranks) needs on this rank: the
+        same-host mapping of each one it would copy locally, else its metadata and a UCX connection. What fails
+        is logged (and counted by the caller) and left to the first read."""
+        new = failed = 0
+        try:
+            check_compatible(self.descriptor, holder[0])
+            chosen = sources(self.descriptor, holder)
+        except Exception as e:  # NOTE: the first read reports it as the request's error
+            log.warning("cannot prepare reads from %s: %s: %s", holder[0].agent_name, type(e).__name__, e)
+            return Met(0, 1)
+        for remote in chosen:
+            if remote.agent_name in self.peers or remote.agent_name in self.local_peers.peers:
+                continue
+            new += 1
+            peer = self.local_peers.get(remote)
+            if peer is not None:
+                if peer.whole_units and len(holder) == 1:  # as _post does after a read: checked compatible above
+                    self.local_peers.direct[remote.agent_name] = peer
+                continue
+            try:
+                with quiet_stdout():
+                    self.agent.make_connection(self._peer(remote))
+            except Exception as e:
+                failed += 1
+                log.warning("could not connect to %s ahead of its first read: %s: %s", remote.agent_name,
+                            type(e).__name__, e)
+        return Met(new, failed)
 
     def add_peer_metadata(self, agent_name: str, metadata_b64: str) -> None:
         """Learn a peer from its metadata alone (to send it notifications)."""

@@ -22,7 +22,7 @@ from kv_transfer.agent import TransferAgent
 from kv_transfer.config import TransferConfig
 from kv_transfer.descriptor import AgentDescriptor
 from kv_transfer.errors import KVReleasedError, KVTransferError, PeerGoneError, TransferTimeoutError
-from kv_transfer.handle import KVHandle, KVReader, StreamedKV
+from kv_transfer.handle import KVEndpoint, KVHandle, KVReader, StreamedKV
 from kv_transfer.messages import ReleaseRequest, StreamBlocks, StreamProgress, decode_message
 from kv_transfer.read_state import ReadStatus
 
@@ -125,6 +125,31 @@ class KVConsumer(KVConnector):
                 self._send_release(pull)  # the holder may free its copy now (or drop the stream)
                 self._flush_until = time.monotonic() + FLUSH_S  # NOTE: no ack is awaited: progress the send
         return request_id not in self.unsettled
+
+    def meet(self, peers: list[Any]) -> int:
+        """Ready reads from these holders (KVEndpoint) before any request needs them: every rank maps or
+        connects to the holder's agents it would read from (TransferAgent.meet), and rank 0 learns the holder's
+        rank-0 agent, where releases go. Counted: `peers_met`, `meet_failures`."""
+        new = 0
+        for peer in peers:
+            if not isinstance(peer, KVEndpoint) or not peer.agents:
+                raise ValueError(f"a KV peer must be a KVEndpoint with agents, not {peer!r}")
+            if peer.engine_id == self.engine_id:
+                continue
+            met = self.ranks.call(TransferAgent.meet, peer.agents)
+            self.counters["meet_failures"] += sum(m.failed for m in met)
+            try:
+                self.agent.know(peer.agents[0])
+            except Exception as e:  # NOTE: start_load tries again and fails the request if it must
+                self.counters["meet_failures"] += 1
+                log.warning("could not load the metadata of %s: %s: %s", peer.agents[0].agent_name,
+                            type(e).__name__, e)
+            if any(m.new for m in met):
+                new += 1
+                self.counters["peers_met"] += 1
+        if new:
+            self._flush_until = time.monotonic() + FLUSH_S  # NOTE: a connection completes while the agent progresses
+        return new
 
     def source_ready(self, request_id: str, source: Any) -> None:
         pull = self.pulls.get(request_id)

@@ -16,16 +16,17 @@ loop. NOTE: the acknowledgement may say "held" before the blocks are freed, neve
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from engine.kv_connector import KVConnector, KVConnectorEvents, KVRanks, LayerHook
 from engine.request import Request
 from kv_transfer.config import TransferConfig
 from kv_transfer.descriptor import AgentDescriptor
-from kv_transfer.handle import KVHandle, KVReader
+from kv_transfer.handle import KVEndpoint, KVHandle, KVReader
 from kv_transfer.messages import ReleaseAck, ReleaseRequest, StreamBlocks, StreamProgress, decode_message
 from kv_transfer.stream import LayerSignal, StreamNotifier
 
@@ -47,17 +48,39 @@ class KVProducer(KVConnector):
         self.streams: dict[str, KVReader] = {}  # request id -> the reader its KV progress goes to, until finished
         self.abandoned: set[str] = set()  # streamed requests whose reader released them before they finished
         self.counters: Counter[str] = Counter()
-        for name in ("released", "release_after_free", "streams_abandoned", "bad_messages", "ack_send_failures"):
+        for name in ("released", "release_after_free", "streams_abandoned", "bad_messages", "ack_send_failures",
+                     "meet_failures"):
             self.counters[name] += 0  # NOTE: keys the release thread counts: inserted now, not while read elsewhere
         # NOTE: made now, not on the first stream: its NIXL agent and UCX worker take tens of ms to create (more
         # on a busy host), and on the first request that was the step loop's time, held by the first prompt
         self.notifier = StreamNotifier(self.engine_id, self.agent.mem_type == "VRAM", self.counters)
         self._lock = threading.Lock()  # leases, streams, abandoned, _released: the step loop and the release thread
         self._released: list[str] = []  # released by their readers since the last poll
+        self._met: set[str] = set()  # readers introduced (meet), by agent name
+        self._meet: queue.SimpleQueue[KVReader] = queue.SimpleQueue()  # for the release thread to learn
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._server = threading.Thread(target=self._serve_releases, name="kv-release-server", daemon=True)
         self._server.start()
+
+    def meet(self, peers: list[Any]) -> int:
+        """Ready sends to these readers (KVEndpoint) before any request needs them: the stream notifier loads
+        each one's metadata and connects to it, and the release thread learns it (where its acknowledgements
+        go), each on its own thread, off this (the step loop's) one. Counted: `peers_met`."""
+        new = []
+        for peer in peers:
+            if not isinstance(peer, KVEndpoint):
+                raise ValueError(f"a KV peer must be a KVEndpoint, not {type(peer).__name__}")
+            if peer.engine_id != self.engine_id and peer.reader.agent_name not in self._met:
+                self._met.add(peer.reader.agent_name)
+                new.append(peer.reader)
+        for reader in new:
+            self.notifier.meet(reader)
+            self._meet.put(reader)
+        if new:
+            self.counters["peers_met"] += len(new)
+            self._wake.set()
+        return len(new)
 
     def stream_to(self, request_id: str, reader: object) -> None:
         if not isinstance(reader, KVReader):
@@ -139,6 +162,7 @@ class KVProducer(KVConnector):
                 time.sleep(RELEASE_POLL_S)
             elif self._wake.wait(IDLE_POLL_S):
                 self._wake.clear()
+            self._learn_readers()
             try:
                 messages = self.agent.receive()
             except Exception as e:  # NOTE: never end the thread: the readers time out and fall back
@@ -149,6 +173,20 @@ class KVProducer(KVConnector):
                 continue
             for _sender, raw in messages:
                 self._release(raw)
+
+    def _learn_readers(self) -> None:
+        """The readers `meet` introduced: their metadata, so that an acknowledgement to one needs no load."""
+        while True:
+            try:
+                reader = self._meet.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self.agent.add_peer_metadata(reader.agent_name, reader.metadata_b64)
+            except Exception as e:  # NOTE: the reader's release carries its metadata again
+                self.counters["meet_failures"] += 1
+                log.warning("could not load the metadata of reader %s: %s: %s", reader.agent_name,
+                            type(e).__name__, e)
 
     def _release(self, raw: bytes) -> None:
         """Answer one reader's release (on the release thread)."""

@@ -41,6 +41,11 @@ class _Send:
     after: Any = None  # a torch.cuda.Event the message waits for, or None
 
 
+@dataclass(frozen=True)
+class _Meet:
+    reader: KVReader
+
+
 class StreamNotifier:
     def __init__(self, engine_id: str, progress_thread: bool, counters: Counter[str] | None = None) -> None:
         """`progress_thread`: NIXL's (a GPU worker: cores to spare); without it this thread progresses the agent
@@ -53,15 +58,19 @@ class StreamNotifier:
             self.agent = nixl_agent(f"{engine_id}-stream-{os.getpid()}", nixl_agent_config(
                 enable_prog_thread=progress_thread, backends=["UCX"]))
         self.counters: Counter[str] = Counter() if counters is None else counters
-        for name in ("stream_messages_sent", "stream_send_failures"):
+        for name in ("stream_messages_sent", "stream_send_failures", "meet_failures"):
             self.counters[name] += 0  # NOTE: no key inserted later, while another thread may copy the counter
         self._peers: dict[str, str] = {}
-        self._queue: queue.SimpleQueue[_Send | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Send | _Meet | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="kv-stream-notifier", daemon=True)
         self._thread.start()
 
     def send(self, reader: KVReader, message: bytes, after: Any = None) -> None:
         self._queue.put(_Send(reader, message, after))
+
+    def meet(self, reader: KVReader) -> None:
+        """Load the reader's metadata and connect to it now, before the first message to it."""
+        self._queue.put(_Meet(reader))
 
     def close(self) -> None:
         self._queue.put(None)
@@ -84,19 +93,35 @@ class StreamNotifier:
             if item is None:
                 return
             period = None if self.progress_thread else PROGRESS_PERIOD_S
+            if isinstance(item, _Meet):
+                self._meet(item.reader)
+                continue
             try:
                 if item.after is not None:
                     item.after.synchronize()
-                peer = self._peers.get(item.reader.agent_name)
-                if peer is None:
-                    raw = self.agent.add_remote_agent(base64.b64decode(item.reader.metadata_b64))
-                    peer = self._peers[item.reader.agent_name] = raw.decode() if isinstance(raw, bytes) else str(raw)
-                self.agent.send_notif(peer, item.message)
+                self.agent.send_notif(self._peer(item.reader), item.message)
                 self.counters["stream_messages_sent"] += 1
             except Exception as e:  # NOTE: the reader times out or is told by its router; this side goes on
                 self.counters["stream_send_failures"] += 1
                 log.warning("could not send a KV stream message to %s: %s: %s", item.reader.agent_name,
                             type(e).__name__, e)
+
+    def _peer(self, reader: KVReader) -> str:
+        peer = self._peers.get(reader.agent_name)
+        if peer is None:
+            raw = self.agent.add_remote_agent(base64.b64decode(reader.metadata_b64))
+            peer = self._peers[reader.agent_name] = raw.decode() if isinstance(raw, bytes) else str(raw)
+        return peer
+
+    def _meet(self, reader: KVReader) -> None:
+        if reader.agent_name in self._peers:
+            return
+        try:
+            self.agent.make_connection(self._peer(reader))
+        except Exception as e:  # NOTE: the first message tries again (and counts a failed send if it must)
+            self.counters["meet_failures"] += 1
+            log.warning("could not connect to KV reader %s ahead of its first message: %s: %s", reader.agent_name,
+                        type(e).__name__, e)
 
 
 class LayerSignal:

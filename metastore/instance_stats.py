@@ -38,6 +38,8 @@ class InstanceStatsRecord:
     kv_streams: int = 0  # prompts whose KV progress was streamed to a reader (prefill; counter)
     kv_stream_messages_sent: int = 0  # stream messages sent to readers (prefill; counter)
     kv_stream_send_failures: int = 0  # stream messages that could not be sent (prefill; counter)
+    kv_peers_met: int = 0  # instances of the other role introduced before a request between them (counter)
+    kv_meet_failures: int = 0  # ... that could not be prepared then (their first request does it; counter)
     computed_tokens: int = 0  # tokens its forwards computed (counter)
     compute_seconds: float = 0.0  # wall time of the steps that computed them (counter): the measured token rate
     # what those steps computed, in the planner's step-model terms (counters; engine/step_work.py)

@@ -154,6 +154,7 @@ class InstancePublisher:
             kv_ack_wait_seconds=kv.get("ack_wait_us", 0) / 1e6, kv_streams=kv.get("streams", 0),
             kv_stream_messages_sent=kv.get("stream_messages_sent", 0),
             kv_stream_send_failures=kv.get("stream_send_failures", 0),
+            kv_peers_met=kv.get("peers_met", 0), kv_meet_failures=kv.get("meet_failures", 0),
             computed_tokens=c.work.tokens, compute_seconds=c.work.seconds, work_steps=c.work.steps,
             work_prefill_tokens=c.work.prefill_tokens, work_prefill_pairs=c.work.prefill_pairs,
             work_decode_seqs=c.work.decode_seqs, work_decode_context=c.work.decode_context,

@@ -216,6 +216,7 @@ async def serve_router(cfg: ServingConfig, cluster: ClusterInfo, port: int, pare
         bound = await server.start(port)
         router = await asyncio.to_thread(build_router, cfg, store, cluster.ray_namespace)
         server.attach(router)
+        await router.introductions.start()
         metrics = MetricsServer(router.metrics.registry, cfg.server.host, metrics_port)
         http = await start_http(cfg.server, router, http_port, cfg.auth.tls)
         log.info("router pid %d serving on %s:%d, metrics on %s", os.getpid(), cfg.server.host, bound, metrics.url)

@@ -60,6 +60,7 @@ async def serve(cfg: ServingConfig, stop: asyncio.Event | None = None,
         adaptive = start_adaptive(cfg.adaptive, cluster.redis_url, cfg.metastore.namespace, store, cluster.roles)
         router = await asyncio.to_thread(build_router, cfg, store, cluster.ray_namespace)
         server.attach(router)
+        await router.introductions.start()  # NOTE: before the ready line: the first request finds its pair met
         if adaptive is not None:
             router.slo_tally = adaptive.router_tally()
             router.metrics.registry.register(AdaptiveCollector(adaptive))

@@ -90,6 +90,10 @@ _COUNTERS = (
      "kv_stream_messages_sent"),
     ("pdserve:kv_stream_send_failures", "KV stream messages that could not be sent (prefill instances)",
      "kv_stream_send_failures"),
+    ("pdserve:kv_peers_met", "Instances of the other role introduced to this one before a request between them",
+     "kv_peers_met"),
+    ("pdserve:kv_meet_failures", "Introduced instances this one could not prepare for (metadata, a connection): "
+     "their first request does it", "kv_meet_failures"),
     ("pdserve:tp_group_restarts", "Restarts of the instance's TP group (every rank) after a lost rank",
      "tp_group_restarts"),
 )

@@ -46,6 +46,7 @@ from router.cluster_view import ClusterState, ClusterView
 from router.generation import GenerateInput, Output, RequestError, delta_logprobs, final_output, routing_of
 from router.health import InstanceHealth
 from router.instance_metrics import InstanceCollector, loads_response
+from router.introductions import Introductions
 from router.metrics import RequestTimer, RouterMetrics
 from router.placed_load import PlacedLoad
 from router.placement import NoInstanceError, Placement, place
@@ -101,8 +102,10 @@ class RouterService(pb_grpc.PDServeServicer):
         self.ttft = TTFTPredictor(self.admission)  # early rejection (router/admission.py)
         # admitted with a prediction: request -> (instance, class, prediction, when placed, prompt tokens to prefill)
         self.predicted: dict[str, tuple[str, Priority, Prediction, float, int]] = {}
+        self.introductions = Introductions(self)  # started by the server once attached (pdserve/router_process.py)
         self.metrics.registry.register(InstanceCollector(view, self.health, {
-            "recovery": self.counters, "breakers": self.health.counters, "cluster_view": view.counters}))
+            "recovery": self.counters, "breakers": self.health.counters, "cluster_view": view.counters,
+            "introductions": self.introductions.counters}))
         self.access = access or AccessControl()  # API keys and per-key limits (router/access.py); default: open
         self.access.register(self.metrics.registry)
 
@@ -112,7 +115,8 @@ class RouterService(pb_grpc.PDServeServicer):
             return sum(p is None for p in self.inflight.values()) + len(self.load.prefill_pending)
 
     def close(self) -> None:
-        """Stop following Redis (the view's thread, the API keys' thread)."""
+        """Stop following Redis (the view's thread, the API keys' thread) and introducing instances."""
+        self.introductions.stop()
         self.view.close()
         self.access.close()
 

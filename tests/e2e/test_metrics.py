@@ -42,6 +42,19 @@ def test_bench_run_shows_in_the_scrape_and_in_status(tmp_path: pathlib.Path,
     with serve(tmp_path, models["llama"]) as srv:
         assert srv.metrics_url.startswith("http://127.0.0.1:") and srv.metrics_url.endswith("/metrics")
         before = scrape(srv.metrics_url)
+        # every prefill/decode pair introduced before the first request (router/introductions.py); NOTE: one
+        # registering after the router's first round is met by the next, within a second
+        roles = [i.role for i in srv.stub.GetLoads(pb.GetLoadsRequest()).instances]
+        pairs = roles.count("prefill") * roles.count("decode")
+        deadline = time.monotonic() + 10
+        while (value(before, "pdserve:router_events", "pdserve:router_events_total", component="introductions",
+                     event="pairs") != pairs and time.monotonic() < deadline):
+            time.sleep(0.2)
+            before = scrape(srv.metrics_url)
+        assert pairs >= 1 and value(before, "pdserve:router_events", "pdserve:router_events_total",
+                                    component="introductions", event="pairs") == pairs
+        assert value(before, "pdserve:router_events", "pdserve:router_events_total", component="introductions",
+                     event="failures") == 0
         for route in ("local_prefill", "remote_prefill"):  # present at 0 before any request
             assert value(before, "pdserve:time_to_first_token_seconds", "pdserve:time_to_first_token_seconds_count",
                          route=route) == 0
@@ -79,6 +92,10 @@ def test_bench_run_shows_in_the_scrape_and_in_status(tmp_path: pathlib.Path,
             total = value(m, "pdserve:kv_cache_total_blocks", "pdserve:kv_cache_total_blocks", instance=iid)
             assert usage is not None and 0 <= usage <= 1 and total and total > 0
             assert value(m, "pdserve:instance_state", "pdserve:instance_state", instance=iid, state="serving") == 1
+            # each met the instances of the other role once, and prepared for all of them
+            others = sum(r != role for r in instances.values())
+            assert value(m, "pdserve:kv_peers_met", "pdserve:kv_peers_met_total", instance=iid) == others
+            assert value(m, "pdserve:kv_meet_failures", "pdserve:kv_meet_failures_total", instance=iid) == 0
         steps = value(m, "pdserve:engine_steps", "pdserve:engine_steps_total", instance="decode-0")
         assert steps and steps > 0
 

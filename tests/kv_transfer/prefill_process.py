@@ -16,6 +16,7 @@ def _serve(conn: Connection, model: str, engine_kwargs: dict[str, Any], cfg_kwar
 
     from engine import EngineConfig, LLMEngine, SamplingParams
     from kv_transfer import KVProducer, NixlConnectorSpec, TransferConfig
+    from kv_transfer.handle import KVEndpoint, KVReader
 
     torch.set_num_threads(1)
     engine = LLMEngine(EngineConfig(model=model, **engine_kwargs),
@@ -61,6 +62,12 @@ def _serve(conn: Connection, model: str, engine_kwargs: dict[str, Any], cfg_kwar
             conn.send(finished.pop(rid, "not finished"))
         elif cmd == "agents":
             conn.send(producer.descriptors)
+        elif cmd == "endpoint":  # as InstanceWorker.kv_endpoint gives it
+            agent = engine.kv_ranks.local
+            conn.send(KVEndpoint("prefill", list(producer.descriptors),
+                                 KVReader(agent.name, agent.partial_metadata_b64())))
+        elif cmd == "meet":
+            conn.send(engine.meet_kv_peers(args[0]))
         elif cmd == "slow_layers":  # each decoder layer sleeps this long first: a prefill slow enough to catch
             delay = args[0]  # between layer groups (the forward itself is unchanged)
             for layer in engine.executor.runner.model.layers:
