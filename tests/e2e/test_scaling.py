@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from tests.e2e.serve_process import ROOT, Server, serve
+from tests.e2e.test_metrics import scrape, value
 from tests.model_factory import hf_greedy, random_prompts
 
 pytestmark = pytest.mark.slow
@@ -130,6 +131,12 @@ def test_scale_and_role_flips_under_load(tmp_path: pathlib.Path, models: dict[st
         assert load.failures == [], load.failures
         assert load.mismatches == [], load.mismatches
         assert load.sent >= 20 and load.remote >= 1, (load.sent, load.remote)
+        # pairs that appeared with the new instances and the role flips were introduced too (the first pair before
+        # the ready line, (prefill-1, decode-0) at least while decode-1 started); NOTE: not an exact count: a shape
+        # that lasts under the router's 1 s round may be missed
+        m = scrape(server.metrics_url)
+        assert value(m, "pdserve:router_events", "pdserve:router_events_total", component="introductions",
+                     event="pairs") >= 2
         server.wait_idle()
         # refused with a clear error, and nothing changes
         done = pdserve(server, "scale", "--target", server.target, "--decode", "0")
