@@ -11,7 +11,10 @@ second prediction is calibrated: the profile's step times scaled by the measured
 steps' wall time over what the profile predicts for the same steps, from the router's per-instance counters;
 `pdserve.adaptive_split.step_slowdown`), as the adaptive split calibrates itself at runtime, and the
 transfer's fixed part raised to the router's measured mean KV hand-off
-(`pdserve:kv_handoff_seconds`) less the profiled per-block time.
+(`pdserve:kv_handoff_seconds`) less the profiled per-block time. "From first" is what `pdserve plan
+--calibrate-from` would have predicted for each split from the first split's running cluster: the profile
+scaled by the slowdown measured there (a prediction for every split but the first, not a fit to its own run).
+`--requests-json` writes every request's measured and calibrated simulated TTFT and TPOT.
 """
 
 from __future__ import annotations
@@ -27,14 +30,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from small_cluster import ROOT, small_cluster  # bench/, the script's folder
 
-from engine.step_work import StepWork
 from pdserve.adaptive_split import step_slowdown
 from pdserve.config import load_config
 from pdserve.dummy_model import write_dummy_model
+from pdserve.measured_work import metric_samples, total, work_from_samples
 from planner.profile import EngineProfile, profile_engine
 from planner.simulate import Arrival, Split, simulate
 
@@ -67,40 +69,28 @@ def measure(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
         subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True, timeout=1800)
         text = urllib.request.urlopen(ready.metrics_urls[0], timeout=10).read().decode()
     run = json.loads((out / name / "results.json").read_text())["runs"][0]
-    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    samples = metric_samples(text)
     return {"split": split, "summary": run["summary"], "requests": run["requests"],
-            "work": measured_work(samples), "handoff_s": handoff_seconds(samples),
+            "work": work_from_samples(samples), "handoff_s": handoff_seconds(samples),
             "ack_wait_s": ack_wait_seconds(samples)}
-
-
-def _total(samples: list[Sample], name: str, **labels: str) -> float:
-    return sum(s.value for s in samples if s.name == name and labels.items() <= s.labels.items())
-
-
-def measured_work(samples: list[Sample]) -> StepWork:
-    """What every instance's steps computed over the run and their wall time, from the router's per-instance
-    counters (what the adaptive split calibrates its profile with)."""
-    names = ("work_steps", "computed_tokens", "prefill_tokens", "prefill_pairs", "decode_rows",
-             "decode_context_tokens")
-    counts = [int(_total(samples, f"pdserve:engine_{n}_total")) for n in names]
-    return StepWork(*counts, seconds=_total(samples, "pdserve:engine_work_seconds_total"),
-                    cycles=int(_total(samples, "pdserve:engine_cycles_total")),
-                    cycle_step_seconds=_total(samples, "pdserve:engine_cycle_step_seconds_total"),
-                    cycle_seconds=_total(samples, "pdserve:engine_cycle_seconds_total"))
 
 
 def ack_wait_seconds(samples: list[Sample]) -> float | None:
     """The decode pool's mean wait from a pull's release to the holder's acknowledgement (its second token waits
     for it), or None when nothing was pulled."""
-    pulls = _total(samples, "pdserve:kv_transfers_total")
-    return _total(samples, "pdserve:kv_ack_wait_seconds_total") / pulls if pulls else None
+    pulls = total(samples, "pdserve:kv_transfers_total")
+    return total(samples, "pdserve:kv_ack_wait_seconds_total") / pulls if pulls else None
 
 
 def handoff_seconds(samples: list[Sample]) -> float | None:
     """The mean KV hand-off of the run's disaggregated requests (pdserve:kv_handoff_seconds: prefill reply to
     first token out of the decode instance), or None when none was disaggregated."""
-    count = _total(samples, "pdserve:kv_handoff_seconds_count")
-    return _total(samples, "pdserve:kv_handoff_seconds_sum") / count if count else None
+    count = total(samples, "pdserve:kv_handoff_seconds_count")
+    return total(samples, "pdserve:kv_handoff_seconds_sum") / count if count else None
+
+
+def _ratio(x: float | None) -> str:
+    return f"{x:.2f}" if x else "-"
 
 
 def main() -> None:
@@ -116,11 +106,14 @@ def main() -> None:
     ap.add_argument("--slo-tpot-ms", type=float, default=150)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json")
+    ap.add_argument("--requests-json", help="also write every request's measured and calibrated simulated TTFT/TPOT")
     args = ap.parse_args()
     prof = profile_small(args.max_num_seqs)
     print(f"profile: {prof.step}, transfer {prof.transfer}, median fit error {prof.fit_error:.0%}", flush=True)
     slo_ttft, slo_tpot = args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3
     rows = []
+    per_request: dict[str, list[dict[str, float]]] = {}
+    first_slowdown = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.splits:
             t0 = time.perf_counter()
@@ -149,6 +142,17 @@ def main() -> None:
             loop = m["work"].loop_overhead or 1.0
             looped = dataclasses.replace(scaled, step=prof.step.scaled(slowdown * loop))
             with_loop = simulate(looped, split, arrivals).goodput(slo_ttft, slo_tpot)
+            # ...and as `pdserve plan --calibrate-from` would predict it from the first split's running cluster:
+            # the slowdown measured there, applied to this split (for the first split, its own)
+            first_slowdown = first_slowdown or slowdown
+            crossed = dataclasses.replace(prof, step=prof.step.scaled(first_slowdown))
+            from_first = simulate(crossed, split, arrivals).goodput(slo_ttft, slo_tpot)
+            if args.requests_json:  # each request as measured and as the calibrated simulation saw it
+                per_request[split.name()] = [
+                    {"sent_s": a.time_s, "ttft_s": r["ttft_s"], "tpot_s": r["tpot_s"], "sim_ttft_s": s.ttft_s,
+                     "sim_tpot_s": s.tpot_s}
+                    for a, r, s in zip(arrivals, sorted(ok, key=lambda r: r["sent_s"]),
+                                       simulate(scaled, split, arrivals).results, strict=True)]
             row = {"split": split.name(), "measured_goodput": measured, "predicted_goodput": predicted,
                    "predicted_over_measured": predicted / measured if measured else None,
                    "slowdown": slowdown, "handoff_s": m["handoff_s"], "ack_wait_s": m["ack_wait_s"],
@@ -157,19 +161,24 @@ def main() -> None:
                    "calibrated_over_measured": calibrated / measured if measured else None,
                    "loop_overhead": loop, "with_loop_goodput": with_loop,
                    "with_loop_over_measured": with_loop / measured if measured else None,
+                   "first_slowdown": first_slowdown, "from_first_goodput": from_first,
+                   "from_first_over_measured": from_first / measured if measured else None,
                    "measured_p90_ttft_s": m["summary"]["ttft_s_90"], "measured_p90_tpot_s": m["summary"]["tpot_s_90"],
                    "errors": m["summary"]["errors"], "wall_s": time.perf_counter() - t0}
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\n{'split':40s} {'measured':>9s} {'predicted':>9s} {'ratio':>6s} {'slowdown':>8s} {'calibrated':>10s} "
-          f"{'ratio':>6s} {'loop':>5s} {'with loop':>9s} {'ratio':>6s}")
+          f"{'ratio':>6s} {'loop':>5s} {'with loop':>9s} {'ratio':>6s} {'from first':>10s} {'ratio':>6s}")
     for r in rows:
         ratio = f"{r['predicted_over_measured']:.2f}" if r["predicted_over_measured"] else "-"
         cal = f"{r['calibrated_over_measured']:.2f}" if r["calibrated_over_measured"] else "-"
         loop = f"{r['with_loop_over_measured']:.2f}" if r["with_loop_over_measured"] else "-"
         print(f"{r['split']:40s} {r['measured_goodput']:9.2f} {r['predicted_goodput']:9.2f} {ratio:>6s} "
               f"{r['slowdown']:8.2f} {r['calibrated_goodput']:10.2f} {cal:>6s} {r['loop_overhead']:5.2f} "
-              f"{r['with_loop_goodput']:9.2f} {loop:>6s}")
+              f"{r['with_loop_goodput']:9.2f} {loop:>6s} {r['from_first_goodput']:10.2f} "
+              f"{_ratio(r['from_first_over_measured']):>6s}")
+    if args.requests_json:
+        Path(args.requests_json).write_text(json.dumps(per_request))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "profile": {"step": prof.step.to_dict(),
                                                "fit_error": prof.fit_error}, "rows": rows}, indent=1))

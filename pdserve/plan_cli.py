@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from planner.profile import EngineProfile
 
 PROFILE_ROLES = ("decode", "prefill")
 
@@ -30,6 +35,12 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", help="output tokens (without --trace): the same forms")
     p.add_argument("--rate", type=float, help="Poisson arrivals per second (without --trace)")
     p.add_argument("--num-requests", type=int, default=500)
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--calibrate-from", metavar="METRICS_URL",
+                     help="a running cluster's router /metrics: scale the profile's step times by how much longer "
+                          "that cluster's steps took than the profile predicts for them (as the adaptive split does)")
+    how.add_argument("--step-scale", type=float,
+                     help="scale the profile's step times by this factor (e.g. the adaptive split's logged slowdown)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -63,6 +74,30 @@ def _length(spec: str) -> int | Callable[[random.Random], int]:
     return Distribution(spec).sample
 
 
+def _step_scale(args: argparse.Namespace, prof: EngineProfile) -> float:
+    """The factor the profile's step times are scaled by (1.0: as profiled), reported on stderr. ValueError when
+    the cluster's measurement cannot calibrate (too few steps), OSError when it cannot be read."""
+    from pdserve.adaptive_split import MIN_CALIBRATION_STEPS, step_slowdown
+    from pdserve.measured_work import fetch_work
+
+    if args.step_scale is not None:
+        if not 0 < args.step_scale <= 100:
+            raise ValueError(f"--step-scale must be in (0, 100], not {args.step_scale:g}")
+        print(f"pdserve plan: step times scaled by {args.step_scale:g} (--step-scale)", file=sys.stderr)
+        return float(args.step_scale)
+    if args.calibrate_from is None:
+        return 1.0
+    work = fetch_work(args.calibrate_from)
+    slowdown = step_slowdown(prof, work)
+    if slowdown is None:
+        raise ValueError(f"{args.calibrate_from}: the cluster has measured {work.steps} steps that computed tokens, "
+                         f"fewer than the {MIN_CALIBRATION_STEPS} a calibration needs: send it traffic first, or "
+                         "plan without --calibrate-from")
+    print(f"pdserve plan: step times scaled by {slowdown:.3f}, measured by {args.calibrate_from} over its "
+          f"instances' {work.steps} steps ({work.seconds:.1f} s)", file=sys.stderr)
+    return slowdown
+
+
 def plan_main(args: argparse.Namespace) -> int:
     from planner.plan import SLO, format_ranking, poisson_workload, rank_splits, trace_workload, yaml_fragment
     from planner.profile import EngineProfile
@@ -81,9 +116,12 @@ def plan_main(args: argparse.Namespace) -> int:
             raise ValueError(f"--gpus {args.gpus} holds no instance of tensor_parallel_size "
                              f"{prof.tensor_parallel_size}")
         slo = SLO(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
+        scale = _step_scale(args, prof)
     except (ValueError, OSError, KeyError) as e:
         print(f"pdserve plan: {e}", file=sys.stderr)
         return 2
+    if scale != 1.0:
+        prof = dataclasses.replace(prof, step=prof.step.scaled(scale))
     preds = rank_splits(prof, arrivals, instances, slo)
     print(format_ranking(preds, slo))
     print(f"\nrecommended ({preds[0].split.name()}):\n{yaml_fragment(preds[0].split, prof)}")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import pathlib
+import threading
 
 import pytest
 
@@ -12,6 +14,7 @@ from pdserve.bench.workload import Distribution
 from pdserve.cli import main
 from planner.plan import poisson_workload
 from planner.profile import EngineProfile, measure_transfer
+from planner.step_model import StepShape
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "deploy" / "ray" / "serving-tiny-cpu.yaml"
@@ -75,3 +78,69 @@ def test_plan_takes_length_distributions_as_bench_does(capsys: pytest.CaptureFix
     for bad, says in (("bogus:3", "use fixed:N"), ("0", "must be positive"), ("normal:x:1", "must be numbers")):
         assert main([*args, "--input-len", bad]) == 2
         assert says in capsys.readouterr().err
+
+
+def _metrics_server(text: str) -> tuple[http.server.HTTPServer, str]:
+    """A /metrics endpoint serving `text` (the router's exposition format), on a free port."""
+    body = text.encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            return
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_port}/metrics"
+
+
+def _work_text(steps: int, shape: StepShape, seconds: float) -> str:
+    """Two instances' step-work counters as the router exports them, adding up to `steps` steps of `shape`."""
+    rows = {"work_steps": steps, "computed_tokens": shape.prefill_tokens + shape.decode_seqs,
+            "prefill_tokens": shape.prefill_tokens, "prefill_pairs": shape.prefill_pairs,
+            "decode_rows": shape.decode_seqs, "decode_context_tokens": shape.decode_context}
+    lines = []
+    for name, value in [*rows.items(), ("work_seconds", seconds)]:
+        lines.append(f"# TYPE pdserve:engine_{name} counter")
+        half = value / 2 if isinstance(value, float) else value // 2
+        for iid, v in (("decode-0", half), ("decode-1", value - half)):
+            lines.append(f'pdserve:engine_{name}_total{{instance="{iid}",role="decode"}} {v}')
+    return "\n".join(lines) + "\n"
+
+
+def test_plan_calibrates_from_a_cluster_s_measured_steps(capsys: pytest.CaptureFixture[str]) -> None:
+    prof = EngineProfile.load(PROFILE)
+    shape = StepShape(prefill_tokens=300_000, decode_seqs=40_000, decode_context=80_000_000, prefill_pairs=10**9)
+    steps = 2000
+    predicted = prof.step.predict_sum(steps, shape)
+    args = ["plan", "--profile", str(PROFILE), "--slo-ttft-ms", "500", "--slo-tpot-ms", "50", "--gpus", "2",
+            "--input-len", "3000", "--output-len", "150", "--rate", "9", "--num-requests", "200"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    server, url = _metrics_server(_work_text(steps, shape, 1.5 * predicted))  # steps 1.5x the profile's
+    try:
+        assert main([*args, "--calibrate-from", url]) == 0
+        got = capsys.readouterr()
+        assert f"step times scaled by 1.500, measured by {url} over its instances' {steps} steps" in got.err
+        assert main([*args, "--step-scale", "1.5"]) == 0
+        # the same plan as from the cluster's measurement, and not the uncalibrated one: slower steps, less goodput
+        assert capsys.readouterr().out == got.out != plain
+    finally:
+        server.shutdown()
+    few, url = _metrics_server(_work_text(5, shape, predicted))
+    try:
+        assert main([*args, "--calibrate-from", url]) == 2
+        assert "measured 5 steps" in capsys.readouterr().err
+    finally:
+        few.shutdown()
+    assert main([*args, "--calibrate-from", "http://127.0.0.1:9/metrics"]) == 2  # nothing listens on port 9
+    assert "pdserve plan:" in capsys.readouterr().err
+    assert main([*args, "--step-scale", "0"]) == 2
+    assert "--step-scale must be in (0, 100]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one calibration or the other
+        main([*args, "--step-scale", "2", "--calibrate-from", "http://127.0.0.1:9/metrics"])
