@@ -49,8 +49,11 @@ def test_padding_at_the_front_would_not_be_exact() -> None:
     base = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     back = F.scaled_dot_product_attention(*(F.pad(x, (0, 0, 0, 5)) for x in (q, k, v)), is_causal=True)
     front = F.scaled_dot_product_attention(*(F.pad(x, (0, 0, 5, 0)) for x in (q, k, v)), is_causal=True)
-    assert torch.equal(back[:, :, :20], base)
-    assert not torch.allclose(front[:, :, 5:], base)
+    # NOTE: equal up to float32 rounding, not bitwise: SDPA's CPU kernel blocks a longer sequence differently on
+    # some CPUs (AVX2: a 1-ulp difference from 24 keys on), as GPU kernels may; the padding's exactness is the
+    # engine's token-exact tests' to show
+    torch.testing.assert_close(back[:, :, :20], base, atol=1e-6, rtol=0)
+    assert (front[:, :, 5:] - base).abs().max() > 1e-2
 
 
 def test_bucket_arithmetic() -> None:
