@@ -14,6 +14,8 @@ transfer's fixed part raised to the router's measured mean KV hand-off
 (`pdserve:kv_handoff_seconds`) less the profiled per-block time. "From first" is what `pdserve plan
 --calibrate-from` would have predicted for each split from the first split's running cluster: the profile
 scaled by the slowdown measured there (a prediction for every split but the first, not a fit to its own run).
+"By role" is the calibrated prediction with each role's instances scaled by their own measured slowdown (a
+prefill instance's steps and a decode instance's slow differently on shared cores).
 `--requests-json` writes every request's measured and calibrated simulated TTFT and TPOT.
 """
 
@@ -71,7 +73,10 @@ def measure(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     run = json.loads((out / name / "results.json").read_text())["runs"][0]
     samples = metric_samples(text)
     return {"split": split, "summary": run["summary"], "requests": run["requests"],
-            "work": work_from_samples(samples), "handoff_s": handoff_seconds(samples),
+            "work": work_from_samples(samples),
+            "work_by_role": {role: w for role in ("prefill", "decode")
+                             if (w := work_from_samples(samples, role=role)).steps},
+            "handoff_s": handoff_seconds(samples),
             "ack_wait_s": ack_wait_seconds(samples)}
 
 
@@ -137,6 +142,13 @@ def main() -> None:
                 transfer = dataclasses.replace(transfer, fixed_s=fixed)
             scaled = dataclasses.replace(prof, step=prof.step.scaled(slowdown), transfer=transfer)
             calibrated = simulate(scaled, split, arrivals).goodput(slo_ttft, slo_tpot)
+            # ...and each role by its own measured slowdown (a prefill instance's steps and a decode instance's can
+            # slow differently: the same cores, different neighbours)
+            roles = {role: step_slowdown(prof, w) for role, w in m["work_by_role"].items()}
+            by_role_prof = dataclasses.replace(prof, step=prof.step.scaled(roles.get("decode") or slowdown),
+                                               transfer=transfer)
+            prefill_step = prof.step.scaled(roles.get("prefill") or slowdown)
+            by_role = simulate(by_role_prof, split, arrivals, prefill_step=prefill_step)
             # ...and, as an experiment, by the serving loop's cycle over its step too (what the loop and the
             # process's other threads add between steps, which the client's TPOT includes)
             loop = m["work"].loop_overhead or 1.0
@@ -150,12 +162,15 @@ def main() -> None:
             if args.requests_json:  # each request as measured and as the calibrated simulation saw it
                 per_request[split.name()] = [
                     {"sent_s": a.time_s, "ttft_s": r["ttft_s"], "tpot_s": r["tpot_s"], "sim_ttft_s": s.ttft_s,
-                     "sim_tpot_s": s.tpot_s}
-                    for a, r, s in zip(arrivals, sorted(ok, key=lambda r: r["sent_s"]),
-                                       simulate(scaled, split, arrivals).results, strict=True)]
+                     "sim_tpot_s": s.tpot_s, "by_role_ttft_s": b.ttft_s, "by_role_tpot_s": b.tpot_s}
+                    for a, r, s, b in zip(arrivals, sorted(ok, key=lambda r: r["sent_s"]),
+                                          simulate(scaled, split, arrivals).results, by_role.results, strict=True)]
             row = {"split": split.name(), "measured_goodput": measured, "predicted_goodput": predicted,
                    "predicted_over_measured": predicted / measured if measured else None,
-                   "slowdown": slowdown, "handoff_s": m["handoff_s"], "ack_wait_s": m["ack_wait_s"],
+                   "slowdown": slowdown,
+                   "slowdown_by_role": roles, "by_role_goodput": (g := by_role.goodput(slo_ttft, slo_tpot)),
+                   "by_role_over_measured": g / measured if measured else None,
+                   "handoff_s": m["handoff_s"], "ack_wait_s": m["ack_wait_s"],
                    "profiled_transfer_s": prof.transfer.predict(blocks),
                    "calibrated_goodput": calibrated,
                    "calibrated_over_measured": calibrated / measured if measured else None,
@@ -168,7 +183,8 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\n{'split':40s} {'measured':>9s} {'predicted':>9s} {'ratio':>6s} {'slowdown':>8s} {'calibrated':>10s} "
-          f"{'ratio':>6s} {'loop':>5s} {'with loop':>9s} {'ratio':>6s} {'from first':>10s} {'ratio':>6s}")
+          f"{'ratio':>6s} {'loop':>5s} {'with loop':>9s} {'ratio':>6s} {'from first':>10s} {'ratio':>6s} "
+          f"{'by role':>8s} {'ratio':>6s}")
     for r in rows:
         ratio = f"{r['predicted_over_measured']:.2f}" if r["predicted_over_measured"] else "-"
         cal = f"{r['calibrated_over_measured']:.2f}" if r["calibrated_over_measured"] else "-"
@@ -176,10 +192,12 @@ def main() -> None:
         print(f"{r['split']:40s} {r['measured_goodput']:9.2f} {r['predicted_goodput']:9.2f} {ratio:>6s} "
               f"{r['slowdown']:8.2f} {r['calibrated_goodput']:10.2f} {cal:>6s} {r['loop_overhead']:5.2f} "
               f"{r['with_loop_goodput']:9.2f} {loop:>6s} {r['from_first_goodput']:10.2f} "
-              f"{_ratio(r['from_first_over_measured']):>6s}")
+              f"{_ratio(r['from_first_over_measured']):>6s} {r['by_role_goodput']:8.2f} "
+              f"{_ratio(r['by_role_over_measured']):>6s}")
     if args.requests_json:
         Path(args.requests_json).write_text(json.dumps(per_request))
     if args.json:
+        prof.save(Path(args.json).with_suffix(".profile.json"))  # to replay the run's arrivals on it
         Path(args.json).write_text(json.dumps({"args": vars(args), "profile": {"step": prof.step.to_dict(),
                                                "fit_error": prof.fit_error}, "rows": rows}, indent=1))
 

@@ -90,6 +90,10 @@ PDSERVE_RUNTIME_DIR: Switch[str | None] = Switch(
 PDSERVE_NODE_IP = Switch("PDSERVE_NODE_IP", "", "this node's address as its peers reach it (set from Ray's node IP "
                          "in each instance; empty: unknown, same-host checks use the hostname)", parse_str)
 
+PDSERVE_STEP_TRACE: Switch[str | None] = Switch(
+    "PDSERVE_STEP_TRACE", None, "a directory: every engine writes each work step (start, wall time, KV connector "
+    "poll time, shape) to steps-PID.jsonl there (engine/step_trace.py; unset: off)", parse_str)
+
 SWITCHES: tuple[Switch, ...] = (PDSERVE_PDL, PDSERVE_FUSED_OPS, PDSERVE_SKINNY_GEMM, PDSERVE_DENSE_PREFILL,
                                 PDSERVE_DENSE_PREFILL_BUCKET, TRITON_INTERPRET, RAY_ADDRESS, PDSERVE_RUNTIME_DIR,
-                                PDSERVE_NODE_IP)
+                                PDSERVE_NODE_IP, PDSERVE_STEP_TRACE)

@@ -38,6 +38,7 @@ from engine.request import Request, RequestStatus
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
+from engine.step_trace import StepTrace
 from engine.step_work import StepWorkMeter
 from engine.stepper import SyncStepper
 from engine.tokenizer import IncrementalDetokenizer, encode_prompt, load_tokenizer
@@ -55,6 +56,7 @@ class LLMEngine:
         self.executor = Executor(config, rank_launcher)
         self.remote: RemoteKV | None = None
         self._kv_ranks: Any = None  # the connector's worker parts (KVRanks), kept for replace_kv_connector
+        self.step_trace: StepTrace | None = None  # PDSERVE_STEP_TRACE, set after the warm-up
         self._start_state()
         self.warmup: WarmupReport | None = None  # what the warm-up ran (config.warmup), for logs and tests
         if config.warmup:
@@ -66,6 +68,9 @@ class LLMEngine:
             self._kv_ranks = ranks = self.executor.attach_kv_workers(kv_connector)
             self.remote = RemoteKV(kv_connector.make_connector(ranks, ranks.descriptors), self.kv, self.scheduler,
                                    self.metrics)
+        # NOTE: after the warm-up, whose steps are not serving's
+        self.step_trace = StepTrace.from_env({"model": config.model, "connector": type(
+            self.remote.connector).__name__ if self.remote is not None else None})
 
     def _start_state(self) -> None:
         """The request state, the KV cache's bookkeeping and the counters, as an engine starts serving (after a
@@ -191,6 +196,7 @@ class LLMEngine:
             for request in self.remote.start_pending():  # NOTE: loads that waited for room; these were refused
                 request.status = RequestStatus.WAITING
                 self.scheduler.add(request)
+        polled = time.perf_counter() - t0
         out = self.scheduler.schedule()
         if self.remote is not None and len(out):
             self.executor.layer_hook = self.remote.connector.layer_hook(out)
@@ -198,7 +204,10 @@ class LLMEngine:
         waits = shape is None and self.stepper.has_inflight
         outputs += self.stepper.run(out, self._emit, t0)
         if shape is not None and shape[0]:  # NOTE: routers predict a TTFT from the measured token rate (heartbeats)
-            self.work.record(shape, t0, time.perf_counter() - t0, more=bool(self.requests))
+            took = time.perf_counter() - t0
+            self.work.record(shape, t0, took, more=bool(self.requests))
+            if self.step_trace is not None:
+                self.step_trace.record(t0, took, polled, shape)
         elif waits:
             self.work.add_wait(time.perf_counter() - t0)
         return outputs
@@ -303,6 +312,8 @@ class LLMEngine:
         self.metrics.count("kv_connector_replacements")
 
     def shutdown(self) -> None:
+        if self.step_trace is not None:
+            self.step_trace.close()
         if self.remote is not None:
             self.remote.connector.close()
         self.executor.shutdown()

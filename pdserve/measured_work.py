@@ -25,13 +25,14 @@ def total(samples: list[Sample], name: str, **labels: str) -> float:
     return sum(s.value for s in samples if s.name == name and labels.items() <= s.labels.items())
 
 
-def work_from_samples(samples: list[Sample]) -> StepWork:
-    """Every instance's steps together (the router exports one row per instance)."""
-    counts = [int(total(samples, f"pdserve:engine_{n}_total")) for n in WORK_COUNTERS]
-    return StepWork(*counts, seconds=total(samples, "pdserve:engine_work_seconds_total"),
-                    cycles=int(total(samples, "pdserve:engine_cycles_total")),
-                    cycle_step_seconds=total(samples, "pdserve:engine_cycle_step_seconds_total"),
-                    cycle_seconds=total(samples, "pdserve:engine_cycle_seconds_total"))
+def work_from_samples(samples: list[Sample], **labels: str) -> StepWork:
+    """Every instance's steps together (the router exports one row per instance), or those of the instances whose
+    labels include `labels` (e.g. role="decode")."""
+    counts = [int(total(samples, f"pdserve:engine_{n}_total", **labels)) for n in WORK_COUNTERS]
+    return StepWork(*counts, seconds=total(samples, "pdserve:engine_work_seconds_total", **labels),
+                    cycles=int(total(samples, "pdserve:engine_cycles_total", **labels)),
+                    cycle_step_seconds=total(samples, "pdserve:engine_cycle_step_seconds_total", **labels),
+                    cycle_seconds=total(samples, "pdserve:engine_cycle_seconds_total", **labels))
 
 
 def fetch_work(metrics_url: str, timeout_s: float = 10.0) -> StepWork:

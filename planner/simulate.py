@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from engine.step_work import chunk_pairs
 from planner.profile import EngineProfile
-from planner.step_model import StepShape
+from planner.step_model import StepShape, StepTimeModel
 
 
 @dataclass(frozen=True)
@@ -115,9 +115,11 @@ class SimResult:
 
 
 def simulate(profile: EngineProfile, split: Split, arrivals: list[Arrival],
-             stream_layer_groups: int = STREAM_LAYER_GROUPS) -> SimResult:
+             stream_layer_groups: int = STREAM_LAYER_GROUPS, prefill_step: StepTimeModel | None = None) -> SimResult:
     """Serve `arrivals` (sorted by time) on `split`; every request runs to completion. `stream_layer_groups`: the
-    layer groups a disaggregated prompt's KV streams in while it computes (0: moved after the prefill)."""
+    layer groups a disaggregated prompt's KV streams in while it computes (0: moved after the prefill).
+    `prefill_step`: the prefill instances' step times, where they differ from the profile's (e.g. each role
+    calibrated by its own measured slowdown); the decode instances always take the profile's."""
     if split.decode < 1:
         raise ValueError("a split needs at least one decode instance")
     budget, max_seqs = profile.max_num_batched_tokens, profile.max_num_seqs
@@ -150,7 +152,7 @@ def simulate(profile: EngineProfile, split: Split, arrivals: list[Arrival],
                           decode_context=sum(r.arrival.prompt_tokens + r.generated for r in rows),
                           prefill_pairs=sum(chunk_pairs(r.computed, n) for r, n in chunks))
         inst.busy = True
-        secs = profile.step.predict(shape)
+        secs = (prefill_step if prefill_step is not None and inst.role == "prefill" else profile.step).predict(shape)
         heapq.heappush(events, (now + secs, next(seq), "step", (inst, rows, chunks)))
 
     def finish_step(inst: _Instance, rows: list[_Req], chunks: list[tuple[_Req, int]], now: float) -> None:

@@ -63,6 +63,17 @@ def test_a_transfer_longer_than_the_prefill_is_what_streaming_cannot_hide() -> N
     assert r.ttft_s == pytest.approx(0.11) and r.tpot_s == pytest.approx((0.5 - 0.11 + 0.02) / 2)
 
 
+def test_prefill_instances_can_take_their_own_step_times() -> None:
+    # the prefill instance's steps twice the profile's: a 100-token prompt takes 220 ms there; decode unchanged
+    slow = StepTimeModel(0.02, 0.002, 0.0, 0.0, 0.0)
+    (r,) = simulate(profile(), Split(1, 1), [Arrival(0.0, 100, 3)], stream_layer_groups=0, prefill_step=slow).results
+    (base,) = simulate(profile(), Split(1, 1), [Arrival(0.0, 100, 3)], stream_layer_groups=0).results
+    assert r.ttft_s == pytest.approx(0.22) and base.ttft_s == pytest.approx(0.11)
+    assert r.tpot_s == pytest.approx(base.tpot_s)
+    assert simulate(profile(), Split(0, 1), [Arrival(0.0, 100, 3)], prefill_step=slow).results == \
+        simulate(profile(), Split(0, 1), [Arrival(0.0, 100, 3)]).results  # no prefill instance: no effect
+
+
 def test_conditional_split_prefills_short_prompts_where_they_decode() -> None:
     assert one(Split(1, 1, max_local_prefill_tokens=128)) == one(Split(0, 1))
     assert one(Split(1, 1, max_local_prefill_tokens=64)) == one(Split(1, 1))
