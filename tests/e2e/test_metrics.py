@@ -4,6 +4,7 @@ text parser."""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
@@ -15,11 +16,20 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.v1 import pdserve_pb2 as pb
+from engine.step_trace import FIELDS
 from tests.e2e.serve_process import ROOT, serve
 from tests.e2e.test_bench import bench
 
 pytestmark = pytest.mark.slow
 N = 8
+
+
+def traced_decode_rows(directory: pathlib.Path) -> int:
+    rows = 0
+    for f in directory.glob("steps-*.jsonl"):
+        for line in f.read_text().split("\n")[1:-1]:  # NOTE: not the last piece: a line being written
+            rows += dict(zip(FIELDS, json.loads(line), strict=True))["decode_rows"]
+    return rows
 
 
 def scrape(url: str) -> dict[str, list[tuple[str, dict[str, str], float]]]:
@@ -37,8 +47,9 @@ def value(families: dict, family: str, sample: str, **labels: str) -> float | No
     return None
 
 
-def test_bench_run_shows_in_the_scrape_and_in_status(tmp_path: pathlib.Path,
-                                                     models: dict[str, pathlib.Path]) -> None:
+def test_bench_run_shows_in_the_scrape_and_in_status(tmp_path: pathlib.Path, models: dict[str, pathlib.Path],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PDSERVE_STEP_TRACE", str(tmp_path / "steps"))  # inherited by every instance's actor
     with serve(tmp_path, models["llama"]) as srv:
         assert srv.metrics_url.startswith("http://127.0.0.1:") and srv.metrics_url.endswith("/metrics")
         before = scrape(srv.metrics_url)
@@ -98,6 +109,15 @@ def test_bench_run_shows_in_the_scrape_and_in_status(tmp_path: pathlib.Path,
             assert value(m, "pdserve:kv_meet_failures", "pdserve:kv_meet_failures_total", instance=iid) == 0
         steps = value(m, "pdserve:engine_steps", "pdserve:engine_steps_total", instance="decode-0")
         assert steps and steps > 0
+        # the step traces (engine/step_trace.py): one file per instance, written off the step loop within a
+        # second; every request's 7 tokens after its first were decode rows, wherever it was prefilled
+        deadline = time.monotonic() + 10
+        while (rows := traced_decode_rows(tmp_path / "steps")) != 7 * N and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert rows == 7 * N
+        connectors = sorted(json.loads(f.read_text().splitlines()[0])["connector"]
+                            for f in (tmp_path / "steps").glob("steps-*.jsonl"))
+        assert connectors == sorted("KVProducer" if r == "prefill" else "KVConsumer" for r in instances.values())
 
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         done = subprocess.run([sys.executable, "-m", "pdserve.cli", "status", "--target", srv.target],
