@@ -141,7 +141,8 @@ def main() -> None:
                 fixed = max(transfer.fixed_s, m["handoff_s"] - transfer.per_block_s * blocks)
                 transfer = dataclasses.replace(transfer, fixed_s=fixed)
             scaled = dataclasses.replace(prof, step=prof.step.scaled(slowdown), transfer=transfer)
-            calibrated = simulate(scaled, split, arrivals).goodput(slo_ttft, slo_tpot)
+            calibrated_sim = simulate(scaled, split, arrivals)
+            calibrated = calibrated_sim.goodput(slo_ttft, slo_tpot)
             # ...and each role by its own measured slowdown (a prefill instance's steps and a decode instance's can
             # slow differently: the same cores, different neighbours)
             roles = {role: step_slowdown(prof, w) for role, w in m["work_by_role"].items()}
@@ -164,7 +165,7 @@ def main() -> None:
                     {"sent_s": a.time_s, "ttft_s": r["ttft_s"], "tpot_s": r["tpot_s"], "sim_ttft_s": s.ttft_s,
                      "sim_tpot_s": s.tpot_s, "by_role_ttft_s": b.ttft_s, "by_role_tpot_s": b.tpot_s}
                     for a, r, s, b in zip(arrivals, sorted(ok, key=lambda r: r["sent_s"]),
-                                          simulate(scaled, split, arrivals).results, by_role.results, strict=True)]
+                                          calibrated_sim.results, by_role.results, strict=True)]
             row = {"split": split.name(), "measured_goodput": measured, "predicted_goodput": predicted,
                    "predicted_over_measured": predicted / measured if measured else None,
                    "slowdown": slowdown,
