@@ -4,7 +4,7 @@ lengths, the same with lengths padded to buckets (`PDSERVE_DENSE_PREFILL_BUCKET`
 builds), and the paged Triton kernel (dense off).
 
     python3 bench/prefill_shape_cost.py [--shape llama3-8b] [--lengths 24] [--base 3000] [--stride 7] \
-        [--bucket 256] [--json OUT]
+        [--bucket 256] [--buckets 8] [--json OUT]
 
 Why: a prefill instance's steps are mostly one fresh prompt each, every one of a new length, and on the H200 its
 prompts took ~40-60 ms longer than the profile's step model and than the same prompts on an aggregated instance
@@ -13,6 +13,11 @@ prompts took ~40-60 ms longer than the profile's step model and than the same pr
 request here is timed from `add_request` to its one output token (`max_tokens=1`: the prefill step and, with
 async scheduling, the step that reads its token). Lengths are distinct between the modes, so "first" is a first
 in each; every prompt has new random tokens (no prefix-cache hit).
+
+First of all, before the modes touch any bucket: the first padded prompt of each of `--buckets` buckets (lengths
+under 3,000, none a multiple of the bucket) against a second one of the same bucket. The warm-up ran each bucket's
+exact length; if that built the plan the padded prompts use, the ratio is ~1 (on an H200 it was not, until the
+dense path gave both the same layout: docs/performance.md, "A fresh cluster's first request on one H200").
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ def main() -> None:
     ap.add_argument("--base", type=int, default=3000, help="the first length")
     ap.add_argument("--stride", type=int, default=7, help="between lengths (odd: lengths of every residue)")
     ap.add_argument("--bucket", type=int, default=256, help="PDSERVE_DENSE_PREFILL_BUCKET of the bucketed mode")
+    ap.add_argument("--buckets", type=int, default=8, help="buckets whose first padded prompt is timed (<= 10)")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     model = write_dummy_model(tempfile.mkdtemp(), args.shape)
@@ -68,7 +74,23 @@ def main() -> None:
     vocab = engine.info.vocab_size
     rng = random.Random(0)
     results: dict[str, dict[str, object]] = {}
+    if not 0 <= args.buckets <= 10 or args.bucket < 16:
+        engine.shutdown()
+        raise SystemExit("--buckets must be in 0..10 (their lengths stay under --base) and --bucket at least 16")
     try:
+        if args.buckets:
+            os.environ["PDSERVE_DENSE_PREFILL"], os.environ["PDSERVE_DENSE_PREFILL_BUCKET"] = "1", str(args.bucket)
+            first, again = [], []
+            for k in range(args.buckets):
+                n = (k + 2) * args.bucket - 1 - k  # padded up to (k + 2) buckets; never a multiple of one
+                first.append(timed_prefill(engine, f"b-{k}-a", [rng.randrange(3, vocab) for _ in range(n)]))
+                again.append(timed_prefill(engine, f"b-{k}-b", [rng.randrange(3, vocab) for _ in range(n - 1)]))
+            mode = f"dense, padded to {args.bucket}: a bucket's first prompt after the warm-up"
+            results[mode] = {"first": summary(first), "again": summary(again),
+                             "first_over_again": statistics.median(first) / statistics.median(again)}
+            f, a = results[mode]["first"], results[mode]["again"]
+            print(f"{mode}: {f['median_ms']:.1f} ms median (max {f['max_ms']:.1f}); a second prompt of the bucket "
+                  f"{a['median_ms']:.1f} ms median: {results[mode]['first_over_again']:.2f}x", flush=True)
         for m, (mode, (dense, bucket)) in enumerate(modes.items()):
             os.environ["PDSERVE_DENSE_PREFILL"], os.environ["PDSERVE_DENSE_PREFILL_BUCKET"] = dense, bucket
             first, again = [], []

@@ -32,12 +32,13 @@ def small_cluster(max_num_seqs: int, pools: dict[str, Any] | None = None,
                   placement: dict[str, Any] | None = None,
                   adaptive: dict[str, Any] | None = None,
                   keep_log: Path | None = None,
-                  sections: dict[str, Any] | None = None) -> Iterator[tuple[ReadyLine, int]]:
+                  sections: dict[str, Any] | None = None,
+                  shape: str = "small") -> Iterator[tuple[ReadyLine, int]]:
     """Start it on deploy/ray/serving-tiny-cpu.yaml with these pools, server, placement and adaptive-split
     settings (and whole other `sections`, e.g. {"admission": {...}}, merged over the file's); stop it after (and
-    copy its log to `keep_log`)."""
+    copy its log to `keep_log`). `shape`: the dummy model's (pdserve/dummy_model.py; GPU benches take larger ones)."""
     with tempfile.TemporaryDirectory() as tmp:
-        model = write_dummy_model(tmp, "small")
+        model = write_dummy_model(tmp, shape)
         cfg = yaml.safe_load((ROOT / "deploy/ray/serving-tiny-cpu.yaml").read_text())
         cfg["engine"].update(model=str(model), load_format="dummy", max_num_seqs=max_num_seqs)
         if pools is not None:

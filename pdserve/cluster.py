@@ -92,7 +92,8 @@ class Cluster:
         # and the router's breaker for it closes on the new pid). Calls in flight when it died fail;
         # the router retries or moves them (router/recovery.py), so Ray must not retry them itself.
         resources = pool.actor_resources()
-        options: dict[str, Any] = dict(num_cpus=0, num_gpus=1 if gpu else 0, resources=resources)
+        options: dict[str, Any] = dict(num_cpus=0, num_gpus=pool.gpus_per_instance if gpu else 0,
+                                       resources=resources)
         if tp > 1:
             pg = self.groups[iid] = create_group(iid, tp, gpu, resources)
             options.update(num_cpus=0 if gpu else BUNDLE_CPU,  # NOTE: exactly bundle 0

@@ -57,6 +57,9 @@ class PoolConfig:
     # which each node offers 1 (`--resources '{"decode_slot": 1}'` on every node, max_per_node: 1 spreads the
     # pool one instance per node, so that losing a node loses only part of it). Needs node_resource.
     max_per_node: int = MAX_PER_NODE_DEFAULT
+    # The share of one GPU each instance's Ray actor asks for (TP 1 only): 0.5 packs two instances on a GPU.
+    # NOTE: sharing instances split the GPU's time and memory; each needs its own KV size (checked in `check`).
+    gpus_per_instance: float = 1.0
 
     def __post_init__(self) -> None:
         if self.node_resource is not None and (not self.node_resource.strip() or self.node_resource in
@@ -67,6 +70,12 @@ class PoolConfig:
             raise ValueError(f"max_per_node: {self.max_per_node} must be in 1..{MAX_PER_NODE_LIMIT}")
         if self.max_per_node != MAX_PER_NODE_DEFAULT and self.node_resource is None:
             raise ValueError("max_per_node needs node_resource (the resource whose unit it divides)")
+        if not 0.0 < self.gpus_per_instance <= 1.0:
+            raise ValueError(f"gpus_per_instance: {self.gpus_per_instance} must be in (0, 1] (more GPUs per "
+                             "instance: tensor_parallel_size)")
+        if self.gpus_per_instance < 1.0 and self.tensor_parallel_size > 1:
+            raise ValueError(f"gpus_per_instance: {self.gpus_per_instance} needs tensor_parallel_size 1 (a TP "
+                             "group takes whole GPUs, one per rank)")
 
     def actor_resources(self) -> dict[str, float]:
         """The `resources=` of each instance's Ray actor options."""
@@ -245,6 +254,14 @@ class ServingConfig:
                     raise ConfigError(f"pools.{role}.{msg}") from None
                 raise ConfigError(f"engine.{msg} (at pools.{role}.tensor_parallel_size "
                                   f"{pool.tensor_parallel_size})") from None
+            engine = self.engine
+            if (pool.gpus_per_instance < 1.0 and engine.device != "cpu" and engine.kv_cache_memory_bytes is None
+                    and engine.num_kv_blocks is None):
+                # NOTE: gpu_memory_utilization reads the GPU's free memory at start; instances sharing a GPU
+                # start together and would each count the others' share as theirs.
+                raise ConfigError(f"pools.{role}.gpus_per_instance: {pool.gpus_per_instance} shares a GPU; set "
+                                  "engine.kv_cache_memory_bytes (or engine.num_kv_blocks) so that each sharing "
+                                  "instance's KV cache has a fixed size")
 
 
 # Keys a section does not take although the dataclass has the field: key -> where it is set instead.

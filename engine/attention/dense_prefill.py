@@ -47,6 +47,12 @@ def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     p = padded_len(t, bucket)
     if p != t:
         q, k, v = (F.pad(x, (0, 0, 0, 0, 0, p - t)) for x in (q, k, v))  # [P, H, D]: zero rows at the end
+    elif bucket:
+        # NOTE: the plan is keyed on the strides too: a prompt whose length is already a multiple of the bucket
+        # (the warm-up's) must reach SDPA in the padded copies' contiguous layout, or the first padded prompt of
+        # each bucket builds a second plan while serving (an H200 in the 8B shape: 93 ms instead of 24 ms of host
+        # time in its first step, docs/performance.md)
+        q, k, v = (x.contiguous() for x in (q, k, v))  # [P, H, D]
     out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
                                          v.transpose(0, 1).unsqueeze(0), is_causal=True, scale=scale,
                                          enable_gqa=gqa)  # [1, Hq, P, D]

@@ -12,11 +12,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import pytest
 
+from pdserve.config import merge_mappings
 from tests.e2e.serve_process import ROOT, Server, serve
 from tests.e2e.test_metrics import scrape, value
 from tests.model_factory import hf_greedy, random_prompts
@@ -105,10 +108,18 @@ def wait_status(server: Server, expected: dict[str, str], t0: float, what: str) 
 
 
 def test_scale_and_role_flips_under_load(tmp_path: pathlib.Path, models: dict[str, pathlib.Path]) -> None:
-    model = models["llama"]
+    scale_and_flip_roles_under_load(tmp_path, models["llama"], {})
+
+
+def scale_and_flip_roles_under_load(tmp_path: pathlib.Path, model: pathlib.Path, edits: dict[str, Any],
+                                    after: Callable[[Server], None] | None = None) -> None:
+    """The module's scenario on the cluster `serve(tmp_path, model, edits)` runs (tests/e2e/test_scaling_gpu.py
+    runs it on a GPU); `after(server)` at the end, on the final 1P+1D shape."""
     prompts = random_prompts(8, [20, 60, 24, 70, 28, 80, 12, 48], 512, seed=1616)  # local and remote prefills
     references = [hf_greedy(model, p, MAX_TOKENS) for p in prompts]
-    with serve(tmp_path, model, {"server": {"drain_grace_s": 0.6}}) as server:
+    config: dict[str, Any] = {"server": {"drain_grace_s": 0.6}}
+    merge_mappings(config, edits)
+    with serve(tmp_path, model, config) as server:
         assert {i: r for i, (r, _) in status(server).items()} == {"prefill-0": "prefill", "decode-0": "decode"}
         load = PoissonLoad(server, prompts, references)
         try:
@@ -145,6 +156,8 @@ def test_scale_and_role_flips_under_load(tmp_path: pathlib.Path, models: dict[st
         assert done.returncode == 1 and "FAILED_PRECONDITION" in done.stderr and "last decode" in done.stderr
         done = pdserve(server, "drain", "--target", server.target, "decode-7")
         assert done.returncode == 1 and "INVALID_ARGUMENT: no instance 'decode-7'" in done.stderr
+        if after is not None:
+            after(server)
 
 
 def test_admin_through_router_processes_and_apply(tmp_path: pathlib.Path, models: dict[str, pathlib.Path]) -> None:

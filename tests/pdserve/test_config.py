@@ -183,3 +183,25 @@ def test_max_per_node_divides_the_node_resource(model: str) -> None:
                                "pools.decode.max_per_node": bad})
     with pytest.raises(ConfigError, match=r"max_per_node needs node_resource"):
         load_config(tiny, {"engine.model": model, "pools.decode.max_per_node": 1})
+
+
+def test_gpus_per_instance_packs_instances_on_a_gpu(model: str) -> None:
+    tiny = DEPLOY / "serving-tiny-cpu.yaml"
+    base = {"engine.model": model}
+    assert load_config(tiny, base).pools.decode.gpus_per_instance == 1.0
+    shared = {**base, "engine.device": "cuda", "engine.kv_cache_memory_bytes": 1 << 28,
+              "pools.prefill.gpus_per_instance": 0.5, "pools.decode.gpus_per_instance": 0.25}
+    cfg = load_config(tiny, shared)
+    assert (cfg.pools.prefill.gpus_per_instance, cfg.pools.decode.gpus_per_instance) == (0.5, 0.25)
+    for bad in (0, -0.5, 1.5, 2):
+        with pytest.raises(ConfigError, match=r"pools\.decode\.gpus_per_instance: .* must be in \(0, 1\]"):
+            load_config(tiny, {**shared, "pools.decode.gpus_per_instance": bad})
+    with pytest.raises(ConfigError, match=r"pools\.decode\.gpus_per_instance: 0\.5 needs tensor_parallel_size 1"):
+        load_config(tiny, {**shared, "pools.decode.gpus_per_instance": 0.5, "pools.decode.tensor_parallel_size": 2})
+    # sharing a GPU without a fixed KV size: each instance would size its cache from the same free memory
+    no_size = {**shared, "engine.kv_cache_memory_bytes": None}  # the tiny YAML sets one
+    with pytest.raises(ConfigError, match=r"pools\.prefill\.gpus_per_instance: 0\.5 shares a GPU; set "
+                                          r"engine\.kv_cache_memory_bytes"):
+        load_config(tiny, no_size)
+    assert load_config(tiny, {**no_size, "engine.num_kv_blocks": 4096}).pools.decode.gpus_per_instance == 0.25
+    assert load_config(tiny, {**no_size, "engine.device": "cpu"}).pools.decode.gpus_per_instance == 0.25

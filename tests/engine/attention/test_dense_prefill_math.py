@@ -67,3 +67,25 @@ def test_bucket_arithmetic() -> None:
     assert bucket_lengths(100, 1000)[0] == 300  # the first padded length that a dense step (>= 256 tokens) can have
     # a prompt of the limit's 8,191 tokens (max_model_len 8,192) pads to 8,192: that plan is one of them
     assert bucket_lengths(256, 8191)[-1] == 8192 and len(bucket_lengths(256, 8191)) == 32
+
+
+def test_sdpa_sees_one_layout_per_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt whose length is a multiple of the bucket (the warm-up runs those) and one padded up to it reach
+    SDPA with the same shapes and strides: SDPA's plan is keyed on both, and one built in the warm-up must serve
+    the padded prompts too."""
+    seen: list[tuple[tuple[int, ...], ...]] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def record(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: object) -> torch.Tensor:
+        seen.append(tuple(s for x in (q, k, v) for s in (*x.shape, *x.stride())))
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", record)
+    hq, hkv, d = 8, 2, 16
+    for tokens in (256, 250, 201):  # exactly one bucket, then two prompts padded up to it
+        qkv = torch.randn(tokens, (hq + 2 * hkv) * d, dtype=torch.bfloat16)  # [T, (Hq + 2 Hkv) D]
+        q = qkv[:, : hq * d].view(tokens, hq, d)
+        k = qkv[:, hq * d: (hq + hkv) * d].view(tokens, hkv, d)
+        v = qkv[:, (hq + hkv) * d:].view(tokens, hkv, d)
+        dense_causal_attention(q, k, v, d ** -0.5, True, 256)
+    assert len(seen) == 3 and seen[0] == seen[1] == seen[2], seen
