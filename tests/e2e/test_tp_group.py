@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.serve_process import Server, SlowStreams, serve
-from tests.e2e.test_scaling import change
+from tests.e2e.test_scaling import MAX_TOKENS, PoissonLoad, change
 from tests.model_factory import hf_greedy, random_prompts
 
 pytestmark = pytest.mark.slow
@@ -126,6 +126,39 @@ def test_tp2_pool_runs_its_ranks_as_ray_actors_with_exact_tokens(server: Server,
     for p, out in zip(prompts, outs, strict=True):
         assert [t for r in out for t in r.token_ids] == hf_greedy(models["llama"], p, 16)
     assert any(o[-1].routing.disaggregated for o in outs)
+
+
+def test_a_tp2_instance_switches_role_and_back_in_place(server: Server, ray_driver: Any,
+                                                       models: dict[str, pathlib.Path]) -> None:
+    """What the adaptive split does to a TP 2 instance (issue 22's configurations): `pdserve role` turns decode-1
+    into a prefill instance under load and back, keeping its rank processes; as prefill it streams a prompt's KV
+    from two ranks to decode-0's two, and every output is transformers' greedy tokens."""
+    ray, model = ray_driver, models["llama"]
+    prompts = random_prompts(6, [40, 70, 90, 130, 20, 60], 512, seed=1818)  # mostly over the 32-token local limit
+    references = [hf_greedy(model, p, MAX_TOKENS) for p in prompts]
+    pids = tp_pids(ray, "decode-1")
+    load = PoissonLoad(server, prompts, references)
+    try:
+        change(server, ["role", "decode-1", "prefill"], {"prefill-0": P, "decode-0": D, "decode-1": P})
+        prefilled_by = set()
+        for i in range(20):  # two prefill instances now: until the placement has used decode-1 for one
+            p = random_prompts(1, [100], 512, seed=1900 + i)[0]
+            out = server.generate(p, max_tokens=MAX_TOKENS)
+            assert [t for r in out for t in r.token_ids] == hf_greedy(model, p, MAX_TOKENS)
+            routing = out[-1].routing
+            assert routing.disaggregated and routing.decode_instance == "decode-0", routing
+            prefilled_by.add(routing.prefill_instance)
+            if "decode-1" in prefilled_by:
+                break
+        assert "decode-1" in prefilled_by, prefilled_by
+        change(server, ["role", "decode-1", "decode"], {"prefill-0": P, "decode-0": D, "decode-1": D})
+        time.sleep(1.0)  # some load on the final shape
+    finally:
+        load.stop()
+    assert load.failures == [], load.failures
+    assert load.mismatches == [], load.mismatches
+    assert tp_pids(ray, "decode-1") == pids  # the same rank 0 and rank 1: nothing restarted or reloaded
+    assert metric(server, "pdserve:tp_group_restarts_total", "decode-1") == 0
 
 
 def test_killed_rank_restarts_the_whole_group_and_no_request_fails(server: Server, ray_driver: Any,
