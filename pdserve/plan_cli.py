@@ -23,7 +23,9 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", required=True, help="a profile JSON from `pdserve profile`")
+    p.add_argument("--profile", required=True, action="append",
+                   help="a profile JSON from `pdserve profile`; repeat it with the same model profiled at other "
+                        "tensor-parallel sizes to rank TP choices too (each pool at any of them)")
     p.add_argument("--slo-ttft-ms", type=float, required=True)
     p.add_argument("--slo-tpot-ms", type=float, required=True)
     p.add_argument("--gpus", type=int, required=True, help="GPUs (or CPU instance slots) to split")
@@ -38,7 +40,8 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     how = p.add_mutually_exclusive_group()
     how.add_argument("--calibrate-from", metavar="METRICS_URL",
                      help="a running cluster's router /metrics: scale the profile's step times by how much longer "
-                          "that cluster's steps took than the profile predicts for them (as the adaptive split does)")
+                          "that cluster's steps took than the profile predicts for them (as the adaptive split does; "
+                          "with several --profile, the first is the one the cluster runs, and every one is scaled)")
     how.add_argument("--step-scale", type=float,
                      help="scale the profile's step times by this factor (e.g. the adaptive split's logged slowdown)")
     p.add_argument("--seed", type=int, default=0)
@@ -99,11 +102,20 @@ def _step_scale(args: argparse.Namespace, prof: EngineProfile) -> float:
 
 
 def plan_main(args: argparse.Namespace) -> int:
-    from planner.plan import SLO, format_ranking, poisson_workload, rank_splits, trace_workload, yaml_fragment
+    from planner.plan import (
+        SLO,
+        format_ranking,
+        poisson_workload,
+        rank_splits,
+        rank_tp_choices,
+        trace_workload,
+        yaml_fragment,
+    )
     from planner.profile import EngineProfile
 
     try:
-        prof = EngineProfile.load(args.profile)
+        profs = [EngineProfile.load(path) for path in args.profile]
+        prof = profs[0]
         if args.trace:
             arrivals = trace_workload(args.trace, prof.max_model_len, args.trace_limit, args.trace_speed)
         elif None in (args.input_len, args.output_len, args.rate):
@@ -111,18 +123,26 @@ def plan_main(args: argparse.Namespace) -> int:
         else:
             arrivals = poisson_workload(args.rate, _length(args.input_len), _length(args.output_len),
                                         args.num_requests, args.seed)
-        instances = args.gpus // prof.tensor_parallel_size
+        instances = args.gpus // min(p.tensor_parallel_size for p in profs)
         if instances < 1:
             raise ValueError(f"--gpus {args.gpus} holds no instance of tensor_parallel_size "
-                             f"{prof.tensor_parallel_size}")
+                             f"{min(p.tensor_parallel_size for p in profs)}")
         slo = SLO(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
         scale = _step_scale(args, prof)
+        if scale != 1.0:
+            profs = [dataclasses.replace(p, step=p.step.scaled(scale)) for p in profs]
+        if len(profs) == 1:
+            preds = rank_splits(profs[0], arrivals, instances, slo)
+        else:
+            models = {p.model for p in profs}
+            if len(models) > 1:  # NOTE: a warning, not an error: dummy-weight profiles name temporary directories
+                print(f"pdserve plan: warning: the profiles name different models ({', '.join(sorted(models))}); "
+                      "TP choices compare one model", file=sys.stderr)
+            preds = rank_tp_choices(profs, arrivals, args.gpus, slo)
     except (ValueError, OSError, KeyError) as e:
         print(f"pdserve plan: {e}", file=sys.stderr)
         return 2
-    if scale != 1.0:
-        prof = dataclasses.replace(prof, step=prof.step.scaled(scale))
-    preds = rank_splits(prof, arrivals, instances, slo)
     print(format_ranking(preds, slo))
-    print(f"\nrecommended ({preds[0].split.name()}):\n{yaml_fragment(preds[0].split, prof)}")
+    best = preds[0]
+    print(f"\nrecommended ({best.name()}):\n{yaml_fragment(best.split, prof, best.prefill_tp, best.decode_tp)}")
     return 0
