@@ -49,3 +49,17 @@ def test_rescoring_needs_per_request_rows(tmp_path: pathlib.Path) -> None:
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "compare_goodput.py"), str(path), str(path),
                           "--slo-tpot-ms", "10"], capture_output=True, text=True)
     assert out.returncode != 0 and "no per-request rows" in out.stderr
+
+
+def test_the_ratio_comes_with_its_counting_interval(tmp_path: pathlib.Path) -> None:
+    d, a, j = tmp_path / "d.json", tmp_path / "a.json", str(tmp_path / "cmp.json")
+    # 90 of 100 requests in SLO in each run, over the same 10 s: ratio 1, uncertain by the count alone (the
+    # helper's summary counts every OK request as good; the interval recounts them against the SLOs)
+    sweep(d, [(0.1, 0.01, "OK")] * 90 + [(0.9, 0.01, "OK")] * 10, elapsed_s=10.0)
+    sweep(a, [(0.1, 0.01, "OK")] * 90 + [(0.1, 0.09, "OK")] * 10, elapsed_s=10.0)
+    (row,) = compare(str(d), str(a), "--json", j)["rows"]
+    lo, hi = row["ratio_ci95"]
+    assert row["ratio"] == 1.0 and 0.88 < lo < 0.97 and 1.03 < hi < 1.13, (lo, hi)
+    assert "| 4 | 10.00 | 10.00 | 1.000 (" in compare(str(d), str(a), "--json", j)["stdout"]
+    (row,) = compare(str(d), str(a), "--json", j, "--bootstrap", "0")["rows"]
+    assert row["ratio_ci95"] is None
