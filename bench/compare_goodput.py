@@ -43,8 +43,9 @@ def _load(path: str, slo_ttft_s: float | None = None, slo_tpot_s: float | None =
                    "tpot_s": slo_tpot_s if slo_tpot_s is not None else summary["slo"]["tpot_s"]}
             summary.update(slo=slo)
             summary.update(goodput=sum(_in_slo(run["requests"], slo)) / summary["elapsed_s"])
-        if "requests" in run:
-            summary["in_slo"] = _in_slo(run["requests"], summary["slo"])  # per request, for the interval
+        if "requests" in run:  # per request sent (NOTE: a run's duration may leave some unsent), for the interval
+            sent = [r for r in run["requests"] if r["status"] != "NOT_SENT"]
+            summary["in_slo"] = _in_slo(sent, summary["slo"])
         out[run["rate"]] = summary
     return out
 

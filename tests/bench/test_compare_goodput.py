@@ -54,8 +54,9 @@ def test_rescoring_needs_per_request_rows(tmp_path: pathlib.Path) -> None:
 def test_the_ratio_comes_with_its_counting_interval(tmp_path: pathlib.Path) -> None:
     d, a, j = tmp_path / "d.json", tmp_path / "a.json", str(tmp_path / "cmp.json")
     # 90 of 100 requests in SLO in each run, over the same 10 s: ratio 1, uncertain by the count alone (the
-    # helper's summary counts every OK request as good; the interval recounts them against the SLOs)
-    sweep(d, [(0.1, 0.01, "OK")] * 90 + [(0.9, 0.01, "OK")] * 10, elapsed_s=10.0)
+    # helper's summary counts every OK request as good; the interval recounts them against the SLOs); requests a
+    # run never sent are not resampled
+    sweep(d, [(0.1, 0.01, "OK")] * 90 + [(0.9, 0.01, "OK")] * 10 + [(None, None, "NOT_SENT")] * 50, elapsed_s=10.0)
     sweep(a, [(0.1, 0.01, "OK")] * 90 + [(0.1, 0.09, "OK")] * 10, elapsed_s=10.0)
     (row,) = compare(str(d), str(a), "--json", j)["rows"]
     lo, hi = row["ratio_ci95"]
