@@ -178,7 +178,7 @@ def yaml_fragment(split: Split, profile: EngineProfile, prefill_tp: int = 0, dec
 
 
 def format_ranking(preds: list[SplitPrediction], slo: SLO) -> str:
-    width = max(44, *(len(p.name()) for p in preds))
+    width = max([44, *(len(p.name()) for p in preds)])
     rows = [f"{'split':{width}s} {'goodput req/s':>13s} {'in SLO':>7s} {'p90 TTFT ms':>11s} {'p90 TPOT ms':>11s}"]
     for p in preds:
         rows.append(f"{p.name():{width}s} {p.goodput_rps:13.2f} {p.attainment:7.1%} {1e3 * p.p90_ttft_s:11.1f} "
