@@ -28,7 +28,11 @@ from tests.model_factory import hf_greedy, make_tiny_model, random_prompts
 pytestmark = pytest.mark.slow
 OUTPUT = 16
 SHORT, LONG = 16, 600  # prompt tokens of each phase
-MOVE_WITHIN_S = 60.0
+# The move within MOVE_WITHIN_S of the change; the load goes on AFTER_S after it, so recovery is judged within 60 s
+# of the change (issue 21); it counts the long prompts sent from SETTLE_S after the move. NOTE: the
+# instance that stays decode keeps the long prompts queued on it before the move: on 2 shared cores they took
+# ~5 s to drain (TTFT p90 2.1 s in the first seconds after a move, 0.4 s at the median).
+MOVE_WITHIN_S, AFTER_S, SETTLE_S = 35.0, 25.0, 8.0
 
 
 @dataclass
@@ -118,11 +122,13 @@ def test_long_prompts_move_an_instance_to_prefill(tmp_path: pathlib.Path) -> Non
     prof.save(tmp_path / "profile.json")
     # SLOs and the long phase's rate from the profile: TPOT 1.5x a decode step of 4 rows at the long context (a
     # step that also carries a 256-token prompt chunk is several times that); TTFT 6x the long prompt's prefill
-    # alone; long prompts at 50% of what one prefill instance can take (at most 3/s).
+    # alone; long prompts at 50% of what one prefill instance can take by the profile, at most 2/s (NOTE: the cluster
+    # on 2 shared cores prefills up to ~2x slower than the profile: at 3/s its one prefill instance ran ~90% busy
+    # after the move and its backlog kept TTFT over the SLO, 25% -> 42% in a CI run of 2026-12-01).
     decode_step = prof.decode_step_seconds(4, LONG + OUTPUT)
     prefill = prof.prefill_seconds(LONG)
     slo_ttft_s, slo_tpot_s = 6 * prefill, 1.5 * decode_step
-    long_rate = min(3.0, max(0.5, 0.5 / prefill))
+    long_rate = min(2.0, max(0.5, 0.5 / prefill))
     prompts = {"short": random_prompts(200, [SHORT], 512, seed=71), "long": random_prompts(300, [LONG], 512, seed=72)}
     edits = {"pools": {"prefill": {"replicas": 0}, "decode": {"replicas": 2}},
              "adaptive": {"enabled": True, "profile": str(tmp_path / "profile.json"),
@@ -145,13 +151,13 @@ def test_long_prompts_move_an_instance_to_prefill(tmp_path: pathlib.Path) -> Non
                     "\n".join(plans[-12:])
                 time.sleep(1)
             t_moved = time.monotonic() - load.start
-            time.sleep(15)
+            time.sleep(AFTER_S)
             metrics = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
             log_lines = server.log.read_text().splitlines()
         finally:
             load.stop()
     long_before = [r for r in load.sent if r.phase == "long" and r.t < t_moved]
-    long_after = [r for r in load.sent if r.phase == "long" and r.t >= t_moved + 2]
+    long_after = [r for r in load.sent if r.phase == "long" and r.t >= t_moved + SETTLE_S]
     before, after = attainment(long_before, slo_ttft_s, slo_tpot_s), attainment(long_after, slo_ttft_s, slo_tpot_s)
     print(f"moved {t_moved - t_long:.1f} s after the change; SLO attainment of long prompts before {before:.0%} "
           f"({len(long_before)}), after {after:.0%} ({len(long_after)}); SLOs TTFT {1e3 * slo_ttft_s:.0f} ms, "
@@ -168,9 +174,9 @@ def test_long_prompts_move_an_instance_to_prefill(tmp_path: pathlib.Path) -> Non
     assert plans and all("; measured " in line and "% of " in line for line in plans[-3:]), plans[-3:]
     mismatches = [r.t for r in load.sent if r.ok and list(r.tokens) != hf_greedy(model, r.prompt, OUTPUT)]
     assert mismatches == [], f"{len(mismatches)} outputs differ from transformers (sent at {mismatches} s)"
-    # Recovery: the long prompts sent from 2 s after the move on (the 15 s the test keeps the load up, so within
-    # 60 s of the change in all) meet the SLOs at least 70% of the time, and either 25 points more often than those
-    # the aggregated pair served before it or at least 90% of the time (a controller that moved early, before the
+    # Recovery: the long prompts sent from SETTLE_S after the move on (the AFTER_S the test keeps the load up, so
+    # within 60 s of the change in all) meet the SLOs at least 70% of the time, and either 25 points more often than
+    # those the aggregated pair served before it or at least 90% of the time (a controller that moved early, before the
     # pair's backlog grew, leaves less to recover: 80% -> 100% in one CI run). NOTE: the controller plans on the
     # cluster's measured step times (adaptive.calibrate_step_time), which these 2 shared cores run 1.0-2.9x the
     # profile's; on the profile's alone (and a TPOT SLO of 1.2x) it saw 2 aggregated within a few percent of
