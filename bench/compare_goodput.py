@@ -41,8 +41,7 @@ def _load(path: str, slo_ttft_s: float | None = None, slo_tpot_s: float | None =
                 raise SystemExit(f"{path}: rate {run['rate']} has no per-request rows to re-score against new SLOs")
             slo = {"ttft_s": slo_ttft_s if slo_ttft_s is not None else summary["slo"]["ttft_s"],
                    "tpot_s": slo_tpot_s if slo_tpot_s is not None else summary["slo"]["tpot_s"]}
-            summary.update(slo=slo)
-            summary.update(goodput=sum(_in_slo(run["requests"], slo)) / summary["elapsed_s"])
+            summary.update(slo=slo, goodput=sum(_in_slo(run["requests"], slo)) / summary["elapsed_s"])
         if "requests" in run:  # per request sent (NOTE: a run's duration may leave some unsent), for the interval
             sent = [r for r in run["requests"] if r["status"] != "NOT_SENT"]
             summary["in_slo"] = _in_slo(sent, summary["slo"])

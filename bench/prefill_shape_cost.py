@@ -50,6 +50,16 @@ def summary(xs: list[float]) -> dict[str, float]:
             "max_ms": 1e3 * xs[-1]}
 
 
+def report(results: dict[str, dict[str, object]], mode: str, first: list[float], again: list[float],
+           first_name: str, again_name: str) -> None:
+    """Record a mode's first and repeated timings in `results` and print them."""
+    f, a = summary(first), summary(again)
+    ratio = statistics.median(first) / statistics.median(again)
+    results[mode] = {"first": f, "again": a, "first_over_again": ratio}
+    print(f"{mode}: {first_name} {f['median_ms']:.1f} ms median (p90 {f['p90_ms']:.1f}, max {f['max_ms']:.1f}); "
+          f"{again_name} {a['median_ms']:.1f} ms median (max {a['max_ms']:.1f}): {ratio:.2f}x", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama3-8b", help="pdserve/dummy_model.py shape")
@@ -61,6 +71,8 @@ def main() -> None:
     ap.add_argument("--buckets", type=int, default=8, help="buckets whose first padded prompt is timed (<= 10)")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
+    if not 0 <= args.buckets <= 10 or args.bucket < 16:
+        raise SystemExit("--buckets must be in 0..10 (their lengths stay under --base) and --bucket at least 16")
     model = write_dummy_model(tempfile.mkdtemp(), args.shape)
     modes = {"dense, exact lengths": ("1", "0"), f"dense, padded to {args.bucket}": ("1", str(args.bucket)),
              "paged (dense off)": ("0", "0")}
@@ -74,9 +86,6 @@ def main() -> None:
     vocab = engine.info.vocab_size
     rng = random.Random(0)
     results: dict[str, dict[str, object]] = {}
-    if not 0 <= args.buckets <= 10 or args.bucket < 16:
-        engine.shutdown()
-        raise SystemExit("--buckets must be in 0..10 (their lengths stay under --base) and --bucket at least 16")
     try:
         if args.buckets:
             os.environ["PDSERVE_DENSE_PREFILL"], os.environ["PDSERVE_DENSE_PREFILL_BUCKET"] = "1", str(args.bucket)
@@ -85,12 +94,8 @@ def main() -> None:
                 n = (k + 2) * args.bucket - 1 - k  # padded up to (k + 2) buckets; never a multiple of one
                 first.append(timed_prefill(engine, f"b-{k}-a", [rng.randrange(3, vocab) for _ in range(n)]))
                 again.append(timed_prefill(engine, f"b-{k}-b", [rng.randrange(3, vocab) for _ in range(n - 1)]))
-            mode = f"dense, padded to {args.bucket}: a bucket's first prompt after the warm-up"
-            results[mode] = {"first": summary(first), "again": summary(again),
-                             "first_over_again": statistics.median(first) / statistics.median(again)}
-            f, a = results[mode]["first"], results[mode]["again"]
-            print(f"{mode}: {f['median_ms']:.1f} ms median (max {f['max_ms']:.1f}); a second prompt of the bucket "
-                  f"{a['median_ms']:.1f} ms median: {results[mode]['first_over_again']:.2f}x", flush=True)
+            report(results, f"dense, padded to {args.bucket}: a bucket's first prompt after the warm-up", first,
+                   again, "a bucket's first padded prompt", "a second prompt of the bucket")
         for m, (mode, (dense, bucket)) in enumerate(modes.items()):
             os.environ["PDSERVE_DENSE_PREFILL"], os.environ["PDSERVE_DENSE_PREFILL_BUCKET"] = dense, bucket
             first, again = [], []
@@ -98,12 +103,7 @@ def main() -> None:
                 n = args.base + (len(modes) * i + m) * args.stride
                 first.append(timed_prefill(engine, f"{m}-{i}-a", [rng.randrange(3, vocab) for _ in range(n)]))
                 again.append(timed_prefill(engine, f"{m}-{i}-b", [rng.randrange(3, vocab) for _ in range(n)]))
-            results[mode] = {"first": summary(first), "again": summary(again),
-                             "first_over_again": statistics.median(first) / statistics.median(again)}
-            f, a = results[mode]["first"], results[mode]["again"]
-            print(f"{mode}: a new length {f['median_ms']:.1f} ms median (p90 {f['p90_ms']:.1f}, max "
-                  f"{f['max_ms']:.1f}); the same length again {a['median_ms']:.1f} ms median (max "
-                  f"{a['max_ms']:.1f}): {results[mode]['first_over_again']:.2f}x", flush=True)
+            report(results, mode, first, again, "a new length", "the same length again")
     finally:
         engine.shutdown()
     if args.json:
