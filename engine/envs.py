@@ -94,6 +94,10 @@ PDSERVE_STEP_TRACE: Switch[str | None] = Switch(
     "PDSERVE_STEP_TRACE", None, "a directory: every engine writes each work step (start, wall time, KV connector "
     "poll time, shape) to steps-PID.jsonl there (engine/step_trace.py; unset: off)", parse_str)
 
+PDSERVE_STEP_PROFILE: Switch[int] = Switch(
+    "PDSERVE_STEP_PROFILE", 0, "N: every engine cProfiles its first N served steps and writes one report per step "
+    "to PDSERVE_STEP_TRACE's directory (engine/step_profile.py; 0: off)", parse_count)
+
 SWITCHES: tuple[Switch, ...] = (PDSERVE_PDL, PDSERVE_FUSED_OPS, PDSERVE_SKINNY_GEMM, PDSERVE_DENSE_PREFILL,
                                 PDSERVE_DENSE_PREFILL_BUCKET, TRITON_INTERPRET, RAY_ADDRESS, PDSERVE_RUNTIME_DIR,
-                                PDSERVE_NODE_IP, PDSERVE_STEP_TRACE)
+                                PDSERVE_NODE_IP, PDSERVE_STEP_TRACE, PDSERVE_STEP_PROFILE)

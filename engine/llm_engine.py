@@ -38,6 +38,7 @@ from engine.request import Request, RequestStatus
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
+from engine.step_profile import StepProfile
 from engine.step_trace import StepTrace
 from engine.step_work import StepWorkMeter
 from engine.stepper import SyncStepper
@@ -57,6 +58,7 @@ class LLMEngine:
         self.remote: RemoteKV | None = None
         self._kv_ranks: Any = None  # the connector's worker parts (KVRanks), kept for replace_kv_connector
         self.step_trace: StepTrace | None = None  # PDSERVE_STEP_TRACE, set after the warm-up
+        self.step_profile: StepProfile | None = None  # PDSERVE_STEP_PROFILE, likewise
         self._start_state()
         self.warmup: WarmupReport | None = None  # what the warm-up ran (config.warmup), for logs and tests
         if config.warmup:
@@ -71,6 +73,7 @@ class LLMEngine:
         # NOTE: after the warm-up, whose steps are not serving's
         self.step_trace = StepTrace.from_env({"model": config.model, "connector": type(
             self.remote.connector).__name__ if self.remote is not None else None})
+        self.step_profile = StepProfile.from_env()
 
     def _start_state(self) -> None:
         """The request state, the KV cache's bookkeeping and the counters, as an engine starts serving (after a
@@ -187,6 +190,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """schedule -> run -> postprocess. Returns the outputs produced since the last call: this step's, or
         with async scheduling the previous step's."""
+        profile = self.step_profile if self.step_profile is not None and self.step_profile.active else None
+        if profile is not None:
+            profile.begin()
         t0 = time.perf_counter()
         self.work.step_started(t0)
         outputs, self._outputs = self._outputs, []
@@ -210,6 +216,8 @@ class LLMEngine:
                 self.step_trace.record(t0, took, polled, shape)
         elif waits:
             self.work.add_wait(time.perf_counter() - t0)
+        if profile is not None:
+            profile.end(time.perf_counter() - t0, computed=bool(shape is not None and shape[0]))
         return outputs
 
     def _emit(self, request: Request, token: int, pending: bool = False,
@@ -314,6 +322,8 @@ class LLMEngine:
     def shutdown(self) -> None:
         if self.step_trace is not None:
             self.step_trace.close()
+        if self.step_profile is not None:
+            self.step_profile.close()
         if self.remote is not None:
             self.remote.connector.close()
         self.executor.shutdown()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -52,6 +53,7 @@ class WarmupReport:
     seconds: float = 0.0
     dense_lengths: list[int] = field(default_factory=list)  # padded dense prefill lengths it set out to run
     dense_bucket: int = 0  # PDSERVE_DENSE_PREFILL_BUCKET when it ran them
+    thread: str = ""  # the thread it ran on: serving's steps must run on the same one (instance/worker.py)
 
     def covers(self) -> dict[str, bool]:
         """Which of the shapes it set out to run it ran (tests assert all of them)."""
@@ -100,7 +102,7 @@ class _Recorder:
 def warm_up(engine: LLMEngine, seed: int = 0) -> WarmupReport:
     """Run the warm-up rounds to completion on `engine` (no KV connector attached yet). The caller resets the
     engine's state after."""
-    report = WarmupReport()
+    report = WarmupReport(thread=threading.current_thread().name)
     t0 = time.perf_counter()
     rng = random.Random(seed)
     cfg = engine.config

@@ -40,10 +40,21 @@ class EngineLoop:
         self._sinks: dict[str, Sink] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._setup: tuple[Callable[[], None], Future[None]] | None = None
         self.error: BaseException | None = None
 
-    def start(self) -> EngineLoop:
+    def start(self, setup: Callable[[], None] | None = None, timeout: float | None = None) -> EngineLoop:
+        """Start the thread. `setup` runs on it first, before any step or command, and this returns when it has
+        (re-raising what it raised: the thread then ends without looping). NOTE: for what must happen on the
+        thread that steps the engine: PyTorch keeps some GPU caches per thread (cuDNN's attention plans), so an
+        engine warmed up on another thread builds them again while serving."""
+        if setup is None:
+            self._thread.start()
+            return self
+        done: Future[None] = Future()
+        self._setup = (setup, done)
         self._thread.start()
+        done.result(timeout)
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -72,9 +83,22 @@ class EngineLoop:
 
         return self.call(run)
 
+    @property
+    def thread_name(self) -> str:
+        return self._thread.name
+
     def _run(self) -> None:
         import time
 
+        if self._setup is not None:
+            setup, done = self._setup
+            try:
+                setup()
+            except BaseException as e:
+                self.error = e
+                done.set_exception(e)
+                return
+            done.set_result(None)
         next_periodic = 0.0
         try:
             while not self._stop.is_set():

@@ -72,19 +72,40 @@ class InstanceWorker:
         if role is not None:
             self.role, self.poll_when_idle = role, role == "prefill"
         self.transfer = transfer or TransferConfig()
-        self.engine = LLMEngine(config, kv_connector=NixlConnectorSpec(instance_id, self.role, self.transfer),
-                                rank_launcher=rank_launcher)
-        on_failure = None
-        if on_group_lost is not None and self.engine.executor.ranks:
-            self.engine.executor.watch_ranks(lambda rank, how: on_group_lost(f"TP rank {rank} lost ({how})"))
-            on_failure = lambda e: on_group_lost(f"engine loop failed ({e!r})")  # noqa: E731
-        self.publisher = None if store is None else InstancePublisher.for_engine(
-            store, instance_id, self.role, self.engine, address)
+        self.engine: LLMEngine
+        self.publisher: InstancePublisher | None = None
         self.role_switches = 0
-        self.loop = EngineLoop(self.engine.step, self.engine.has_unfinished_requests, on_idle=self._on_idle,
-                               periodic=self.publisher.tick if self.publisher else None,
-                               after_step=self.publisher.publish_events if self.publisher else None,
-                               on_failure=on_failure, name=f"{self.role}-{instance_id}").start()
+        self._group_lost: Callable[[str], None] | None = None
+
+        def build() -> None:
+            self.engine = LLMEngine(config, kv_connector=NixlConnectorSpec(instance_id, self.role, self.transfer),
+                                    rank_launcher=rank_launcher)
+            if on_group_lost is not None and self.engine.executor.ranks:
+                self.engine.executor.watch_ranks(lambda rank, how: on_group_lost(f"TP rank {rank} lost ({how})"))
+                self._group_lost = on_group_lost
+            if store is not None:
+                self.publisher = InstancePublisher.for_engine(store, instance_id, self.role, self.engine, address)
+
+        self.loop = EngineLoop(lambda: self.engine.step(), lambda: self.engine.has_unfinished_requests(),
+                               on_idle=self._on_idle, periodic=self._tick, after_step=self._publish_events,
+                               on_failure=self._loop_failed, name=f"{self.role}-{instance_id}")
+        # NOTE: the engine is built (and warmed up) on the thread that will step it: PyTorch keeps cuDNN's attention
+        # plans per thread, so a warm-up on this one left the loop thread to build each again on the first prompt
+        # of each padded length. The likely cause of a fresh prefill instance's slow first step on an H200 (70-150
+        # ms against 20-35; docs/performance.md, "A fresh cluster's first request on one H200")
+        self.loop.start(setup=build)
+
+    def _tick(self) -> None:
+        if self.publisher is not None:
+            self.publisher.tick()
+
+    def _publish_events(self) -> None:
+        if self.publisher is not None:
+            self.publisher.publish_events()
+
+    def _loop_failed(self, error: BaseException) -> None:
+        if self._group_lost is not None:
+            self._group_lost(f"engine loop failed ({error!r})")
 
     def _on_idle(self) -> None:
         if self.poll_when_idle:  # NOTE: read every time: a role switch changes it

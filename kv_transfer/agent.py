@@ -99,6 +99,7 @@ class TransferAgent:
                                       kv.tensor.device, cfg.local_copy_for(self.mem_type),
                                       auto=cfg.local_copy is None)
         self.peers: dict[str, str] = {}  # agent_name -> NIXL remote name
+        self.connected: set[str] = set()  # peers whose connection was opened ahead (know/add_peer_metadata)
         self.nixl_reads = NixlReads(self.agent, self.descriptor, cfg, self._peer)
         self.reads: dict[str, InFlightRead] = {}
         self.reported: set[str] = set()  # peers whose read transports were logged
@@ -115,9 +116,21 @@ class TransferAgent:
             self.peers[desc.agent_name] = name
         return name
 
-    def know(self, desc: AgentDescriptor) -> None:
-        """Load a peer's metadata now (e.g. to send it notifications before reading from it)."""
-        self._peer(desc)
+    def know(self, desc: AgentDescriptor, connect: bool = False) -> bool:
+        """Load a peer's metadata now (e.g. to send it notifications before reading from it). `connect`: and open
+        the UCX connection now, off the path of the first message. True when this call opened it."""
+        return self._connect(desc.agent_name, self._peer(desc)) if connect else False
+
+    def _connect(self, agent_name: str, peer: str) -> bool:
+        # NOTE: otherwise the first message sets the connection up on a request's path (with reads by local copy
+        # nothing else connects the two rank-0 agents). Not what makes a fresh prefill instance's first step slow
+        # on an H200: it stayed so with this (docs/performance.md, "A fresh cluster's first request on one H200")
+        if agent_name in self.connected:
+            return False
+        with quiet_stdout():
+            self.agent.make_connection(peer)
+        self.connected.add(agent_name)
+        return True
 
     def meet(self, holder: list[AgentDescriptor]) -> Met:
         """Before any read: ready what a read of the holder's agents (all its TP ranks) needs on this rank: the
@@ -148,11 +161,12 @@ class TransferAgent:
                             type(e).__name__, e)
         return Met(new, failed)
 
-    def add_peer_metadata(self, agent_name: str, metadata_b64: str) -> None:
-        """Learn a peer from its metadata alone (to send it notifications)."""
+    def add_peer_metadata(self, agent_name: str, metadata_b64: str, connect: bool = False) -> bool:
+        """Learn a peer from its metadata alone (to send it notifications); `connect` as in `know`."""
         if agent_name not in self.peers:
             raw = self.agent.add_remote_agent(base64.b64decode(metadata_b64))
             self.peers[agent_name] = raw.decode() if isinstance(raw, bytes) else str(raw)
+        return self._connect(agent_name, self.peers[agent_name]) if connect else False
 
     # ---- reads (decode side) -------------------------------------------------------------------------------
     def start_read(self, xfer_id: str, remotes: list[AgentDescriptor], local_blocks: list[int],

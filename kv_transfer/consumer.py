@@ -139,7 +139,8 @@ class KVConsumer(KVConnector):
             met = self.ranks.call(TransferAgent.meet, peer.agents)
             self.counters["meet_failures"] += sum(m.failed for m in met)
             try:
-                self.agent.know(peer.agents[0])
+                if self.agent.know(peer.agents[0], connect=True):
+                    self.counters["notify_connections"] += 1
             except Exception as e:  # NOTE: start_load tries again and fails the request if it must
                 self.counters["meet_failures"] += 1
                 log.warning("could not load the metadata of %s: %s: %s", peer.agents[0].agent_name,

@@ -49,7 +49,7 @@ class KVProducer(KVConnector):
         self.abandoned: set[str] = set()  # streamed requests whose reader released them before they finished
         self.counters: Counter[str] = Counter()
         for name in ("released", "release_after_free", "streams_abandoned", "bad_messages", "ack_send_failures",
-                     "meet_failures"):
+                     "meet_failures", "notify_connections"):
             self.counters[name] += 0  # NOTE: keys the release thread counts: inserted now, not while read elsewhere
         # NOTE: made now, not on the first stream: its NIXL agent and UCX worker take tens of ms to create (more
         # on a busy host), and on the first request that was the step loop's time, held by the first prompt
@@ -175,14 +175,16 @@ class KVProducer(KVConnector):
                 self._release(raw)
 
     def _learn_readers(self) -> None:
-        """The readers `meet` introduced: their metadata, so that an acknowledgement to one needs no load."""
+        """The readers `meet` introduced: their metadata and a connection, so that an acknowledgement to one needs
+        no load and no connection set-up (`notify_connections`)."""
         while True:
             try:
                 reader = self._meet.get_nowait()
             except queue.Empty:
                 return
             try:
-                self.agent.add_peer_metadata(reader.agent_name, reader.metadata_b64)
+                if self.agent.add_peer_metadata(reader.agent_name, reader.metadata_b64, connect=True):
+                    self.counters["notify_connections"] += 1
             except Exception as e:  # NOTE: the reader's release carries its metadata again
                 self.counters["meet_failures"] += 1
                 log.warning("could not load the metadata of reader %s: %s: %s", reader.agent_name,

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,18 +21,45 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 tcp_fallback_warnings = 0
+REPORT_PREFIX = "pdserve-ucx-"  # then the pid of the process whose agent writes there, then a random part
 _LABEL = re.compile(r'label="[^"\\]*\\n([^"]+)"')
 
 
 def enable_proto_report() -> Path | None:
-    """Ask UCX (before the agent is created) to write its READ protocol choices to a private directory.
-    Leaves an operator's own UCX_PROTO_INFO settings alone (returns None then)."""
+    """Ask UCX (before the agent is created) to write its READ protocol choices to a private directory, named
+    after this process. Leaves an operator's own UCX_PROTO_INFO settings alone (returns None then)."""
     if "UCX_PROTO_INFO" in os.environ or "UCX_PROTO_INFO_DIR" in os.environ:
         return None
-    directory = Path(tempfile.mkdtemp(prefix="pdserve-ucx-"))
+    remove_orphaned_reports()
+    directory = Path(tempfile.mkdtemp(prefix=f"{REPORT_PREFIX}{os.getpid()}-"))
     os.environ["UCX_PROTO_INFO"] = "*get*"
     os.environ["UCX_PROTO_INFO_DIR"] = str(directory)
     return directory
+
+
+def remove_orphaned_reports(parent: Path | None = None) -> int:
+    """Remove the report directories of processes that are gone: an agent removes its own when it closes, but a
+    process killed outright cannot. Returns how many were removed (each logged)."""
+    removed = 0
+    for path in (parent or Path(tempfile.gettempdir())).glob(f"{REPORT_PREFIX}*-*"):
+        pid = path.name[len(REPORT_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            removed += 1
+            log.info("removed %s: UCX protocol reports of process %s, which is gone", path, pid)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # NOTE: another user's process: alive, and not ours to clean
+        return True
+    return True
 
 
 def disable_proto_report(directory: Path | None) -> None:

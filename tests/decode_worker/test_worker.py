@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pathlib
 import queue
+import threading
 import time
 from collections.abc import Iterator
 
@@ -83,3 +84,23 @@ def test_bad_request_is_refused_through_the_future(cluster) -> None:
     q: queue.Queue = queue.Queue()
     decode.generate("ok", [5, 6, 7], GREEDY, q.put).result(10)
     assert len(collect(q)) == 12
+
+
+def test_the_engine_is_warmed_up_on_the_thread_that_steps_it(models: dict[str, pathlib.Path]) -> None:
+    """PyTorch keeps cuDNN's attention plans per thread: a warm-up on the constructing thread left the loop thread
+    to build them again while serving. The worker builds its engine on its loop thread, and a failure there
+    reaches the constructor's caller."""
+    cfg = EngineConfig(model=str(models["llama"]), dtype="float32", kv_cache_memory_bytes=32 << 20, warmup=True)
+    worker = PrefillWorker("p-warm", cfg)
+    try:
+        assert worker.engine.warmup is not None and worker.engine.warmup.steps
+        assert worker.engine.warmup.thread == worker.loop.thread_name == "prefill-p-warm"
+        assert worker.loop.call(lambda: threading.current_thread().name).result(10) == "prefill-p-warm"
+    finally:
+        worker.shutdown()
+    with pytest.raises(ValueError, match="holds 0 blocks"):  # raised by the engine, on the loop thread
+        PrefillWorker("p-bad", EngineConfig(model=str(models["llama"]), kv_cache_memory_bytes=1))
+    deadline = time.monotonic() + 5  # the loop thread ends right after handing the error over
+    while "prefill-p-bad" in {t.name for t in threading.enumerate()}:
+        assert time.monotonic() < deadline, "the failed loop thread is still running"
+        time.sleep(0.01)

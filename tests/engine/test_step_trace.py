@@ -42,3 +42,31 @@ def test_each_step_is_written_with_its_shape(models: dict[str, pathlib.Path], en
 def test_off_by_default(models: dict[str, pathlib.Path], engine_factory, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PDSERVE_STEP_TRACE", raising=False)
     assert engine_factory(models["llama"]).step_trace is None
+
+
+def test_step_profile_writes_one_report_per_served_step(models: dict[str, pathlib.Path], engine_factory,
+                                                          tmp_path: pathlib.Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """PDSERVE_STEP_PROFILE=2: the first two steps that computed tokens each get a cProfile report beside the
+    trace, naming the engine's step; later steps get none."""
+    monkeypatch.setenv("PDSERVE_STEP_TRACE", str(tmp_path))
+    monkeypatch.setenv("PDSERVE_STEP_PROFILE", "2")
+    engine = engine_factory(models["llama"])
+    engine.add_request("a", list(range(5, 25)), SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.shutdown()  # waits for the reports' writer
+    reports = sorted(p.name for p in tmp_path.glob("profile-*.txt"))
+    assert [r.split("-")[-1] for r in reports] == ["step1.txt", "step2.txt"]
+    text = (tmp_path / reports[0]).read_text()
+    assert text.startswith("step wall time ") and "llm_engine.py" in text and "(schedule)" in text
+
+
+def test_step_profile_without_a_trace_directory_is_off(models: dict[str, pathlib.Path], engine_factory,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.delenv("PDSERVE_STEP_TRACE", raising=False)
+    monkeypatch.setenv("PDSERVE_STEP_PROFILE", "3")
+    with caplog.at_level("WARNING"):
+        assert engine_factory(models["llama"]).step_profile is None
+    assert "PDSERVE_STEP_PROFILE=3 is ignored" in caplog.text

@@ -58,6 +58,8 @@ def test_a_pair_met_ahead_serves_its_requests_token_exact(model: pathlib.Path, p
     holder = prefill.call("endpoint")
     c = connector(engine)
     assert c.meet([holder]) == 1 and c.meet([holder]) == 0
+    # rank 0 opened its connection to the holder's rank-0 agent (where releases go) once, ahead of the first one
+    assert c.counters["notify_connections"] == 1
     # NOTE: rank 0 knows the holder's agent (releases), and read it ahead: mapped (local copy) or connected
     agent = c.agent
     name = holder.agents[0].agent_name
@@ -66,8 +68,8 @@ def test_a_pair_met_ahead_serves_its_requests_token_exact(model: pathlib.Path, p
     # a GPU peer with the same heads: its reads go straight to the copies (as after a first read)
     assert (name in agent.local_peers.direct) == (device == "cuda")
     assert prefill.call("meet", [endpoint(engine)]) == 1 and prefill.call("meet", [endpoint(engine)]) == 0
-    counters = wait_counted(prefill, "peers_met", 1)
-    assert (counters["peers_met"], counters["meet_failures"]) == (1, 0)
+    counters = wait_counted(prefill, "notify_connections", 1)
+    assert (counters["peers_met"], counters["meet_failures"], counters["notify_connections"]) == (1, 0, 1)
     assert c.meet([endpoint(engine)]) == 0  # an instance never meets itself
     # a streamed request and a handed-off one, each token-exact
     prompts = random_prompts(2, [37, 50], 512, seed=42)

@@ -1,9 +1,13 @@
-"""The transport UCX really selected for a read path is logged; a TCP fallback is warned about and counted."""
+"""The transport UCX really selected for a read path is logged; a TCP fallback is warned about and counted; the
+reports of a process killed outright are removed by the next agent."""
 
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
+import signal
+import subprocess
 
 import pytest
 
@@ -61,3 +65,36 @@ def test_a_peer_read_by_local_copy_is_logged_as_such_and_not_as_a_ucx_path(
         models["llama"], prompt, 4)
     lines = [r.getMessage() for r in caplog.records if "KV read path" in r.getMessage()]
     assert len(lines) == 1 and "local copy" in lines[0], lines  # before: also "UCX did not report its transports"
+
+
+def test_reports_of_a_killed_process_are_removed_and_a_live_ones_kept(tmp_path: pathlib.Path) -> None:
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        gone = tmp_path / f"{transports.REPORT_PREFIX}{proc.pid}-abc123"
+        gone.mkdir()
+        (gone / "agent_get_0_inf.dot").write_text("x")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        live = tmp_path / f"{transports.REPORT_PREFIX}{os.getpid()}-def456"
+        live.mkdir()
+        other = tmp_path / f"{transports.REPORT_PREFIX}nopid"  # not named by this scheme: left alone
+        other.mkdir()
+        assert transports.remove_orphaned_reports(tmp_path) == 1
+        assert (gone.exists(), live.exists(), other.exists()) == (False, True, True)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_an_agents_report_directory_is_named_after_its_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("UCX_PROTO_INFO", raising=False)
+    monkeypatch.delenv("UCX_PROTO_INFO_DIR", raising=False)
+    directory = transports.enable_proto_report()
+    try:
+        assert directory is not None and directory.name.startswith(f"{transports.REPORT_PREFIX}{os.getpid()}-")
+        assert os.environ["UCX_PROTO_INFO_DIR"] == str(directory)
+    finally:
+        transports.disable_proto_report(directory)
+        if directory is not None:
+            directory.rmdir()
+    assert "UCX_PROTO_INFO_DIR" not in os.environ
