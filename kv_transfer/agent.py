@@ -119,7 +119,8 @@ class TransferAgent:
     def know(self, desc: AgentDescriptor, connect: bool = False) -> bool:
         """Load a peer's metadata now (e.g. to send it notifications before reading from it). `connect`: and open
         the UCX connection now, off the path of the first message. True when this call opened it."""
-        return self._connect(desc.agent_name, self._peer(desc)) if connect else False
+        peer = self._peer(desc)
+        return self._connect(desc.agent_name, peer) if connect else False
 
     def _connect(self, agent_name: str, peer: str) -> bool:
         # NOTE: otherwise the first message sets the connection up on a request's path (with reads by local copy

@@ -151,6 +151,8 @@ def test_long_prompts_move_an_instance_to_prefill(tmp_path: pathlib.Path) -> Non
                     "\n".join(plans[-12:])
                 time.sleep(1)
             t_moved = time.monotonic() - load.start
+            # NOTE: what the controller planned up to the move, for the failure message when the move came late
+            to_move = [line for line in server.log.read_text().splitlines() if "adaptive split:" in line][-15:]
             time.sleep(AFTER_S)
             metrics = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
             log_lines = server.log.read_text().splitlines()
@@ -183,4 +185,5 @@ def test_long_prompts_move_an_instance_to_prefill(tmp_path: pathlib.Path) -> Non
     # 1P+1D and did not move in 1 of 11 runs (docs/performance.md, "The adaptive split through a phase change").
     assert len(long_after) >= 10, len(long_after)
     assert after >= 0.7 and (after >= before + 0.25 or after >= 0.9), \
-        f"no recovery: attainment {before:.0%} -> {after:.0%}"
+        f"no recovery: attainment {before:.0%} -> {after:.0%}; moved {t_moved - t_long:.1f} s after the change, " \
+        "the controller's plans up to the move:\n" + "\n".join(to_move)
