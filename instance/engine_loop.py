@@ -43,7 +43,7 @@ class EngineLoop:
         self._setup: tuple[Callable[[], None], Future[None]] | None = None
         self.error: BaseException | None = None
 
-    def start(self, setup: Callable[[], None] | None = None, timeout: float | None = None) -> EngineLoop:
+    def start(self, setup: Callable[[], None] | None = None) -> EngineLoop:
         """Start the thread. `setup` runs on it first, before any step or command, and this returns when it has
         (re-raising what it raised: the thread then ends without looping). NOTE: for what must happen on the
         thread that steps the engine: PyTorch keeps some GPU caches per thread (cuDNN's attention plans), so an
@@ -54,7 +54,7 @@ class EngineLoop:
         done: Future[None] = Future()
         self._setup = (setup, done)
         self._thread.start()
-        done.result(timeout)
+        done.result()
         return self
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -163,3 +163,25 @@ def test_stop_ends_the_thread_and_commands_left_are_not_run(make_loop, engine: S
     late = loop.call(lambda: 2)
     time.sleep(0.05)
     assert not late.done()  # nothing runs commands any more (the role actors stop the loop last)
+
+
+def test_setup_runs_on_the_loop_thread_before_any_step_and_its_error_reaches_start(engine: ScriptedEngine) -> None:
+    seen: list[tuple[str, int]] = []
+    engine.batches.append([out("a", 1, finished=True)])  # work is waiting before the thread starts
+    loop = EngineLoop(engine.step, engine.has_work, name="test-loop-setup")
+    loop.start(setup=lambda: seen.append((threading.current_thread().name, engine.steps)))
+    try:
+        assert seen == [("test-loop-setup", 0)]  # on the loop thread, before its first step
+        wait_until(lambda: engine.steps == 1, "the step after the setup")
+    finally:
+        loop.stop(WAIT)
+
+    def fail() -> None:
+        raise ValueError("no model")
+
+    broken = EngineLoop(engine.step, engine.has_work, name="test-loop-broken")
+    with pytest.raises(ValueError, match="no model"):
+        broken.start(setup=fail)
+    wait_until(lambda: not alive("test-loop-broken"), "the failed loop's thread to end")
+    assert isinstance(broken.error, ValueError)
+    assert isinstance(broken.call(lambda: 1).exception(WAIT), RuntimeError)  # calls fail, never hang
