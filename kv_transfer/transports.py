@@ -18,6 +18,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from engine.processes import process_alive
+
 log = logging.getLogger(__name__)
 
 tcp_fallback_warnings = 0
@@ -43,23 +45,13 @@ def remove_orphaned_reports(parent: Path | None = None) -> int:
     removed = 0
     for path in (parent or Path(tempfile.gettempdir())).glob(f"{REPORT_PREFIX}*-*"):
         pid = path.name[len(REPORT_PREFIX):].split("-", 1)[0]
-        if not pid.isdigit() or _alive(int(pid)):
+        if not pid.isdigit() or process_alive(int(pid)):
             continue
         shutil.rmtree(path, ignore_errors=True)
         if not path.exists():
             removed += 1
             log.info("removed %s: UCX protocol reports of process %s, which is gone", path, pid)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # NOTE: another user's process: alive, and not ours to clean
-        return True
-    return True
 
 
 def disable_proto_report(directory: Path | None) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine import envs
+from engine.processes import process_alive
 from pdserve.config import MetastoreConfig, ServingConfig
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def find_redis_url(metastore: MetastoreConfig) -> str:
         return metastore.redis_url
     path = cluster_file_of(metastore.namespace)
     info = _read(path)
-    if info is None or not _alive(info.controller_pid):
+    if info is None or not process_alive(info.controller_pid):
         raise ClusterNotFoundError(f"no running cluster: set metastore.redis_url, or start `pdserve serve` with "
                                    f"this configuration first (no live cluster file {path})")
     return info.redis_url
@@ -64,7 +65,7 @@ def write_cluster_file(cfg: ServingConfig, info: ClusterInfo) -> Path:
     path = cluster_file(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     old = _read(path)
-    if old is not None and _alive(old.controller_pid) and old.controller_pid != info.controller_pid:
+    if old is not None and process_alive(old.controller_pid) and old.controller_pid != info.controller_pid:
         log.warning("cluster file %s belongs to another running pdserve serve (pid %d); replacing it: "
                     "`pdserve router` will attach to this cluster", path, old.controller_pid)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -91,7 +92,7 @@ def find_cluster(cfg: ServingConfig) -> ClusterInfo:
     if info is None:
         raise ClusterNotFoundError(f"no running cluster: set metastore.redis_url and ray.address, or start "
                                    f"`pdserve serve` with this configuration first (no cluster file {path})")
-    if not _alive(info.controller_pid):
+    if not process_alive(info.controller_pid):
         raise ClusterNotFoundError(f"no running cluster: the pdserve serve (pid {info.controller_pid}) that wrote "
                                    f"{path} is gone")
     return info
@@ -105,15 +106,3 @@ def _read(path: Path) -> ClusterInfo | None:
     except (OSError, ValueError, TypeError) as e:
         log.warning("ignoring unreadable cluster file %s: %s", path, e)
         return None
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
