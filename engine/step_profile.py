@@ -34,8 +34,7 @@ class StepProfile:
     def __init__(self, directory: str | Path, steps: int) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.remaining = steps
-        self.written = 0
+        self.steps, self.written = steps, 0
         self._profile: cProfile.Profile | None = None
         self._threads: list[threading.Thread] = []
         log.info("profiling the first %d served steps to %s (PDSERVE_STEP_PROFILE)", steps, self.directory)
@@ -50,7 +49,7 @@ class StepProfile:
 
     @property
     def active(self) -> bool:
-        return self.remaining > 0
+        return self.written < self.steps
 
     def begin(self) -> None:
         self._profile = cProfile.Profile()
@@ -64,7 +63,6 @@ class StepProfile:
         profile.disable()
         if not computed:
             return
-        self.remaining -= 1
         self.written += 1
         path = self.directory / f"profile-{os.getpid()}-step{self.written}.txt"
         thread = threading.Thread(target=_write, args=(profile, seconds, path), name="step-profile", daemon=True)

@@ -91,8 +91,8 @@ class InstanceWorker:
                                on_failure=self._loop_failed, name=f"{self.role}-{instance_id}")
         # NOTE: the engine is built (and warmed up) on the thread that will step it: PyTorch keeps cuDNN's attention
         # plans per thread, so a warm-up on this one left the loop thread to build each again on the first prompt
-        # of each padded length. The likely cause of a fresh prefill instance's slow first step on an H200 (70-150
-        # ms against 20-35; docs/performance.md, "A fresh cluster's first request on one H200")
+        # of each padded length: a fresh prefill instance's first step took 88-146 ms against 20-35 on an H200, and
+        # 24-30 ms with this (docs/performance.md, "The engine warmed up on the thread that steps it")
         self.loop.start(setup=build)
 
     def _tick(self) -> None:

@@ -154,8 +154,7 @@ class TransferAgent:
                     self.local_peers.direct[remote.agent_name] = peer
                 continue
             try:
-                with quiet_stdout():
-                    self.agent.make_connection(self._peer(remote))
+                self._connect(remote.agent_name, self._peer(remote))  # NOTE: recorded: `know` will not connect twice
             except Exception as e:
                 failed += 1
                 log.warning("could not connect to %s ahead of its first read: %s: %s", remote.agent_name,
