@@ -168,7 +168,7 @@ class LLMEngine:
         """The prefill of a loading request finished and its router passes the hand-off on: the connector takes
         from it what the stream has not brought yet."""
         if self.remote is not None:
-            self.remote.connector.source_ready(request_id, source)
+            self.remote.source_ready(request_id, source)
 
     def meet_kv_peers(self, peers: list[Any]) -> int:
         """Instances of the other role this one may exchange KV with (KVConnector.meet): how many were new."""
@@ -177,8 +177,9 @@ class LLMEngine:
     def kv_source_lost(self, request_id: str) -> None:
         """The prefill instance computing a loading request's prompt failed (its router saw it): the request is
         prefilled here instead (a failed load, logged and counted)."""
-        if self.remote is not None:
-            self.remote.connector.source_lost(request_id)
+        if self.remote is not None and (request := self.remote.source_lost(request_id)) is not None:
+            request.status = RequestStatus.WAITING
+            self.scheduler.add(request)
 
     def has_unfinished_requests(self) -> bool:
         """True while any request is queued, running or loading its KV, or a cancelled read is still in flight

@@ -13,6 +13,9 @@ that work away and fail the request. Each step starts the pending loads in order
 free block per running request for its next token (or starting it would preempt, i.e. recompute, one of them).
 A load that waits past the prefill side's lease finds its source released and is prefilled here instead (the
 failed-load path, counted as a fallback). Counted: `kv_loads_queued` (loads that had to wait).
+What the router says of a waiting load's prefill applies to it too: a finished prefill's hand-off is kept for
+when the load starts (`source_ready`), and a failed prefill ends the wait (`source_lost`: prefilled here,
+counted as a fallback). NOTE: the connector knows only loads it started, so it would drop either word.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class RemoteKV:
         # loads waiting for room, sorted by Request.order (class, arrival), each with its source
         self.pending: list[tuple[Request, Any]] = []
         self.loading: set[str] = set()  # requests waiting for their KV (pending or in flight)
+        self.handoffs: dict[str, Any] = {}  # pending loads whose prefill finished: its source, for their start
         self._free_when_stuck = -1  # free blocks when the head of `pending` last found no room
 
     def start_load(self, request: Request, source: Any) -> int:
@@ -82,11 +86,9 @@ class RemoteKV:
             except ValueError as e:
                 log.warning("the KV source of %s was refused after it waited: prefilling it here (%s)",
                             request.request_id, e)
-                self.metrics.count("kv_load_fallbacks")
-                self.metrics.count("kv_load_fallbacks_ValueError")
+                self._fall_back(request, "ValueError")
                 started = 0
                 refused.append(request)
-                self.loading.discard(request.request_id)
             if started is None:
                 self._free_when_stuck = self.kv.pool.num_free_blocks
                 return refused
@@ -103,15 +105,53 @@ class RemoteKV:
             return None
         request.num_cached_tokens, request.num_cached_blocks = len(hits) * bs, len(hits)
         try:
-            return self.connector.start_load(request, source, len(hits))
+            loading = self.connector.start_load(request, source, len(hits))
         except BaseException:
             self.kv.free(request)
             raise
+        handoff = self.handoffs.pop(request.request_id, None)
+        if handoff is not None:
+            self.connector.source_ready(request.request_id, handoff)
+        return loading
+
+    def source_ready(self, request_id: str, source: Any) -> None:
+        """The router passes on a loading request's finished source: kept for a load still waiting for room,
+        else for the connector."""
+        if self._waiting(request_id) is None:
+            self.connector.source_ready(request_id, source)
+        else:
+            self.handoffs[request_id] = source
+
+    def source_lost(self, request_id: str) -> Request | None:
+        """The prefill computing a loading request's prompt failed. A load still waiting for room is dropped and
+        its request returned, to be prefilled here (a fallback, logged and counted); a started one is the
+        connector's to fail (its `poll` reports it)."""
+        i = self._waiting(request_id)
+        if i is None:
+            self.connector.source_lost(request_id)
+            return None
+        request, _ = self.pending.pop(i)
+        log.warning("request %s: its prefill failed while its KV load waited for room: prefilling it here",
+                    request_id)
+        self._fall_back(request, "PrefillLost")
+        return request
+
+    def _waiting(self, request_id: str) -> int | None:
+        return next((i for i, (r, _) in enumerate(self.pending) if r.request_id == request_id), None)
+
+    def _fall_back(self, request: Request, why: str) -> None:
+        """A load that never started: its request is prefilled here (the caller schedules it)."""
+        self.loading.discard(request.request_id)
+        self.handoffs.pop(request.request_id, None)
+        request.kv_load_failed = True
+        self.metrics.count("kv_load_fallbacks")
+        self.metrics.count(f"kv_load_fallbacks_{why}")
 
     def cancel_load(self, request: Request) -> None:
         """An aborted request that was waiting for its KV (or one its first token finished): free its blocks, or
         quarantine them while a read may still write into them (or, if its load had not started, forget it)."""
         self.loading.discard(request.request_id)
+        self.handoffs.pop(request.request_id, None)
         for i, (waiting, _) in enumerate(self.pending):
             if waiting is request:
                 del self.pending[i]

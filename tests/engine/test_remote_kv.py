@@ -257,3 +257,48 @@ def run_to_completion_outputs(engine: LLMEngine) -> list:
     while engine.has_unfinished_requests():
         outs += [o for o in engine.step() if o.finished]
     return outs
+
+
+class ReadyRecorder(ScriptedConnector):
+    """Also records what the engine passes on of a load's source (the router's word on its prefill)."""
+
+    def __init__(self, hold: bool) -> None:
+        super().__init__(hold)
+        self.ready: list[tuple[str, Any]] = []
+        self.lost: list[str] = []
+
+    def source_ready(self, request_id: str, source: Any) -> None:
+        self.ready.append((request_id, source))
+
+    def source_lost(self, request_id: str) -> None:
+        self.lost.append(request_id)
+
+
+def test_the_router_s_word_on_a_waiting_load_is_kept_or_ends_the_wait(make, models: dict[str, pathlib.Path]) -> None:
+    engine, _ = make(hold=False)
+    assert engine.remote is not None
+    conn = engine.remote.connector = ReadyRecorder(hold=False)
+    assert engine.add_request("y", list(range(3, 255)), GREEDY, kv_source="src") == 16  # the whole cache
+    lost_prompt = random_prompts(1, [40], 512, seed=8)[0]
+    assert engine.add_request("z", list(range(3, 100)), GREEDY, kv_source="stream-z") == 0  # waits for room
+    assert engine.add_request("w", lost_prompt, GREEDY, kv_source="stream-w") == 0
+    # a started load: both words go to the connector
+    engine.kv_source_ready("y", "handoff-y")
+    engine.kv_source_lost("y")
+    assert conn.ready == [("y", "handoff-y")] and conn.lost == ["y"]
+    # a waiting load's hand-off is kept for its start (NOTE: the connector knows no such load yet)
+    engine.kv_source_ready("z", "handoff-z")
+    assert conn.ready == [("y", "handoff-y")] and engine.remote.handoffs == {"z": "handoff-z"}
+    # a waiting load whose prefill failed stops waiting: prefilled here at once, counted, no connector call
+    engine.kv_source_lost("w")
+    assert conn.lost == ["y"] and [r.request_id for r, _ in engine.remote.pending] == ["z"]
+    assert engine.metrics.snapshot().counters["kv_load_fallbacks_PrefillLost"] == 1
+    assert engine.requests["w"].kv_load_failed
+    engine.abort_request("y")  # its 16 blocks come back: z's load starts, with its hand-off
+    engine.step()
+    assert conn.loads["z"] == ([15, 14, 13, 12, 11, 10, 9], 0)
+    assert conn.ready == [("y", "handoff-y"), ("z", "handoff-z")] and not engine.remote.handoffs
+    conn.next.loaded.append(LoadDone("z", 7))
+    done = run_to_completion(engine)
+    assert done["w"] == hf_greedy(models["llama"], lost_prompt, 4)  # prefilled here, while z waited
+    assert len(done["z"]) == 4
