@@ -174,6 +174,11 @@ class KVConsumer(KVConnector):
     def source_lost(self, request_id: str) -> None:
         if request_id in self.pulls:
             self._fail(request_id, PeerGoneError("its prefill instance failed (reported by the router)"))
+            return
+        # NOTE: its pull ended already (the stream brought everything before the prefill call failed), or, were
+        # the router's calls to reach this instance out of order, has not started: said, so a slow request shows it
+        self.counters["source_lost_without_pull"] += 1
+        log.info("request %s: its prefill failed (reported by the router) with no KV pull of it here", request_id)
 
     def poll(self) -> KVConnectorEvents:
         if not self.pulls and not self.unsettled and not self.early and time.monotonic() > self._flush_until:
