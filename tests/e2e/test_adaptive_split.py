@@ -118,7 +118,12 @@ def test_long_prompts_move_an_instance_to_prefill(tmp_path: pathlib.Path) -> Non
     import torch
 
     torch.set_num_threads(1)  # NOTE: as a Ray actor without CPUs runs its engine
-    prof = profile_engine(cfg.pool_engine("decode"))
+    # NOTE: the faster of two profiles. One taken while the machine was still busy (a cluster going down) ran 2.5x
+    # slow (a 600-token prefill 448 ms, against 136-202 ms quiet): the SLOs and the long phase derived from it were
+    # so loose that 2 aggregated met 91% of them, the plans hovered between the two splits, and the move came only
+    # 30 s after the change (of the 35 s allowed)
+    profiles = [profile_engine(cfg.pool_engine("decode")) for _ in range(2)]
+    prof = min(profiles, key=lambda p: p.prefill_seconds(LONG))
     prof.save(tmp_path / "profile.json")
     # SLOs and the long phase's rate from the profile: TPOT 1.5x a decode step of 4 rows at the long context (a
     # step that also carries a 256-token prompt chunk is several times that); TTFT 6x the long prompt's prefill
@@ -161,9 +166,11 @@ def test_long_prompts_move_an_instance_to_prefill(tmp_path: pathlib.Path) -> Non
     long_before = [r for r in load.sent if r.phase == "long" and r.t < t_moved]
     long_after = [r for r in load.sent if r.phase == "long" and r.t >= t_moved + SETTLE_S]
     before, after = attainment(long_before, slo_ttft_s, slo_tpot_s), attainment(long_after, slo_ttft_s, slo_tpot_s)
-    print(f"moved {t_moved - t_long:.1f} s after the change; SLO attainment of long prompts before {before:.0%} "
-          f"({len(long_before)}), after {after:.0%} ({len(long_after)}); SLOs TTFT {1e3 * slo_ttft_s:.0f} ms, "
-          f"TPOT {1e3 * slo_tpot_s:.1f} ms; {spread('before', long_before)}; {spread('after', long_after)}")
+    print(f"profiles: a {LONG}-token prefill {', '.join(f'{1e3 * p.prefill_seconds(LONG):.0f}' for p in profiles)} "
+          f"ms (the faster kept); moved {t_moved - t_long:.1f} s after the change; SLO attainment of long prompts "
+          f"before {before:.0%} ({len(long_before)}), after {after:.0%} ({len(long_after)}); SLOs TTFT "
+          f"{1e3 * slo_ttft_s:.0f} ms, TPOT {1e3 * slo_tpot_s:.1f} ms; {spread('before', long_before)}; "
+          f"{spread('after', long_after)}")
     assert load.failures == [], load.failures
     # the controller's state on the router's metrics endpoint: the move counted, no failure, its measured slowdown
     values = {s.name: s.value for f in text_string_to_metric_families(metrics) for s in f.samples
