@@ -152,10 +152,10 @@ class RemoteKV:
         quarantine them while a read may still write into them (or, if its load had not started, forget it)."""
         self.loading.discard(request.request_id)
         self.handoffs.pop(request.request_id, None)
-        for i, (waiting, _) in enumerate(self.pending):
-            if waiting is request:
-                del self.pending[i]
-                return
+        i = self._waiting(request.request_id)
+        if i is not None:
+            del self.pending[i]
+            return
         if self.connector.cancel_load(request.request_id):
             self.kv.free(request)
         else:
