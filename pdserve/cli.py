@@ -62,6 +62,8 @@ def _generate(args: argparse.Namespace) -> int:
             return 2
     if args.temperature is not None:
         request.sampling.temperature = args.temperature
+    if args.ignore_eos:
+        request.sampling.ignore_eos = True
     from pdserve import client_channel
 
     try:
@@ -145,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--prompt", help="prompt text (the router tokenizes it)")
     what.add_argument("--token-ids", help="prompt token ids, comma-separated")
     gen.add_argument("--max-tokens", type=int, default=16)
-    gen.add_argument("--temperature", type=float)
+    gen.add_argument("--temperature", type=float, help="0 is greedy (default: the server's, 1.0)")
+    gen.add_argument("--ignore-eos", action="store_true",
+                     help="generate exactly --max-tokens tokens, past the end-of-sequence token")
     gen.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
     from pdserve.client_channel import add_arguments as add_channel_arguments
 
