@@ -144,6 +144,9 @@ class LLMEngine:
             raise ValueError("this engine has no KV connector to load a prompt's KV with")
         else:
             loading = self.remote.start_load(request, kv_source)
+            if loading is None:  # NOTE: its prefill failed before it came (RemoteKV.early): computed here
+                self.scheduler.add(request)
+                loading = 0
         self.requests[request_id] = request
         self.detok[request_id] = detok
         return loading
@@ -167,8 +170,12 @@ class LLMEngine:
     def kv_source_ready(self, request_id: str, source: Any) -> None:
         """The prefill of a loading request finished and its router passes the hand-off on: the connector takes
         from it what the stream has not brought yet."""
-        if self.remote is not None:
+        if self.remote is None:
+            return
+        if request_id in self.requests:
             self.remote.source_ready(request_id, source)
+        else:
+            self.remote.word_before_request(request_id, source)
 
     def meet_kv_peers(self, peers: list[Any]) -> int:
         """Instances of the other role this one may exchange KV with (KVConnector.meet): how many were new."""
@@ -177,7 +184,11 @@ class LLMEngine:
     def kv_source_lost(self, request_id: str) -> None:
         """The prefill instance computing a loading request's prompt failed (its router saw it): the request is
         prefilled here instead (a failed load, logged and counted)."""
-        if self.remote is not None and (request := self.remote.source_lost(request_id)) is not None:
+        if self.remote is None:
+            return
+        if request_id not in self.requests:
+            self.remote.word_before_request(request_id, None)
+        elif (request := self.remote.source_lost(request_id)) is not None:
             request.status = RequestStatus.WAITING
             self.scheduler.add(request)
 
@@ -284,7 +295,8 @@ class LLMEngine:
                               kv.prefix_hits, self.scheduler.num_preemptions, m.steps, m.total_s,
                               m.counters.get("kv_load_fallbacks", 0), *self.finished_totals,
                               kv_loads_queued=m.counters.get("kv_loads_queued", 0),
-                              kv_loads_waiting=len(self.remote.pending) if self.remote else 0, work=self.work.totals())
+                              kv_loads_waiting=len(self.remote.pending) if self.remote else 0, work=self.work.totals(),
+                              kv_words_before_request=m.counters.get("kv_words_before_request", 0))
 
     def stats(self) -> EngineStats:
         sched, kv = self.scheduler, self.kv

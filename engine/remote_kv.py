@@ -16,13 +16,19 @@ failed-load path, counted as a fallback). Counted: `kv_loads_queued` (loads that
 What the router says of a waiting load's prefill applies to it too: a finished prefill's hand-off is kept for
 when the load starts (`source_ready`), and a failed prefill ends the wait (`source_lost`: prefilled here,
 counted as a fallback). NOTE: the connector knows only loads it started, so it would drop either word.
+A word on a request this instance does not have yet is kept a while (`early`, up to EARLY_WORD_TTL_S): Ray does
+not keep an async actor's calls in order, so the router's word can overtake the request it is about. The request
+then starts with it (the hand-off) or is prefilled here at once (a failed prefill), counted as
+`kv_words_before_request`. A word that comes after its request ended is kept too, and expires unused.
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from engine.errors import NoKVSpaceError
@@ -37,6 +43,17 @@ log = logging.getLogger(__name__)
 
 Emit = Callable[[Request, int], RequestOutput]
 
+EARLY_WORD_TTL_S = 60.0  # NOTE: reordered calls arrive within milliseconds; a late word must not pile up
+EARLY_WORDS_MAX = 4096
+
+
+@dataclass(frozen=True)
+class EarlyWord:
+    """The router's word on a request's prefill that came before the request."""
+
+    at: float  # time.monotonic() when it came
+    handoff: Any | None  # the finished prefill's hand-off; None: the prefill failed
+
 
 class RemoteKV:
     def __init__(self, connector: KVConnector, kv: KVCacheManager, scheduler: Scheduler,
@@ -48,17 +65,25 @@ class RemoteKV:
         self.pending: list[tuple[Request, Any]] = []
         self.loading: set[str] = set()  # requests waiting for their KV (pending or in flight)
         self.handoffs: dict[str, Any] = {}  # pending loads whose prefill finished: its source, for their start
+        self.early: dict[str, EarlyWord] = {}  # words on requests not here (yet), oldest first
         self._free_when_stuck = -1  # free blocks when the head of `pending` last found no room
 
     def start_load(self, request: Request, source: Any) -> int:
         """Reserve blocks for the prompt (prefix-cache hits reused) and have the connector load the rest, or,
         without room now, queue the load (`pending`). The request waits outside the scheduler until `apply` sees
-        its load finish. Returns the blocks being loaded (0 while it waits). Raises NoKVSpaceError for a prompt
-        larger than the whole cache, ValueError for a source the connector refuses."""
+        its load finish. Returns the blocks being loaded (0 while it waits), or None when the router said before
+        the request came that its prefill failed: the caller prefills it here (a fallback, counted). Raises
+        NoKVSpaceError for a prompt larger than the whole cache, ValueError for a source the connector refuses."""
         blocks = -(-request.num_prompt_tokens // self.kv.block_size)
         if blocks > self.kv.pool.num_blocks:
             raise NoKVSpaceError(f"the {request.num_prompt_tokens}-token prompt needs {blocks} KV blocks; this "
                                  f"instance's cache has {self.kv.pool.num_blocks}")
+        word = self._early_word(request.request_id) if self.early else None
+        if word is not None:
+            if word.handoff is None:
+                self._fall_back(request, "PrefillLost")
+                return None
+            self.handoffs[request.request_id] = word.handoff
         request.status = RequestStatus.WAITING_FOR_KV
         ahead = self.pending and self.pending[0][0].order <= request.order  # NOTE: no overtaking within a class
         if not ahead:
@@ -125,7 +150,8 @@ class RemoteKV:
     def source_lost(self, request_id: str) -> Request | None:
         """The prefill computing a loading request's prompt failed. A load still waiting for room is dropped and
         its request returned, to be prefilled here (a fallback, logged and counted); a started one is the
-        connector's to fail (its `poll` reports it)."""
+        connector's to fail (its `poll` reports it). The caller passes a word on a request it does not have to
+        `word_before_request` instead."""
         i = self._waiting(request_id)
         if i is None:
             self.connector.source_lost(request_id)
@@ -135,6 +161,24 @@ class RemoteKV:
                     request_id)
         self._fall_back(request, "PrefillLost")
         return request
+
+    def word_before_request(self, request_id: str, handoff: Any | None) -> None:
+        """The router's word on a request this instance does not have: kept for the request's arrival (`handoff`
+        None: its prefill failed). NOTE: not for the connector, which has no load of it."""
+        now = time.monotonic()
+        while self.early and (len(self.early) >= EARLY_WORDS_MAX
+                              or next(iter(self.early.values())).at < now - EARLY_WORD_TTL_S):
+            del self.early[next(iter(self.early))]
+        self.early[request_id] = EarlyWord(now, handoff)
+
+    def _early_word(self, request_id: str) -> EarlyWord | None:
+        word = self.early.pop(request_id, None)
+        if word is None or word.at < time.monotonic() - EARLY_WORD_TTL_S:
+            return None
+        self.metrics.count("kv_words_before_request")
+        log.warning("request %s: the router's word on its prefill (%s) came before the request", request_id,
+                    "failed" if word.handoff is None else "finished")
+        return word
 
     def _waiting(self, request_id: str) -> int | None:
         return next((i for i, (r, _) in enumerate(self.pending) if r.request_id == request_id), None)
