@@ -47,6 +47,6 @@ class EngineCounters:
     output_tokens_finished: int = 0  # their generated tokens
     kv_loads_queued: int = 0  # KV loads that found no room and waited for it (a counter; engine/remote_kv.py)
     kv_loads_waiting: int = 0  # KV loads waiting for room now (a gauge)
-    kv_words_before_request: int = 0  # router's words on a prefill that came before their request (a counter)
+    kv_lost_before_request: int = 0  # failed prefills told before their request came (a counter)
     # what the steps computed and their wall time (tokens / s: the measured token rate)
     work: StepWork = field(default_factory=StepWork)

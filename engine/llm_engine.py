@@ -144,7 +144,7 @@ class LLMEngine:
             raise ValueError("this engine has no KV connector to load a prompt's KV with")
         else:
             loading = self.remote.start_load(request, kv_source)
-            if loading is None:  # NOTE: its prefill failed before it came (RemoteKV.early): computed here
+            if loading is None:  # NOTE: its prefill failed before it came (RemoteKV.lost_early): computed here
                 self.scheduler.add(request)
                 loading = 0
         self.requests[request_id] = request
@@ -170,12 +170,8 @@ class LLMEngine:
     def kv_source_ready(self, request_id: str, source: Any) -> None:
         """The prefill of a loading request finished and its router passes the hand-off on: the connector takes
         from it what the stream has not brought yet."""
-        if self.remote is None:
-            return
-        if request_id in self.requests:
+        if self.remote is not None:
             self.remote.source_ready(request_id, source)
-        else:
-            self.remote.word_before_request(request_id, source)
 
     def meet_kv_peers(self, peers: list[Any]) -> int:
         """Instances of the other role this one may exchange KV with (KVConnector.meet): how many were new."""
@@ -187,7 +183,7 @@ class LLMEngine:
         if self.remote is None:
             return
         if request_id not in self.requests:
-            self.remote.word_before_request(request_id, None)
+            self.remote.lost_before_request(request_id)
         elif (request := self.remote.source_lost(request_id)) is not None:
             request.status = RequestStatus.WAITING
             self.scheduler.add(request)
@@ -296,7 +292,7 @@ class LLMEngine:
                               m.counters.get("kv_load_fallbacks", 0), *self.finished_totals,
                               kv_loads_queued=m.counters.get("kv_loads_queued", 0),
                               kv_loads_waiting=len(self.remote.pending) if self.remote else 0, work=self.work.totals(),
-                              kv_words_before_request=m.counters.get("kv_words_before_request", 0))
+                              kv_lost_before_request=m.counters.get("kv_lost_before_request", 0))
 
     def stats(self) -> EngineStats:
         sched, kv = self.scheduler, self.kv

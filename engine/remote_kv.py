@@ -16,22 +16,24 @@ failed-load path, counted as a fallback). Counted: `kv_loads_queued` (loads that
 What the router says of a waiting load's prefill applies to it too: a finished prefill's hand-off is kept for
 when the load starts (`source_ready`), and a failed prefill ends the wait (`source_lost`: prefilled here,
 counted as a fallback). NOTE: the connector knows only loads it started, so it would drop either word.
-A word on a request this instance does not have yet is kept a while (`early`, up to EARLY_WORD_TTL_S): Ray does
-not keep an async actor's calls in order, so the router's word can overtake the request it is about. The request
-then starts with it (the hand-off) or is prefilled here at once (a failed prefill), counted as
-`kv_words_before_request`. A word that comes after its request ended is kept too, and expires unused.
+A failed prefill's word on a request this instance does not have yet is kept a while (`lost_early`,
+engine/expiring_map.py): Ray does not keep an async actor's calls in order, so the word can overtake the request
+it is about, which is then prefilled here at once when it comes (a fallback, counted as `kv_lost_before_request`
+too). NOTE: a finished prefill's hand-off that comes first is not kept. It only backs up the holder's own stream
+messages, which the connector keeps when they come first; and a client may reuse a request id, so a kept hand-off
+could name the blocks of an earlier prefill of the same id. A stale word of a failed prefill costs at most a
+prefill here.
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from engine.errors import NoKVSpaceError
+from engine.expiring_map import ExpiringMap
 from engine.kv_cache_manager import KVCacheManager
 from engine.kv_connector import KVConnector, KVConnectorEvents
 from engine.metrics import EngineMetrics
@@ -43,16 +45,6 @@ log = logging.getLogger(__name__)
 
 Emit = Callable[[Request, int], RequestOutput]
 
-EARLY_WORD_TTL_S = 60.0  # NOTE: reordered calls arrive within milliseconds; a late word must not pile up
-EARLY_WORDS_MAX = 4096
-
-
-@dataclass(frozen=True)
-class EarlyWord:
-    """The router's word on a request's prefill that came before the request."""
-
-    at: float  # time.monotonic() when it came
-    handoff: Any | None  # the finished prefill's hand-off; None: the prefill failed
 
 
 class RemoteKV:
@@ -65,7 +57,7 @@ class RemoteKV:
         self.pending: list[tuple[Request, Any]] = []
         self.loading: set[str] = set()  # requests waiting for their KV (pending or in flight)
         self.handoffs: dict[str, Any] = {}  # pending loads whose prefill finished: its source, for their start
-        self.early: dict[str, EarlyWord] = {}  # words on requests not here (yet), oldest first
+        self.lost_early: ExpiringMap[bool] = ExpiringMap()  # failed prefills of requests not here (yet)
         self._free_when_stuck = -1  # free blocks when the head of `pending` last found no room
 
     def start_load(self, request: Request, source: Any) -> int:
@@ -78,12 +70,12 @@ class RemoteKV:
         if blocks > self.kv.pool.num_blocks:
             raise NoKVSpaceError(f"the {request.num_prompt_tokens}-token prompt needs {blocks} KV blocks; this "
                                  f"instance's cache has {self.kv.pool.num_blocks}")
-        word = self._early_word(request.request_id) if self.early else None
-        if word is not None:
-            if word.handoff is None:
-                self._fall_back(request, "PrefillLost")
-                return None
-            self.handoffs[request.request_id] = word.handoff
+        if self.lost_early and self.lost_early.pop(request.request_id):
+            self.metrics.count("kv_lost_before_request")
+            log.warning("request %s: the router said its prefill failed before the request came: prefilling it here",
+                        request.request_id)
+            self._fall_back(request, "PrefillLost")
+            return None
         request.status = RequestStatus.WAITING_FOR_KV
         ahead = self.pending and self.pending[0][0].order <= request.order  # NOTE: no overtaking within a class
         if not ahead:
@@ -151,7 +143,7 @@ class RemoteKV:
         """The prefill computing a loading request's prompt failed. A load still waiting for room is dropped and
         its request returned, to be prefilled here (a fallback, logged and counted); a started one is the
         connector's to fail (its `poll` reports it). The caller passes a word on a request it does not have to
-        `word_before_request` instead."""
+        `lost_before_request` instead."""
         i = self._waiting(request_id)
         if i is None:
             self.connector.source_lost(request_id)
@@ -162,23 +154,11 @@ class RemoteKV:
         self._fall_back(request, "PrefillLost")
         return request
 
-    def word_before_request(self, request_id: str, handoff: Any | None) -> None:
-        """The router's word on a request this instance does not have: kept for the request's arrival (`handoff`
-        None: its prefill failed). NOTE: not for the connector, which has no load of it."""
-        now = time.monotonic()
-        while self.early and (len(self.early) >= EARLY_WORDS_MAX
-                              or next(iter(self.early.values())).at < now - EARLY_WORD_TTL_S):
-            del self.early[next(iter(self.early))]
-        self.early[request_id] = EarlyWord(now, handoff)
-
-    def _early_word(self, request_id: str) -> EarlyWord | None:
-        word = self.early.pop(request_id, None)
-        if word is None or word.at < time.monotonic() - EARLY_WORD_TTL_S:
-            return None
-        self.metrics.count("kv_words_before_request")
-        log.warning("request %s: the router's word on its prefill (%s) came before the request", request_id,
-                    "failed" if word.handoff is None else "finished")
-        return word
+    def lost_before_request(self, request_id: str) -> None:
+        """The prefill of a request this instance does not have failed: kept for the request's arrival, and told
+        to the connector (which counts a word on no pull of its own)."""
+        self.lost_early.put(request_id, True)
+        self.connector.source_lost(request_id)
 
     def _waiting(self, request_id: str) -> int | None:
         return next((i for i, (r, _) in enumerate(self.pending) if r.request_id == request_id), None)

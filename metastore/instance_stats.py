@@ -30,7 +30,7 @@ class InstanceStatsRecord:
     kv_lease_expiries: int = 0  # held KV freed because no reader came within its lease (prefill; counter)
     kv_loads_queued: int = 0  # pulls that found no free blocks and waited for them (decode; counter)
     kv_loads_waiting: int = 0  # pulls waiting for free blocks now (decode; gauge)
-    kv_words_before_request: int = 0  # router's words on a streamed prefill that overtook their request (counter)
+    kv_lost_before_request: int = 0  # failed streamed prefills told before their request came (decode; counter)
     kv_streamed_loads: int = 0  # pulls streamed layer group by layer group while their prompt computed (counter)
     kv_stream_tail_seconds: float = 0.0  # streamed pulls: from the first token's news to the last read done (counter)
     kv_local_copy_bytes: int = 0  # of kv_transfer_bytes, copied from same-host peers' mapped memory (decode; counter)

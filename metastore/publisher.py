@@ -148,7 +148,7 @@ class InstancePublisher:
             kv_transfers=kv.get("transfers", 0), kv_transfer_failures=kv.get("fallbacks", 0),
             kv_local_fallbacks=c.kv_load_fallbacks, kv_lease_expiries=kv.get("lease_expired", 0),
             kv_loads_queued=c.kv_loads_queued, kv_loads_waiting=c.kv_loads_waiting,
-            kv_words_before_request=c.kv_words_before_request,
+            kv_lost_before_request=c.kv_lost_before_request,
             kv_streamed_loads=kv.get("streamed", 0), kv_stream_tail_seconds=kv.get("stream_tail_us", 0) / 1e6,
             kv_local_copy_bytes=kv.get("local_copy_bytes", 0),
             kv_local_copy_fallbacks=kv.get("local_copy_fallbacks", 0),

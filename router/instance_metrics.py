@@ -76,8 +76,8 @@ _COUNTERS = (
      "kv_lease_expiries"),
     ("pdserve:kv_loads_queued", "KV pulls that found no free blocks and waited for them (decode instances)",
      "kv_loads_queued"),
-    ("pdserve:kv_words_before_request", "Router's words on a streamed prefill (finished or failed) that came "
-     "before their request, kept for it (decode instances)", "kv_words_before_request"),
+    ("pdserve:kv_lost_before_request", "Streamed prefills whose failure the router told a decode instance before "
+     "their request came there: each prefilled there when it came", "kv_lost_before_request"),
     ("pdserve:kv_streamed_loads", "KV pulls read layer group by layer group while the prompt computed",
      "kv_streamed_loads"),
     ("pdserve:kv_stream_tail_seconds", "Streamed pulls: from the first token's news to the last read's end",

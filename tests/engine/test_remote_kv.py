@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import time
 from collections import Counter
 from typing import Any
 
@@ -305,12 +304,13 @@ def test_the_router_s_word_on_a_waiting_load_is_kept_or_ends_the_wait(make, mode
     assert len(done["z"]) == 4
 
 
-def test_the_router_s_word_before_its_request_is_kept_for_it(make, models: dict[str, pathlib.Path],
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ray may run an async actor's calls out of order, so the router's word on a prefill can come before the
-    request: a failed prefill's request is computed here at once, a finished one's load starts with its
-    hand-off; both counted. Words expire (EARLY_WORD_TTL_S) and are bounded (EARLY_WORDS_MAX)."""
-    from engine import remote_kv
+def test_a_failed_prefill_told_before_its_request_came_is_kept_for_it(make, models: dict[str, pathlib.Path],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray may run an async actor's calls out of order, so the router's word that a request's prefill failed can
+    come before the request: the request is then prefilled here at once, counted. A finished prefill's hand-off
+    that comes first is not kept (it goes to the connector, which has no load of it). Kept words expire
+    (NOTE_TTL_S) and are bounded (MAX_NOTES)."""
+    from engine import expiring_map
 
     engine, _ = make(hold=False)
     assert engine.remote is not None
@@ -318,30 +318,34 @@ def test_the_router_s_word_before_its_request_is_kept_for_it(make, models: dict[
     lost_prompt = random_prompts(1, [40], 512, seed=9)[0]
     engine.kv_source_lost("a")
     engine.kv_source_ready("b", "handoff-b")
-    assert conn.lost == [] and conn.ready == []  # NOTE: the connector has no load of either
-    assert list(engine.remote.early) == ["a", "b"]
+    assert conn.lost == ["a"] and conn.ready == [("b", "handoff-b")]  # NOTE: the connector counts words on no pull
+    assert engine.remote.lost_early.keys() == ["a"]
     assert engine.add_request("a", lost_prompt, GREEDY, kv_source="stream-a") == 0
     assert "a" not in conn.loads and engine.requests["a"].kv_load_failed
     assert engine.add_request("b", list(range(3, 100)), GREEDY, kv_source="stream-b") == 7
-    assert conn.loads["b"] == ([0, 1, 2, 3, 4, 5, 6], 0) and conn.ready == [("b", "handoff-b")]
+    assert conn.loads["b"] == ([0, 1, 2, 3, 4, 5, 6], 0) and conn.ready == [("b", "handoff-b")]  # not again
     counters = engine.metrics.snapshot().counters
-    assert counters["kv_words_before_request"] == 2 and counters["kv_load_fallbacks_PrefillLost"] == 1
-    assert not engine.remote.early and not engine.remote.handoffs
+    assert counters["kv_lost_before_request"] == 1 and counters["kv_load_fallbacks_PrefillLost"] == 1
+    assert not engine.remote.lost_early and not engine.remote.handoffs
     conn.next.loaded.append(LoadDone("b", 7))
     done = run_to_completion(engine)
     assert done["a"] == hf_greedy(models["llama"], lost_prompt, 4) and len(done["b"]) == 4
     # a word past its time is not applied: the load starts as usual
-    engine.remote.early["c"] = remote_kv.EarlyWord(time.monotonic() - remote_kv.EARLY_WORD_TTL_S - 1, None)
+    engine.kv_source_lost("c")
+    monkeypatch.setattr(expiring_map, "NOTE_TTL_S", -1.0)
     assert engine.add_request("c", list(range(200, 217)), GREEDY, kv_source="stream-c") == 2
     assert "c" in conn.loads and not engine.requests["c"].kv_load_failed
-    assert engine.metrics.snapshot().counters["kv_words_before_request"] == 2
+    assert engine.metrics.snapshot().counters["kv_lost_before_request"] == 1
     engine.abort_request("c")
     engine.step()
     # words on requests that never come (or came and ended) are bounded: the oldest go first
-    monkeypatch.setattr(remote_kv, "EARLY_WORDS_MAX", 3)
+    monkeypatch.setattr(expiring_map, "NOTE_TTL_S", 60.0)
+    monkeypatch.setattr(expiring_map, "MAX_NOTES", 3)
     for rid in ("d", "e", "f", "g"):
         engine.kv_source_lost(rid)
-    assert list(engine.remote.early) == ["e", "f", "g"]
-    engine.remote.early["e"] = remote_kv.EarlyWord(time.monotonic() - remote_kv.EARLY_WORD_TTL_S - 1, None)
-    engine.kv_source_lost("h")  # the expired word at the head goes as well
-    assert list(engine.remote.early) == ["f", "g", "h"]
+    assert engine.remote.lost_early.keys() == ["e", "f", "g"]
+    engine.kv_source_lost("e")  # told twice: counts from the second time
+    assert engine.remote.lost_early.keys() == ["f", "g", "e"]
+    monkeypatch.setattr(expiring_map, "NOTE_TTL_S", -1.0)
+    engine.kv_source_lost("h")  # every older word has expired now
+    assert engine.remote.lost_early.keys() == ["h"]
