@@ -76,6 +76,10 @@ class RouterService(pb_grpc.PDServeServicer):
         self.view = view  # NOTE: placement reads only this memory; its thread follows Redis
         self.ray_namespace = ray_namespace
         self.inflight: dict[str, Placement | None] = {}  # None: admitted, not yet placed
+        # the ids clients know their requests in flight by (GenerateRequest.request_id, or one the router picked)
+        # and the ids the router and the instances know them by: one of its own per request (_generate)
+        self.by_client_id: dict[str, str] = {}
+        self.client_id_of: dict[str, str] = {}
         # request id -> (instance, prompt tokens) until its prefill finishes: placement's queue estimate
         self.load = PlacedLoad()  # what this router placed and has not seen finish, per instance
         self.shared_prefixes = SharedPrefixes()
@@ -225,19 +229,24 @@ class RouterService(pb_grpc.PDServeServicer):
             self.access.charge(inp.api_key, generated)  # the key's token bucket (prompt: at admission)
 
     async def _generate(self, inp: GenerateInput) -> AsyncIterator[Output]:
-        rid = inp.request_id or uuid.uuid4().hex
-        if rid in self.inflight:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"request id {rid!r} is already in flight")
+        client_id = inp.request_id or uuid.uuid4().hex
+        if client_id in self.by_client_id:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"request id {client_id!r} is already in flight")
+        # NOTE: the instances know a request by an id of its own: a client may reuse an id once its request is
+        # over, and what the instances still do for the earlier one (an abort, a late stream message) must not
+        # reach the new one
+        rid = f"{client_id}@{uuid.uuid4().hex[:12]}" if inp.request_id else client_id
         slo_s = self.admission.budget_ms(inp.priority) / 1e3 if self.admission.early_reject else None
         try:  # NOTE: no suspension when a slot is free, so a burst cannot all get in before one records it
             waited_s = await self.slots.acquire(inp.priority, slo_s)
         except AdmissionRefused as e:
             self._count_rejected(e.reason, inp)
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, e.message) from None
-        if rid in self.inflight:  # the same id came in while this one waited in the queue
+        if client_id in self.by_client_id:  # the same id came in while this one waited in the queue
             self.slots.release()
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"request id {rid!r} is already in flight")
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"request id {client_id!r} is already in flight")
         self.inflight[rid] = None
+        self.by_client_id[client_id], self.client_id_of[rid] = rid, client_id
         try:
             if isinstance(inp.prompt, list) and len(inp.prompt) <= INLINE_PROMPT_TOKENS:
                 tokens, hashes = self._prepare(inp.prompt)  # NOTE: ~0.1 ms: a thread hop would cost more
@@ -267,13 +276,13 @@ class RouterService(pb_grpc.PDServeServicer):
         if rid in self.aborted_before_placement:  # an Abort came while the request was being placed
             self.aborted_before_placement.discard(rid)
             self._release(rid)
-            yield self._final(rid, ABORTED, len(tokens), 0, placement)
+            yield self._final(client_id, ABORTED, len(tokens), 0, placement)
             return
         finished = False
         try:
             async with asyncio.timeout(inp.timeout_s):
                 params = dataclasses.replace(inp.params, priority=inp.priority)  # NOTE: to the engines
-                async for out in self._run(rid, tokens, params, placement):
+                async for out in self._run(rid, client_id, tokens, params, placement):
                     finished = out.finished
                     yield out
         except TimeoutError:
@@ -329,7 +338,7 @@ class RouterService(pb_grpc.PDServeServicer):
             target, priority, prediction, start, tokens = predicted
             self.ttft.measured(target, priority, prediction, 1000.0 * (time.perf_counter() - start), tokens)
 
-    async def _run(self, rid: str, tokens: list[int], params: SamplingParams,
+    async def _run(self, rid: str, client_id: str, tokens: list[int], params: SamplingParams,
                    placement: Placement) -> AsyncIterator[Output]:
         kv_source: KVHandle | StreamedKV | None = None
         if placement.prefill_instance is not None and self.layer_wise_kv:
@@ -339,7 +348,7 @@ class RouterService(pb_grpc.PDServeServicer):
             kv_source, placement, aborted, first_logprob = await recovery.prefill(self, rid, tokens, params,
                                                                                   placement)
         if aborted:  # aborted on the prefill instance
-            yield self._final(rid, ABORTED, len(tokens), 0, placement)
+            yield self._final(client_id, ABORTED, len(tokens), 0, placement)
             return
         prefilled = time.perf_counter() if isinstance(kv_source, KVHandle) else None  # the hand-off starts
         completion, first_at = 0, 0.0
@@ -360,11 +369,11 @@ class RouterService(pb_grpc.PDServeServicer):
                     tpot_ms = 1000.0 * (time.perf_counter() - first_at) / (completion - 1)
                     self.ttft.tpot_measured(where.decode_instance, params.priority, tpot_ms)
                 self._count_finished(len(tokens), completion, delta.cached_tokens, where, moves)
-                yield self._final(rid, delta, len(tokens), completion, where, moves, logprobs)
+                yield self._final(client_id, delta, len(tokens), completion, where, moves, logprobs)
                 return
             # NOTE: the first item carries where it runs (the HTTP front's routing header goes out before the body)
             routing = routing_of(where, where.cached_tokens, 0, moves) if first else None
-            yield Output(rid, delta.token_ids, delta.text, routing=routing, logprobs=logprobs)
+            yield Output(client_id, delta.token_ids, delta.text, routing=routing, logprobs=logprobs)
 
     def _count_finished(self, prompt: int, completion: int, cached: int, placement: Placement, moves: int) -> None:
         m = self.metrics
@@ -384,6 +393,9 @@ class RouterService(pb_grpc.PDServeServicer):
         with self._place_lock:
             held = rid in self.inflight
             self.load.finished(rid, self.inflight.pop(rid, None))
+            client_id = self.client_id_of.pop(rid, None)
+            if client_id is not None:
+                del self.by_client_id[client_id]
         if held:
             self.slots.release()  # NOTE: to the first queued request by (class, age), if any
         predicted = self.predicted.pop(rid, None)
@@ -426,12 +438,14 @@ class RouterService(pb_grpc.PDServeServicer):
         except RequestError as e:
             await context.abort(e.code, e.message)
         await refuse_undecodable(request, context)
-        found = request.request_id in self.inflight
-        placement = self.inflight.get(request.request_id)
-        if placement is not None:
-            await self._abort_everywhere(request.request_id, placement)
-        elif found:
-            self.aborted_before_placement.add(request.request_id)
+        rid = self.by_client_id.get(request.request_id)
+        if rid is not None:
+            placement = self.inflight.get(rid)
+            if placement is not None:
+                await self._abort_everywhere(rid, placement)
+            else:
+                self.aborted_before_placement.add(rid)
+        found = rid is not None
         return pb.AbortResponse(found=found)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest,

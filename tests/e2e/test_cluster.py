@@ -142,7 +142,7 @@ def test_admission_beyond_max_inflight_is_resource_exhausted(server: Server) -> 
     assert routing(server.generate([5, 6, 7], max_tokens=2)).decode_instance  # admitted again
 
 
-def test_abort_rpc_ends_the_stream_with_abort(server: Server) -> None:
+def test_abort_rpc_ends_the_stream_with_abort(server: Server, models: dict[str, pathlib.Path]) -> None:
     req = pb.GenerateRequest(request_id="abort-me", token_ids=pb.TokenIds(ids=random_prompts(1, [50], 512,
                                                                                              seed=950)[0]),
                              sampling=pb.SamplingParams(max_tokens=900, temperature=0.0, ignore_eos=True))
@@ -152,6 +152,13 @@ def test_abort_rpc_ends_the_stream_with_abort(server: Server) -> None:
     rest = list(call)
     assert rest[-1].finished and rest[-1].finish_reason == "abort" and rest[-1].usage.completion_tokens < 900
     assert not server.stub.Abort(pb.AbortRequest(request_id="abort-me")).found
+    # the id again at once (a disaggregated prompt this time), while the instances may still be freeing the first
+    prompt = random_prompts(1, [100], 512, seed=951)[0]
+    again = pb.GenerateRequest(request_id="abort-me", token_ids=pb.TokenIds(ids=prompt),
+                               sampling=pb.SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    out = list(server.stub.Generate(again, timeout=60))
+    assert {m.request_id for m in out} == {"abort-me"} and out[-1].finish_reason == "length"
+    assert routing(out).disaggregated and tokens_of(out) == hf_greedy(models["llama"], prompt, 8)
     server.wait_idle()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -158,13 +159,20 @@ def test_remote_prefill_passes_typed_values_and_reports_why(caplog: pytest.LogCa
     assert out[-1].routing.disaggregated and out[-1].routing.transferred_blocks == 6
     assert out[-1].routing.reason.startswith("remote: 100 uncached tokens")
     assert any("remote: 100 uncached tokens" in r.getMessage() for r in caplog.records)
+    assert [m.request_id for m in out] == ["r1", "r1"]  # the client's id; the instances know it by one of its own
     (rid, prompt, params), = prefill.prefill.calls
-    assert rid == "r1" and prompt == list(range(3, 103))
+    assert re.fullmatch(r"r1@[0-9a-f]{12}", rid) and prompt == list(range(3, 103))
     assert isinstance(params, SamplingParams) and (params.max_tokens, params.temperature) == (3, 0.0)
     assert params.top_p == 1.0  # unset on the wire: SamplingParams' default
-    (_, _, decode_params, kv_handle, resumed, text_offset), = decode.generate.calls
-    assert decode_params is params and kv_handle is HANDLE and (resumed, text_offset) == ([], 0)
+    (decode_rid, _, decode_params, kv_handle, resumed, text_offset), = decode.generate.calls
+    assert decode_rid == rid and decode_params is params and kv_handle is HANDLE and (resumed, text_offset) == ([], 0)
     assert not svc.inflight and not svc.load.prefill_pending and not svc.load.requests_on and not decode.abort.calls
+    assert not svc.by_client_id and not svc.client_id_of
+    # the client reuses its id: the instances see a new one, so nothing still under way for the first (a late
+    # abort, a late stream message) can reach the second
+    assert [m.request_id for m in generate(svc, list(range(3, 103)), max_tokens=3)] == ["r1", "r1"]
+    (second, *_), = prefill.prefill.calls[1:]
+    assert re.fullmatch(r"r1@[0-9a-f]{12}", second) and second != rid
 
 
 def sample(svc: RouterService, name: str, **labels: str) -> float | None:
@@ -246,7 +254,7 @@ def test_worker_errors_map_by_type(cause: Exception, code: grpc.StatusCode) -> N
     with pytest.raises(Aborted):
         generate(service({"d0": decode}), list(range(3, 23)), ctx)
     assert ctx.status is not None and ctx.status[0] == code and str(cause) in ctx.status[1]
-    assert decode.abort.calls == [("r1",)]  # not finished: the worker frees the request's blocks
+    assert decode.abort.calls == [decode.generate.calls[0][:1]]  # not finished: the worker frees its blocks
 
 
 @pytest.mark.parametrize(("prompt", "message"), [
@@ -326,7 +334,8 @@ def test_a_failure_after_a_move_aborts_the_request_where_it_runs_now() -> None:
     two_decodes(svc.view)
     with pytest.raises(RuntimeError, match="boom"):
         generate(svc, list(range(3, 23)), max_tokens=8, temperature=0.0)
-    assert other.abort.calls == [("r1",)]  # freed where it ran last, not on the instance it left
+    assert other.abort.calls == [other.generate.calls[0][:1]]  # freed where it ran last, not where it left
+    assert not lost.abort.calls and re.fullmatch(r"r1@[0-9a-f]{12}", other.abort.calls[0][0])
     assert not svc.inflight
 
 
