@@ -19,10 +19,8 @@ counted as a fallback). NOTE: the connector knows only loads it started, so it w
 A failed prefill's word on a request this instance does not have yet is kept a while (`lost_early`,
 engine/expiring_map.py): Ray does not keep an async actor's calls in order, so the word can overtake the request
 it is about, which is then prefilled here at once when it comes (a fallback, counted as `kv_lost_before_request`
-too). NOTE: a finished prefill's hand-off that comes first is not kept. It only backs up the holder's own stream
-messages, which the connector keeps when they come first; and a client may reuse a request id, so a kept hand-off
-could name the blocks of an earlier prefill of the same id. A stale word of a failed prefill costs at most a
-prefill here.
+too). NOTE: a finished prefill's hand-off that comes first is not kept: it only backs up the holder's own stream
+messages, which the connector keeps when they come first.
 """
 
 from __future__ import annotations
