@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 Emit = Callable[[Request, int], RequestOutput]
 
 
-
 class RemoteKV:
     def __init__(self, connector: KVConnector, kv: KVCacheManager, scheduler: Scheduler,
                  metrics: EngineMetrics) -> None:
