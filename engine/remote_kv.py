@@ -17,7 +17,7 @@ What the router says of a waiting load's prefill applies to it too: a finished p
 when the load starts (`source_ready`), and a failed prefill ends the wait (`source_lost`: prefilled here,
 counted as a fallback). NOTE: the connector knows only loads it started, so it would drop either word.
 A failed prefill's word on a request this instance does not have yet is kept a while (`lost_early`,
-engine/expiring_map.py): Ray does not keep an async actor's calls in order, so the word can overtake the request
+engine/expiring_ids.py): Ray does not keep an async actor's calls in order, so the word can overtake the request
 it is about, which is then prefilled here at once when it comes (a fallback, counted as `kv_lost_before_request`
 too). NOTE: a finished prefill's hand-off that comes first is not kept: it only backs up the holder's own stream
 messages, which the connector keeps when they come first.
@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from engine.errors import NoKVSpaceError
-from engine.expiring_map import ExpiringMap
+from engine.expiring_ids import ExpiringIds
 from engine.kv_cache_manager import KVCacheManager
 from engine.kv_connector import KVConnector, KVConnectorEvents
 from engine.metrics import EngineMetrics
@@ -54,7 +54,7 @@ class RemoteKV:
         self.pending: list[tuple[Request, Any]] = []
         self.loading: set[str] = set()  # requests waiting for their KV (pending or in flight)
         self.handoffs: dict[str, Any] = {}  # pending loads whose prefill finished: its source, for their start
-        self.lost_early: ExpiringMap[bool] = ExpiringMap()  # failed prefills of requests not here (yet)
+        self.lost_early = ExpiringIds()  # failed prefills of requests not here (yet)
         self._free_when_stuck = -1  # free blocks when the head of `pending` last found no room
 
     def start_load(self, request: Request, source: Any) -> int:
@@ -67,7 +67,7 @@ class RemoteKV:
         if blocks > self.kv.pool.num_blocks:
             raise NoKVSpaceError(f"the {request.num_prompt_tokens}-token prompt needs {blocks} KV blocks; this "
                                  f"instance's cache has {self.kv.pool.num_blocks}")
-        if self.lost_early and self.lost_early.pop(request.request_id):
+        if self.lost_early and self.lost_early.take(request.request_id):
             self.metrics.count("kv_lost_before_request")
             log.warning("request %s: the router said its prefill failed before the request came: prefilling it here",
                         request.request_id)
@@ -154,7 +154,7 @@ class RemoteKV:
     def lost_before_request(self, request_id: str) -> None:
         """The prefill of a request this instance does not have failed: kept for the request's arrival, and told
         to the connector (which counts a word on no pull of its own)."""
-        self.lost_early.put(request_id, True)
+        self.lost_early.add(request_id)
         self.connector.source_lost(request_id)
 
     def _waiting(self, request_id: str) -> int | None:

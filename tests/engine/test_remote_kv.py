@@ -310,7 +310,7 @@ def test_a_failed_prefill_told_before_its_request_came_is_kept_for_it(make, mode
     come before the request: the request is then prefilled here at once, counted. A finished prefill's hand-off
     that comes first is not kept (it goes to the connector, which has no load of it). Kept words expire
     (NOTE_TTL_S) and are bounded (MAX_NOTES)."""
-    from engine import expiring_map
+    from engine import expiring_ids
 
     engine, _ = make(hold=False)
     assert engine.remote is not None
@@ -332,20 +332,20 @@ def test_a_failed_prefill_told_before_its_request_came_is_kept_for_it(make, mode
     assert done["a"] == hf_greedy(models["llama"], lost_prompt, 4) and len(done["b"]) == 4
     # a word past its time is not applied: the load starts as usual
     engine.kv_source_lost("c")
-    monkeypatch.setattr(expiring_map, "NOTE_TTL_S", -1.0)
+    monkeypatch.setattr(expiring_ids, "NOTE_TTL_S", -1.0)
     assert engine.add_request("c", list(range(200, 217)), GREEDY, kv_source="stream-c") == 2
     assert "c" in conn.loads and not engine.requests["c"].kv_load_failed
     assert engine.metrics.snapshot().counters["kv_lost_before_request"] == 1
     engine.abort_request("c")
     engine.step()
     # words on requests that never come (or came and ended) are bounded: the oldest go first
-    monkeypatch.setattr(expiring_map, "NOTE_TTL_S", 60.0)
-    monkeypatch.setattr(expiring_map, "MAX_NOTES", 3)
+    monkeypatch.setattr(expiring_ids, "NOTE_TTL_S", 60.0)
+    monkeypatch.setattr(expiring_ids, "MAX_NOTES", 3)
     for rid in ("d", "e", "f", "g"):
         engine.kv_source_lost(rid)
     assert engine.remote.lost_early.keys() == ["e", "f", "g"]
     engine.kv_source_lost("e")  # told twice: counts from the second time
     assert engine.remote.lost_early.keys() == ["f", "g", "e"]
-    monkeypatch.setattr(expiring_map, "NOTE_TTL_S", -1.0)
+    monkeypatch.setattr(expiring_ids, "NOTE_TTL_S", -1.0)
     engine.kv_source_lost("h")  # every older word has expired now
     assert engine.remote.lost_early.keys() == ["h"]
